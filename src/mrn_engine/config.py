@@ -1,0 +1,210 @@
+"""The one configuration object of a model and a run (dataclasses, saved as JSON).
+
+``RunConfig`` nests ``RoiConfig`` (preprocessing), ``ModelConfig`` (network) and
+``TrainConfig`` (optimisation, CV). It is written beside every checkpoint and every output
+(``config.json``) and read back exactly with :func:`RunConfig.load`.
+
+Presets (like timm's pretrained configs) are named, complete configurations:
+``paper-vitb`` (the MRN paper's values), ``vits`` and ``cpu-tiny`` (trains in minutes on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class RoiConfig:
+    """How the four ROIs are cropped and turned into slice stacks (paper 3.3)."""
+
+    image_size: int = 224  #: square in-plane size; longest side resized to this, then padded
+    slices: dict[str, int] = field(
+        default_factory=lambda: {"nm_sn": 8, "qsm_bg": 16, "qsm_midbrain": 8, "qsm_dentate": 8}
+    )  #: fixed number of axial slices per ROI (centre-cropped / zero-padded)
+    margin_mm: float = 4.0  #: margin around the union of the ROI's labels, in millimetres
+    nm_clip_percentiles: tuple[float, float] = (0.5, 99.5)  #: robust NM window (whole volume)
+    qsm_clip_percentiles: tuple[float, float] = (0.5, 99.5)  #: robust signed QSM window (brain)
+
+
+@dataclass
+class ModelConfig:
+    """The MRN network (paper 3.2-3.4, 4.1.2)."""
+
+    backbone: str = "vit_base_patch14_reg4_dinov2"  #: timm model name (or "tiny" for tests)
+    backbone_weights: str | None = None  #: local .safetensors / Meta .pth file
+    allow_random_init: bool = False  #: train a pretrained-backbone preset without weights
+    embed_dim: int = 768  #: token width D (set from the backbone)
+    num_heads: int = 12  #: heads of FFA/SFA attention
+    ffa_depth: int = 3  #: L_FFA (global + local attention pairs)
+    sfa_depth: int = 2  #: L_SFA
+    use_ffa: bool = True
+    use_sfa: bool = True  #: off = average of slice tokens
+    use_dpt: bool = True
+    use_moco: bool = True
+    dinov2_only: bool = False  #: paper baseline: mean of slice tokens, no FFA/SFA/DPT
+    dpt_features: str = "local"  #: "local" (paper) or "global" (Fig. 3)
+    dpt_channels: tuple[int, int, int, int] = (96, 192, 384, 768)
+    dpt_fusion: int = 256
+    head_hidden: int = 512  #: hidden width of the 2-layer classification MLP
+    dropout: float = 0.5
+    drop_path: float = 0.2
+    proj_dim: int = 128  #: mSupMoCo projection output
+    moco_momentum: float = 0.999
+    moco_bank_size: int = 1024  #: per class
+    moco_temperature: float = 0.1
+    lambda_seg: float = 1.0
+    lambda_con: float = 0.1
+    num_classes: int = 2  #: HC, PD
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and cross-validation (paper 4.1)."""
+
+    pretrain_epochs: int = 400  #: seg + contrastive losses only
+    epochs: int = 200  #: full loss
+    batch_size: int = 4
+    lr_backbone: float = 1e-5  #: DINOv2, FFA, SFA
+    wd_backbone: float = 0.1
+    lr_head: float = 1e-4  #: DPT, classification and contrastive heads
+    wd_head: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    folds: int = 5
+    cv_seed: int = 1
+    seed: int = 1
+    augment: bool = True
+    num_workers: int = 0
+    device: str = "auto"  #: auto | cpu | cuda
+    amp: bool = True  #: bf16 autocast on CUDA
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a model and a training run."""
+
+    preset: str = "paper-vitb"
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, data, "config")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` atomically."""
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: configuration file not found") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """Copy with nested overrides, e.g. ``cfg.replace(train={"epochs": 3})``."""
+        data = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key].update(value)
+            else:
+                data[key] = value
+        return RunConfig.from_dict(data)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else known[name].default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            value = _from_dict(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _paper_vitb() -> RunConfig:
+    return RunConfig(preset="paper-vitb")
+
+
+def _vits() -> RunConfig:
+    cfg = RunConfig(preset="vits")
+    cfg.model.backbone = "vit_small_patch14_reg4_dinov2"
+    cfg.model.embed_dim = 384
+    cfg.model.num_heads = 6
+    cfg.model.dpt_channels = (48, 96, 192, 384)
+    cfg.model.dpt_fusion = 128
+    cfg.model.head_hidden = 256
+    return cfg
+
+
+def _cpu_tiny() -> RunConfig:
+    cfg = RunConfig(preset="cpu-tiny")
+    cfg.roi = RoiConfig(
+        image_size=56, slices={"nm_sn": 6, "qsm_bg": 8, "qsm_midbrain": 6, "qsm_dentate": 6}
+    )
+    m = cfg.model
+    m.backbone = "tiny"
+    m.allow_random_init = True  # no tiny DINOv2 weights exist: trained from scratch, documented
+    m.embed_dim, m.num_heads = 64, 4
+    m.ffa_depth, m.sfa_depth = 2, 1
+    m.dpt_channels, m.dpt_fusion = (16, 32, 64, 64), 32
+    m.head_hidden, m.proj_dim = 64, 32
+    m.drop_path = 0.1
+    m.moco_bank_size = 128
+    m.moco_momentum = 0.99
+    t = cfg.train
+    t.pretrain_epochs, t.epochs = 4, 12
+    t.batch_size = 8
+    t.lr_backbone, t.lr_head = 3e-4, 1e-3
+    t.wd_backbone, t.wd_head = 0.05, 0.05
+    return cfg
+
+
+PRESETS = {"paper-vitb": _paper_vitb, "vits": _vits, "cpu-tiny": _cpu_tiny}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh copy of a named preset."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from mrn_engine.config import PRESETS, RunConfig, get_preset
+from mrn_engine.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_round_trip(tmp_path, name):
+    cfg = get_preset(name)
+    path = cfg.save(tmp_path / "config.json")
+    back = RunConfig.load(path)
+    assert back == cfg
+    assert back.preset == name
+    assert isinstance(back.model.dpt_channels, tuple)
+
+
+def test_replace_nested_and_unknown_key(tmp_path):
+    cfg = get_preset("cpu-tiny").replace(train={"epochs": 3})
+    assert cfg.train.epochs == 3 and cfg.model.backbone == "tiny"
+    bad = cfg.to_dict()
+    bad["model"]["not_a_field"] = 1
+    (tmp_path / "c.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="not_a_field"):
+        RunConfig.load(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("nope")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="broken.json"):
+        RunConfig.load(tmp_path / "broken.json")
