@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from ..errors import MRNError
+from mrn_engine.errors import MRNError
 
 #: modules of this package that add subcommands (a missing module is skipped)
 SUBCOMMAND_MODULES = (
