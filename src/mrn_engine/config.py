@@ -38,11 +38,13 @@ class RoiConfig:
 class ModelConfig:
     """The MRN network (paper 3.2-3.4, 4.1.2)."""
 
+    arch: str = "mrn"  #: "mrn" (the paper's network) or "seres10" (paper 4.2 CNN baseline)
     backbone: str = "vit_base_patch14_reg4_dinov2"  #: timm model name (or "tiny" for tests)
     backbone_weights: str | None = None  #: local .safetensors / Meta .pth file
     allow_random_init: bool = False  #: train a pretrained-backbone preset without weights
     embed_dim: int = 768  #: token width D (set from the backbone)
     num_heads: int = 12  #: heads of FFA/SFA attention
+    max_slices: int = 32  #: rows of the learned slice position embedding
     ffa_depth: int = 3  #: L_FFA (global + local attention pairs)
     sfa_depth: int = 2  #: L_SFA
     use_ffa: bool = True

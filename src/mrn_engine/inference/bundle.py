@@ -1,0 +1,136 @@
+"""Reading a model bundle (the output of ``mrn train`` / ``mrn demo``).
+
+Layout (docs/architecture.md)::
+
+    BUNDLE/config.json        RunConfig
+    BUNDLE/bundle.json        folds -> {train, val} case ids, provenance
+    BUNDLE/fold_k/model.safetensors, metrics.csv, oof.csv (case_id,label,p_pd)
+    BUNDLE/nnunet/            optional nnU-Net NM/QSM models
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mrn_engine.config import RunConfig
+from mrn_engine.errors import InputDataError, WeightsError
+
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+@dataclass
+class ModelBundle:
+    """A model bundle on disk.
+
+    Attributes
+    ----------
+    root: the bundle folder.
+    config: its ``RunConfig``.
+    info: the parsed ``bundle.json`` (empty if absent).
+    folds: fold indices that have weights, sorted.
+    splits: fold -> ``{"train": [...], "val": [...]}`` case ids (as far as ``bundle.json`` says).
+    """
+
+    root: Path
+    config: RunConfig
+    info: dict = field(default_factory=dict)
+    folds: list[int] = field(default_factory=list)
+    splits: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+
+    def fold_dir(self, k: int) -> Path:
+        return self.root / f"fold_{k}"
+
+    def weights_path(self, k: int) -> Path:
+        return self.fold_dir(k) / "model.safetensors"
+
+    def load_state(self, k: int) -> dict[str, torch.Tensor]:
+        """The fold's student ``state_dict`` (CPU tensors)."""
+        path = self.weights_path(k)
+        if not path.is_file():
+            raise WeightsError(f"{path}: fold {k} weights not found")
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise WeightsError(f"{path}: cannot read weights ({e})") from e
+
+    @property
+    def nnunet_dir(self) -> Path | None:
+        d = self.root / "nnunet"
+        return d if d.is_dir() else None
+
+    def oof_path(self, k: int) -> Path:
+        return self.fold_dir(k) / "oof.csv"
+
+    def metrics_path(self, k: int) -> Path:
+        return self.fold_dir(k) / "metrics.csv"
+
+
+def _parse_splits(info: dict) -> dict[int, dict[str, list[str]]]:
+    """Accept ``folds`` as a list (index = fold, or items with ``fold``) or a mapping."""
+    folds = info.get("folds")
+    out: dict[int, dict[str, list[str]]] = {}
+    if isinstance(folds, list):
+        for i, item in enumerate(folds):
+            if isinstance(item, dict):
+                k = int(item.get("fold", i))
+                out[k] = {"train": list(item.get("train", [])), "val": list(item.get("val", []))}
+    elif isinstance(folds, dict):
+        for key, item in folds.items():
+            m = re.search(r"(\d+)$", str(key))
+            if m and isinstance(item, dict):
+                out[int(m.group(1))] = {"train": list(item.get("train", [])), "val": list(item.get("val", []))}
+    return out
+
+
+def open_bundle(path: str | os.PathLike) -> ModelBundle:
+    """Read a bundle's config, fold list and splits (weights are loaded on demand).
+
+    Raises
+    ------
+    InputDataError: the folder is missing or holds no ``config.json`` / no fold weights.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InputDataError(f"{root}: model bundle folder not found")
+    if not (root / "config.json").is_file():
+        raise InputDataError(f"{root}: not a model bundle (no config.json)")
+    config = RunConfig.load(root / "config.json")
+    info: dict = {}
+    if (root / "bundle.json").is_file():
+        try:
+            info = json.loads((root / "bundle.json").read_text())
+        except json.JSONDecodeError as e:
+            raise InputDataError(f"{root / 'bundle.json'}: not valid JSON ({e})") from e
+    folds = sorted(
+        int(m.group(1))
+        for d in root.iterdir()
+        if d.is_dir() and (m := _FOLD_DIR.match(d.name)) and (d / "model.safetensors").is_file()
+    )
+    if not folds:
+        raise InputDataError(f"{root}: model bundle has no fold_*/model.safetensors")
+    return ModelBundle(root=root, config=config, info=info, folds=folds, splits=_parse_splits(info))
+
+
+def read_oof(bundle: ModelBundle) -> dict[int, list[dict[str, object]]]:
+    """Per fold, the out-of-fold rows ``{case_id, label, p_pd}`` (folds without oof.csv skipped)."""
+    from mrn_engine.analysis.tables import read_csv
+
+    out: dict[int, list[dict[str, object]]] = {}
+    for k in bundle.folds:
+        p = bundle.oof_path(k)
+        if not p.is_file():
+            continue
+        rows = read_csv(p, required=("case_id", "label", "p_pd"))
+        try:
+            out[k] = [{"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])} for r in rows]
+        except ValueError as e:
+            raise InputDataError(f"{p}: bad label or probability ({e})") from e
+    return out

@@ -1,0 +1,107 @@
+"""DINOv2 as a slice "patchnizer" (paper 3.2, Eq. 2).
+
+Every axial slice of an ROI goes through a timm DINOv2 ViT with register tokens; the
+[CLS] token becomes the slice token, the patch tokens keep the slice's spatial layout and
+the register tokens are dropped (timm puts ``1 + reg`` prefix tokens before the patches,
+``num_prefix_tokens``).
+
+Backbones (``ModelConfig.backbone``):
+
+- ``vit_base_patch14_reg4_dinov2`` (paper), ``vit_small_patch14_reg4_dinov2``, or any timm
+  DINOv2 name;
+- ``"tiny"``: the same timm architecture (patch 14, 4 registers, LayerScale, no pos-embed
+  on prefix tokens) at width 64, depth 4, 4 heads, for CPU work and tests.
+
+The network is always built with ``pretrained=False``; weights come only from a local file
+(:mod:`mrn_engine.models.weights`), so the hub is never contacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+
+#: ImageNet statistics DINOv2 was trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: the tiny test/CPU member of the DINOv2 family (timm kwargs on top of the ViT-S definition)
+TINY_KWARGS = {"embed_dim": 64, "depth": 4, "num_heads": 4}
+TINY_BASE = "vit_small_patch14_reg4_dinov2"
+
+
+def create_vit(name: str, image_size: int, drop_path: float = 0.0) -> nn.Module:
+    """A randomly initialised timm DINOv2 ViT for ``image_size`` x ``image_size`` slices.
+
+    Parameters
+    ----------
+    name: timm model name or ``"tiny"``.
+    image_size: square slice size (multiple of the patch size 14 is not required: timm
+        floors the grid, the DPT interpolates back to the slice size).
+    drop_path: stochastic depth rate of the ViT blocks (paper: 0.2).
+    """
+    kwargs = {"img_size": image_size, "drop_path_rate": drop_path, "num_classes": 0}
+    if name == "tiny":
+        return timm.create_model(TINY_BASE, pretrained=False, **TINY_KWARGS, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+@dataclass
+class SliceTokens:
+    """Output of :class:`DinoPatchnizer` for ``B*S`` slices.
+
+    Attributes
+    ----------
+    slice_tokens: (B*S, D) the [CLS] token of each slice.
+    patch_tokens: (B*S, N, D) patch tokens of the final (normed) layer, registers dropped.
+    intermediates: patch tokens (B*S, N, D) of the requested intermediate blocks (normed).
+    grid: (h, w) patch grid.
+    """
+
+    slice_tokens: torch.Tensor
+    patch_tokens: torch.Tensor
+    intermediates: list[torch.Tensor]
+    grid: tuple[int, int]
+
+
+class DinoPatchnizer(nn.Module):
+    """Normalise grey slices in [0, 255] and run them through the DINOv2 ViT.
+
+    Parameters
+    ----------
+    vit: a timm ``VisionTransformer`` (see :func:`create_vit`).
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.depth: int = len(vit.blocks)
+        self.num_prefix_tokens: int = vit.num_prefix_tokens  # 1 cls + registers
+        self.patch_size: int = vit.patch_embed.patch_size[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def normalise(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) grey in [0, 255] -> (N, 3, H, W) ImageNet-normalised RGB."""
+        x = slices.unsqueeze(1).expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def forward(self, slices: torch.Tensor, indices: list[int] | tuple[int, ...] = ()) -> SliceTokens:
+        """Tokens of ``slices`` (N, H, W); ``indices`` = extra ViT blocks to return (0-based)."""
+        x = self.normalise(slices.float())
+        final, inter = self.vit.forward_intermediates(
+            x, indices=list(indices) or [self.depth - 1], norm=True, output_fmt="NLC"
+        )
+        x_final = final  # forward_intermediates applies the final norm
+        n = self.num_prefix_tokens
+        grid = tuple(self.vit.patch_embed.dynamic_feat_size(slices.shape[-2:]))
+        return SliceTokens(
+            slice_tokens=x_final[:, 0],
+            patch_tokens=x_final[:, n:],
+            intermediates=list(inter) if indices else [],
+            grid=(int(grid[0]), int(grid[1])),
+        )

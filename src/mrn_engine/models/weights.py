@@ -1,0 +1,122 @@
+"""Foundation-model weights from a local file only (the hub is never contacted).
+
+``ModelConfig.backbone_weights`` may name either
+
+- a timm / Hugging Face ``.safetensors`` file (e.g. ``vit_base_patch14_reg4_dinov2.lvd142m``'s
+  ``model.safetensors``), or
+- Meta's original ``dinov2_vitb14_reg4_pretrain.pth`` (keys ``register_tokens``,
+  ``mask_token``, ``pos_embed`` including the [CLS] position, ``blocks.N.ls1.gamma``), read
+  with ``torch.load(weights_only=True)``.
+
+Both go through timm's own ``checkpoint_filter_fn``, which converts Meta's key names and
+resamples the position embedding to the slice grid (e.g. 37 x 37 -> 16 x 16 for 224-pixel
+slices). Every failure is a :class:`WeightsError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
+
+from mrn_engine.errors import WeightsError
+
+#: keys a classifier checkpoint may carry that our head-less backbone does not have
+_IGNORED_PREFIXES = ("head.", "fc_norm.")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file, on CPU.
+
+    Raises
+    ------
+    WeightsError: missing, unreadable, truncated or not a tensor dictionary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader failure means a bad file
+        raise WeightsError(
+            f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]}); the file is truncated, "
+            "corrupt or not a .safetensors / torch state-dict file"
+        ) from e
+    for wrapper in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a dictionary of tensors (got {type(state).__name__})")
+    return state
+
+
+def weights_format(state: dict[str, torch.Tensor]) -> str:
+    """``"meta-dinov2"`` (original Meta keys) or ``"timm"``."""
+    return "meta-dinov2" if "mask_token" in state or "register_tokens" in state else "timm"
+
+
+def load_backbone_weights(vit: nn.Module, path: str | os.PathLike, name: str = "") -> dict:
+    """Load DINOv2 weights from ``path`` into the timm ViT ``vit``; return their provenance.
+
+    Returns
+    -------
+    ``{"backbone", "path", "sha256", "format"}`` -- written into every checkpoint.
+
+    Raises
+    ------
+    WeightsError: unreadable file, weights of another model (the shapes are named) or missing keys.
+    """
+    path = Path(path).expanduser().resolve()
+    raw = read_state_dict(path)
+    fmt = weights_format(raw)
+    try:
+        state = checkpoint_filter_fn(dict(raw), vit)
+    except Exception as e:  # noqa: BLE001 - timm's conversion fails on foreign tensors
+        raise WeightsError(
+            f"{path}: these weights do not fit the {name or 'configured'} backbone "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    expected = vit.state_dict()
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        raise WeightsError(
+            f"{path}: weights of a different model than {name or 'the configured backbone'} "
+            f"(width {vit.embed_dim}, depth {len(vit.blocks)}): {len(wrong)} shape mismatch(es), e.g. "
+            + "; ".join(wrong[:3])
+        )
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WeightsError(
+            f"{path}: {len(missing)} backbone key(s) missing from the file, e.g. {missing[:5]} "
+            f"(a {name or 'different'} checkpoint was expected)"
+        )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise WeightsError(
+            f"{path}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}: not a "
+            f"{name or 'matching'} DINOv2 checkpoint"
+        )
+    vit.load_state_dict(state, strict=True)
+    return {"backbone": name, "path": str(path), "sha256": file_sha256(path), "format": fmt}

@@ -1,0 +1,74 @@
+"""AdamW with the paper's parameter groups (4.1.2).
+
+* DINOv2 backbone, FFA, SFA (and the SERes10 backbone/stems): ``lr_backbone``, ``wd_backbone``.
+* DPT, classification head, contrastive projection head: ``lr_head``, ``wd_head``.
+
+Biases, normalisation weights and learned embeddings/tokens (1-D tensors, ``*_token``,
+``pos_embed``) get no weight decay (the usual ViT practice; not stated by the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mrn_engine.config import TrainConfig
+
+#: module names (any component of a parameter's dotted name) trained at the backbone rate
+BACKBONE_MODULES = frozenset({"backbone", "ffa", "sfa", "stems", "stem", "encoder"})
+#: name fragments of parameters that never get weight decay
+NO_DECAY_FRAGMENTS = ("pos_embed", "cls_token", "reg_token", "mask_token", "embedding")
+
+
+def is_backbone_param(name: str, backbone_modules: Iterable[str] = BACKBONE_MODULES) -> bool:
+    """True if a parameter (dotted name) belongs to the backbone / FFA / SFA group."""
+    parts = set(name.split("."))
+    return bool(parts & set(backbone_modules))
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norm scales and embeddings: excluded from weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias") or any(f in name for f in NO_DECAY_FRAGMENTS)
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups of ``model``'s trainable parameters.
+
+    The backbone/head split comes from ``model.lr_groups()`` when the model defines it (the
+    models package's MRN, SERes10 and training wrappers do), otherwise from parameter names
+    (:data:`BACKBONE_MODULES`); trainable parameters in neither group go to the head. Each
+    group carries a ``name`` (``backbone``, ``backbone_no_decay``, ``head``, ``head_no_decay``);
+    empty groups are left out.
+    """
+    backbone_ids: set[int] | None = None
+    if hasattr(model, "lr_groups"):
+        backbone_ids = {id(p) for p in model.lr_groups()["backbone"]}
+    buckets: dict[str, list[torch.nn.Parameter]] = {
+        "backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": [],
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        in_backbone = id(p) in backbone_ids if backbone_ids is not None else is_backbone_param(name)
+        key = "backbone" if in_backbone else "head"
+        if is_no_decay(name, p):
+            key += "_no_decay"
+        buckets[key].append(p)
+    settings = {
+        "backbone": (cfg.lr_backbone, cfg.wd_backbone),
+        "backbone_no_decay": (cfg.lr_backbone, 0.0),
+        "head": (cfg.lr_head, cfg.wd_head),
+        "head_no_decay": (cfg.lr_head, 0.0),
+    }
+    return [
+        {"params": params, "lr": settings[k][0], "weight_decay": settings[k][1], "name": k}
+        for k, params in buckets.items()
+        if params
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (``cfg.betas``) over :func:`parameter_groups`."""
+    return torch.optim.AdamW(parameter_groups(model, cfg), betas=tuple(cfg.betas))

@@ -1,0 +1,297 @@
+"""The epoch loop of one fold: pretraining stage, full-loss stage, checkpoints, resume, OOF.
+
+The loop is written against a *training objective*: an ``nn.Module`` holding the student
+network (``.student``) and whatever else training needs (teacher, memory banks), with
+
+* ``forward(batch, stage) -> dict`` of scalar losses (``"loss"`` is optimised; the other
+  entries are logged) and optionally ``"logits"`` ``(B, 2)``;
+* ``predict_logits(batch) -> (B, 2)`` in eval mode;
+* ``after_step()`` after each optimiser step (momentum teacher update);
+* ``stage`` is ``"pretrain"`` (segmentation + contrastive only) or ``"train"`` (full loss).
+
+Its ``state_dict()`` (student, teacher, banks) is the checkpoint; ``student.state_dict()`` is
+the fold's ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mrn_engine.config import RunConfig, atomic_write_text
+from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_state_dict,
+    save_torch,
+    set_rng_states,
+)
+from mrn_engine.training.dataset import RoiStackDataset, make_loader
+from mrn_engine.training.optim import build_optimizer
+
+METRIC_FIELDS = (
+    "epoch", "stage", "loss", "loss_cls", "loss_seg", "loss_con", "train_acc",
+    "val_loss", "val_acc", "val_auc", "lr_backbone", "lr_head", "seconds",
+)
+DONE = "done.json"
+
+
+@dataclass
+class FoldResult:
+    """What training one fold produced."""
+
+    fold: int
+    out_dir: Path
+    epochs_done: int
+    finished: bool
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    oof: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {name!r}: not a device name (auto, cpu, cuda)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """The RNG seed of one epoch: depends only on (seed, fold, epoch), so resume is exact."""
+    return (int(seed) * 1_000_003 + int(fold) * 10_007 + int(epoch)) % 2**31
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_dataset(
+    objective: nn.Module,
+    dataset: RoiStackDataset,
+    *,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    amp: bool = False,
+) -> list[dict[str, Any]]:
+    """P(PD) of every case of ``dataset`` (eval mode): rows ``{case_id, label, p_pd}``."""
+    device = device or next(objective.parameters()).device
+    was_training = objective.training
+    objective.eval()
+    rows: list[dict[str, Any]] = []
+    try:
+        for batch in make_loader(dataset, batch_size, shuffle=False):
+            batch = to_device(batch, device)
+            with _autocast(device, amp):
+                logits = objective.predict_logits(batch)
+            p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().tolist()
+            for cid, lab, pp in zip(batch["case_id"], batch["label"].cpu().tolist(), p, strict=True):
+                rows.append({"case_id": cid, "label": int(lab), "p_pd": float(pp)})
+    finally:
+        objective.train(was_training)
+    return rows
+
+
+def _val_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    if not rows:
+        return {"val_loss": math.nan, "val_acc": math.nan, "val_auc": math.nan}
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([r["label"] for r in rows])
+    p = np.clip(np.array([r["p_pd"] for r in rows]), 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    acc = float(np.mean((p >= 0.5) == (y == 1)))
+    auc = float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else math.nan
+    return {"val_loss": loss, "val_acc": acc, "val_auc": auc}
+
+
+def write_rows_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
+    """Write rows as CSV atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ROI and model sections, JSON-normalised (tuples as lists)."""
+    return json.loads(json.dumps({k: cfg.get(k) for k in ("roi", "model")}))
+
+
+def train_fold(
+    objective: nn.Module,
+    train_ds: RoiStackDataset,
+    val_ds: RoiStackDataset | None,
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    fold: int = 0,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> FoldResult:
+    """Train one fold to ``cfg.train.pretrain_epochs + cfg.train.epochs`` epochs.
+
+    Parameters
+    ----------
+    objective : the training objective (see module docstring), freshly built with the seed.
+    train_ds, val_ds : training cases (augmented) and the fold's out-of-fold cases.
+    cfg : the run configuration (saved as ``config.json``).
+    out_dir : the fold folder (``BUNDLE/fold_k``).
+    resume : continue from ``out_dir/checkpoints`` if there is a checkpoint.
+    stop_after : stop after this epoch as if killed (tests, time-boxed runs).
+    """
+    out_dir = Path(out_dir)
+    tc = cfg.train
+    ckpt_dir = out_dir / "checkpoints"
+    device = resolve_device(tc.device)
+    objective.to(device)
+    optimizer = build_optimizer(objective, tc)
+    total = int(tc.pretrain_epochs) + int(tc.epochs)
+    rows: list[dict[str, Any]] = []
+    start = 1
+
+    if not resume and (out_dir / DONE).exists():
+        raise ConfigError(f"{out_dir}: fold already trained; pass resume to reuse it or choose another --out")
+    target = latest_checkpoint(ckpt_dir) if resume else None
+    if target is not None:
+        state, opt_state, info = load_checkpoint(target)
+        if _comparable(info.get("config", {})) != _comparable(cfg.to_dict()):
+            raise WeightsError(f"{target}: checkpoint was made with another ROI/model configuration")
+        try:
+            objective.load_state_dict(state)
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise WeightsError(f"{target}: checkpoint does not fit this model ({e})") from e
+        set_rng_states(info["rng"])
+        rows = list(info.get("metrics", []))
+        start = int(info["epoch"]) + 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "config.json")
+    writer = _tensorboard(out_dir)
+
+    last = start - 1
+    for epoch in range(start, total + 1):
+        if stop_after is not None and epoch > stop_after:
+            break
+        stage = "pretrain" if epoch <= tc.pretrain_epochs else "train"
+        seed_everything(epoch_seed(tc.seed, fold, epoch))
+        t0 = time.perf_counter()
+        objective.train()
+        loader = make_loader(
+            train_ds, tc.batch_size, shuffle=True, seed=tc.seed * 31 + fold, epoch=epoch,
+            num_workers=tc.num_workers, drop_last=True,
+        )
+        sums: dict[str, float] = {}
+        n_seen, n_correct = 0, 0
+        bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}/{total} [{stage}]", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        for batch in bar:
+            batch = to_device(batch, device)
+            with _autocast(device, tc.amp):
+                out = objective(batch, stage=stage)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise ConfigError(f"fold {fold} epoch {epoch}: loss is {loss.item()} (lower the learning rates)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            objective.after_step()
+            b = int(batch["label"].shape[0])
+            n_seen += b
+            for k, v in out.items():
+                if k.startswith("loss") and torch.is_tensor(v):
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+            if "logits" in out:
+                n_correct += int((out["logits"].detach().argmax(1) == batch["label"]).sum())
+            bar.set_postfix({k: f"{v / n_seen:.3f}" for k, v in sums.items()})
+        bar.close()
+        row: dict[str, Any] = {"epoch": epoch, "stage": stage}
+        row.update({k: v / max(n_seen, 1) for k, v in sums.items()})
+        row["train_acc"] = n_correct / n_seen if n_seen and stage == "train" else math.nan
+        oof = predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp) if val_ds is not None and len(val_ds) else []
+        row.update(_val_metrics(oof))
+        lrs = {g.get("name", ""): g["lr"] for g in optimizer.param_groups}
+        row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone_no_decay", math.nan))
+        row["lr_head"] = lrs.get("head", lrs.get("head_no_decay", math.nan))
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    writer.add_scalar(k, v, epoch)
+        write_rows_csv(out_dir / "metrics.csv", rows, METRIC_FIELDS)
+        save_checkpoint(
+            ckpt_dir, epoch, objective.state_dict(), optimizer.state_dict(),
+            {"config": cfg.to_dict(), "fold": fold, "metrics": rows},
+        )
+        last = epoch
+        if progress:
+            tqdm.write(
+                f"fold {fold} epoch {epoch}/{total} [{stage}] loss {row.get('loss', math.nan):.4f} "
+                f"val_acc {row['val_acc']:.3f} val_auc {row['val_auc']:.3f}"
+            )
+    if writer is not None:
+        writer.close()
+
+    finished = last >= total
+    result = FoldResult(fold=fold, out_dir=out_dir, epochs_done=last, finished=finished, metrics=rows)
+    if finished:
+        oof = predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device) if val_ds is not None and len(val_ds) else []
+        write_rows_csv(out_dir / "oof.csv", [{**r, "fold": fold} for r in oof], ("case_id", "label", "p_pd", "fold"))
+        save_state_dict(objective.student.state_dict(), out_dir / "model.safetensors")
+        save_torch(optimizer.state_dict(), out_dir / "optimizer.pt")
+        atomic_write_text(out_dir / DONE, json.dumps({"fold": fold, "epochs": last}))
+        result.oof = oof
+    return result

@@ -1,0 +1,34 @@
+"""Where model bundles are looked for: ``MRN_BUNDLE``, the last one used, and ``mrn demo``'s output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: where ``mrn demo`` writes its bundle by default (relative to the working directory, then home)
+DEMO_BUNDLE_LOCATIONS: tuple[str, ...] = ("./mrn_demo/bundle", "~/mrn_demo/bundle")
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True when ``path`` looks like a model bundle (``config.json`` + a ``fold_*`` folder)."""
+    p = Path(path).expanduser()
+    return (p / "config.json").is_file() and any(p.glob("fold_*/model.safetensors"))
+
+
+def bundle_folds(path: str | os.PathLike) -> int:
+    """Number of folds with weights in a bundle (0 if it is not one)."""
+    p = Path(path).expanduser()
+    return len(list(p.glob("fold_*/model.safetensors"))) if p.is_dir() else 0
+
+
+def candidate_bundles(last: str | None = None) -> list[Path]:
+    """Existing bundles to offer, best first: ``$MRN_BUNDLE``, the last used, the demo bundles."""
+    raw = [os.environ.get("MRN_BUNDLE"), last, *DEMO_BUNDLE_LOCATIONS]
+    out: list[Path] = []
+    for item in raw:
+        if not item:
+            continue
+        p = Path(item).expanduser().resolve()
+        if is_bundle(p) and p not in out:
+            out.append(p)
+    return out

@@ -1,0 +1,55 @@
+"""A small bar chart of P(PD): one bar per fold and the ensemble with its spread (matplotlib in Qt)."""
+
+from __future__ import annotations
+
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+
+from napari_mrn._run import Probabilities
+
+PD_COLOUR = "#d62728"
+HC_COLOUR = "#1f77b4"
+
+
+class ProbabilityChart(FigureCanvasQTAgg):
+    """Bars of P(PD) per fold plus the ensemble (error bar = std across folds), 0.5 line."""
+
+    def __init__(self, parent=None) -> None:
+        self.figure = Figure(figsize=(3.2, 1.9), dpi=100, facecolor="#262930")
+        super().__init__(self.figure)
+        self.setParent(parent)
+        self.setMinimumHeight(170)
+        self.axes = self.figure.add_subplot(111)
+        self.bars: list = []
+        self.show_probabilities(None)
+
+    def show_probabilities(self, probs: Probabilities | None) -> None:
+        """Redraw for ``probs`` (``None`` = empty chart)."""
+        ax = self.axes
+        ax.clear()
+        ax.set_facecolor("#262930")
+        for spine in ax.spines.values():
+            spine.set_color("#aaaaaa")
+        ax.tick_params(colors="#dddddd", labelsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("P(PD)", color="#dddddd", fontsize=8)
+        ax.axhline(0.5, color="#aaaaaa", lw=0.8, ls="--")
+        self.bars = []
+        if probs is not None:
+            names = [f"f{i}" for i in range(len(probs.p_pd_folds))] + ["ensemble"]
+            values = [*probs.p_pd_folds, probs.p_pd]
+            colours = [PD_COLOUR if v >= 0.5 else HC_COLOUR for v in values]
+            alphas = [0.55] * len(probs.p_pd_folds) + [1.0]
+            x = list(range(len(values)))
+            self.bars = list(ax.bar(x, values, color=colours))
+            for bar, a in zip(self.bars, alphas, strict=True):
+                bar.set_alpha(a)
+            ax.errorbar([x[-1]], [probs.p_pd], yerr=[probs.p_pd_std], color="white",
+                        capsize=4, lw=1.2)
+            ax.set_xticks(x, names)
+            title = f"P(PD) = {probs.p_pd:.2f} -> {probs.label}"
+            if probs.masked:
+                title += f"  (masked: {len(probs.masked)})"
+            ax.set_title(title, color="white", fontsize=8)
+        self.figure.tight_layout(pad=0.4)
+        self.draw_idle()

@@ -1,0 +1,49 @@
+"""Sample data: one synthetic Parkinson's disease case and one healthy control.
+
+Both come from :func:`mrn_engine.phantom.make_phantom_case` with a fixed seed, so every user
+(and every test) sees the same volumes. They are phantoms, not patient data.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from mrn_engine.data import Case, Volume
+from napari_mrn._layers import LayerDataTuple
+from napari_mrn._reader import case_layers
+
+#: seeds of the two sample cases
+SAMPLE_SEEDS: dict[int, int] = {1: 2025, 0: 2026}
+
+
+#: case ids of the two sample cases
+SAMPLE_IDS: dict[int, str] = {1: "PD_sample", 0: "HC_sample"}
+
+
+@lru_cache(maxsize=2)
+def sample_case(label: int) -> Case:
+    """The deterministic phantom case with ``label`` (1 = PD, 0 = HC) as an engine ``Case``."""
+    from mrn_engine.phantom import make_phantom_case
+
+    pc = make_phantom_case(label, seed=SAMPLE_SEEDS[label], case_id=SAMPLE_IDS[label])
+    if isinstance(pc, Case):
+        return pc
+
+    def vol(array, kind: str) -> Volume:
+        return Volume(array, pc.affine.copy(), None, None, kind)
+
+    return Case(
+        case_id=pc.case_id, nm=vol(pc.nm, "image"), qsm=vol(pc.qsm, "image"),
+        t1=vol(pc.t1, "image") if pc.t1 is not None else None,
+        nm_mask=vol(pc.nm_mask, "mask"), qsm_mask=vol(pc.qsm_mask, "mask"), label=pc.label,
+    )
+
+
+def pd_case() -> list[LayerDataTuple]:
+    """npe2 sample: a synthetic PD case (NM, QSM, T1 and both masks)."""
+    return case_layers(sample_case(1))
+
+
+def hc_case() -> list[LayerDataTuple]:
+    """npe2 sample: a synthetic healthy control case."""
+    return case_layers(sample_case(0))

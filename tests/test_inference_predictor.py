@@ -1,0 +1,216 @@
+"""MRNPredictor with a small, fully controlled model: fold ensemble, TTA, masks, ROI masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mrn_engine.config import get_preset
+from mrn_engine.data import load_case
+from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
+from mrn_engine.errors import InputDataError, WeightsError
+from mrn_engine.inference import MRNPredictor
+from mrn_engine.models import MRNOutput
+from mrn_engine.rois import extract_rois
+
+# ---------------------------------------------------------------------------- shared helpers
+#: (y range, z range) of each structure type; right copy at x 18-25, left at x 38-45 (midline 32)
+_LAYOUT = {
+    1: ((30, 34), (14, 18)), 3: ((35, 39), (14, 18)), 5: ((40, 43), (14, 18)), 7: ((44, 49), (14, 18)),
+    9: ((20, 22), (8, 11)), 11: ((23, 26), (8, 11)), 13: ((27, 29), (8, 11)), 15: ((8, 13), (2, 6)),
+}
+
+
+def write_case(folder: Path, *, seed: int = 0, pd: int = 0, masks: bool = True,
+               shape: tuple[int, int, int] = (64, 64, 24)) -> Path:
+    """A tiny co-registered case in the challenge layout (NM, QSM and optionally both masks)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    qmask = np.zeros(shape, np.uint8)
+    for right, ((y0, y1), (z0, z1)) in _LAYOUT.items():
+        qmask[18:25, y0:y1, z0:z1] = right
+        qmask[38:45, y0:y1, z0:z1] = right + 1
+    nmask = np.zeros(shape, np.uint8)
+    nmask[qmask == 11] = 1
+    nmask[qmask == 12] = 2
+    qsm = rng.normal(0, 10, shape) + 80.0 * (qmask > 0) + 40.0 * pd * np.isin(qmask, (11, 12))
+    nm = 6000 + rng.normal(0, 300, shape) + 14000.0 * (nmask > 0) * (1 - 0.3 * pd)
+    affine = np.diag([-0.8, 0.8, 2.0, 1.0])
+    affine[:3, 3] = (25.0, -25.0, -20.0)
+    for name, arr in (("QSM", qsm.astype(np.float32)), ("NM", nm.astype(np.float32))):
+        nib.save(nib.Nifti1Image(arr, affine), folder / f"{name}.nii.gz")
+    if masks:
+        nib.save(nib.Nifti1Image(qmask, affine), folder / "QSM_mask.nii.gz")
+        nib.save(nib.Nifti1Image(nmask, affine), folder / "NM_mask.nii.gz")
+    return folder
+
+
+class FakeMRN(nn.Module):
+    """Tiny stand-in with MRN's interface: tokens from image statistics, 1x1x1-conv DPT."""
+
+    needs_masks = False
+
+    def __init__(self, seed: int, with_seg: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = nn.ModuleDict({n: nn.Linear(3, 4) for n in ROI_NAMES})
+        self.seg = nn.ModuleDict({n: nn.Conv3d(1, ROI_BY_NAME[n].num_classes, 1) for n in ROI_NAMES})
+        self.head = nn.Linear(16, 2)
+        self.with_seg = with_seg
+        self.backbone_calls = 0
+
+    def _token(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(0, 1, x.shape[-2], device=x.device)[:, None]  # not mirror-invariant
+        f = torch.stack([x.mean((1, 2, 3)), (x * ramp).mean((1, 2, 3)) * 4, x.amax((1, 2, 3))], -1) / 255
+        return torch.tanh(self.enc[name](f))
+
+    def forward(self, rois):
+        self.backbone_calls += 1
+        tokens = {n: self._token(n, rois[n]) for n in ROI_NAMES}
+        seg = {n: self.seg[n](rois[n][:, None] / 255 - 0.3) for n in ROI_NAMES} if self.with_seg else None
+        patient = torch.cat([tokens[n] for n in ROI_NAMES], 1)
+        return MRNOutput(logits=self.classify_tokens(tokens), roi_tokens=tokens, seg_logits=seg, patient=patient)
+
+    def classify_tokens(self, tokens, masked=frozenset()):
+        batch = next(iter(tokens.values())).shape[0]
+        return self.head(torch.cat([self.empty_token(n, batch) if n in masked else tokens[n] for n in ROI_NAMES], 1))
+
+    def empty_token(self, name, batch=1):
+        return torch.tanh(self.enc[name](torch.zeros(batch, 3)))
+
+
+CFG = get_preset("cpu-tiny")
+
+
+def fake_predictor(*, folds=(0, 1), tta=False, with_seg=True, **kw) -> MRNPredictor:
+    states = {k: FakeMRN(k, with_seg).state_dict() for k in folds}
+    return MRNPredictor(FakeMRN(99, with_seg), states, CFG, device="cpu", tta=tta, **kw)
+
+
+def _manual_p(case, seed, tta):
+    """P(PD) of one fold computed by hand from the same crops."""
+    model = FakeMRN(seed).eval()
+    crops = extract_rois(case, CFG.roi)
+    x = {n: torch.as_tensor(crops[n].image)[None] for n in ROI_NAMES}
+    with torch.no_grad():
+        p = torch.softmax(model(x).logits, -1)[0, 1]
+        if tta:
+            xf = {n: torch.flip(v, dims=(-2,)) for n, v in x.items()}
+            p = (p + torch.softmax(model(xf).logits, -1)[0, 1]) / 2
+    return float(p)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cases")
+    return load_case(write_case(root / "RJPD_001", seed=1, pd=1), label=1)
+
+
+# ---------------------------------------------------------------------------- tests
+def test_fold_ensemble_matches_each_fold_by_hand(case):
+    pred = fake_predictor().predict_case(case)
+    expected = [_manual_p(case, k, False) for k in (0, 1)]
+    assert pred.p_pd_folds == pytest.approx(expected, abs=1e-6)
+    assert pred.p_pd == pytest.approx(np.mean(expected), abs=1e-6)
+    assert pred.p_pd_std == pytest.approx(np.std(expected), abs=1e-6)
+    assert pred.call == int(pred.p_pd >= 0.5)
+    assert pred.folds == [0, 1] and pred.label == 1 and pred.mask_source == "case"
+    assert set(pred.boxes) == set(ROI_NAMES)
+    assert [set(t) for t in pred.roi_tokens] == [set(ROI_NAMES)] * 2
+    assert pred.roi_tokens[0]["nm_sn"].shape == (1, 4)
+    assert pred.nuclei.shape == case.qsm.shape and pred.nm_nuclei.shape == case.nm.shape
+    assert pred.nuclei.dtype == np.uint8
+    assert set(np.unique(pred.nm_nuclei)) <= {0, 1, 2}
+    assert set(np.unique(pred.nuclei)) <= set(range(17))
+    assert pred.summary()["p_pd_fold1"] == pred.p_pd_folds[1]
+
+
+def test_fold_subset_and_progress(case):
+    seen = []
+    pred = fake_predictor(folds=(1,)).predict_case(case, progress=lambda f, msg: seen.append((f, msg)))
+    assert pred.p_pd_folds == pytest.approx([_manual_p(case, 1, False)], abs=1e-6)
+    assert seen[0][0] == 0.0 and seen[-1][0] == 1.0
+    assert all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
+    assert "RJPD_001" in seen[-1][1]
+
+
+def test_tta_averages_mirrored_views_and_unflips_segmentation(case):
+    plain = fake_predictor().predict_case(case)
+    tta = fake_predictor(tta=True).predict_case(case)
+    expected = [_manual_p(case, k, True) for k in (0, 1)]
+    assert tta.p_pd_folds == pytest.approx(expected, abs=1e-6)
+    assert abs(tta.p_pd - plain.p_pd) > 1e-6  # the model is not mirror-invariant
+    assert tta.roi_tokens[0]["qsm_bg"].shape == (2, 4)
+    # the DPT stand-in is a 1x1x1 conv (mirror-equivariant): un-flipped TTA masks == plain masks
+    np.testing.assert_array_equal(tta.nuclei, plain.nuclei)
+    np.testing.assert_array_equal(tta.nm_nuclei, plain.nm_nuclei)
+
+
+def test_without_dpt_the_cropping_masks_are_pasted_back(case):
+    pred = fake_predictor(with_seg=False).predict_case(case)
+    assert pred.seg_source == "input-masks"
+    gt, nm_gt = case.qsm_mask.array, case.nm_mask.array
+    for lab in range(1, 17):  # every label back in place, right/left kept
+        inter = np.sum((pred.nuclei == lab) & (gt == lab))
+        assert 2 * inter / (np.sum(pred.nuclei == lab) + np.sum(gt == lab)) > 0.9, lab
+    for lab in (1, 2):
+        inter = np.sum((pred.nm_nuclei == lab) & (nm_gt == lab))
+        assert 2 * inter / (np.sum(pred.nm_nuclei == lab) + np.sum(nm_gt == lab)) > 0.9
+
+
+def test_masked_prediction_equals_zeroed_input_without_backbone_pass(case):
+    predictor = fake_predictor(tta=True)
+    pred = predictor.predict_case(case)
+    calls = predictor.model.backbone_calls
+    for masked in ({"nm_sn"}, {"qsm_bg", "qsm_dentate"}, set(ROI_NAMES)):
+        m = predictor.masked_prediction(pred, masked)
+        assert predictor.model.backbone_calls == calls  # head passes only
+        ref = predictor.predict_case(case, zero_rois=masked)
+        calls = predictor.model.backbone_calls
+        assert m["p_pd_folds"] == pytest.approx(ref.p_pd_folds, abs=1e-6)
+        assert m["p_pd"] == pytest.approx(ref.p_pd, abs=1e-6)
+        assert m["masked"] == [n for n in ROI_NAMES if n in masked]
+    table = predictor.masking_table(pred)
+    assert predictor.model.backbone_calls == calls
+    assert len(table) == 16 and table[0]["masked"] == "none"
+    assert table[0]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-6)
+    assert {r["masked"] for r in table} >= {"NM", "QSM1+QSM2+QSM3", "NM+QSM1+QSM2+QSM3"}
+    with pytest.raises(InputDataError, match="unknown ROI"):
+        predictor.masked_prediction(pred, {"putamen"})
+
+
+def test_missing_masks_error_and_segmenter_hook(tmp_path, case):
+    bare = load_case(write_case(tmp_path / "RJPD_007", seed=7, masks=False))
+    with pytest.raises(InputDataError, match=r"^RJPD_007: case has no NM_mask.nii.gz / QSM_mask.nii.gz "
+                                              r"and no nnU-Net models"):
+        fake_predictor().predict_case(bare)
+
+    class Segmenter:
+        calls = 0
+
+        def predict(self, c):
+            Segmenter.calls += 1
+            return case.nm_mask, case.qsm_mask  # same grid: stands in for nnU-Net
+
+    seg = Segmenter()
+    pred = fake_predictor(segmenter=seg).predict_case(bare)
+    assert pred.mask_source == "segmenter" and Segmenter.calls == 1
+    assert pred.boxes == fake_predictor().predict_case(case).boxes
+    # explicit masks override, and ignore_masks refuses the case's own files
+    assert fake_predictor().predict_case(bare, nm_mask=case.nm_mask, qsm_mask=case.qsm_mask).mask_source == "given"
+    with pytest.raises(InputDataError, match=r"RJPD_001: .*\(mask files ignored\)"):
+        fake_predictor(ignore_masks=True).predict_case(case)
+    assert fake_predictor(ignore_masks=True, segmenter=seg).predict_case(case).mask_source == "segmenter"
+
+
+def test_weights_that_do_not_fit_raise_weights_error():
+    bad = {0: {"head.weight": torch.zeros(3, 3)}}
+    with pytest.raises(WeightsError, match="fold 0: weights do not fit"):
+        MRNPredictor(FakeMRN(0), bad, CFG, device="cpu")
+    with pytest.raises(WeightsError, match="no fold weights"):
+        MRNPredictor(FakeMRN(0), {}, CFG, device="cpu")
