@@ -24,7 +24,9 @@ def make_run_dir(root, *, folds=2, n_val=6, seed=0):
         d = root / f"fold_{k}"
         d.mkdir(parents=True)
         ep = np.arange(1, 6)
-        write_csv([{"epoch": int(e), "loss_cls": float(1 / e), "loss_seg": float(2 / e + k), "lr": 1e-3}
+        write_csv([{"epoch": int(e), "stage": "pretrain" if e < 3 else "full",
+                    "loss_cls": "" if e < 3 else float(1 / e), "loss_seg": float(2 / e + k),
+                    "val_auc": 0.5 + 0.05 * e, "lr_head": 1e-3, "seconds": 1.0}
                    for e in ep], d / "metrics.csv")
         labels = [i % 2 for i in range(n_val)]
         write_csv([{"case_id": f"RJPD_{k}{i:02d}", "label": y, "p_pd": float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2), 0, 1))}

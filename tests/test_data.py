@@ -215,6 +215,18 @@ def test_discover_nested_and_other_folders(tmp_path):
     assert cases[4].nm is None
 
 
+def test_discover_redundant_nesting(tmp_path):
+    write_case(tmp_path / "RJPD_001" / "RJPD_001", masks=False)
+    write_case(tmp_path / "RJPD_002" / "images", masks=False)
+    (tmp_path / "RJPD_003" / "sub").mkdir(parents=True)
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["RJPD_001", "RJPD_002", "RJPD_003"]
+    assert cases[0].folder == tmp_path / "RJPD_001" / "RJPD_001" and cases[0].nm is not None
+    assert cases[1].folder == tmp_path / "RJPD_002" / "images" and cases[1].qsm is not None
+    assert cases[2].nm is None and cases[2].qsm is None
+    assert discover_cases(tmp_path / "RJPD_002")[0].case_id == "RJPD_002"
+
+
 def test_discover_duplicate_case_id(tmp_path):
     write_case(tmp_path / "a" / "RJPD_005", masks=False)
     write_case(tmp_path / "b" / "RJPD_005", masks=False)

@@ -186,7 +186,9 @@ def test_paste_back_rejects_bad_classes(case):
         paste_back(crop, np.zeros((2, 32, 32), np.int64))
 
 
-def test_paste_back_all_combines_qsm_rois(case):
+def test_paste_back_all_combines_qsm_rois(case, tmp_path):
+    from mrn_engine.data import load_volume, save_volume
+
     cfg = RoiConfig(image_size=64, slices={n: 20 for n in ROI_NAMES})
     crops = extract_rois(case, cfg)
     qsm = paste_back_all(crops, {n: c.mask for n, c in crops.items()}, "QSM")
@@ -194,6 +196,12 @@ def test_paste_back_all_combines_qsm_rois(case):
         assert dice(qsm == lab, case.qsm_mask.array == lab) > 0.9, lab
     nm = paste_back_all(crops, {"nm_sn": crops["nm_sn"].mask}, "NM")
     assert set(np.unique(nm)) == {0, 1, 2}
+    # saved in the source geometry
+    out = save_volume(case.qsm.like(qsm), tmp_path / "QSM_pred.nii.gz")
+    back = load_volume(out, kind="mask")
+    np.testing.assert_array_equal(back.array, qsm)
+    np.testing.assert_allclose(back.affine, case.qsm.affine)
+    assert back.spacing == pytest.approx(case.spacing)
 
 
 def test_missing_roi_labels(case):
@@ -317,3 +325,117 @@ def test_presets_fit(case):
 def test_synthetic_layout_sanity():
     """The helper's right-side boxes lie left of the midline (so mirroring cannot overlap)."""
     assert all(b[1] <= SHAPE[0] // 2 for b in RIGHT_BOXES.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# montage and CLI
+
+
+def test_montage_png(case, tmp_path):
+    from mrn_engine.rois.montage import describe_crop, save_montage
+
+    crops = extract_rois(case, SMALL)
+    out = save_montage(crops, tmp_path / "m" / "montage.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert not list(out.parent.glob(".*tmp*"))
+    d = describe_crop(crops["qsm_midbrain"])
+    b = crops["qsm_midbrain"].box
+    assert d["x"] == f"{b.x0}:{b.x1}" and d["size_vox"] == "x".join(map(str, b.shape))
+    assert d["size_mm"].endswith(f"x{b.shape[2] * 2.0:.1f}")
+    assert "STN:" in d["labels"] and "RN:" in d["labels"]
+
+
+def test_cli_rois(tmp_path):
+    from click.testing import CliRunner
+
+    from mrn_engine.cli import cli
+
+    folder = write_case(tmp_path / "RJPD_004")
+    png = tmp_path / "montage.png"
+    res = CliRunner().invoke(cli, ["rois", str(folder), "--preset", "cpu-tiny", "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("RJPD_004: grid (60, 60, 20)")
+    for name in ROI_NAMES:
+        row = next(line for line in lines if line.startswith(name))
+        assert "slices" not in row and " pad" in row  # "<S> (z a-b, k pad)"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    res = CliRunner().invoke(cli, ["rois", str(tmp_path), "--preset", "cpu-tiny"])
+    assert res.exit_code != 0 and isinstance(res.exception, InputDataError)
+
+
+def test_cli_cases(tmp_path):
+    from click.testing import CliRunner
+
+    from mrn_engine.cli import cli
+
+    root = make_cohort(tmp_path / "data", n=4)
+    cases = discover_cases(root)
+    cases[3].nm.write_bytes(cases[1].nm.read_bytes())  # duplicate NM
+    table = tmp_path / "table.csv"
+    res = CliRunner().invoke(cli, ["cases", str(root), "--quiet", "--csv", str(table)])
+    assert res.exit_code == 0, res.output
+    assert "4 case(s): 4 labelled (2 PD, 2 HC), 4 with both masks" in res.output
+    assert "validation: 4 ok, 0 with errors" in res.output
+    assert "RJPD_001 == RJPD_003" in res.output
+    assert "byte-identical NM" in res.output
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("case_id,label,split") and len(rows) == 5
+    # a broken case -> reported, exit code 2
+    m = load_case(cases[0]).qsm_mask.array.copy()
+    m[0, 0, 0] = 33
+    from test_data import write_nifti
+
+    write_nifti(cases[0].qsm_mask, m)
+    res = CliRunner().invoke(cli, ["cases", str(root), "--quiet"])
+    assert res.exit_code == 2
+    assert "validation: 3 ok, 1 with errors" in res.output
+    assert "unknown QSM_mask label value(s) [33]" in res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# the shared phantom cohort (realistic geometry: 300 x 300 x 70, 0.67 x 0.67 x 2 mm)
+
+
+def test_phantom_cases_and_labels(phantom_root):
+    from conftest import TEST_COHORT_SIZE
+    from mrn_engine.data import find_labels
+
+    cases = discover_cases(phantom_root)
+    assert len(cases) == TEST_COHORT_SIZE
+    assert all(c.nm and c.qsm and c.t1 and c.has_masks for c in cases)
+    labels = find_labels(phantom_root)
+    assert set(labels) == {c.case_id for c in cases}
+    assert set(labels.values()) == {0, 1}
+
+
+def test_phantom_rois_and_paste_back(phantom_root, tmp_path):
+    cfg = get_preset("cpu-tiny").roi
+    for files in discover_cases(phantom_root):
+        case = load_case(files, require_masks=True)
+        crops = extract_rois(case, cfg)
+        for name, crop in crops.items():
+            spec = ROI_BY_NAME[name]
+            assert crop.image.shape == (cfg.slices[name], cfg.image_size, cfg.image_size)
+            assert set(np.unique(crop.mask)) == set(range(spec.num_classes)), (files.case_id, name)
+            # the nuclei carry contrast and are not saturated by the intensity window
+            fg = crop.image[crop.mask > 0]
+            assert (fg >= 254.5).mean() < 0.05, (files.case_id, name)
+            # right/left midline between the two sides' centroids, near the volume centre
+            assert abs(crop.midline_x - (case.shape[0] - 1) / 2) < 30
+            # paste-back of the crop's own mask agrees with the source labels on its slices
+            src = case.nm_mask.array if spec.modality == "NM" else case.qsm_mask.array
+            back = paste_back(crop, crop.mask)
+            zs = crop.slice_index[crop.slice_index >= 0]
+            ref = roi_labels_only(src, name)[:, :, zs]
+            assert dice(back[:, :, zs] > 0, ref > 0) > 0.85, (files.case_id, name)
+            for lab in spec.labels:
+                assert dice(back[:, :, zs] == lab, ref == lab) > 0.7, (files.case_id, name, lab)
+    # NM SN is brighter than its surroundings in the NM ROI
+    nm = crops["nm_sn"]
+    assert nm.image[nm.mask == 1].mean() > nm.image[(nm.mask == 0) & (nm.image > 0)].mean() + 40
+    # the cache serves the whole cohort
+    cache = RoiCache(tmp_path / "cache")
+    batch = stack_rois([cache.get_or_compute(f, cfg) for f in discover_cases(phantom_root)[:3]])
+    assert batch["qsm_bg"]["image"].shape == (3, cfg.slices["qsm_bg"], cfg.image_size, cfg.image_size)

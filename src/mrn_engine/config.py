@@ -32,6 +32,10 @@ class RoiConfig:
     margin_mm: float = 4.0  #: margin around the union of the ROI's labels, in millimetres
     nm_clip_percentiles: tuple[float, float] = (0.5, 99.5)  #: robust NM window (whole volume)
     qsm_clip_percentiles: tuple[float, float] = (0.5, 99.5)  #: robust signed QSM window (brain)
+    #: window = scale x percentiles (about 0, sign kept): the nuclei (NM SN, QSM iron) are
+    #: <0.1% of voxels and lie beyond whole-volume percentiles; unscaled, they would saturate
+    nm_window_scale: float = 3.0
+    qsm_window_scale: float = 2.0
 
 
 @dataclass

@@ -9,8 +9,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 from mrn_engine.data import Case, Volume
+from napari_mrn._compat import guard_triton
 from napari_mrn._layers import LayerDataTuple
 from napari_mrn._reader import case_layers
+
+guard_triton()
 
 #: seeds of the two sample cases
 SAMPLE_SEEDS: dict[int, int] = {1: 2025, 0: 2026}

@@ -43,6 +43,7 @@ from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import MRNError
 from napari_mrn._bundles import bundle_folds, candidate_bundles
 from napari_mrn._chart import ProbabilityChart
+from napari_mrn._compat import guard_triton
 from napari_mrn._layers import ROI_COLOURS, labels_layer, roi_boxes_layer
 from napari_mrn._run import (
     Probabilities,
@@ -56,6 +57,8 @@ from napari_mrn._run import (
     prediction_steps,
     save_results,
 )
+
+guard_triton()
 
 NONE_CHOICE = "(none)"
 SETTINGS_LAST_BUNDLE = "bundle/last"
@@ -73,13 +76,19 @@ class LayerCombo(QComboBox):
                  prefer: tuple[str, ...] = (), parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer, self.types, self.optional, self.prefer = viewer, types, optional, prefer
+        self._user_chose = False
+        self.activated.connect(self._on_user_choice)
         self.refresh()
+
+    def _on_user_choice(self, *_: Any) -> None:
+        self._user_chose = True
 
     def layers(self) -> list[Layer]:
         return [ly for ly in self.viewer.layers if isinstance(ly, self.types)]
 
     def refresh(self) -> None:
-        """Re-list the layers, keeping the current choice when it still exists."""
+        """Re-list the layers. A choice the user made is kept while its layer exists; otherwise
+        the preferred layer (by napari-mrn kind or name, e.g. ``QSM``) is chosen."""
         current = self.layer()
         self.blockSignals(True)
         self.clear()
@@ -88,21 +97,26 @@ class LayerCombo(QComboBox):
         for ly in self.layers():
             self.addItem(ly.name, ly)
         self.blockSignals(False)
-        if current is not None and current in self.layers():
+        keep = current is not None and current in self.layers()
+        preferred = self._preferred()
+        if keep and (self._user_chose or preferred is None or self._matches(current)):
             self.set_layer(current)
-        else:
-            self._choose_preferred()
+        elif preferred is not None:
+            self.set_layer(preferred)
+        elif self.optional:
+            self.setCurrentIndex(0)
         self.currentIndexChanged.emit(self.currentIndex())
 
-    def _choose_preferred(self) -> None:
+    def _matches(self, layer: Layer) -> bool:
+        kind = (layer.metadata or {}).get("mrn_kind")
+        return any(kind == w or layer.name == w for w in self.prefer)
+
+    def _preferred(self) -> Layer | None:
         for want in self.prefer:
             for ly in self.layers():
-                kind = (ly.metadata or {}).get("mrn_kind")
-                if kind == want or ly.name == want or ly.name.endswith(f" {want}"):
-                    self.set_layer(ly)
-                    return
-        if self.optional:
-            self.setCurrentIndex(0)
+                if (ly.metadata or {}).get("mrn_kind") == want or ly.name == want:
+                    return ly
+        return None
 
     def layer(self) -> Layer | None:
         return self.currentData() if self.count() else None

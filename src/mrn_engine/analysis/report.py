@@ -65,6 +65,8 @@ def _read_losses(folds: Mapping[int, Path]) -> dict[int, dict[str, np.ndarray]]:
         if not rows:
             continue
         cols: dict[str, np.ndarray] = {}
+        if "stage" in rows[0]:
+            cols["stage"] = np.array([r["stage"] or "" for r in rows], dtype=object)
         for c in rows[0]:
             try:
                 cols[c] = np.array([float(r[c]) if r[c] not in ("", None) else np.nan for r in rows])
@@ -162,17 +164,18 @@ def masking_figure(rows: Rows) -> Figure:
 
 def loss_figure(losses: Mapping[int, Mapping[str, np.ndarray]]) -> Figure | None:
     """Per-fold training curves, one panel per loss column of ``metrics.csv``."""
-    skip = {"epoch", "step", "fold", "lr", "time", "seconds"}
+    skip = {"epoch", "step", "fold", "lr", "time", "seconds", "stage"}
     names: list[str] = []
     for cols in losses.values():
         for c in cols:
             if c.lower() not in skip and not c.lower().startswith("lr") and c not in names:
                 names.append(c)
     loss_like = [c for c in names if "loss" in c.lower()]
-    names = loss_like or names
+    scores = [c for c in names if c.lower().endswith(("_acc", "_auc"))]
+    names = (loss_like + scores) or names
     if not names:
         return None
-    names = names[:8]
+    names = names[:9]
     ncol = min(3, len(names))
     nrow = math.ceil(len(names) / ncol)
     fig = Figure(figsize=(4.0 * ncol, 2.8 * nrow))
@@ -182,6 +185,11 @@ def loss_figure(losses: Mapping[int, Mapping[str, np.ndarray]]) -> Figure | None
             if c in cols:
                 x = cols.get("epoch", np.arange(1, len(cols[c]) + 1))
                 ax.plot(x, cols[c], lw=1.2, label=f"fold {k}")
+                stage = cols.get("stage")
+                if stage is not None and k == min(losses):
+                    change = [j for j in range(1, len(stage)) if stage[j] != stage[j - 1]]
+                    for j in change:  # e.g. pretrain (seg + contrastive) -> full loss
+                        ax.axvline(x[j] - 0.5, color="grey", ls=":", lw=1)
         ax.set(title=c, xlabel="epoch")
         ax.grid(alpha=0.3)
         if i == 0:
@@ -214,7 +222,7 @@ def _table(rows: Rows, columns: Sequence[str], percent: Sequence[str] = ()) -> s
             v = r.get(c, "")
             if c in percent:
                 f = _num(v)
-                v = "n/a" if math.isnan(f) else f"{100 * f:.1f}%"
+                v = "n/a" if math.isnan(f) else f"{100 * f + 0.0:.1f}%"
             elif isinstance(v, float):
                 v = "n/a" if math.isnan(v) else f"{v:.3f}"
             cells.append(f"<td>{html.escape(str(v))}</td>")

@@ -89,7 +89,7 @@ def to_markdown(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *,
         for c in columns:
             v = r.get(c, "")
             if c in percent and isinstance(v, (int, float)):
-                cells.append("n/a" if math.isnan(float(v)) else f"{100 * float(v):.1f}%")
+                cells.append("n/a" if math.isnan(float(v)) else f"{100 * float(v) + 0.0:.1f}%")
             elif isinstance(v, float):
                 cells.append("n/a" if math.isnan(v) else f"{v:.3f}")
             else:

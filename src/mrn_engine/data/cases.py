@@ -70,14 +70,29 @@ class CaseFiles:
         return out
 
 
-def _is_case_folder(path: Path, names: list[str]) -> bool:
-    if CASE_DIR_PATTERN.match(path.name):
-        return True
+def _has_images(names: list[str]) -> bool:
     return any(n in names for n in ("NM.nii.gz", "NM.nii", "QSM.nii.gz", "QSM.nii"))
+
+
+def _case_id_for(folder: Path, root: Path) -> str:
+    """The folder's name, or the nearest enclosing ``RJPD_<digits>`` folder's name."""
+    if CASE_DIR_PATTERN.match(folder.name):
+        return folder.name
+    for parent in folder.parents:
+        if parent == root.parent:
+            break
+        if CASE_DIR_PATTERN.match(parent.name):
+            return parent.name
+    return folder.name
 
 
 def discover_cases(root: str | os.PathLike) -> list[CaseFiles]:
     """All case folders under ``root`` (recursive, ``root`` itself included), sorted by id.
+
+    A folder holding ``NM``/``QSM`` images is a case; its id is its name, or the name of the
+    nearest enclosing ``RJPD_<digits>`` folder (``RJPD_001/RJPD_001/NM.nii.gz`` and
+    ``RJPD_001/images/NM.nii.gz`` are both case ``RJPD_001``). An ``RJPD_<digits>`` folder
+    with no images anywhere below it is listed as a case with no files.
 
     Raises
     ------
@@ -88,11 +103,12 @@ def discover_cases(root: str | os.PathLike) -> list[CaseFiles]:
     if not root.is_dir():
         raise InputDataError(f"{root}: not a folder")
     found: dict[str, CaseFiles] = {}
+    empty_named: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
-        if _is_case_folder(here, filenames):
-            cf = CaseFiles.from_folder(here)
+        if _has_images(filenames):
+            cf = CaseFiles.from_folder(here, _case_id_for(here, root))
             if cf.case_id in found:
                 raise InputDataError(
                     f"{cf.case_id}: case found twice, in {found[cf.case_id].folder} and {here}; "
@@ -100,6 +116,11 @@ def discover_cases(root: str | os.PathLike) -> list[CaseFiles]:
                 )
             found[cf.case_id] = cf
             dirnames[:] = []  # a case folder holds no cases
+        elif CASE_DIR_PATTERN.match(here.name):
+            empty_named.append(here)
+    for folder in empty_named:
+        if folder.name not in found and not any(folder in c.folder.parents for c in found.values()):
+            found[folder.name] = CaseFiles.from_folder(folder)
     return [found[k] for k in sorted(found)]
 
 

@@ -14,7 +14,6 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -111,6 +110,8 @@ class MRNPredictor:
         has no mask files (or when ``ignore_masks``).
     ignore_masks: do not use the case's mask files (use the segmenter instead).
     bundle: the bundle the weights came from (for provenance).
+    segmenter_factory: builds the segmenter on first need (how :meth:`from_bundle` hooks in
+        the bundle's nnU-Net models without loading them for cases that have masks).
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class MRNPredictor:
         segmenter: Segmenter | None = None,
         ignore_masks: bool = False,
         bundle: ModelBundle | None = None,
+        segmenter_factory: Callable[[], Segmenter] | None = None,
     ) -> None:
         if not fold_states:
             raise WeightsError("predictor: no fold weights given")
@@ -134,6 +136,7 @@ class MRNPredictor:
         self.folds = list(self.fold_states)
         self.tta = tta
         self.segmenter = segmenter
+        self.segmenter_factory = segmenter_factory
         self.ignore_masks = ignore_masks
         self.bundle = bundle
         self._loaded: int | None = None
@@ -171,10 +174,11 @@ class MRNPredictor:
             raise InputDataError(f"{bundle.root}: fold(s) {missing} not in the bundle (has {bundle.folds})")
         model = (model_factory or _default_model_factory)(bundle.config)
         states = {k: bundle.load_state(k) for k in chosen}
+        factory = None
         if segmenter is None and bundle.nnunet_dir is not None:
-            segmenter = _bundle_segmenter(bundle, device)
+            factory = _bundle_segmenter_factory(bundle, device)
         return cls(model, states, bundle.config, device=device, tta=tta, segmenter=segmenter,
-                   ignore_masks=ignore_masks, bundle=bundle)
+                   ignore_masks=ignore_masks, bundle=bundle, segmenter_factory=factory)
 
     # ------------------------------------------------------------------ internals
     def _load_fold(self, k: int) -> None:
@@ -202,6 +206,8 @@ class MRNPredictor:
             if self.ignore_masks:  # explicit masks only; never fall back to the case's files
                 source = "given"
             return nm_mask, qsm_mask, source
+        if self.segmenter is None and self.segmenter_factory is not None:
+            self.segmenter = self.segmenter_factory()  # e.g. nnU-Net models loaded on first need
         if self.segmenter is None:
             missing = " / ".join(n for n, ok in (("NM_mask.nii.gz", have_nm), ("QSM_mask.nii.gz", have_qsm)) if not ok)
             why = " (mask files ignored)" if self.ignore_masks else ""
@@ -423,16 +429,12 @@ class MRNPredictor:
         return predict_cases(self, cases_dir, out_dir, **kwargs)
 
 
-def _bundle_segmenter(bundle: ModelBundle, device: str | torch.device) -> Segmenter | None:
-    """The bundle's nnU-Net models as a segmenter, when the segmentation package provides one."""
-    try:
-        from mrn_engine.segmentation import NNUNetSegmenter  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    factory = getattr(NNUNetSegmenter, "from_bundle", None)
-    try:
-        if factory is not None:
-            return factory(bundle.root, device=device)
-        return NNUNetSegmenter(Path(bundle.nnunet_dir), device=device)  # type: ignore[arg-type]
-    except TypeError:
-        return NNUNetSegmenter(Path(bundle.nnunet_dir))  # type: ignore[arg-type]
+def _bundle_segmenter_factory(bundle: ModelBundle, device: str | torch.device) -> Callable[[], Segmenter]:
+    """Builds ``NNUNetSegmenter`` of ``BUNDLE/nnunet`` when first needed."""
+
+    def make() -> Segmenter:
+        from mrn_engine.segmentation import NNUNetSegmenter
+
+        return NNUNetSegmenter.from_bundle(bundle.root, device=resolve_device(device))
+
+    return make

@@ -93,15 +93,15 @@ class DinoPatchnizer(nn.Module):
     def forward(self, slices: torch.Tensor, indices: list[int] | tuple[int, ...] = ()) -> SliceTokens:
         """Tokens of ``slices`` (N, H, W); ``indices`` = extra ViT blocks to return (0-based)."""
         x = self.normalise(slices.float())
-        final, inter = self.vit.forward_intermediates(
-            x, indices=list(indices) or [self.depth - 1], norm=True, output_fmt="NLC"
-        )
+        unique = sorted(set(indices)) or [self.depth - 1]
+        final, taken = self.vit.forward_intermediates(x, indices=unique, norm=True, output_fmt="NLC")
+        inter = [taken[unique.index(i)] for i in indices]  # requested order, repeats allowed
         x_final = final  # forward_intermediates applies the final norm
         n = self.num_prefix_tokens
         grid = tuple(self.vit.patch_embed.dynamic_feat_size(slices.shape[-2:]))
         return SliceTokens(
             slice_tokens=x_final[:, 0],
             patch_tokens=x_final[:, n:],
-            intermediates=list(inter) if indices else [],
+            intermediates=inter,
             grid=(int(grid[0]), int(grid[1])),
         )

@@ -34,14 +34,14 @@ class ResidualConvUnit(nn.Module):
 class FusionBlock(nn.Module):
     """DPT feature fusion: refine (+ skip), up-sample to ``size``, 1x1 projection."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, with_skip: bool = True) -> None:
         super().__init__()
-        self.skip_unit = ResidualConvUnit(channels)
+        self.skip_unit = ResidualConvUnit(channels) if with_skip else None
         self.unit = ResidualConvUnit(channels)
         self.out_conv = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
-        if skip is not None:
+        if self.skip_unit is not None and skip is not None:
             x = x + self.skip_unit(skip)
         x = self.unit(x)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
@@ -75,7 +75,7 @@ class DPTHead(nn.Module):
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, c, 1) for c in channels)
         self.resample = nn.ModuleList(_resample(c, f) for c, f in zip(channels, (4, 2, 1, 0.5), strict=True))
         self.layer_rn = nn.ModuleList(nn.Conv2d(c, fusion, 3, padding=1, bias=False) for c in channels)
-        self.fusion = nn.ModuleList(FusionBlock(fusion) for _ in channels)
+        self.fusion = nn.ModuleList(FusionBlock(fusion, with_skip=i < 3) for i in range(4))  # deepest: no skip
         self.trunk = nn.Sequential(nn.Conv2d(fusion, fusion // 2, 3, padding=1), nn.ReLU(inplace=True))
         self.out = nn.ModuleDict({r.name: nn.Conv2d(fusion // 2, r.num_classes, 1) for r in ROIS})
 

@@ -195,6 +195,7 @@ def make_phantom_case(
     # --- T1: the warped template in the real intensity range ----------------------------
     t1_scale = float(rng.uniform(170000.0, 205000.0))
     t1 = np.rint(_rician(t1_map * t1_scale * (1.0 + t1_bias_f), 0.012 * t1_scale, rng))
+    t1[t1_map < 0.02] = 0.0  # skull-stripped like the template: no signal outside the head mask
 
     # --- bookkeeping --------------------------------------------------------------------
     voxel_mm3 = float(np.prod(VOXEL_MM))

@@ -48,8 +48,9 @@ def plan_cohort(n: int, seed: int, val_fraction: float) -> list[dict]:
     order = rng.permutation(n)
     split = np.empty(n, dtype=object)
     labels = np.zeros(n, int)
-    for name, members in (("val", order[:n_val]), ("train", order[n_val:])):
-        lab = np.arange(len(members)) % 2
+    # val: HC first when odd; train: PD first when val was odd -> balanced overall and per split
+    for name, members, start in (("val", order[:n_val], 0), ("train", order[n_val:], n_val % 2)):
+        lab = (np.arange(len(members)) + start) % 2
         rng.shuffle(lab)
         split[members] = name
         labels[members] = lab

@@ -33,7 +33,7 @@ def _contours(ax, mask: np.ndarray, labels, colours) -> None:
             ax.contour(sel.T, levels=[0.5], colors=[colour], linewidths=1.0, origin="lower")
 
 
-def plot_pd_hc(path: str | Path, seed: int = 2024, effect: float = 1.0) -> Path:
+def plot_pd_hc(path: str | Path, seed: int = 2048, effect: float = 1.0) -> Path:
     """Write the PD-vs-HC phantom figure (PNG) and return its path.
 
     Both subjects share ``seed`` (same anatomy and nuisance draws); only the class, and
@@ -66,8 +66,8 @@ def plot_pd_hc(path: str | Path, seed: int = 2024, effect: float = 1.0) -> Path:
         im = ax.imshow(nm.T, cmap="magma", vmin=2000, vmax=30000, origin="lower", aspect=aspect)
         _contours(ax, case.nm_mask[win[0], win[1], z], (1, 2), ("cyan", "lime"))
         ax.set_title(
-            f"NM + NM_mask  (severity {lat['severity']:.2f}, "
-            f"SN vol {lat['nm_sn_volume_mm3']:.0f} mm$^3$, contrast {lat['nm_sn_contrast']:.2f})",
+            f"NM + NM_mask: severity {lat['severity']:.2f}\n"
+            f"NM SN {lat['nm_sn_volume_mm3']:.0f} mm$^3$, contrast {lat['nm_sn_contrast']:.2f}",
             fontsize=9,
         )
         fig.colorbar(im, ax=ax, shrink=0.8, label="NM signal (a.u.)")
@@ -77,7 +77,7 @@ def plot_pd_hc(path: str | Path, seed: int = 2024, effect: float = 1.0) -> Path:
         colours = [NUCLEUS_COLOURS[QSM_LABELS[lab].rsplit("_", 1)[0]] for lab in _MIDBRAIN]
         _contours(ax, case.qsm_mask[win[0], win[1], z], _MIDBRAIN, colours)
         sn = 0.5 * (lat["qsm_sn_mean_R"] + lat["qsm_sn_mean_L"])
-        ax.set_title(f"QSM + QSM_mask STN/SN/RN  (SN mean {sn:.0f} ppb, age {lat['age']:.0f})",
+        ax.set_title(f"QSM + QSM_mask STN/SN/RN\nSN mean {sn:.0f} ppb, age {lat['age']:.0f}",
                      fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8, label="susceptibility (ppb)")
         axes[row, 0].set_ylabel("HC" if case.label == 0 else "PD", fontsize=14)

@@ -143,7 +143,7 @@ class RoiCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
         os.close(fd)
         try:
-            np.savez(tmp, **crops_to_arrays(crops))
+            np.savez_compressed(tmp, **crops_to_arrays(crops))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -5,7 +5,8 @@ Per ROI (``ROIS`` in :mod:`mrn_engine.data.labels`):
 1. box = union of the ROI's source labels in its modality's mask, grown by
    ``RoiConfig.margin_mm`` per side (in mm, so 2 mm slices get fewer margin voxels than
    0.67 mm in-plane voxels), clipped to the volume;
-2. intensities mapped to ``[0, 255]`` with the modality's robust whole-volume window;
+2. intensities mapped to ``[0, 255]`` with the modality's robust whole-volume window
+   (:mod:`mrn_engine.rois.intensity`);
 3. slices: a fixed count ``S = RoiConfig.slices[name]``. A box with more slices keeps the
    central ``S`` (the extra ones are margin or thin nucleus tails); a box with fewer is
    centred in the stack and padded with all-zero slices (no data invented);
@@ -272,6 +273,7 @@ def extract_rois(
     given = {"NM": nm_mask is not None, "QSM": qsm_mask is not None}
     images = {"NM": case.nm, "QSM": case.qsm}
     percentiles = {"NM": rc.nm_clip_percentiles, "QSM": rc.qsm_clip_percentiles}
+    scales = {"NM": rc.nm_window_scale, "QSM": rc.qsm_window_scale}
     windows: dict[str, tuple[float, float]] = {}
     counts: dict[str, np.ndarray] = {}
     wanted = [r for r in ROIS if rois is None or r.name in rois]
@@ -292,7 +294,7 @@ def extract_rois(
                          strict=(not given[mod]) if strict is None else strict)
         image = images[mod]
         if mod not in windows:
-            windows[mod] = intensity_window(image.array, percentiles[mod])
+            windows[mod] = intensity_window(image.array, percentiles[mod], scales[mod])
         box = roi_box(arr, spec.labels, image.spacing, rc.margin_mm)
         assert box is not None  # checked above
         out[spec.name] = crop_roi(

@@ -290,7 +290,13 @@ def train_fold(
     if finished:
         oof = predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device) if val_ds is not None and len(val_ds) else []
         write_rows_csv(out_dir / "oof.csv", [{**r, "fold": fold} for r in oof], ("case_id", "label", "p_pd", "fold"))
-        save_state_dict(objective.student.state_dict(), out_dir / "model.safetensors")
+        student = objective.student
+        if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
+            from mrn_engine.models import save_model  # provenance in the safetensors metadata
+
+            save_model(student, out_dir / "model.safetensors", cfg)
+        else:
+            save_state_dict(student.state_dict(), out_dir / "model.safetensors")
         save_torch(optimizer.state_dict(), out_dir / "optimizer.pt")
         atomic_write_text(out_dir / DONE, json.dumps({"fold": fold, "epochs": last}))
         result.oof = oof

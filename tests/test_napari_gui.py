@@ -1,0 +1,253 @@
+"""GUI tests of the napari plugin (pytest-qt + ``make_napari_viewer``, under Xvfb).
+
+The model bundle used here is made in the test: a *randomly initialised* ``cpu-tiny`` MRN with
+two folds saved in the bundle layout of docs/architecture.md. Its probabilities mean nothing;
+it is enough to drive the panel end to end (run, layers, masking, saving) on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mrn_engine.data.labels import ROI_NAMES
+from napari_mrn._compat import guard_triton
+from test_napari_io import challenge_affine, write_case
+
+pytestmark = pytest.mark.gui
+
+guard_triton()  # before any torch import under Xvfb's software OpenGL (see napari_mrn._compat)
+
+RUN_TIMEOUT_MS = 120_000
+
+
+def make_tiny_bundle(root: Path, folds: int = 2) -> Path:
+    """A randomly initialised cpu-tiny MRN bundle (config.json, bundle.json, fold_k weights)."""
+    import torch
+
+    from mrn_engine import get_preset
+    from mrn_engine.models import build_model, save_model
+
+    cfg = get_preset("cpu-tiny")
+    for k in range(folds):
+        torch.manual_seed(100 + k)
+        save_model(build_model(cfg), root / f"fold_{k}" / "model.safetensors", cfg)
+    cfg.save(root / "config.json")
+    info = {"folds": [{"fold": k, "train": [], "val": []} for k in range(folds)],
+            "note": "randomly initialised cpu-tiny model for GUI tests"}
+    (root / "bundle.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture
+def panel(make_napari_viewer, tmp_path, monkeypatch):
+    """A viewer with the MRN dock widget (settings in a temporary ini file)."""
+    from qtpy.QtCore import QSettings
+
+    from napari_mrn._widget import MRNDiagnosisWidget
+
+    monkeypatch.delenv("MRN_BUNDLE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./mrn_demo/bundle here
+    viewer = make_napari_viewer()
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    widget = MRNDiagnosisWidget(viewer, settings=settings)
+    viewer.window.add_dock_widget(widget, name="MRN diagnosis")
+    return viewer, widget
+
+
+def wait_done(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+# ----------------------------------------------------------------------------- reading / writing
+def test_open_case_folder_and_save_mask_through_napari(make_napari_viewer, tmp_path):
+    folder = write_case(tmp_path)
+    viewer = make_napari_viewer()
+    viewer.open(str(folder), plugin="napari-mrn")
+    assert [ly.name for ly in viewer.layers] == ["NM", "QSM", "NM_mask", "QSM_mask"]
+    qsm, mask = viewer.layers["QSM"], viewer.layers["QSM_mask"]
+    assert type(mask).__name__ == "Labels" and type(qsm).__name__ == "Image"
+    np.testing.assert_allclose(qsm.scale, (2.0, 0.6667, 0.6667), atol=1e-4)
+    np.testing.assert_allclose(mask.scale, qsm.scale)
+    # hovering a voxel names the structure (features table)
+    assert mask.features.set_index("index").loc[15, "name"] == "dentate_R"
+    # napari's "Save Selected Layer" path goes through our writer and restores the geometry
+    out = tmp_path / "saved_mask.nii.gz"
+    viewer.layers.selection.active = mask
+    mask.data[0, 0, 0] = 7
+    written = viewer.layers.save(str(out), selected=True, plugin="napari-mrn")
+    assert written == [str(out)]
+    img, src = nib.load(out), nib.load(folder / "QSM_mask.nii.gz")
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+    expected = np.asarray(src.dataobj).copy()
+    expected[0, expected.shape[1] - 1, 0] = 7
+    np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
+
+
+def test_sample_data_pd_and_hc(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mrn", "mrn_pd_case")
+    names = [ly.name for ly in viewer.layers]
+    assert names == ["T1", "NM", "QSM", "NM_mask", "QSM_mask"]
+    qsm = viewer.layers["QSM"]
+    assert qsm.data.shape == (70, 300, 300)  # challenge grid (300, 300, 70) shown axially
+    np.testing.assert_allclose(qsm.scale, (2.0, 2 / 3, 2 / 3), atol=1e-3)
+    assert qsm.metadata["case_id"] == "PD_sample"
+    labels = set(np.unique(viewer.layers["QSM_mask"].data)) - {0}
+    assert labels == set(range(1, 17))
+    assert set(np.unique(viewer.layers["NM_mask"].data)) == {0, 1, 2}
+    # right SN (label 11) lies on the screen's left half (radiological convention)
+    cols_r = np.nonzero(viewer.layers["QSM_mask"].data == 11)[2]
+    cols_l = np.nonzero(viewer.layers["QSM_mask"].data == 12)[2]
+    assert cols_r.mean() < 150 < cols_l.mean()
+    viewer.open_sample("napari-mrn", "mrn_hc_case")
+    hc = viewer.layers["QSM [1]"] if "QSM [1]" in viewer.layers else viewer.layers[-3]
+    assert hc.metadata["case_id"] == "HC_sample"
+    assert not np.array_equal(hc.data, qsm.data)
+
+
+# ----------------------------------------------------------------------------- the panel
+def test_mismatched_grids_are_a_message_not_a_traceback(panel, tmp_path, tiny_bundle):
+    viewer, widget = panel
+    folder = write_case(tmp_path)
+    viewer.open(str(folder), plugin="napari-mrn")
+    other = write_case(tmp_path / "other", "RJPD_901", shape=(40, 36, 10))
+    viewer.open(str(other / "QSM.nii.gz"), plugin="napari-mrn")  # layer "QSM [1]": 10 slices
+    widget.set_bundle(tiny_bundle)
+    widget.qsm_combo.set_layer(viewer.layers[-1])
+    msg = widget.input_message.text()
+    assert "not on the grid of layer" in msg and "40x36x10" in msg and "40x36x12" in msg
+    assert not widget.run_button.isEnabled()
+    assert widget.run() is None
+    assert "not on the grid" in widget.status.text()
+    # choosing the matching QSM again clears the message
+    widget.qsm_combo.set_layer(viewer.layers["QSM"])
+    assert widget.input_message.text() == "" and widget.run_button.isEnabled()
+
+
+def test_cancel_stops_the_run(panel, qtbot, tmp_path, tiny_bundle):
+    viewer, widget = panel
+    viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
+    widget.set_bundle(tiny_bundle)
+    widget.device_combo.setCurrentText("cpu")
+    worker = widget.run()
+    assert worker is not None, widget.status.text()
+    assert widget.cancel_button.isEnabled()
+    assert not widget.run_button.isEnabled()
+    widget.cancel()
+    wait_done(qtbot, widget)
+    assert widget.status.text() == "Cancelled."
+    assert widget.result is None and "MRN nuclei" not in viewer.layers
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
+    from mrn_engine.inference import MRNPredictor
+
+    viewer, widget = panel
+    viewer.open_sample("napari-mrn", "mrn_pd_case")
+    assert widget.nm_combo.currentText() == "NM" and widget.qsm_combo.currentText() == "QSM"
+    assert widget.qsm_mask_combo.currentText() == "QSM_mask"
+    widget.set_bundle(tiny_bundle)
+    assert widget.folds_spin.maximum() == 2
+    widget.device_combo.setCurrentText("cpu")
+    assert widget.device_warning.isVisibleTo(widget) and "CPU" in widget.device_warning.text()
+    reports = []
+    worker = widget.run()
+    worker.yielded.connect(reports.append)
+    wait_done(qtbot, widget)
+    assert widget.result is not None, widget.status.text()
+    assert widget.progress.value() == 1000 and len(reports) >= 3
+    # the last bundle is remembered
+    assert widget.settings.value("bundle/last") == str(tiny_bundle)
+
+    pred = widget.result.prediction
+    qsm = viewer.layers["QSM"]
+    nuclei = viewer.layers["MRN nuclei"]
+    assert nuclei.data.shape == qsm.data.shape
+    np.testing.assert_allclose(nuclei.scale, qsm.scale)
+    np.testing.assert_allclose(nuclei.metadata["affine"], qsm.metadata["affine"])
+    np.testing.assert_array_equal(nuclei.data, np.asarray(pred.nuclei).transpose(2, 1, 0)[:, ::-1])
+    assert set(np.unique(nuclei.data)) <= set(range(17))
+    assert "MRN NM SN" in viewer.layers
+
+    boxes = viewer.layers["MRN ROIs"]
+    spans = {n: b.z1 - b.z0 for n, b in pred.boxes.items()}
+    assert len(boxes.data) == sum(spans.values())
+    assert set(boxes.features["roi"]) == set(ROI_NAMES)
+    # each ROI's rectangles sit on the slices the box spans, around the box's rows/cols
+    for name, box in pred.boxes.items():
+        rects = [d for d, r in zip(boxes.data, boxes.features["roi"], strict=True) if r == name]
+        assert sorted(int(d[0, 0]) for d in rects) == list(range(box.z0, box.z1))
+        assert rects[0][:, 2].min() == pytest.approx(box.x0 - 0.5)
+        assert rects[0][:, 1].max() == pytest.approx(300 - box.y0 - 0.5)
+
+    # the panel shows the predictor's numbers
+    probs = widget.probabilities
+    assert probs.p_pd == pytest.approx(pred.p_pd) and probs.p_pd_folds == pytest.approx(pred.p_pd_folds)
+    assert f"{pred.p_pd:.3f}" in widget.result_label.text()
+    assert len(widget.chart.bars) == 3  # two folds + ensemble
+
+    # ROI masking: unticking updates at once from the predictor's masked prediction
+    predictor: MRNPredictor = widget.result.predictor
+    widget.roi_checks["nm_sn"].setChecked(False)
+    widget.roi_checks["qsm_dentate"].setChecked(False)
+    expect = predictor.masked_prediction(pred, {"nm_sn", "qsm_dentate"})
+    assert widget.probabilities.masked == {"nm_sn", "qsm_dentate"}
+    assert widget.probabilities.p_pd == pytest.approx(expect["p_pd"])
+    assert widget.probabilities.p_pd_folds == pytest.approx(expect["p_pd_folds"])
+    assert "masked: NM-SN, QSM dentate" in widget.result_label.text()
+    widget.roi_checks["nm_sn"].setChecked(True)
+    widget.roi_checks["qsm_dentate"].setChecked(True)
+    assert widget.probabilities.p_pd == pytest.approx(pred.p_pd)
+
+    # the 16-subset table agrees with the masked prediction
+    dialog = widget.show_masking_table()
+    assert dialog.table.rowCount() == 16
+    rows = widget.masking_table()
+    row = next(r for r in rows if r["masked"] == ["nm_sn", "qsm_dentate"])
+    assert row["p_pd"] == pytest.approx(expect["p_pd"])
+    assert rows[0]["masked"] == [] and rows[0]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-5)
+    dialog.close()
+
+    # saving: masks in the source geometry + JSON with probabilities, table and bundle
+    written = widget.save(tmp_path / "results")
+    names = sorted(p.name for p in written)
+    assert names == ["NM_pred.nii.gz", "PD_pred.txt", "QSM_pred.nii.gz", "mrn_result.json"]
+    out = tmp_path / "results" / "PD_sample"
+    img = nib.load(out / "QSM_pred.nii.gz")
+    np.testing.assert_allclose(img.affine, qsm.metadata["affine"], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), pred.nuclei)
+    record = json.loads((out / "mrn_result.json").read_text())
+    assert record["prediction"]["p_pd"] == pytest.approx(pred.p_pd)
+    assert len(record["masking_table"]) == 16
+    assert record["bundle"]["config"]["preset"] == "cpu-tiny"
+    assert record["settings"]["device"] == "cpu"
+    assert (out / "PD_pred.txt").read_text().strip() == str(pred.call)
+
+
+def test_bundle_candidates_env_and_demo_location(tmp_path, monkeypatch, tiny_bundle):
+    from napari_mrn._bundles import candidate_bundles, is_bundle
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MRN_BUNDLE", raising=False)
+    assert candidate_bundles() == [] or all(p != tmp_path for p in candidate_bundles())
+    demo = make_tiny_bundle(tmp_path / "mrn_demo" / "bundle", folds=1)
+    assert is_bundle(demo) and not is_bundle(tmp_path)
+    assert candidate_bundles()[0] == demo.resolve()
+    monkeypatch.setenv("MRN_BUNDLE", str(tiny_bundle))
+    assert candidate_bundles()[:2] == [tiny_bundle.resolve(), demo.resolve()]
+
+
+def test_affine_helper_matches_reader(tmp_path):
+    # the helper used by these tests writes the challenge's LAS orientation
+    assert nib.aff2axcodes(challenge_affine()) == ("L", "A", "S")
