@@ -105,3 +105,17 @@ def test_report_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert (run / "report.html").is_file()
     assert "masking" in dict(_images((run / "report.html").read_text()))
+
+
+def test_report_accepts_case_predictions(tmp_path):
+    from mrn_engine.inference import CasePrediction
+
+    run = make_run_dir(tmp_path / "run", folds=1)
+    preds = [CasePrediction(case_id=f"RJPD_{i:03d}", p_pd_folds=[p, p], p_pd=p, p_pd_std=0.0, call=int(p >= 0.5),
+                            roi_tokens=[], nuclei=np.zeros((1, 1, 1)), nm_nuclei=np.zeros((1, 1, 1)), boxes={},
+                            folds=[0, 1], label=lab)
+             for i, (p, lab) in enumerate([(0.9, 1), (0.2, 0), (0.6, 0), (0.4, None)])]
+    text = write_report(run, tmp_path / "r.html", eval_predictions=preds).read_text()
+    row = re.search(r"<tr><td>ensemble</td>(.*?)</tr>", text).group(1)
+    cells = re.findall(r"<td>([^<]*)</td>", row)
+    assert cells[0] == "3" and cells[1] == "66.7%"  # unlabelled case ignored; one false positive

@@ -227,6 +227,17 @@ def test_discover_redundant_nesting(tmp_path):
     assert discover_cases(tmp_path / "RJPD_002")[0].case_id == "RJPD_002"
 
 
+def test_uncompressed_nii_case(tmp_path):
+    arrays = synthetic_arrays()
+    folder = tmp_path / "RJPD_020"
+    for stem, arr in arrays.items():
+        write_nifti(folder / f"{stem}.nii", arr)
+    (cf,) = discover_cases(tmp_path)
+    assert cf.nm.name == "NM.nii" and cf.qsm_mask.name == "QSM_mask.nii"
+    case = load_case(cf, require_masks=True)
+    np.testing.assert_array_equal(case.qsm_mask.array, arrays["QSM_mask"])
+
+
 def test_discover_duplicate_case_id(tmp_path):
     write_case(tmp_path / "a" / "RJPD_005", masks=False)
     write_case(tmp_path / "b" / "RJPD_005", masks=False)

@@ -143,6 +143,10 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
     res = CliRunner().invoke(cli, ["predict", str(cases_dir), "--model", str(bundle), "--out", str(cases_dir),
                                    "--device", "cpu", "--quiet"])
     assert res.exit_code != 0 and "must differ from the input folder" in str(res.exception)
+    res = CliRunner().invoke(cli, ["predict", str(cases_dir), "--model", str(bundle), "--out",
+                                   str(cases_dir / "preds"), "--device", "cpu", "--quiet"])
+    assert res.exit_code != 0 and "must not lie inside the input folder" in str(res.exception)
+    assert not (cases_dir / "preds").exists()
 
 
 def test_ablate_rois_cli_and_report(bundle, cases_dir, tmp_path):
@@ -168,3 +172,21 @@ def test_ablate_rois_cli_and_report(bundle, cases_dir, tmp_path):
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # ROC, confusion, masking (no metrics.csv here)
+
+
+def test_bundle_nnunet_hook_is_lazy_and_reports_per_case(bundle, cases_dir, tmp_path):
+    b2 = tmp_path / "b2"
+    shutil.copytree(bundle, b2)
+    (b2 / "nnunet").mkdir()  # incomplete nnU-Net folder: only matters for cases without masks
+    predictor = MRNPredictor.from_bundle(b2, device="cpu", folds=[0])
+    assert predictor.segmenter is None and predictor.segmenter_factory is not None
+    ok = predictor.predict_case(load_case(cases_dir / "nested" / "RJPD_001"))
+    assert ok.mask_source == "case"
+    bare = tmp_path / "bare"
+    write_case(bare / "RJPD_010", seed=10, masks=False)
+    shutil.copytree(cases_dir / "nested" / "RJPD_002", bare / "RJPD_002")
+    result = predictor.predict_cases(bare, tmp_path / "out", progress=False)
+    assert [e["case_id"] for e in result.errors] == ["RJPD_010"]
+    assert "no nnU-Net models found" in result.errors[0]["error"]
+    assert (tmp_path / "out" / "RJPD_002" / "PD_pred.txt").is_file()
+    assert not (tmp_path / "out" / "RJPD_010").exists()

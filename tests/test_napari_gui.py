@@ -134,18 +134,27 @@ def test_mismatched_grids_are_a_message_not_a_traceback(panel, tmp_path, tiny_bu
     assert widget.input_message.text() == "" and widget.run_button.isEnabled()
 
 
-def test_cancel_stops_the_run(panel, qtbot, tmp_path, tiny_bundle):
+def test_cancel_stops_the_run_inside_the_predictor(panel, qtbot, tmp_path, tiny_bundle):
     viewer, widget = panel
     viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
     widget.set_bundle(tiny_bundle)
     widget.device_combo.setCurrentText("cpu")
     worker = widget.run()
     assert worker is not None, widget.status.text()
-    assert widget.cancel_button.isEnabled()
-    assert not widget.run_button.isEnabled()
-    widget.cancel()
+    assert widget.cancel_button.isEnabled() and not widget.run_button.isEnabled()
+    reports = []
+
+    def on_report(item):  # press Cancel once predict_case has reported its first step
+        reports.append(item)
+        if "masks and ROI crops" in item.message:
+            widget.cancel()
+
+    worker.yielded.connect(on_report)
     wait_done(qtbot, widget)
     assert widget.status.text() == "Cancelled."
+    assert any("masks and ROI crops" in r.message for r in reports)
+    # stopped at the predictor's next report: no fold finished after the cancel, no result
+    assert not any("P(PD)" in r.message for r in reports)
     assert widget.result is None and "MRN nuclei" not in viewer.layers
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 

@@ -190,3 +190,30 @@ def test_roi_boxes_one_rectangle_per_slice_enclosing_the_box():
     # display rows = flipped Y: rows 36-1-13 .. 36-1-10, cols = X 5..8, half a voxel outside
     assert rect[:, 1].min() == pytest.approx(22 - 0.5) and rect[:, 1].max() == pytest.approx(25 + 0.5)
     assert rect[:, 2].min() == pytest.approx(5 - 0.5) and rect[:, 2].max() == pytest.approx(8 + 0.5)
+
+
+# ----------------------------------------------------------------------------- run helpers
+def test_parse_progress_shapes():
+    from napari_mrn._run import parse_progress
+
+    assert parse_progress(0.25, "fold 0").fraction == 0.25  # the predictor's (fraction, message)
+    assert parse_progress(0.25, "fold 0").message == "fold 0"
+    assert parse_progress(3, 4).fraction == 0.75
+    assert parse_progress(done=1, total=4, message="x").fraction == 0.25
+    assert parse_progress("loading").fraction is None
+
+
+def test_probabilities_from_prediction_and_masking_rows():
+    from napari_mrn._run import as_probabilities, masked_set, masking_rows
+
+    p = as_probabilities({"p_pd_folds": [0.2, 0.6], "p_pd": 0.4, "p_pd_std": 0.2, "call": 0})
+    assert (p.p_pd, p.call, p.label, p.masked) == (0.4, 0, "HC", frozenset())
+    q = as_probabilities({"p_pd_folds": [0.7, 0.9], "masked": ["nm_sn"]})
+    assert q.p_pd == pytest.approx(0.8) and q.p_pd_std == pytest.approx(0.1) and q.call == 1
+    assert masked_set("NM+QSM3") == {"nm_sn", "qsm_dentate"} and masked_set("none") == set()
+    with pytest.raises(ValueError, match="unknown ROI subset"):
+        masked_set("XYZ")
+    rows = masking_rows([{"masked": "QSM1+QSM2", "p_pd_folds": [0.5, 0.5]},
+                         {"masked": "none", "p_pd_folds": [0.9, 0.7]}])
+    assert [r["masked"] for r in rows] == [[], ["qsm_bg", "qsm_midbrain"]]
+    assert rows[0]["p_pd"] == pytest.approx(0.8)

@@ -15,10 +15,11 @@ class ProbabilityChart(FigureCanvasQTAgg):
     """Bars of P(PD) per fold plus the ensemble (error bar = std across folds), 0.5 line."""
 
     def __init__(self, parent=None) -> None:
-        self.figure = Figure(figsize=(3.2, 1.9), dpi=100, facecolor="#262930")
+        self.figure = Figure(figsize=(3.2, 2.1), dpi=100, facecolor="#262930",
+                             layout="constrained")
         super().__init__(self.figure)
         self.setParent(parent)
-        self.setMinimumHeight(170)
+        self.setMinimumHeight(200)
         self.axes = self.figure.add_subplot(111)
         self.bars: list = []
         self.show_probabilities(None)
@@ -51,5 +52,6 @@ class ProbabilityChart(FigureCanvasQTAgg):
             if probs.masked:
                 title += f"  (masked: {len(probs.masked)})"
             ax.set_title(title, color="white", fontsize=8)
-        self.figure.tight_layout(pad=0.4)
+        else:
+            ax.set_xticks([])
         self.draw_idle()

@@ -66,7 +66,7 @@ def image_layer(
 ) -> LayerDataTuple:
     """An Image layer tuple for an NM/QSM/T1 volume ``(X, Y, Z)``.
 
-    The contrast window is robust: NM and T1 0.5-99.5 percentiles; QSM symmetric around zero
+    The contrast window is robust: NM 0.5-99.98 and T1 0.5-99.5 percentiles; QSM symmetric around zero
     from the brain's (non-zero voxels) 99.5 percentile of ``|QSM|``.
     """
     data = mapping.to_display(np.asarray(array, dtype=np.float32))
@@ -76,7 +76,9 @@ def image_layer(
         hi = float(np.percentile(np.abs(inside), 99.5)) if inside.size else 1.0
         limits = [-hi, hi] if hi > 0 else [-1.0, 1.0]
     else:
-        lo, hi = (np.percentile(finite, (0.5, 99.5)) if finite.size else (0.0, 1.0))
+        # NM: the substantia nigra is a tiny bright fraction of the volume, keep it below white
+        top = 99.98 if kind == "NM" else 99.5
+        lo, hi = (np.percentile(finite, (0.5, top)) if finite.size else (0.0, 1.0))
         limits = [float(lo), float(hi) if hi > lo else float(lo) + 1.0]
     kwargs = _base_kwargs(mapping, name, {"mrn_kind": kind, **(metadata or {})})
     kwargs.update(colormap="gray", contrast_limits=limits, visible=visible)

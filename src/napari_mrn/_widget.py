@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt.utils import GeneratorWorker
 
 from mrn_engine.data import Volume
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
@@ -151,7 +153,7 @@ class MaskingTableDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("P(PD) with each subset of ROIs replaced by an empty volume"))
         layout.addWidget(self.table)
-        self.resize(720, 520)
+        self.resize(760, 640)
 
 
 class MRNDiagnosisWidget(QWidget):
@@ -414,12 +416,12 @@ class MRNDiagnosisWidget(QWidget):
         self._grids = {"qsm": layers["qsm"], "nm": layers["nm"]}
         self.settings.setValue(SETTINGS_LAST_BUNDLE, self.bundle_path())
         self._cancel = threading.Event()
-        worker = thread_worker(prediction_steps, start_thread=False)(
-            self._get_predictor, case, self._cancel)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        # superqt's plain GeneratorWorker: errors (incl. Cancel) are shown in the panel by
+        # _on_error instead of being relayed as napari error notifications
+        connect = {"yielded": self._on_progress, "returned": self._on_returned,
+                   "errored": self._on_error, "finished": self._on_finished}
+        worker = thread_worker(prediction_steps, start_thread=False, connect=connect,
+                               worker_class=GeneratorWorker)(self._get_predictor, case, self._cancel)
         self.worker = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -449,6 +451,7 @@ class MRNDiagnosisWidget(QWidget):
         elif isinstance(exc, MRNError):
             self._set_status(str(exc), error=True)
         else:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
             self._set_status(f"Run failed: {type(exc).__name__}: {exc}", error=True)
 
     def _on_finished(self) -> None:
@@ -501,13 +504,15 @@ class MRNDiagnosisWidget(QWidget):
         nm_nuclei = getattr(pred, "nm_nuclei", None)
         if nm_nuclei is not None:
             outs.append((NM_NUCLEI_LAYER, np.asarray(nm_nuclei), nmap, "NM", self._grids["nm"]))
-        for attr, name, kind, mapping, key in (
-            ("nnunet_nm_mask", "nnU-Net NM mask", "NM", nmap, "nm"),
-            ("nnunet_qsm_mask", "nnU-Net QSM mask", "QSM", qmap, "qsm"),
-        ):
-            arr = getattr(pred, attr, None)
-            if arr is not None:
-                outs.append((name, np.asarray(arr), mapping, kind, self._grids[key]))
+        if getattr(pred, "mask_source", "") == "segmenter":  # masks came from nnU-Net
+            for attr, name, kind, mapping, key in (
+                ("nm_mask", "nnU-Net NM mask", "NM", nmap, "nm"),
+                ("qsm_mask", "nnU-Net QSM mask", "QSM", qmap, "qsm"),
+            ):
+                arr = getattr(pred, attr, None)
+                if arr is not None:
+                    arr = getattr(arr, "array", arr)  # a Volume or an array
+                    outs.append((name, np.asarray(arr), mapping, kind, self._grids[key]))
         outs.append((NUCLEI_LAYER, np.asarray(pred.nuclei), qmap, "QSM", self._grids["qsm"]))
         return outs
 
@@ -520,6 +525,12 @@ class MRNDiagnosisWidget(QWidget):
         vols = {"QSM_pred": case.qsm.like(np.asarray(pred.nuclei).astype(np.uint8), kind="mask")}
         if getattr(pred, "nm_nuclei", None) is not None:
             vols["NM_pred"] = case.nm.like(np.asarray(pred.nm_nuclei).astype(np.uint8), kind="mask")
+        if getattr(pred, "mask_source", "") == "segmenter":  # nnU-Net masks used for cropping
+            for attr, name, ref in (("nm_mask", "NM_nnunet", case.nm), ("qsm_mask", "QSM_nnunet", case.qsm)):
+                arr = getattr(pred, attr, None)
+                if arr is not None:
+                    arr = np.asarray(getattr(arr, "array", arr)).astype(np.uint8)
+                    vols[name] = ref.like(arr, kind="mask")
         return vols
 
     # ------------------------------------------------------------------ probabilities / masking

@@ -81,7 +81,13 @@ def _load_rows(value: Rows | str | os.PathLike | None) -> list[dict[str, object]
         return None
     if isinstance(value, (str, os.PathLike)):
         return [dict(r) for r in read_csv(value)]
-    return [dict(r) for r in value]
+    rows = []
+    for r in value:
+        if hasattr(r, "summary"):  # a CasePrediction
+            rows.append({**r.summary(), "label": "" if r.label is None else r.label})
+        else:
+            rows.append(dict(r))
+    return rows
 
 
 def _num(v: object) -> float:
@@ -261,8 +267,9 @@ def write_report(
     ----------
     run_dir: the bundle (``config.json``, ``fold_k/metrics.csv``, ``fold_k/oof.csv``).
     out_path: the HTML file to write (atomically).
-    eval_predictions: held-out predictions (rows or a CSV path) with ``label``, ``p_pd`` and
-        optionally ``p_pd_fold<k>`` (``mrn ablate-rois``'s ``predictions.csv``). Default:
+    eval_predictions: held-out predictions: rows (dicts with ``label``, ``p_pd`` and optionally
+        ``p_pd_fold<k>``), ``CasePrediction`` objects with a ``label``, or a CSV path
+        (``mrn ablate-rois``'s ``predictions.csv``); unlabelled rows are ignored. Default:
         ``RUN_DIR/ablation/predictions.csv`` if present.
     masking_table: Table 4 rows or CSV (``masking_table.csv``). Default:
         ``RUN_DIR/ablation/masking_table.csv`` if present.

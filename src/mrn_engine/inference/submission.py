@@ -147,13 +147,16 @@ def predict_cases(
     ----------
     predictor: an ``MRNPredictor``.
     cases_dir: folder searched recursively for case folders.
-    out_dir: output folder (must not be ``cases_dir``).
+    out_dir: output folder (neither ``cases_dir`` nor inside it).
     progress: tqdm bar.
     on_case: ``callback(case_id, index, total)`` before each case (GUI progress).
     """
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     if out_dir.resolve() == cases_dir.resolve():
         raise InputDataError(f"{out_dir}: the output folder must differ from the input folder")
+    if cases_dir.resolve() in out_dir.resolve().parents:
+        raise InputDataError(f"{out_dir}: the output folder must not lie inside the input folder {cases_dir} "
+                             "(its RJPD_xxx folders would be found as cases next time)")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = SubmissionResult(out_dir)
     folds = list(getattr(predictor, "folds", []))

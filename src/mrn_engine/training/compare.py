@@ -1,0 +1,121 @@
+"""Baselines on the same folds (paper Table 2 / 4.2): ``mrn compare``.
+
+Variants (each a change of the base configuration's model section):
+
+* ``mrn`` -- the full MRN of the preset;
+* ``seres10`` -- the SERes10 CNN baseline (``model.arch="seres10"``, no mSupMoCo);
+* ``seres10-moco`` -- SERes10-mSupMoCo;
+* ``dinov2-only`` -- DINOv2 slice tokens averaged, no FFA/SFA/DPT/mSupMoCo (``dinov2_only``).
+
+The folds depend only on the labels, ``train.folds`` and ``train.cv_seed``, so every variant
+is trained and scored on the same splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mrn_engine.config import RunConfig, atomic_write_text
+from mrn_engine.errors import ConfigError
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mrn": {},
+    "seres10": {"arch": "seres10", "use_moco": False},
+    "seres10-moco": {"arch": "seres10", "use_moco": True},
+    "dinov2-only": {"dinov2_only": True, "use_ffa": False, "use_sfa": False, "use_dpt": False,
+                    "use_moco": False},
+}
+TITLES = {"mrn": "MRN", "seres10": "SERes10", "seres10-moco": "SERes10-mSupMoCo",
+          "dinov2-only": "DINOv2 only"}
+COLUMNS = ("variant", "oof_accuracy", "oof_auc", "oof_f1", "heldout_accuracy", "heldout_auc",
+           "heldout_f1", "n_oof", "n_heldout")
+
+
+def variant_config(base: RunConfig, variant: str) -> RunConfig:
+    """The configuration of one variant."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return base.replace(model=dict(VARIANTS[variant]))
+
+
+def _pct(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "N/A"
+    return "N/A" if math.isnan(f) else f"{100 * f:.1f}%"
+
+
+def comparison_markdown(rows: Sequence[dict[str, Any]], note: str = "") -> str:
+    """The paper-style table (Accuracy / ROC_AUC / F1, out-of-fold and held-out)."""
+    lines = [
+        "| Model | OOF Accuracy | OOF ROC_AUC | OOF F1 | Held-out Accuracy | Held-out ROC_AUC | Held-out F1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {TITLES.get(r['variant'], r['variant'])} | {_pct(r['oof_accuracy'])} | {_pct(r['oof_auc'])} | "
+            f"{_pct(r['oof_f1'])} | {_pct(r['heldout_accuracy'])} | {_pct(r['heldout_auc'])} | "
+            f"{_pct(r['heldout_f1'])} |"
+        )
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
+def compare_variants(
+    cases_root: str | os.PathLike,
+    out: str | os.PathLike,
+    base: RunConfig,
+    variants: Sequence[str] = ("mrn", "seres10", "seres10-moco", "dinov2-only"),
+    *,
+    heldout_root: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every variant on the same folds into ``out/<variant>/`` and tabulate the scores.
+
+    Writes ``out/comparison.md`` and ``out/comparison.csv`` (rewritten after each variant).
+    """
+    from mrn_engine.training.cv import train_bundle
+    from mrn_engine.training.evaluate import heldout_metrics, oof_metrics
+
+    out = Path(out)
+    cfgs = {v: variant_config(base, v) for v in variants}  # validate all names first
+    rows: list[dict[str, Any]] = []
+    for v, cfg in cfgs.items():
+        bundle = out / v
+        train_bundle(cases_root, bundle, cfg, cache_dir=out / "roi_cache", resume=resume, progress=progress)
+        oof = oof_metrics(bundle)
+        row: dict[str, Any] = {
+            "variant": v, "oof_accuracy": oof["accuracy"], "oof_auc": oof["auc"], "oof_f1": oof["f1"],
+            "n_oof": oof["n"], "heldout_accuracy": math.nan, "heldout_auc": math.nan,
+            "heldout_f1": math.nan, "n_heldout": 0,
+        }
+        if heldout_root is not None:
+            held = heldout_metrics(bundle, heldout_root, progress=progress)
+            row.update(heldout_accuracy=held["accuracy"], heldout_auc=held["auc"],
+                       heldout_f1=held["f1"], n_heldout=held["n"])
+        rows.append(row)
+        write_comparison(out, rows, base)
+    return rows
+
+
+def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig) -> None:
+    """``comparison.csv`` + ``comparison.md`` (atomic)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(out / "comparison.csv", buf.getvalue())
+    t = base.train
+    note = (f"Preset `{base.preset}`, {t.folds}-fold CV (cv_seed {t.cv_seed}), "
+            f"{t.pretrain_epochs}+{t.epochs} epochs; F1 = macro F1. Config: "
+            + json.dumps({"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}))
+    atomic_write_text(out / "comparison.md", comparison_markdown(rows, note))

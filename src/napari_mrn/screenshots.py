@@ -1,0 +1,136 @@
+"""Make the user guide's screenshots: the viewer + MRN panel after a run on a sample case.
+
+Run (needs a display; on a server wrap it in ``xvfb-run -a -s "-screen 0 1920x1200x24"``)::
+
+    python -m napari_mrn.screenshots --bundle mrn_demo/bundle --out docs/img
+
+Writes ``napari_sample.png`` (the sample case as opened), ``napari_run.png`` (after Run),
+``napari_masked.png`` (NM-SN unticked), ``napari_masking_table.png`` (the 16-subset table)
+and ``napari_screenshots.json`` (what was shown: bundle, case, probabilities, run time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from napari_mrn._compat import guard_triton
+
+SAMPLES = {"pd": "mrn_pd_case", "hc": "mrn_hc_case"}
+
+
+def _wait(app, condition, timeout: float) -> None:
+    t0 = time.perf_counter()
+    while not condition():
+        app.processEvents()
+        time.sleep(0.02)
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"gave up after {timeout:.0f} s")
+
+
+def _settle(app, seconds: float = 0.5) -> None:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def _show_roi_slice(viewer, widget, roi: str) -> None:
+    """Put the slider on the middle slice of ``roi``'s box and zoom on the boxes."""
+    pred = widget.result.prediction
+    box = pred.boxes[roi]
+    qsm = viewer.layers["QSM"]
+    z = (box.z0 + box.z1 - 1) // 2
+    viewer.dims.set_point(0, z * qsm.scale[0])
+    viewer.reset_view()
+    viewer.camera.zoom *= 1.6
+    # centre on the brain's middle (rows/cols of the union of all boxes)
+    rows, cols = [], []
+    for b in pred.boxes.values():
+        rows += [qsm.data.shape[1] - b.y1, qsm.data.shape[1] - b.y0]
+        cols += [b.x0, b.x1]
+    centre = ((min(rows) + max(rows)) / 2 * qsm.scale[1], (min(cols) + max(cols)) / 2 * qsm.scale[2])
+    viewer.camera.center = (z * qsm.scale[0], *centre)
+
+
+def make_screenshots(bundle: Path, out: Path, *, case: str = "pd", device: str = "auto",
+                     folds: int = 0, tta: bool = False, size: tuple[int, int] = (1700, 1050),
+                     timeout: float = 600.0) -> dict:
+    """Open a sample case, run the panel with ``bundle`` and save the screenshots into ``out``."""
+    guard_triton()  # before napari's OpenGL canvas exists (see napari_mrn._compat)
+    import imageio.v3 as iio
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    out.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(title="napari-mrn")
+    app = QApplication.instance()
+    viewer.window._qt_window.resize(*size)
+    viewer.open_sample("napari-mrn", SAMPLES[case])
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mrn", "MRN diagnosis")
+    widget.set_bundle(bundle)
+    widget.device_combo.setCurrentText(device)
+    widget.folds_spin.setValue(folds)
+    widget.tta_check.setChecked(tta)
+    viewer.dims.set_point(0, 35 * viewer.layers["QSM"].scale[0])
+    _settle(app)
+    written = []
+
+    def shot(name: str) -> None:
+        _settle(app, 0.6)
+        path = out / name
+        iio.imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+        written.append(str(path))
+
+    shot("napari_sample.png")
+    t0 = time.perf_counter()
+    if widget.run() is None:
+        raise RuntimeError(f"the panel refused to run: {widget.status.text()}")
+    _wait(app, lambda: widget.worker is None, timeout)
+    seconds = time.perf_counter() - t0
+    if widget.result is None:
+        raise RuntimeError(f"run failed: {widget.status.text()}")
+    _show_roi_slice(viewer, widget, "qsm_midbrain")
+    viewer.layers["QSM_mask"].visible = False  # show the model's segmentation, not the input mask
+    shot("napari_run.png")
+    full = widget.probabilities.to_dict()
+    widget.roi_checks["nm_sn"].setChecked(False)
+    shot("napari_masked.png")
+    masked = widget.probabilities.to_dict()
+    dialog = widget.show_masking_table()
+    _settle(app, 0.6)
+    table_path = out / "napari_masking_table.png"
+    dialog.grab().save(str(table_path))
+    written.append(str(table_path))
+    record = {
+        "command": f"python -m napari_mrn.screenshots --bundle {bundle} --out {out} --case {case}"
+                   f" --device {device} --folds {folds}" + (" --tta" if tta else ""),
+        "bundle": str(bundle), "case": widget.result.prediction.case_id,
+        "device": str(getattr(widget.result.predictor, "device", device)),
+        "run_seconds": round(seconds, 1), "prediction": full, "nm_sn_masked": masked,
+        "files": written,
+    }
+    (out / "napari_screenshots.json").write_text(json.dumps(record, indent=2))
+    dialog.close()
+    viewer.close()
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
+    parser.add_argument("--out", type=Path, default=Path("docs/img"), help="output folder")
+    parser.add_argument("--case", choices=sorted(SAMPLES), default="pd", help="sample case")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--folds", type=int, default=0, help="first N folds (0 = all)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    args = parser.parse_args(argv)
+    record = make_screenshots(args.bundle, args.out, case=args.case, device=args.device,
+                              folds=args.folds, tta=args.tta)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
