@@ -52,8 +52,12 @@ def test_one_class_gives_nan_auc_with_note():
 
 @pytest.mark.parametrize(
     ("labels", "probs", "msg"),
-    [([0, 1], [0.2], "2 labels but 1"), ([0, 2], [0.1, 0.2], "labels must be 0"),
-     ([0, 1], [0.1, 1.5], "within [0, 1]"), ([], [], "no labelled")],
+    [
+        ([0, 1], [0.2], "2 labels but 1"),
+        ([0, 2], [0.1, 0.2], "labels must be 0"),
+        ([0, 1], [0.1, 1.5], "within [0, 1]"),
+        ([], [], "no labelled"),
+    ],
 )
 def test_bad_inputs_raise_input_error(labels, probs, msg):
     with pytest.raises(InputDataError, match=msg.replace("[", r"\[").replace("]", r"\]")):
@@ -131,5 +135,7 @@ def test_tables_roundtrip_and_markdown(tmp_path):
     md = to_markdown(rows, ("set", "accuracy", "auc"), percent=("accuracy", "auc"))
     assert md.splitlines()[2] == "| fold 0 | 83.3% | n/a |"
     write_json({"x": float("nan"), "y": np.float32(0.5)}, tmp_path / "j.json")
-    assert (tmp_path / "j.json").read_text().replace(" ", "").replace("\n", "") == '{"x":null,"y":0.5}'
+    assert (tmp_path / "j.json").read_text().replace(" ", "").replace(
+        "\n", ""
+    ) == '{"x":null,"y":0.5}'
     assert not list(tmp_path.glob(".*tmp"))

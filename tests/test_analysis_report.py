@@ -24,25 +24,60 @@ def make_run_dir(root, *, folds=2, n_val=6, seed=0):
         d = root / f"fold_{k}"
         d.mkdir(parents=True)
         ep = np.arange(1, 6)
-        write_csv([{"epoch": int(e), "stage": "pretrain" if e < 3 else "full",
-                    "loss_cls": "" if e < 3 else float(1 / e), "loss_seg": float(2 / e + k),
-                    "val_auc": 0.5 + 0.05 * e, "lr_head": 1e-3, "seconds": 1.0}
-                   for e in ep], d / "metrics.csv")
+        write_csv(
+            [
+                {
+                    "epoch": int(e),
+                    "stage": "pretrain" if e < 3 else "full",
+                    "loss_cls": "" if e < 3 else float(1 / e),
+                    "loss_seg": float(2 / e + k),
+                    "val_auc": 0.5 + 0.05 * e,
+                    "lr_head": 1e-3,
+                    "seconds": 1.0,
+                }
+                for e in ep
+            ],
+            d / "metrics.csv",
+        )
         labels = [i % 2 for i in range(n_val)]
-        write_csv([{"case_id": f"RJPD_{k}{i:02d}", "label": y, "p_pd": float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2), 0, 1))}
-                   for i, y in enumerate(labels)], d / "oof.csv")
+        write_csv(
+            [
+                {
+                    "case_id": f"RJPD_{k}{i:02d}",
+                    "label": y,
+                    "p_pd": float(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2), 0, 1)),
+                }
+                for i, y in enumerate(labels)
+            ],
+            d / "oof.csv",
+        )
     return root
 
 
 def held_out_rows(n=10):
-    return [{"case_id": f"RJPD_{i:03d}", "label": i % 2, "p_pd_fold0": 0.2 + 0.5 * (i % 2),
-             "p_pd_fold1": 0.45 + 0.1 * (i % 2) - 0.01 * i} for i in range(n)]
+    return [
+        {
+            "case_id": f"RJPD_{i:03d}",
+            "label": i % 2,
+            "p_pd_fold0": 0.2 + 0.5 * (i % 2),
+            "p_pd_fold1": 0.45 + 0.1 * (i % 2) - 0.01 * i,
+        }
+        for i in range(n)
+    ]
 
 
 def masking_rows():
-    return [{"masked": subset_key(s), "accuracy": 0.9 - 0.1 * len(s), "auc": 0.95 - 0.1 * len(s),
-             "f1": float("nan") if len(s) == 4 else 0.9 - 0.1 * len(s), "delta_accuracy": -0.1 * len(s), "n": 10}
-            for s in MASK_SUBSETS]
+    return [
+        {
+            "masked": subset_key(s),
+            "accuracy": 0.9 - 0.1 * len(s),
+            "auc": 0.95 - 0.1 * len(s),
+            "f1": float("nan") if len(s) == 4 else 0.9 - 0.1 * len(s),
+            "delta_accuracy": -0.1 * len(s),
+            "n": 10,
+        }
+        for s in MASK_SUBSETS
+    ]
 
 
 def _images(text):
@@ -51,8 +86,13 @@ def _images(text):
 
 def test_full_report_embeds_pngs_and_tables(tmp_path):
     run = make_run_dir(tmp_path / "run")
-    out = write_report(run, tmp_path / "r" / "report.html", eval_predictions=held_out_rows(),
-                       masking_table=masking_rows(), png_dir=tmp_path / "png")
+    out = write_report(
+        run,
+        tmp_path / "r" / "report.html",
+        eval_predictions=held_out_rows(),
+        masking_table=masking_rows(),
+        png_dir=tmp_path / "png",
+    )
     text = out.read_text()
     imgs = dict(_images(text))
     assert set(imgs) == {"roc", "confusion", "masking", "losses"}
@@ -61,9 +101,13 @@ def test_full_report_embeds_pngs_and_tables(tmp_path):
     assert "pooled OOF" in text and "ensemble" in text and "fold 1" in text
     assert "NM+QSM1+QSM2+QSM3" in text
     assert "&quot;preset&quot;: &quot;cpu-tiny&quot;" in text and "<b>cpu-tiny</b>" in text
-    assert "src=\"http" not in text and "<script" not in text  # self-contained
+    assert 'src="http' not in text and "<script" not in text  # self-contained
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
-        "report_confusion.png", "report_losses.png", "report_masking.png", "report_roc.png"]
+        "report_confusion.png",
+        "report_losses.png",
+        "report_masking.png",
+        "report_roc.png",
+    ]
 
 
 def test_report_confusion_counts_of_the_held_out_ensemble(tmp_path):
@@ -111,10 +155,22 @@ def test_report_accepts_case_predictions(tmp_path):
     from mrn_engine.inference import CasePrediction
 
     run = make_run_dir(tmp_path / "run", folds=1)
-    preds = [CasePrediction(case_id=f"RJPD_{i:03d}", p_pd_folds=[p, p], p_pd=p, p_pd_std=0.0, call=int(p >= 0.5),
-                            roi_tokens=[], nuclei=np.zeros((1, 1, 1)), nm_nuclei=np.zeros((1, 1, 1)), boxes={},
-                            folds=[0, 1], label=lab)
-             for i, (p, lab) in enumerate([(0.9, 1), (0.2, 0), (0.6, 0), (0.4, None)])]
+    preds = [
+        CasePrediction(
+            case_id=f"RJPD_{i:03d}",
+            p_pd_folds=[p, p],
+            p_pd=p,
+            p_pd_std=0.0,
+            call=int(p >= 0.5),
+            roi_tokens=[],
+            nuclei=np.zeros((1, 1, 1)),
+            nm_nuclei=np.zeros((1, 1, 1)),
+            boxes={},
+            folds=[0, 1],
+            label=lab,
+        )
+        for i, (p, lab) in enumerate([(0.9, 1), (0.2, 0), (0.6, 0), (0.4, None)])
+    ]
     text = write_report(run, tmp_path / "r.html", eval_predictions=preds).read_text()
     row = re.search(r"<tr><td>ensemble</td>(.*?)</tr>", text).group(1)
     cells = re.findall(r"<td>([^<]*)</td>", row)

@@ -36,14 +36,14 @@ SPACING = (0.6667, 0.6667, 2.0)
 
 #: right-side (odd) QSM label -> box (x0, x1, y0, y1, z0, z1); left side = mirror in x
 RIGHT_BOXES = {
-    1: (22, 26, 36, 42, 12, 17),   # caudate
-    3: (16, 20, 28, 36, 11, 16),   # putamen
-    5: (21, 24, 28, 33, 11, 15),   # globus pallidus
-    7: (24, 29, 18, 26, 11, 16),   # thalamus
-    9: (24, 26, 27, 29, 8, 10),    # STN
-    11: (22, 27, 21, 25, 6, 9),    # SN
-    13: (25, 28, 25, 27, 6, 9),    # RN
-    15: (18, 23, 6, 11, 2, 5),     # dentate
+    1: (22, 26, 36, 42, 12, 17),  # caudate
+    3: (16, 20, 28, 36, 11, 16),  # putamen
+    5: (21, 24, 28, 33, 11, 15),  # globus pallidus
+    7: (24, 29, 18, 26, 11, 16),  # thalamus
+    9: (24, 26, 27, 29, 8, 10),  # STN
+    11: (22, 27, 21, 25, 6, 9),  # SN
+    13: (25, 28, 25, 27, 6, 9),  # RN
+    15: (18, 23, 6, 11, 2, 5),  # dentate
 }
 #: mean QSM value per right label (ppb-like, as in the real data)
 QSM_VALUES = {1: 50, 3: 45, 5: 125, 7: -10, 9: 100, 11: 140, 13: 112, 15: 105}
@@ -68,7 +68,9 @@ def synthetic_arrays(shape=SHAPE, seed: int = 0) -> dict[str, np.ndarray]:
     nm_mask[qsm_mask == 11] = 1
     nm_mask[qsm_mask == 12] = 2
     xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    brain2d = ((xx - shape[0] / 2) / (shape[0] * 0.45)) ** 2 + ((yy - shape[1] / 2) / (shape[1] * 0.45)) ** 2 < 1
+    brain2d = ((xx - shape[0] / 2) / (shape[0] * 0.45)) ** 2 + (
+        (yy - shape[1] / 2) / (shape[1] * 0.45)
+    ) ** 2 < 1
     brain = np.repeat(brain2d[:, :, None], shape[2], axis=2)
     qsm = rng.normal(0, 15, shape).astype(np.float32)
     for lab, val in QSM_VALUES.items():
@@ -89,8 +91,14 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None)
     return path
 
 
-def write_case(folder: Path, *, seed: int = 0, masks: bool = True, t1: bool = True,
-               overrides: dict[str, np.ndarray] | None = None) -> Path:
+def write_case(
+    folder: Path,
+    *,
+    seed: int = 0,
+    masks: bool = True,
+    t1: bool = True,
+    overrides: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write a synthetic case folder in the challenge layout; ``overrides`` replace arrays."""
     arrays = synthetic_arrays(seed=seed)
     arrays.update(overrides or {})
@@ -108,7 +116,9 @@ def make_cohort(root: Path, n: int = 4) -> Path:
         parent = root / "release" / ("train" if i < n // 2 else "val") / "nested"
         write_case(parent / cid, seed=i)
     half = n // 2
-    (root / "train_cases.csv").write_text("".join(f"{c},{i % 2}\n" for i, c in enumerate(ids[:half])))
+    (root / "train_cases.csv").write_text(
+        "".join(f"{c},{i % 2}\n" for i, c in enumerate(ids[:half]))
+    )
     (root / "release" / "val_cases.csv").write_text(
         "".join(f"{c},{i % 2}\n" for i, c in enumerate(ids[half:]))
     )
@@ -187,7 +197,9 @@ def test_nan_inf_rejected(tmp_path):
     arr[4, 5, 6] = np.inf
     arr[4, 5, 7] = -np.inf
     p = write_nifti(tmp_path / "QSM.nii.gz", arr)
-    with pytest.raises(InputDataError, match=r"QSM\.nii\.gz: 3 non-finite voxel\(s\) \(1 NaN, 2 Inf\)"):
+    with pytest.raises(
+        InputDataError, match=r"QSM\.nii\.gz: 3 non-finite voxel\(s\) \(1 NaN, 2 Inf\)"
+    ):
         load_volume(p)
 
 
@@ -206,8 +218,14 @@ def test_discover_nested_and_other_folders(tmp_path):
     write_case(tmp_path / "extra" / "subjectA", masks=False, t1=False)  # not RJPD_ but has NM/QSM
     (tmp_path / "RJPD_999").mkdir()  # named like a case, empty
     cases = discover_cases(tmp_path)
-    assert [c.case_id for c in cases] == ["RJPD_000", "RJPD_001", "RJPD_002", "RJPD_003",
-                                          "RJPD_999", "subjectA"]
+    assert [c.case_id for c in cases] == [
+        "RJPD_000",
+        "RJPD_001",
+        "RJPD_002",
+        "RJPD_003",
+        "RJPD_999",
+        "subjectA",
+    ]
     c0 = cases[0]
     assert c0.nm.name == "NM.nii.gz" and c0.qsm_mask.name == "QSM_mask.nii.gz" and c0.has_masks
     sa = cases[-1]
@@ -318,7 +336,9 @@ def test_load_case_ok(tmp_path):
 
 
 def test_nm_qsm_grid_shape_mismatch(tmp_path):
-    folder = write_case(tmp_path / "RJPD_002", overrides={"QSM": np.zeros((60, 60, 18), np.float32)})
+    folder = write_case(
+        tmp_path / "RJPD_002", overrides={"QSM": np.zeros((60, 60, 18), np.float32)}
+    )
     with pytest.raises(InputDataError) as ei:
         load_case(folder)
     msg = str(ei.value)
@@ -341,8 +361,11 @@ def test_nm_qsm_grid_affine_mismatch(tmp_path):
 def test_mask_grid_mismatch(tmp_path):
     folder = write_case(tmp_path / "RJPD_004")
     write_nifti(folder / "NM_mask.nii.gz", np.zeros((60, 60, 19), np.uint8))
-    with pytest.raises(InputDataError, match=r"NM_mask\.nii\.gz: not on the grid of .*NM\.nii\.gz.*"
-                                             r"mask must share its image's grid"):
+    with pytest.raises(
+        InputDataError,
+        match=r"NM_mask\.nii\.gz: not on the grid of .*NM\.nii\.gz.*"
+        r"mask must share its image's grid",
+    ):
         load_case(folder)
 
 
@@ -351,12 +374,16 @@ def test_unknown_mask_labels(tmp_path):
     m[0, 0, 0] = 17
     m[0, 0, 1] = 40
     folder = write_case(tmp_path / "RJPD_005", overrides={"QSM_mask": m})
-    with pytest.raises(InputDataError, match=r"QSM_mask\.nii\.gz: unknown QSM_mask label value\(s\) \[17, 40\]"):
+    with pytest.raises(
+        InputDataError, match=r"QSM_mask\.nii\.gz: unknown QSM_mask label value\(s\) \[17, 40\]"
+    ):
         load_case(folder)
     nm = synthetic_arrays()["NM_mask"]
     nm[0, 0, 0] = 3
     folder = write_case(tmp_path / "RJPD_006", overrides={"NM_mask": nm})
-    with pytest.raises(InputDataError, match=r"NM_mask\.nii\.gz: unknown NM_mask label value\(s\) \[3\]"):
+    with pytest.raises(
+        InputDataError, match=r"NM_mask\.nii\.gz: unknown NM_mask label value\(s\) \[3\]"
+    ):
         load_case(folder)
 
 

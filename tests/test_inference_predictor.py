@@ -21,13 +21,25 @@ from mrn_engine.rois import extract_rois
 # ---------------------------------------------------------------------------- shared helpers
 #: (y range, z range) of each structure type; right copy at x 18-25, left at x 38-45 (midline 32)
 _LAYOUT = {
-    1: ((30, 34), (14, 18)), 3: ((35, 39), (14, 18)), 5: ((40, 43), (14, 18)), 7: ((44, 49), (14, 18)),
-    9: ((20, 22), (8, 11)), 11: ((23, 26), (8, 11)), 13: ((27, 29), (8, 11)), 15: ((8, 13), (2, 6)),
+    1: ((30, 34), (14, 18)),
+    3: ((35, 39), (14, 18)),
+    5: ((40, 43), (14, 18)),
+    7: ((44, 49), (14, 18)),
+    9: ((20, 22), (8, 11)),
+    11: ((23, 26), (8, 11)),
+    13: ((27, 29), (8, 11)),
+    15: ((8, 13), (2, 6)),
 }
 
 
-def write_case(folder: Path, *, seed: int = 0, pd: int = 0, masks: bool = True,
-               shape: tuple[int, int, int] = (64, 64, 24)) -> Path:
+def write_case(
+    folder: Path,
+    *,
+    seed: int = 0,
+    pd: int = 0,
+    masks: bool = True,
+    shape: tuple[int, int, int] = (64, 64, 24),
+) -> Path:
     """A tiny co-registered case in the challenge layout (NM, QSM and optionally both masks)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,26 +71,41 @@ class FakeMRN(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.enc = nn.ModuleDict({n: nn.Linear(3, 4) for n in ROI_NAMES})
-        self.seg = nn.ModuleDict({n: nn.Conv3d(1, ROI_BY_NAME[n].num_classes, 1) for n in ROI_NAMES})
+        self.seg = nn.ModuleDict(
+            {n: nn.Conv3d(1, ROI_BY_NAME[n].num_classes, 1) for n in ROI_NAMES}
+        )
         self.head = nn.Linear(16, 2)
         self.with_seg = with_seg
         self.backbone_calls = 0
 
     def _token(self, name: str, x: torch.Tensor) -> torch.Tensor:
         ramp = torch.linspace(0, 1, x.shape[-2], device=x.device)[:, None]  # not mirror-invariant
-        f = torch.stack([x.mean((1, 2, 3)), (x * ramp).mean((1, 2, 3)) * 4, x.amax((1, 2, 3))], -1) / 255
+        f = (
+            torch.stack([x.mean((1, 2, 3)), (x * ramp).mean((1, 2, 3)) * 4, x.amax((1, 2, 3))], -1)
+            / 255
+        )
         return torch.tanh(self.enc[name](f))
 
     def forward(self, rois):
         self.backbone_calls += 1
         tokens = {n: self._token(n, rois[n]) for n in ROI_NAMES}
-        seg = {n: self.seg[n](rois[n][:, None] / 255 - 0.3) for n in ROI_NAMES} if self.with_seg else None
+        seg = (
+            {n: self.seg[n](rois[n][:, None] / 255 - 0.3) for n in ROI_NAMES}
+            if self.with_seg
+            else None
+        )
         patient = torch.cat([tokens[n] for n in ROI_NAMES], 1)
-        return MRNOutput(logits=self.classify_tokens(tokens), roi_tokens=tokens, seg_logits=seg, patient=patient)
+        return MRNOutput(
+            logits=self.classify_tokens(tokens), roi_tokens=tokens, seg_logits=seg, patient=patient
+        )
 
     def classify_tokens(self, tokens, masked=frozenset()):
         batch = next(iter(tokens.values())).shape[0]
-        return self.head(torch.cat([self.empty_token(n, batch) if n in masked else tokens[n] for n in ROI_NAMES], 1))
+        return self.head(
+            torch.cat(
+                [self.empty_token(n, batch) if n in masked else tokens[n] for n in ROI_NAMES], 1
+            )
+        )
 
     def empty_token(self, name, batch=1):
         return torch.tanh(self.enc[name](torch.zeros(batch, 3)))
@@ -132,7 +159,9 @@ def test_fold_ensemble_matches_each_fold_by_hand(case):
 
 def test_fold_subset_and_progress(case):
     seen = []
-    pred = fake_predictor(folds=(1,)).predict_case(case, progress=lambda f, msg: seen.append((f, msg)))
+    pred = fake_predictor(folds=(1,)).predict_case(
+        case, progress=lambda f, msg: seen.append((f, msg))
+    )
     assert pred.p_pd_folds == pytest.approx([_manual_p(case, 1, False)], abs=1e-6)
     assert seen[0][0] == 0.0 and seen[-1][0] == 1.0
     assert all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
@@ -186,8 +215,11 @@ def test_masked_prediction_equals_zeroed_input_without_backbone_pass(case):
 
 def test_missing_masks_error_and_segmenter_hook(tmp_path, case):
     bare = load_case(write_case(tmp_path / "RJPD_007", seed=7, masks=False))
-    with pytest.raises(InputDataError, match=r"^RJPD_007: case has no NM_mask.nii.gz / QSM_mask.nii.gz "
-                                              r"and no nnU-Net models"):
+    with pytest.raises(
+        InputDataError,
+        match=r"^RJPD_007: case has no NM_mask.nii.gz / QSM_mask.nii.gz "
+        r"and no nnU-Net models",
+    ):
         fake_predictor().predict_case(bare)
 
     class Segmenter:
@@ -202,10 +234,18 @@ def test_missing_masks_error_and_segmenter_hook(tmp_path, case):
     assert pred.mask_source == "segmenter" and Segmenter.calls == 1
     assert pred.boxes == fake_predictor().predict_case(case).boxes
     # explicit masks override, and ignore_masks refuses the case's own files
-    assert fake_predictor().predict_case(bare, nm_mask=case.nm_mask, qsm_mask=case.qsm_mask).mask_source == "given"
+    assert (
+        fake_predictor()
+        .predict_case(bare, nm_mask=case.nm_mask, qsm_mask=case.qsm_mask)
+        .mask_source
+        == "given"
+    )
     with pytest.raises(InputDataError, match=r"RJPD_001: .*\(mask files ignored\)"):
         fake_predictor(ignore_masks=True).predict_case(case)
-    assert fake_predictor(ignore_masks=True, segmenter=seg).predict_case(case).mask_source == "segmenter"
+    assert (
+        fake_predictor(ignore_masks=True, segmenter=seg).predict_case(case).mask_source
+        == "segmenter"
+    )
 
 
 def test_weights_that_do_not_fit_raise_weights_error():

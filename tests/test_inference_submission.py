@@ -24,14 +24,21 @@ from test_inference_predictor import write_case
 
 def make_bundle(root, folds=(0, 1)):
     """A model bundle as `mrn train` writes it, with random cpu-tiny MRN weights per fold."""
-    cfg = get_preset("cpu-tiny").replace(roi={"image_size": 28, "slices": dict.fromkeys(ROI_NAMES, 4)})
+    cfg = get_preset("cpu-tiny").replace(
+        roi={"image_size": 28, "slices": dict.fromkeys(ROI_NAMES, 4)}
+    )
     root.mkdir(parents=True)
     cfg.save(root / "config.json")
-    (root / "bundle.json").write_text(json.dumps(
-        {"folds": [{"fold": k, "train": ["RJPD_001"], "val": ["RJPD_002"]} for k in folds]}))
+    (root / "bundle.json").write_text(
+        json.dumps(
+            {"folds": [{"fold": k, "train": ["RJPD_001"], "val": ["RJPD_002"]} for k in folds]}
+        )
+    )
     for k in folds:
         torch.manual_seed(10 + k)
-        save_model(build_model(cfg, pretrained=False), root / f"fold_{k}" / "model.safetensors", cfg)
+        save_model(
+            build_model(cfg, pretrained=False), root / f"fold_{k}" / "model.safetensors", cfg
+        )
     return root
 
 
@@ -101,7 +108,17 @@ def _read(path):
 
 def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["predict", str(cases_dir), "--model", str(bundle), "--out", str(out), "--device", "cpu", "--quiet"]
+    args = [
+        "predict",
+        str(cases_dir),
+        "--model",
+        str(bundle),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     res = CliRunner().invoke(cli, [*args, "--folds", "0,1", "--tta"])
     assert res.exit_code == 0, res.output
     assert "RJPD_003" in res.output and "1 case(s) failed" in res.output
@@ -109,15 +126,29 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
     assert rows[0] == ["patient_id", "prediction"]
     assert [r[0] for r in rows[1:]] == ["RJPD_001", "RJPD_002"]
     probs = {r["case_id"]: r for r in csv.DictReader(open(out / "probabilities.csv"))}
-    assert list(probs["RJPD_001"]) == ["case_id", "p_pd_fold0", "p_pd_fold1", "p_pd", "p_pd_std", "call", "error"]
+    assert list(probs["RJPD_001"]) == [
+        "case_id",
+        "p_pd_fold0",
+        "p_pd_fold1",
+        "p_pd",
+        "p_pd_std",
+        "call",
+        "error",
+    ]
     assert probs["RJPD_003"]["p_pd"] == "" and probs["RJPD_003"]["error"].startswith("RJPD_003")
     for cid in ("RJPD_001", "RJPD_002"):
         folder = out / cid
-        assert sorted(p.name for p in folder.iterdir()) == ["NM_pred.nii.gz", "PD_pred.txt", "QSM_pred.nii.gz"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "NM_pred.nii.gz",
+            "PD_pred.txt",
+            "QSM_pred.nii.gz",
+        ]
         call = (folder / "PD_pred.txt").read_text()
         assert call in ("0", "1") and call == probs[cid]["call"] == rows[1 + int(cid[-1]) - 1][1]
         p = float(probs[cid]["p_pd"])
-        assert p == pytest.approx((float(probs[cid]["p_pd_fold0"]) + float(probs[cid]["p_pd_fold1"])) / 2, abs=1e-5)
+        assert p == pytest.approx(
+            (float(probs[cid]["p_pd_fold0"]) + float(probs[cid]["p_pd_fold1"])) / 2, abs=1e-5
+        )
         assert int(call) == int(p >= 0.5)
         for pred_name, src in (("NM_pred.nii.gz", "NM.nii.gz"), ("QSM_pred.nii.gz", "QSM.nii.gz")):
             img, ref = nib.load(folder / pred_name), nib.load(cases_dir / "nested" / cid / src)
@@ -137,22 +168,67 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
     # a second run (one fold, no TTA) replaces the outputs cleanly
     res = CliRunner().invoke(cli, [*args, "--folds", "1", "--no-tta"])
     assert res.exit_code == 0, res.output
-    assert _read(out / "probabilities.csv")[0] == ["case_id", "p_pd_fold1", "p_pd", "p_pd_std", "call", "error"]
+    assert _read(out / "probabilities.csv")[0] == [
+        "case_id",
+        "p_pd_fold1",
+        "p_pd",
+        "p_pd_std",
+        "call",
+        "error",
+    ]
     assert not [p for p in out.rglob(".*")]
     # never into the input folder
-    res = CliRunner().invoke(cli, ["predict", str(cases_dir), "--model", str(bundle), "--out", str(cases_dir),
-                                   "--device", "cpu", "--quiet"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(cases_dir),
+            "--model",
+            str(bundle),
+            "--out",
+            str(cases_dir),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert res.exit_code != 0 and "must differ from the input folder" in str(res.exception)
-    res = CliRunner().invoke(cli, ["predict", str(cases_dir), "--model", str(bundle), "--out",
-                                   str(cases_dir / "preds"), "--device", "cpu", "--quiet"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(cases_dir),
+            "--model",
+            str(bundle),
+            "--out",
+            str(cases_dir / "preds"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert res.exit_code != 0 and "must not lie inside the input folder" in str(res.exception)
     assert not (cases_dir / "preds").exists()
 
 
 def test_ablate_rois_cli_and_report(bundle, cases_dir, tmp_path):
     out = tmp_path / "abl"
-    res = CliRunner().invoke(cli, ["ablate-rois", str(cases_dir), "--model", str(bundle), "--out", str(out),
-                                   "--device", "cpu", "--folds", "0", "--quiet"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "ablate-rois",
+            str(cases_dir),
+            "--model",
+            str(bundle),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--folds",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     table = list(csv.DictReader(open(out / "masking_table.csv")))
     assert len(table) == 16 and table[0]["masked"] == "none" and table[0]["n"] == "2"
@@ -167,11 +243,24 @@ def test_ablate_rois_cli_and_report(bundle, cases_dir, tmp_path):
     metrics = list(csv.DictReader(open(out / "metrics.csv")))
     assert [m["set"] for m in metrics] == ["fold 0", "ensemble"]
     assert [e["case_id"] for e in json.loads((out / "errors.json").read_text())] == ["RJPD_003"]
-    res = CliRunner().invoke(cli, ["report", str(bundle), "--out", str(tmp_path / "r.html"),
-                                   "--eval", str(out / "predictions.csv"), "--masking", str(out / "masking_table.csv")])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "report",
+            str(bundle),
+            "--out",
+            str(tmp_path / "r.html"),
+            "--eval",
+            str(out / "predictions.csv"),
+            "--masking",
+            str(out / "masking_table.csv"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # ROC, confusion, masking (no metrics.csv here)
+    assert (
+        html.count("data:image/png;base64,") == 3
+    )  # ROC, confusion, masking (no metrics.csv here)
 
 
 def test_bundle_nnunet_hook_is_lazy_and_reports_per_case(bundle, cases_dir, tmp_path):
@@ -190,3 +279,24 @@ def test_bundle_nnunet_hook_is_lazy_and_reports_per_case(bundle, cases_dir, tmp_
     assert "no nnU-Net models found" in result.errors[0]["error"]
     assert (tmp_path / "out" / "RJPD_002" / "PD_pred.txt").is_file()
     assert not (tmp_path / "out" / "RJPD_010").exists()
+
+
+def test_seres10_baseline_gets_masks_and_supports_masking(tmp_path):
+    cfg = get_preset("cpu-tiny").replace(
+        roi={"image_size": 28, "slices": dict.fromkeys(ROI_NAMES, 4)}, model={"arch": "seres10"}
+    )
+    states = {}
+    for k in (0, 1):
+        torch.manual_seed(k)
+        states[k] = build_model(cfg, pretrained=False).state_dict()
+    predictor = MRNPredictor(
+        build_model(cfg, pretrained=False), states, cfg, device="cpu", tta=True
+    )
+    assert predictor.model.needs_masks
+    case = load_case(write_case(tmp_path / "RJPD_001", seed=1, pd=1))
+    pred = predictor.predict_case(case)
+    assert pred.seg_source == "input-masks"  # no DPT: the cropping masks are written
+    assert set(np.unique(pred.nuclei)) == set(range(17))
+    masked = predictor.masked_prediction(pred, {"nm_sn"})
+    zeroed = predictor.predict_case(case, zero_rois={"nm_sn"})  # image and mask input zeroed
+    assert masked["p_pd_folds"] == pytest.approx(zeroed.p_pd_folds, abs=1e-5)

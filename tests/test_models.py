@@ -59,7 +59,13 @@ def check_output(model, cfg: RunConfig, out, batch: int, with_seg: bool) -> None
     assert torch.equal(out.patient, torch.cat([out.roi_tokens[n] for n in ROI_NAMES], 1))
     if with_seg:
         for n in ROI_NAMES:
-            assert out.seg_logits[n].shape == (batch, ROI_BY_NAME[n].num_classes, cfg.roi.slices[n], s, s)
+            assert out.seg_logits[n].shape == (
+                batch,
+                ROI_BY_NAME[n].num_classes,
+                cfg.roi.slices[n],
+                s,
+                s,
+            )
     else:
         assert out.seg_logits is None
 
@@ -172,8 +178,12 @@ def test_masked_subsets_equal_recomputation(arch):
         out = model(batch["images"], batch["masks"])
         for k in range(len(ROI_NAMES) + 1):
             for masked in itertools.combinations(ROI_NAMES, k):
-                images = {n: torch.zeros_like(v) if n in masked else v for n, v in batch["images"].items()}
-                masks = {n: torch.zeros_like(v) if n in masked else v for n, v in batch["masks"].items()}
+                images = {
+                    n: torch.zeros_like(v) if n in masked else v for n, v in batch["images"].items()
+                }
+                masks = {
+                    n: torch.zeros_like(v) if n in masked else v for n, v in batch["masks"].items()
+                }
                 expected = model(images, masks).logits
                 got = model.classify_tokens(out.roi_tokens, set(masked))
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -191,6 +201,12 @@ def test_empty_token_cache_follows_weights():
         zero = {n: torch.zeros(1, k, 28, 28) for n, k in SLICES.items()}
         assert not torch.allclose(second, first[:1])
         torch.testing.assert_close(second, model.encode_rois(zero)["nm_sn"], atol=1e-6, rtol=0)
+        # fold swap (the predictor's load_state_dict) invalidates the cache too
+        other = build_model(cfg).state_dict()
+        model.load_state_dict(other)
+        third = model.empty_token("nm_sn", 1)
+        torch.testing.assert_close(third, model.encode_rois(zero)["nm_sn"], atol=1e-6, rtol=0)
+        assert not torch.allclose(third, second)
 
 
 def test_seres10_outputs_and_needs_masks():
@@ -245,11 +261,16 @@ def test_save_load_round_trip(tmp_path, arch):
     loaded, loaded_cfg = load_model(path)
     assert loaded_cfg == cfg and not loaded.training
     assert loaded.weights_provenance == model.weights_provenance
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (k, a), (k2, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b)
     batch = make_batch(cfg)
     with torch.no_grad():
-        assert torch.equal(model(batch["images"], batch["masks"]).logits, loaded(batch["images"], batch["masks"]).logits)
+        assert torch.equal(
+            model(batch["images"], batch["masks"]).logits,
+            loaded(batch["images"], batch["masks"]).logits,
+        )
 
 
 def test_load_model_errors(tmp_path):

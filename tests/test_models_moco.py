@@ -45,8 +45,10 @@ def make_batch(cfg, labels=(0, 1, 1)):
     b, s = len(labels), cfg.roi.image_size
     return {
         "images": {n: torch.rand(b, k, s, s, generator=g) * 255 for n, k in cfg.roi.slices.items()},
-        "masks": {n: torch.randint(0, ROI_BY_NAME[n].num_classes, (b, k, s, s), generator=g)
-                  for n, k in cfg.roi.slices.items()},
+        "masks": {
+            n: torch.randint(0, ROI_BY_NAME[n].num_classes, (b, k, s, s), generator=g)
+            for n, k in cfg.roi.slices.items()
+        },
         "label": torch.tensor(labels),
     }
 
@@ -59,8 +61,13 @@ def test_ema_update_exact():
             p.add_(torch.randn_like(p))  # student != teacher
         for p in wrapper.projection.parameters():
             p.mul_(2.0)
-    student = [p.detach().clone() for p in [*wrapper.model.parameters(), *wrapper.projection.parameters()]]
-    teacher = [p.detach().clone() for p in [*wrapper.teacher.parameters(), *wrapper.teacher_projection.parameters()]]
+    student = [
+        p.detach().clone() for p in [*wrapper.model.parameters(), *wrapper.projection.parameters()]
+    ]
+    teacher = [
+        p.detach().clone()
+        for p in [*wrapper.teacher.parameters(), *wrapper.teacher_projection.parameters()]
+    ]
     wrapper.momentum_update()
     after = [*wrapper.teacher.parameters(), *wrapper.teacher_projection.parameters()]
     assert len(after) == len(student) == len(teacher)
@@ -68,7 +75,9 @@ def test_ema_update_exact():
         torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * s, atol=1e-6, rtol=1e-6)
         assert not t_new.requires_grad
     # and the student is untouched
-    for p, s in zip([*wrapper.model.parameters(), *wrapper.projection.parameters()], student, strict=True):
+    for p, s in zip(
+        [*wrapper.model.parameters(), *wrapper.projection.parameters()], student, strict=True
+    ):
         assert torch.equal(p, s)
 
 
@@ -85,7 +94,9 @@ def test_fifo_bank_per_class_with_wraparound():
     assert bank.keys[0, :, 0].tolist() == [4.0, 2.0, 3.0]
     assert bank.ptr.tolist() == [1, 1] and bank.count.tolist() == [3, 1]
     assert bank.keys[1, :, 0].tolist() == [10.0, 0.0, 0.0]  # class 1 untouched
-    bank.enqueue(torch.cat([key(v) for v in (5, 6, 7, 8)]), torch.zeros(4, dtype=torch.long))  # > size
+    bank.enqueue(
+        torch.cat([key(v) for v in (5, 6, 7, 8)]), torch.zeros(4, dtype=torch.long)
+    )  # > size
     assert bank.keys[0, :, 0].tolist() == [8.0, 6.0, 7.0]  # the last 3, written from ptr 1 on
     assert bank.ptr.tolist() == [1, 1]
     keys, labels = bank.entries()
@@ -117,7 +128,9 @@ def test_contrastive_loss_equals_hand_value():
     expected = hand_loss(q.tolist(), labels, keys.tolist(), key_labels, 0.1)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # anchors without positives are skipped; no negatives -> log 1 = 0
-    only0 = supervised_contrastive_loss(q[:1], torch.tensor([0]), keys[:2], torch.tensor([0, 0]), 0.1)
+    only0 = supervised_contrastive_loss(
+        q[:1], torch.tensor([0]), keys[:2], torch.tensor([0, 0]), 0.1
+    )
     assert only0.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -129,7 +142,9 @@ def test_step_fills_banks_and_trains_student_only():
     assert not wrapper.teacher.training and wrapper.model.training
     batch = make_batch(cfg, labels=(0, 1, 1))
     out = wrapper.step(batch)
-    assert isinstance(out, MRNOutput) and out.contrastive is not None and out.contrastive.requires_grad
+    assert (
+        isinstance(out, MRNOutput) and out.contrastive is not None and out.contrastive.requires_grad
+    )
     assert wrapper.bank.count.tolist() == [1, 2]
     compute_losses(out, batch, "pretrain", cfg.model)["total"].backward()
     assert all(p.grad is None for p in wrapper.teacher.parameters())
@@ -138,7 +153,10 @@ def test_step_fills_banks_and_trains_student_only():
     wrapper.step(batch)
     assert wrapper.bank.count.tolist() == [3, 4] and wrapper.bank.ptr.tolist() == [3, 2]
     groups = {g["name"]: g for g in param_groups(wrapper, cfg.train)}
-    assert groups["backbone"]["lr"] == cfg.train.lr_backbone and groups["head"]["lr"] == cfg.train.lr_head
+    assert (
+        groups["backbone"]["lr"] == cfg.train.lr_backbone
+        and groups["head"]["lr"] == cfg.train.lr_head
+    )
     n_groups = len(groups["backbone"]["params"]) + len(groups["head"]["params"])
     n_trainable = len([p for p in wrapper.parameters() if p.requires_grad])
     assert n_groups == n_trainable  # every trainable parameter in exactly one group
@@ -180,8 +198,13 @@ def test_weighted_seg_loss_equals_hand_value():
 def test_compute_losses_stages():
     logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
     seg = {"nm_sn": torch.randn(2, 2, 1, 4, 4)}
-    out = MRNOutput(logits=logits, roi_tokens={}, seg_logits=seg, patient=torch.zeros(2, 4),
-                    contrastive=torch.tensor(3.0))
+    out = MRNOutput(
+        logits=logits,
+        roi_tokens={},
+        seg_logits=seg,
+        patient=torch.zeros(2, 4),
+        contrastive=torch.tensor(3.0),
+    )
     batch = {"label": torch.tensor([0, 1]), "masks": {"nm_sn": torch.randint(0, 2, (2, 1, 4, 4))}}
     cfg = ModelConfig(lambda_seg=0.5, lambda_con=0.2)
     train = compute_losses(out, batch, "train", cfg)

@@ -33,7 +33,9 @@ def source_state(**overrides) -> dict[str, torch.Tensor]:
         import timm
 
         kwargs = {"embed_dim": 64, "depth": 4, "num_heads": 4, **overrides}
-        vit = timm.create_model(TINY_BASE, pretrained=False, img_size=SOURCE_SIZE, num_classes=0, **kwargs)
+        vit = timm.create_model(
+            TINY_BASE, pretrained=False, img_size=SOURCE_SIZE, num_classes=0, **kwargs
+        )
     else:
         vit = create_vit("tiny", SOURCE_SIZE)
     with torch.no_grad():
@@ -64,8 +66,14 @@ def assert_loaded(model, state):
     assert vit_state["pos_embed"].shape == (1, 16, 64)
     torch.testing.assert_close(vit_state["pos_embed"], expected_pos)
     torch.testing.assert_close(vit_state["cls_token"], state["cls_token"], atol=1e-6, rtol=0)
-    for key in ("reg_token", "patch_embed.proj.weight", "blocks.2.attn.qkv.weight", "blocks.3.ls2.gamma",
-                "blocks.0.mlp.fc1.weight", "norm.weight"):
+    for key in (
+        "reg_token",
+        "patch_embed.proj.weight",
+        "blocks.2.attn.qkv.weight",
+        "blocks.3.ls2.gamma",
+        "blocks.0.mlp.fc1.weight",
+        "norm.weight",
+    ):
         assert torch.equal(vit_state[key], state[key]), key
 
 
@@ -93,18 +101,24 @@ def test_pretrained_vits_preset_with_weights_file(tmp_path):
     """A vits run with weights builds without allow_random_init (ViT-S shapes, small file)."""
     import timm
 
-    vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=42, num_classes=0)
+    vit = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=42, num_classes=0
+    )
     path = tmp_path / "vits.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
     cfg = get_preset("vits").replace(roi={"image_size": 28}, model={"backbone_weights": str(path)})
     model = build_model(cfg)
-    assert torch.equal(model.res.patchnizer.vit.blocks[11].attn.proj.weight, vit.blocks[11].attn.proj.weight)
+    assert torch.equal(
+        model.res.patchnizer.vit.blocks[11].attn.proj.weight, vit.blocks[11].attn.proj.weight
+    )
 
 
 def test_wrong_model_names_the_shapes(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(source_state(embed_dim=32, num_heads=2), str(path))
-    with pytest.raises(WeightsError, match=r"different model.*file \(1, 1, 32\) vs model \(1, 1, 64\)"):
+    with pytest.raises(
+        WeightsError, match=r"different model.*file \(1, 1, 32\) vs model \(1, 1, 64\)"
+    ):
         build_model(tiny_cfg(path))
 
 

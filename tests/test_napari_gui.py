@@ -8,6 +8,7 @@ it is enough to drive the panel end to end (run, layers, masking, saving) on a C
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -37,8 +38,10 @@ def make_tiny_bundle(root: Path, folds: int = 2) -> Path:
         torch.manual_seed(100 + k)
         save_model(build_model(cfg), root / f"fold_{k}" / "model.safetensors", cfg)
     cfg.save(root / "config.json")
-    info = {"folds": [{"fold": k, "train": [], "val": []} for k in range(folds)],
-            "note": "randomly initialised cpu-tiny model for GUI tests"}
+    info = {
+        "folds": [{"fold": k, "train": [], "val": []} for k in range(folds)],
+        "note": "randomly initialised cpu-tiny model for GUI tests",
+    }
     (root / "bundle.json").write_text(json.dumps(info))
     return root
 
@@ -159,7 +162,25 @@ def test_cancel_stops_the_run_inside_the_predictor(panel, qtbot, tmp_path, tiny_
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
+def test_engine_error_is_shown_in_the_panel(panel, qtbot, tmp_path, tiny_bundle):
+    viewer, widget = panel
+    # no left caudate in the QSM mask: the engine refuses to place the ROI from this mask
+    folder = write_case(tmp_path, drop_labels=(2,))
+    viewer.open(str(folder), plugin="napari-mrn")
+    widget.set_bundle(tiny_bundle)
+    widget.device_combo.setCurrentText("cpu")
+    assert widget.run() is not None
+    wait_done(qtbot, widget)
+    text = widget.status.text()
+    assert text.startswith(str(folder / "QSM_mask.nii.gz")), text  # names the file
+    assert "missing label(s) 2 (caudate_L)" in text and "Traceback" not in text
+    assert widget.result is None and "MRN nuclei" not in viewer.layers
+    assert widget.run_button.isEnabled()
+
+
 def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
+    from qtpy.QtCore import QTimer
+
     from mrn_engine.inference import MRNPredictor
 
     viewer, widget = panel
@@ -171,9 +192,17 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
     widget.device_combo.setCurrentText("cpu")
     assert widget.device_warning.isVisibleTo(widget) and "CPU" in widget.device_warning.text()
     reports = []
+    ticks: list[float] = []  # GUI event-loop heartbeats during the run (responsiveness)
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
     worker = widget.run()
     worker.yielded.connect(reports.append)
     wait_done(qtbot, widget)
+    timer.stop()
+    max_gap = max(np.diff(ticks)) if len(ticks) > 1 else float("inf")
+    print(f"run: {len(ticks)} GUI ticks, longest event-loop gap {max_gap:.2f} s")
+    assert max_gap < 2.0  # the viewer stays responsive while the model runs
     assert widget.result is not None, widget.status.text()
     assert widget.progress.value() == 1000 and len(reports) >= 3
     # the last bundle is remembered
@@ -202,7 +231,9 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
 
     # the panel shows the predictor's numbers
     probs = widget.probabilities
-    assert probs.p_pd == pytest.approx(pred.p_pd) and probs.p_pd_folds == pytest.approx(pred.p_pd_folds)
+    assert probs.p_pd == pytest.approx(pred.p_pd) and probs.p_pd_folds == pytest.approx(
+        pred.p_pd_folds
+    )
     assert f"{pred.p_pd:.3f}" in widget.result_label.text()
     assert len(widget.chart.bars) == 3  # two folds + ensemble
 

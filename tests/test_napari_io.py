@@ -1,5 +1,5 @@
-"""napari-mrn display mapping, reader, writer and sample data (no Qt window needed except the
-``make_napari_viewer`` round trip, which runs under Xvfb like the other GUI tests)."""
+"""napari-mrn display mapping, reader, writer, ROI boxes and run helpers (no Qt window needed;
+the viewer-level tests are in test_napari_gui.py)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,15 @@ def challenge_affine(spacing=SPACING, origin=(13.0, -110.0, -50.0)) -> np.ndarra
     return aff
 
 
-def write_case(root: Path, case_id: str = "RJPD_900", *, shape=SHAPE, seed: int = 0,
-               qsm_affine: np.ndarray | None = None) -> Path:
+def write_case(
+    root: Path,
+    case_id: str = "RJPD_900",
+    *,
+    shape=SHAPE,
+    seed: int = 0,
+    qsm_affine: np.ndarray | None = None,
+    drop_labels: tuple[int, ...] = (),
+) -> Path:
     """A small case folder in the challenge layout with distinct, checkable voxel values."""
     rng = np.random.default_rng(seed)
     folder = root / case_id
@@ -44,13 +51,18 @@ def write_case(root: Path, case_id: str = "RJPD_900", *, shape=SHAPE, seed: int 
     for i in range(8):
         y0 = 2 + 4 * i
         z0 = 7 if i < 4 else (3 if i < 7 else 0)
-        qsm_mask[8:12, y0:y0 + 3, z0:z0 + 3] = 2 * i + 1
-        qsm_mask[28:32, y0:y0 + 3, z0:z0 + 3] = 2 * i + 2
+        qsm_mask[8:12, y0 : y0 + 3, z0 : z0 + 3] = 2 * i + 1
+        qsm_mask[28:32, y0 : y0 + 3, z0 : z0 + 3] = 2 * i + 2
         if i == 5:  # SN: also the NM mask
-            nm_mask[8:12, y0:y0 + 3, z0:z0 + 3] = 1
-            nm_mask[28:32, y0:y0 + 3, z0:z0 + 3] = 2
-    for name, arr, a in (("NM", nm, aff), ("QSM", qsm, qsm_affine if qsm_affine is not None else aff),
-                         ("QSM_mask", qsm_mask, aff), ("NM_mask", nm_mask, aff)):
+            nm_mask[8:12, y0 : y0 + 3, z0 : z0 + 3] = 1
+            nm_mask[28:32, y0 : y0 + 3, z0 : z0 + 3] = 2
+    qsm_mask[np.isin(qsm_mask, drop_labels)] = 0
+    for name, arr, a in (
+        ("NM", nm, aff),
+        ("QSM", qsm, qsm_affine if qsm_affine is not None else aff),
+        ("QSM_mask", qsm_mask, aff),
+        ("NM_mask", nm_mask, aff),
+    ):
         img = nib.Nifti1Image(arr, a)
         img.set_qform(a, 1)
         img.set_sform(a, 1)
@@ -73,12 +85,15 @@ def test_las_mapping_is_axial_radiological_with_spacing_as_scale():
     assert world_col0[0] > world_col_last[0]  # RAS: larger x = more right
 
 
-@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "R"), ("L", "A", "I")])
+@pytest.mark.parametrize(
+    "axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "R"), ("L", "A", "I")]
+)
 def test_mapping_round_trip_and_index_mapping_for_any_orientation(axcodes):
     target = nib.orientations.axcodes2ornt(axcodes)
     aff = nib.orientations.inv_ornt_aff(
         nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), target),
-        SHAPE) @ np.diag([0.7, 0.8, 2.0, 1.0])
+        SHAPE,
+    ) @ np.diag([0.7, 0.8, 2.0, 1.0])
     assert nib.aff2axcodes(aff) == axcodes
     m = DisplayMapping(aff, SHAPE)
     a = np.random.default_rng(1).random(SHAPE)
@@ -134,8 +149,13 @@ def test_read_case_folder_layers_geometry_and_labels(tmp_path):
     cols_l = np.nonzero(mdata == 4)[2]
     assert cols_r.max() < SHAPE[0] / 2 < cols_l.min()
     assert set(np.unique(mdata)) == set(range(17))
-    nm_names = dict(zip(layers["NM_mask"][1]["features"]["index"],
-                        layers["NM_mask"][1]["features"]["name"], strict=True))
+    nm_names = dict(
+        zip(
+            layers["NM_mask"][1]["features"]["index"],
+            layers["NM_mask"][1]["features"]["name"],
+            strict=True,
+        )
+    )
     assert nm_names[1] == NM_LABELS[1]
 
 
@@ -155,11 +175,12 @@ def test_reader_refuses_a_cohort_root(tmp_path):
 # ----------------------------------------------------------------------------- writer
 def test_writer_round_trip_restores_source_geometry(tmp_path):
     folder = write_case(tmp_path)
-    (data, kw, _), = [t for t in read_case_folder(folder) if t[1]["name"] == "QSM_mask"]
+    ((data, kw, _),) = [t for t in read_case_folder(folder) if t[1]["name"] == "QSM_mask"]
     edited = data.copy()
     edited[0, 0, 0] = 16  # paint one voxel in display space: Z=0, most anterior row, col 0
-    out = write_labels(str(tmp_path / "out" / "edited"), edited, {"metadata": kw["metadata"],
-                                                                   "name": "QSM_mask"})
+    out = write_labels(
+        str(tmp_path / "out" / "edited"), edited, {"metadata": kw["metadata"], "name": "QSM_mask"}
+    )
     assert out == [str(tmp_path / "out" / "edited.nii.gz")]
     img = nib.load(out[0])
     src = nib.load(folder / "QSM_mask.nii.gz")
@@ -188,7 +209,9 @@ def test_roi_boxes_one_rectangle_per_slice_enclosing_the_box():
     assert sorted(int(s[0, 0]) for s in shapes) == [3, 4, 5]
     rect = shapes[0]
     # display rows = flipped Y: rows 36-1-13 .. 36-1-10, cols = X 5..8, half a voxel outside
-    assert rect[:, 1].min() == pytest.approx(22 - 0.5) and rect[:, 1].max() == pytest.approx(25 + 0.5)
+    assert rect[:, 1].min() == pytest.approx(22 - 0.5) and rect[:, 1].max() == pytest.approx(
+        25 + 0.5
+    )
     assert rect[:, 2].min() == pytest.approx(5 - 0.5) and rect[:, 2].max() == pytest.approx(8 + 0.5)
 
 
@@ -213,7 +236,11 @@ def test_probabilities_from_prediction_and_masking_rows():
     assert masked_set("NM+QSM3") == {"nm_sn", "qsm_dentate"} and masked_set("none") == set()
     with pytest.raises(ValueError, match="unknown ROI subset"):
         masked_set("XYZ")
-    rows = masking_rows([{"masked": "QSM1+QSM2", "p_pd_folds": [0.5, 0.5]},
-                         {"masked": "none", "p_pd_folds": [0.9, 0.7]}])
+    rows = masking_rows(
+        [
+            {"masked": "QSM1+QSM2", "p_pd_folds": [0.5, 0.5]},
+            {"masked": "none", "p_pd_folds": [0.9, 0.7]},
+        ]
+    )
     assert [r["masked"] for r in rows] == [[], ["qsm_bg", "qsm_midbrain"]]
     assert rows[0]["p_pd"] == pytest.approx(0.8)

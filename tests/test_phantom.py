@@ -72,7 +72,10 @@ def test_all_labels_present_and_left_right(phantom_root):
         assert set(np.unique(nm_mask)) == {0, 1, 2}, folder.name
         # lower X index = subject right: odd (right) labels lie at lower X than even (left) ones
         for right in range(1, 17, 2):
-            assert _centroid_x(qsm_mask, right) < _centroid_x(qsm_mask, right + 1), (folder.name, right)
+            assert _centroid_x(qsm_mask, right) < _centroid_x(qsm_mask, right + 1), (
+                folder.name,
+                right,
+            )
         assert _centroid_x(nm_mask, 1) < _centroid_x(nm_mask, 2)
         # NM SN sits inside the QSM SN of the same side and is smaller
         assert np.all(qsm_mask[nm_mask == 1] == 11) and np.all(qsm_mask[nm_mask == 2] == 12)
@@ -87,8 +90,14 @@ def test_all_nuclei_inside_the_slab(pair):
 
 def test_intensity_ranges(pair):
     ranges = {  # QSM nucleus means (ppb) around the real ones (challenge-data.md)
-        1: (15, 80), 3: (15, 85), 5: (85, 170), 7: (-40, 20), 9: (55, 150),
-        11: (95, 200), 13: (75, 170), 15: (65, 150),
+        1: (15, 80),
+        3: (15, 85),
+        5: (85, 170),
+        7: (-40, 20),
+        9: (55, 150),
+        11: (95, 200),
+        13: (75, 170),
+        15: (65, 150),
     }
     for case in pair:
         for right, (lo, hi) in ranges.items():
@@ -121,7 +130,10 @@ def test_pd_effects_within_a_pair(pair):
 
 
 def test_pd_has_lower_nm_contrast_on_average(phantom_root):
-    labels = {**_read_csv(phantom_root / "train_cases.csv"), **_read_csv(phantom_root / "val_cases.csv")}
+    labels = {
+        **_read_csv(phantom_root / "train_cases.csv"),
+        **_read_csv(phantom_root / "val_cases.csv"),
+    }
     contrast = {0: [], 1: []}
     for case_id, label in labels.items():
         nm, _ = _load(phantom_root / case_id, "NM")
@@ -137,8 +149,13 @@ def test_deterministic_and_independent_of_workers(phantom_root):
     item = plan[0]  # the cohort was written by 2 spawned workers; regenerate in-process
     case = make_phantom_case(item["label"], item["seed"], item["case_id"])
     folder = phantom_root / item["case_id"]
-    for name, arr in (("NM", case.nm), ("QSM", case.qsm), ("T1", case.t1),
-                      ("NM_mask", case.nm_mask), ("QSM_mask", case.qsm_mask)):
+    for name, arr in (
+        ("NM", case.nm),
+        ("QSM", case.qsm),
+        ("T1", case.t1),
+        ("NM_mask", case.nm_mask),
+        ("QSM_mask", case.qsm_mask),
+    ):
         on_disk, _ = _load(folder, name)
         assert on_disk.tobytes() == arr.tobytes(), name
     assert plan_cohort(N_FIXTURE, SEED_FIXTURE, 1 / 3) == plan
@@ -227,7 +244,17 @@ def test_cli_summary_on_finished_cohort(phantom_root, tmp_path):
     root = tmp_path / "cohort"
     shutil.copytree(phantom_root, root)
     result = CliRunner().invoke(
-        cli, ["phantom", "--n", str(N_FIXTURE), "--out", str(root), "--seed", str(SEED_FIXTURE), "--quiet"]
+        cli,
+        [
+            "phantom",
+            "--n",
+            str(N_FIXTURE),
+            "--out",
+            str(root),
+            "--seed",
+            str(SEED_FIXTURE),
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert f"cases: {N_FIXTURE} (0 generated, {N_FIXTURE} already complete)" in result.output
@@ -240,6 +267,18 @@ def test_bad_arguments():
         generate_cohort("/nonexistent/never", n=1)
     with pytest.raises(ValueError, match="label"):
         make_phantom_case(2, 0)
+
+
+def test_value_table(phantom_root):
+    from mrn_engine.phantom.stats import value_table
+
+    table = value_table(phantom_root, max_cases=3).splitlines()
+    counts = [int(c.split("n=")[1].rstrip(") ")) for c in table[0].split("|")[2:4]]
+    assert sum(counts) == 3
+    sn = next(line for line in table if line.startswith("| QSM SN |")).split("|")[2:4]
+    for count, cell in zip(counts, sn, strict=True):
+        if count:
+            assert 90 < float(cell.split("+-")[0]) < 200, cell
 
 
 @pytest.mark.slow

@@ -28,8 +28,9 @@ from mrn_engine.rois import (
 )
 from test_data import RIGHT_BOXES, SHAPE, SPACING, make_cohort, write_case
 
-SMALL = RoiConfig(image_size=32, slices={"nm_sn": 4, "qsm_bg": 8, "qsm_midbrain": 4,
-                                         "qsm_dentate": 4})
+SMALL = RoiConfig(
+    image_size=32, slices={"nm_sn": 4, "qsm_bg": 8, "qsm_midbrain": 4, "qsm_dentate": 4}
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_aspect_kept_and_padding_centred(case):
     px, py = c.pad
     assert px == 0 and py == (32 - hy) // 2
     # columns outside the resized box are zero padding
-    assert np.all(c.image[:, :, :py] == 0) and np.all(c.image[:, :, py + hy:] == 0)
+    assert np.all(c.image[:, :, :py] == 0) and np.all(c.image[:, :, py + hy :] == 0)
 
 
 def test_intensity_window_qsm_ignores_background():
@@ -134,8 +135,7 @@ def test_paste_back_exact_roundtrip(case):
         spec = ROI_BY_NAME[name]
         src = case.nm_mask.array if spec.modality == "NM" else case.qsm_mask.array
         box = roi_box(src, spec.labels, case.spacing, 4.0)
-        cfg = RoiConfig(image_size=max(box.shape[:2]),
-                        slices={n: 20 for n in ROI_NAMES})
+        cfg = RoiConfig(image_size=max(box.shape[:2]), slices={n: 20 for n in ROI_NAMES})
         crop = extract_rois(case, cfg, rois=(name,))[name]
         assert crop.scale == 1.0
         back = paste_back(crop, crop.mask, SHAPE)
@@ -207,14 +207,19 @@ def test_paste_back_all_combines_qsm_rois(case, tmp_path):
 def test_missing_roi_labels(case):
     qsm = case.qsm_mask.array.copy()
     qsm[np.isin(qsm, [15, 16])] = 0  # no dentate at all
-    with pytest.raises(InputDataError, match=r"ROI qsm_dentate \(QSM dentate\) needs labels \[15, 16\]; none is present"):
+    with pytest.raises(
+        InputDataError,
+        match=r"ROI qsm_dentate \(QSM dentate\) needs labels \[15, 16\]; none is present",
+    ):
         extract_rois(case, SMALL, qsm_mask=qsm)
     qsm = case.qsm_mask.array.copy()
     qsm[qsm == 10] = 0  # left STN missing
     with pytest.warns(MRNWarning, match=r"ROI qsm_midbrain .*missing label\(s\) 10 \(STN_L\)"):
         crops = extract_rois(case, SMALL, qsm_mask=qsm)  # predictions: lenient
     assert 1 in crops["qsm_midbrain"].mask
-    with pytest.raises(InputDataError, match=r"RJPD_001: given QSM mask: ROI qsm_midbrain .* 10 \(STN_L\)"):
+    with pytest.raises(
+        InputDataError, match=r"RJPD_001: given QSM mask: ROI qsm_midbrain .* 10 \(STN_L\)"
+    ):
         extract_rois(case, SMALL, qsm_mask=qsm, strict=True)
 
 
@@ -229,7 +234,10 @@ def test_missing_label_in_case_mask_is_error(tmp_path):
 
 
 def test_given_mask_validation(case):
-    with pytest.raises(InputDataError, match=r"RJPD_001: given NM mask: NM mask of shape \(60, 60, 19\) is not on the image grid"):
+    with pytest.raises(
+        InputDataError,
+        match=r"RJPD_001: given NM mask: NM mask of shape \(60, 60, 19\) is not on the image grid",
+    ):
         extract_rois(case, SMALL, nm_mask=np.zeros((60, 60, 19), np.uint8))
     bad = case.nm_mask.array.copy()
     bad[0, 0, 0] = 5
@@ -279,8 +287,10 @@ def test_roi_cache(tmp_path):
         assert again[name].box == first[name].box and again[name].pad == first[name].pad
         assert again[name].midline_x == first[name].midline_x
     # the cached crop pastes back like the fresh one
-    np.testing.assert_array_equal(paste_back(again["qsm_bg"], again["qsm_bg"].mask),
-                                  paste_back(first["qsm_bg"], first["qsm_bg"].mask))
+    np.testing.assert_array_equal(
+        paste_back(again["qsm_bg"], again["qsm_bg"].mask),
+        paste_back(first["qsm_bg"], first["qsm_bg"].mask),
+    )
     # another config -> another key
     other = dataclasses.replace(SMALL, margin_mm=2.0)
     assert config_hash(other) != config_hash(SMALL)
@@ -302,7 +312,9 @@ def test_roi_cache_corrupt_file_recomputed(tmp_path):
     good = cache.get_or_compute(files, SMALL)
     path = cache.path_for(files, SMALL)
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.warns(MRNWarning, match="corrupt ROI cache file; recomputing|corrupt ROI cache file"):
+    with pytest.warns(
+        MRNWarning, match="corrupt ROI cache file; recomputing|corrupt ROI cache file"
+    ):
         crops = cache.get_or_compute(files, SMALL)
     np.testing.assert_array_equal(crops["nm_sn"].image, good["nm_sn"].image)
     with warnings.catch_warnings():
@@ -319,7 +331,10 @@ def test_presets_fit(case):
         crops = extract_rois(case, cfg)
         for spec in ROIS:
             assert crops[spec.name].image.shape == (
-                cfg.roi.slices[spec.name], cfg.roi.image_size, cfg.roi.image_size)
+                cfg.roi.slices[spec.name],
+                cfg.roi.image_size,
+                cfg.roi.image_size,
+            )
 
 
 def test_synthetic_layout_sanity():
@@ -438,4 +453,9 @@ def test_phantom_rois_and_paste_back(phantom_root, tmp_path):
     # the cache serves the whole cohort
     cache = RoiCache(tmp_path / "cache")
     batch = stack_rois([cache.get_or_compute(f, cfg) for f in discover_cases(phantom_root)[:3]])
-    assert batch["qsm_bg"]["image"].shape == (3, cfg.slices["qsm_bg"], cfg.image_size, cfg.image_size)
+    assert batch["qsm_bg"]["image"].shape == (
+        3,
+        cfg.slices["qsm_bg"],
+        cfg.image_size,
+        cfg.image_size,
+    )

@@ -10,7 +10,17 @@ from .errors import ConfigError, InputDataError, MRNError, WeightsError
 __version__ = "0.1.0"
 
 __all__ = [
-    "ROIS", "ROI_BY_NAME", "ROI_NAMES", "ConfigError", "InputDataError", "MRNError",
-    "ModelConfig", "RoiConfig", "RoiSpec", "RunConfig", "TrainConfig", "WeightsError",
+    "ROIS",
+    "ROI_BY_NAME",
+    "ROI_NAMES",
+    "ConfigError",
+    "InputDataError",
+    "MRNError",
+    "ModelConfig",
+    "RoiConfig",
+    "RoiSpec",
+    "RunConfig",
+    "TrainConfig",
+    "WeightsError",
     "get_preset",
 ]

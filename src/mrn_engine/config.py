@@ -90,6 +90,9 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"  #: auto | cpu | cuda
     amp: bool = True  #: bf16 autocast on CUDA
+    #: LayerScale gammas when the backbone starts from random init (DINOv2's 1e-5 is meant for
+    #: pretrained weights; from scratch it collapses the slice tokens). 0 = keep the model's.
+    random_init_layerscale: float = 1.0
 
 
 @dataclass
@@ -145,7 +148,11 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
     kwargs = {}
     for name, value in data.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else known[name].default  # type: ignore[misc]
+        default = (
+            known[name].default_factory()
+            if known[name].default_factory is not dataclasses.MISSING
+            else known[name].default
+        )  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             value = _from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple) and isinstance(value, list):
@@ -198,9 +205,9 @@ def _cpu_tiny() -> RunConfig:
     m.moco_bank_size = 128
     m.moco_momentum = 0.99
     t = cfg.train
-    t.pretrain_epochs, t.epochs = 4, 12
-    t.batch_size = 8
-    t.lr_backbone, t.lr_head = 3e-4, 1e-3
+    t.pretrain_epochs, t.epochs = 1, 12  # tuned on phantoms: docs/results.md
+    t.batch_size = 4
+    t.lr_backbone, t.lr_head = 3e-4, 3e-3
     t.wd_backbone, t.wd_head = 0.05, 0.05
     return cfg
 

@@ -15,8 +15,7 @@ class ProbabilityChart(FigureCanvasQTAgg):
     """Bars of P(PD) per fold plus the ensemble (error bar = std across folds), 0.5 line."""
 
     def __init__(self, parent=None) -> None:
-        self.figure = Figure(figsize=(3.2, 2.1), dpi=100, facecolor="#262930",
-                             layout="constrained")
+        self.figure = Figure(figsize=(3.2, 2.1), dpi=100, facecolor="#262930", layout="constrained")
         super().__init__(self.figure)
         self.setParent(parent)
         self.setMinimumHeight(200)
@@ -45,8 +44,9 @@ class ProbabilityChart(FigureCanvasQTAgg):
             self.bars = list(ax.bar(x, values, color=colours))
             for bar, a in zip(self.bars, alphas, strict=True):
                 bar.set_alpha(a)
-            ax.errorbar([x[-1]], [probs.p_pd], yerr=[probs.p_pd_std], color="white",
-                        capsize=4, lw=1.2)
+            ax.errorbar(
+                [x[-1]], [probs.p_pd], yerr=[probs.p_pd_std], color="white", capsize=4, lw=1.2
+            )
             ax.set_xticks(x, names)
             title = f"P(PD) = {probs.p_pd:.2f} -> {probs.label}"
             if probs.masked:

@@ -45,9 +45,7 @@ def labels_kwargs(table: Mapping[int, str]) -> dict[str, Any]:
 
     colours: dict[int | None, Any] = {0: (0.0, 0.0, 0.0, 0.0), None: (1.0, 1.0, 1.0, 1.0)}
     colours.update({v: label_colour(n) for v, n in table.items()})
-    features = pd.DataFrame(
-        {"index": [0, *table], "name": ["background", *table.values()]}
-    )
+    features = pd.DataFrame({"index": [0, *table], "name": ["background", *table.values()]})
     return {"colormap": DirectLabelColormap(color_dict=colours), "features": features}
 
 
@@ -61,8 +59,13 @@ def _base_kwargs(mapping: DisplayMapping, name: str, metadata: Mapping[str, Any]
 
 
 def image_layer(
-    array: np.ndarray, mapping: DisplayMapping, name: str, *, kind: str,
-    metadata: Mapping[str, Any] | None = None, visible: bool = True,
+    array: np.ndarray,
+    mapping: DisplayMapping,
+    name: str,
+    *,
+    kind: str,
+    metadata: Mapping[str, Any] | None = None,
+    visible: bool = True,
 ) -> LayerDataTuple:
     """An Image layer tuple for an NM/QSM/T1 volume ``(X, Y, Z)``.
 
@@ -78,7 +81,7 @@ def image_layer(
     else:
         # NM: the substantia nigra is a tiny bright fraction of the volume, keep it below white
         top = 99.98 if kind == "NM" else 99.5
-        lo, hi = (np.percentile(finite, (0.5, top)) if finite.size else (0.0, 1.0))
+        lo, hi = np.percentile(finite, (0.5, top)) if finite.size else (0.0, 1.0)
         limits = [float(lo), float(hi) if hi > lo else float(lo) + 1.0]
     kwargs = _base_kwargs(mapping, name, {"mrn_kind": kind, **(metadata or {})})
     kwargs.update(colormap="gray", contrast_limits=limits, visible=visible)
@@ -86,8 +89,14 @@ def image_layer(
 
 
 def labels_layer(
-    array: np.ndarray, mapping: DisplayMapping, name: str, *, kind: str,
-    metadata: Mapping[str, Any] | None = None, visible: bool = True, opacity: float = 0.6,
+    array: np.ndarray,
+    mapping: DisplayMapping,
+    name: str,
+    *,
+    kind: str,
+    metadata: Mapping[str, Any] | None = None,
+    visible: bool = True,
+    opacity: float = 0.6,
 ) -> LayerDataTuple:
     """A Labels layer tuple for a challenge mask ``(X, Y, Z)``; ``kind`` is ``"QSM"`` or ``"NM"``."""
     data = mapping.to_display(np.asarray(array).astype(np.uint8, copy=False))
@@ -104,7 +113,9 @@ def box_corners(box: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def roi_boxes_layer(
-    boxes: Mapping[str, Any], mapping: DisplayMapping, name: str = "MRN ROIs",
+    boxes: Mapping[str, Any],
+    mapping: DisplayMapping,
+    name: str = "MRN ROIs",
     metadata: Mapping[str, Any] | None = None,
 ) -> LayerDataTuple:
     """A Shapes layer tuple with one rectangle per ROI and per axial slice it spans.
@@ -125,12 +136,21 @@ def roi_boxes_layer(
             colours.append((*ROI_COLOURS.get(roi, (1.0, 1.0, 0.0)), 1.0))
     features = pd.DataFrame({"roi": rois, "title": titles})
     kwargs: dict[str, Any] = {
-        "name": name, "scale": mapping.scale, "shape_type": "rectangle",
-        "features": features, "face_color": "transparent", "edge_width": 1.5,
+        "name": name,
+        "scale": mapping.scale,
+        "shape_type": "rectangle",
+        "features": features,
+        "face_color": "transparent",
+        "edge_width": 1.5,
         "axis_labels": AXIS_LABELS,
         "edge_color": np.array(colours).reshape(-1, 4),
-        "text": {"string": "{title}", "anchor": "upper_left", "size": 9,
-                 "color": "white", "translation": [0, -2.0, 0]},
+        "text": {
+            "string": "{title}",
+            "anchor": "upper_left",
+            "size": 9,
+            "color": "white",
+            "translation": [0, -2.0, 0],
+        },
         "metadata": {**mapping.to_metadata(), "mrn_kind": "roi_boxes", **(metadata or {})},
     }
     return shapes, kwargs, "shapes"

@@ -21,7 +21,10 @@ PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 #: file stems read as masks, with their label table (``NM`` or ``QSM``)
 MASK_STEMS: dict[str, str] = {
-    "NM_mask": "NM", "QSM_mask": "QSM", "NM_pred": "NM", "QSM_pred": "QSM",
+    "NM_mask": "NM",
+    "QSM_mask": "QSM",
+    "NM_pred": "NM",
+    "QSM_pred": "QSM",
 }
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -45,12 +48,21 @@ def mask_kind(path: Path) -> str | None:
     return None
 
 
-def volume_layer(volume: Volume, name: str, *, metadata: dict[str, Any] | None = None,
-                 mask: str | None = None, visible: bool = True) -> LayerDataTuple:
+def volume_layer(
+    volume: Volume,
+    name: str,
+    *,
+    metadata: dict[str, Any] | None = None,
+    mask: str | None = None,
+    visible: bool = True,
+) -> LayerDataTuple:
     """One layer tuple for an engine :class:`Volume` (``mask`` = ``"NM"``/``"QSM"`` for labels)."""
     mapping = DisplayMapping(volume.affine, volume.shape)
-    meta = {"header": volume.header, "source_path": str(volume.path) if volume.path else None,
-            **(metadata or {})}
+    meta = {
+        "header": volume.header,
+        "source_path": str(volume.path) if volume.path else None,
+        **(metadata or {}),
+    }
     if mask is not None:
         return labels_layer(volume.array, mapping, name, kind=mask, metadata=meta, visible=visible)
     kind = name if name in ("NM", "QSM", "T1") else "image"
@@ -96,8 +108,11 @@ def read_case_folder(folder: str | os.PathLike) -> list[LayerDataTuple]:
             p = cases[0].folder / f"{stem}{suffix}"
             if p.is_file():
                 vol = load_volume(p, kind="mask")
-                layers.append(volume_layer(vol, stem, metadata={"case_id": cases[0].case_id},
-                                           mask=kind, visible=False))
+                layers.append(
+                    volume_layer(
+                        vol, stem, metadata={"case_id": cases[0].case_id}, mask=kind, visible=False
+                    )
+                )
                 break
     return layers
 

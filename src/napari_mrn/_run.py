@@ -48,6 +48,9 @@ def layer_volume(layer: Any, *, kind: str) -> Volume:
     mapping = layer_mapping(layer)
     meta = {**(layer.metadata or {}), **mapping.to_metadata()}
     vol = layer_to_volume(np.asarray(layer.data), meta, name=f"layer '{layer.name}'", kind=kind)
+    # engine messages start with Volume.name: the file the layer came from, else the layer
+    source = meta.get("source_path")
+    vol.path = Path(source) if source else Path(f"layer '{layer.name}'")
     if kind == "image":
         vol.array = vol.array.astype(np.float32, copy=False)
         if not np.isfinite(vol.array).all():
@@ -76,11 +79,18 @@ def check_layers_grid(reference: Any, others: Iterable[Any | None]) -> None:
             )
 
 
-def case_from_layers(nm: Any, qsm: Any, nm_mask: Any | None = None,
-                     qsm_mask: Any | None = None, case_id: str | None = None) -> Case:
+def case_from_layers(
+    nm: Any,
+    qsm: Any,
+    nm_mask: Any | None = None,
+    qsm_mask: Any | None = None,
+    case_id: str | None = None,
+) -> Case:
     """Build the engine's :class:`Case` from napari layers, checking that they share a grid."""
     if nm is None or qsm is None:
-        raise InputDataError("choose an NM layer and a QSM layer (File > Open Sample > MRN PD case)")
+        raise InputDataError(
+            "choose an NM layer and a QSM layer (File > Open Sample > MRN PD case)"
+        )
     if nm is qsm:
         raise InputDataError(f"layer '{nm.name}': chosen as both NM and QSM")
     check_layers_grid(qsm, [nm, nm_mask, qsm_mask])
@@ -137,7 +147,9 @@ _DONE = object()
 
 
 def prediction_steps(
-    make_predictor: Callable[[], Any], case: Case, cancel: threading.Event,
+    make_predictor: Callable[[], Any],
+    case: Case,
+    cancel: threading.Event,
 ) -> Generator[Progress, None, RunResult]:
     """Generator run in a worker thread: yields :class:`Progress`, returns a :class:`RunResult`.
 
@@ -201,8 +213,14 @@ class Probabilities:
         return "PD" if self.call == 1 else "HC"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"p_pd": self.p_pd, "p_pd_std": self.p_pd_std, "p_pd_folds": self.p_pd_folds,
-                "call": self.call, "label": self.label, "masked": sorted(self.masked)}
+        return {
+            "p_pd": self.p_pd,
+            "p_pd_std": self.p_pd_std,
+            "p_pd_folds": self.p_pd_folds,
+            "call": self.call,
+            "label": self.label,
+            "masked": sorted(self.masked),
+        }
 
 
 def _first(d: Mapping[str, Any], *keys: str) -> Any:
@@ -238,8 +256,9 @@ def as_probabilities(source: Any, masked: Iterable[str] = ()) -> Probabilities:
     if call is None:
         call = int(float(p) >= 0.5)
     ms = _first(d, "masked")
-    return Probabilities(float(p), float(std), folds, int(call),
-                         masked_set(ms if ms is not None else masked))
+    return Probabilities(
+        float(p), float(std), folds, int(call), masked_set(ms if ms is not None else masked)
+    )
 
 
 def masked_set(masked: str | Iterable[str]) -> frozenset[str]:
@@ -264,11 +283,15 @@ def masking_rows(table: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for row in table:
         probs = as_probabilities(row)
-        rows.append({
-            "masked": [r for r in ROI_NAMES if r in probs.masked],
-            "p_pd": probs.p_pd, "p_pd_std": probs.p_pd_std,
-            "call": probs.call, "p_pd_folds": probs.p_pd_folds,
-        })
+        rows.append(
+            {
+                "masked": [r for r in ROI_NAMES if r in probs.masked],
+                "p_pd": probs.p_pd,
+                "p_pd_std": probs.p_pd_std,
+                "call": probs.call,
+                "p_pd_folds": probs.p_pd_folds,
+            }
+        )
     rows.sort(key=lambda r: (len(r["masked"]), [ROI_NAMES.index(m) for m in r["masked"]]))
     return rows
 
@@ -308,9 +331,14 @@ def bundle_identity(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_results(
-    folder: str | os.PathLike, *, prediction: Any, probabilities: Probabilities,
-    masking_table: list[dict[str, Any]], bundle: str | os.PathLike | None,
-    volumes: Mapping[str, Volume], settings: Mapping[str, Any] | None = None,
+    folder: str | os.PathLike,
+    *,
+    prediction: Any,
+    probabilities: Probabilities,
+    masking_table: list[dict[str, Any]],
+    bundle: str | os.PathLike | None,
+    volumes: Mapping[str, Volume],
+    settings: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``folder/<case_id>/``: masks as NIfTI (``QSM_pred.nii.gz`` ...), ``PD_pred.txt`` and
     ``mrn_result.json`` (probabilities, masking table, bundle identity, config, settings).

@@ -36,9 +36,13 @@ def sample_case(label: int) -> Case:
         return Volume(array, pc.affine.copy(), None, None, kind)
 
     return Case(
-        case_id=pc.case_id, nm=vol(pc.nm, "image"), qsm=vol(pc.qsm, "image"),
+        case_id=pc.case_id,
+        nm=vol(pc.nm, "image"),
+        qsm=vol(pc.qsm, "image"),
         t1=vol(pc.t1, "image") if pc.t1 is not None else None,
-        nm_mask=vol(pc.nm_mask, "mask"), qsm_mask=vol(pc.qsm_mask, "mask"), label=pc.label,
+        nm_mask=vol(pc.nm_mask, "mask"),
+        qsm_mask=vol(pc.qsm_mask, "mask"),
+        label=pc.label,
     )
 
 

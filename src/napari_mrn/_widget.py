@@ -74,8 +74,15 @@ BOXES_LAYER = "MRN ROIs"
 class LayerCombo(QComboBox):
     """A combo box listing the viewer's layers of some types (optionally with a "(none)" entry)."""
 
-    def __init__(self, viewer: Any, types: tuple[type, ...], *, optional: bool = False,
-                 prefer: tuple[str, ...] = (), parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        viewer: Any,
+        types: tuple[type, ...],
+        *,
+        optional: bool = False,
+        prefer: tuple[str, ...] = (),
+        parent: QWidget | None = None,
+    ) -> None:
         super().__init__(parent)
         self.viewer, self.types, self.optional, self.prefer = viewer, types, optional, prefer
         self._user_chose = False
@@ -142,8 +149,12 @@ class MaskingTableDialog(QDialog):
         self.table.setHorizontalHeaderLabels(headers)
         for i, row in enumerate(rows):
             masked = ", ".join(ROI_BY_NAME[m].title for m in row["masked"]) or "none (full model)"
-            cells = [masked, f"{row['p_pd']:.3f}", f"{row['p_pd_std']:.3f}",
-                     "PD" if row["call"] == 1 else "HC"]
+            cells = [
+                masked,
+                f"{row['p_pd']:.3f}",
+                f"{row['p_pd_std']:.3f}",
+                "PD" if row["call"] == 1 else "HC",
+            ]
             cells += [f"{p:.3f}" for p in row["p_pd_folds"]]
             for j, text in enumerate(cells):
                 item = QTableWidgetItem(text)
@@ -167,8 +178,9 @@ class MRNDiagnosisWidget(QWidget):
         Where the last bundle is remembered (default: the user's napari-mrn settings).
     """
 
-    def __init__(self, napari_viewer: Any, settings: QSettings | None = None,
-                 parent: QWidget | None = None) -> None:
+    def __init__(
+        self, napari_viewer: Any, settings: QSettings | None = None, parent: QWidget | None = None
+    ) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.settings = settings if settings is not None else QSettings("napari-mrn", "diagnosis")
@@ -197,8 +209,9 @@ class MRNDiagnosisWidget(QWidget):
         self.nm_combo = LayerCombo(self.viewer, (Image,), prefer=("NM",))
         self.qsm_combo = LayerCombo(self.viewer, (Image,), prefer=("QSM",))
         self.nm_mask_combo = LayerCombo(self.viewer, (Labels,), optional=True, prefer=("NM_mask",))
-        self.qsm_mask_combo = LayerCombo(self.viewer, (Labels,), optional=True,
-                                         prefer=("QSM_mask",))
+        self.qsm_mask_combo = LayerCombo(
+            self.viewer, (Labels,), optional=True, prefer=("QSM_mask",)
+        )
         form.addRow("NM image", self.nm_combo)
         form.addRow("QSM image", self.qsm_combo)
         form.addRow("NM mask", self.nm_mask_combo)
@@ -258,6 +271,12 @@ class MRNDiagnosisWidget(QWidget):
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
         root.addWidget(self.status)
+        self.warnings: list[str] = []
+        self.warning_label = QLabel("")
+        self.warning_label.setWordWrap(True)
+        self.warning_label.setStyleSheet("color: #ffb000")
+        self.warning_label.setVisible(False)
+        root.addWidget(self.warning_label)
 
         result = QGroupBox("Result", self)
         rlay = QVBoxLayout(result)
@@ -301,8 +320,12 @@ class MRNDiagnosisWidget(QWidget):
         self._validate_inputs()
 
     def input_layers(self) -> dict[str, Layer | None]:
-        return {"nm": self.nm_combo.layer(), "qsm": self.qsm_combo.layer(),
-                "nm_mask": self.nm_mask_combo.layer(), "qsm_mask": self.qsm_mask_combo.layer()}
+        return {
+            "nm": self.nm_combo.layer(),
+            "qsm": self.qsm_combo.layer(),
+            "nm_mask": self.nm_mask_combo.layer(),
+            "qsm_mask": self.qsm_mask_combo.layer(),
+        }
 
     def _validate_inputs(self, *_: Any) -> bool:
         """Check the chosen layers share one grid; show the problem in the panel."""
@@ -316,8 +339,9 @@ class MRNDiagnosisWidget(QWidget):
             message = f"Layer '{layers['nm'].name}' is chosen as both NM and QSM."
         else:
             try:
-                check_layers_grid(layers["qsm"], [layers["nm"], layers["nm_mask"],
-                                                  layers["qsm_mask"]])
+                check_layers_grid(
+                    layers["qsm"], [layers["nm"], layers["nm_mask"], layers["qsm_mask"]]
+                )
             except MRNError as e:
                 message = str(e)
         self.input_message.setText(message)
@@ -335,7 +359,8 @@ class MRNDiagnosisWidget(QWidget):
         if self.bundle_combo.count() == 0:
             self.bundle_combo.setEditText("")
             self.bundle_combo.lineEdit().setPlaceholderText(
-                "choose a model bundle folder (mrn demo / mrn train)")
+                "choose a model bundle folder (mrn demo / mrn train)"
+            )
 
     def _browse_bundle(self) -> None:
         start = self.bundle_path() or str(Path.home())
@@ -358,7 +383,8 @@ class MRNDiagnosisWidget(QWidget):
         n = bundle_folds(text) if text else 0
         self.folds_spin.setMaximum(max(n, 1) if n else 20)
         self.folds_spin.setToolTip(
-            f"Use the first N of the bundle's {n} folds (all = {n})" if n
+            f"Use the first N of the bundle's {n} folds (all = {n})"
+            if n
             else "Use the first N folds of the bundle (fewer = faster)"
         )
 
@@ -371,11 +397,14 @@ class MRNDiagnosisWidget(QWidget):
         name = self.device()
         on_cpu = name == "cpu" or (name == "auto" and not torch.cuda.is_available())
         if name == "cuda" and not torch.cuda.is_available():
-            self.device_warning.setText("CUDA is not available on this machine: choose auto or cpu.")
+            self.device_warning.setText(
+                "CUDA is not available on this machine: choose auto or cpu."
+            )
         elif on_cpu:
             self.device_warning.setText(
                 "Running on CPU: a ViT-B model takes minutes per case; fewer folds and no TTA "
-                "are faster.")
+                "are faster."
+            )
         else:
             self.device_warning.setText("")
         self.device_warning.setVisible(bool(self.device_warning.text()))
@@ -388,10 +417,16 @@ class MRNDiagnosisWidget(QWidget):
         """Create (or reuse) the predictor for the current settings; runs in the worker thread."""
         from mrn_engine.inference import MRNPredictor
 
-        key = (self.bundle_path(), self.device(), tuple(self._folds() or ()), self.tta_check.isChecked())
+        key = (
+            self.bundle_path(),
+            self.device(),
+            tuple(self._folds() or ()),
+            self.tta_check.isChecked(),
+        )
         if self._predictor is None or self._predictor_key != key:
             self._predictor = MRNPredictor.from_bundle(
-                key[0], device=key[1], folds=self._folds(), tta=key[3])
+                key[0], device=key[1], folds=self._folds(), tta=key[3]
+            )
             self._predictor_key = key
         return self._predictor
 
@@ -418,14 +453,22 @@ class MRNDiagnosisWidget(QWidget):
         self._cancel = threading.Event()
         # superqt's plain GeneratorWorker: errors (incl. Cancel) are shown in the panel by
         # _on_error instead of being relayed as napari error notifications
-        connect = {"yielded": self._on_progress, "returned": self._on_returned,
-                   "errored": self._on_error, "finished": self._on_finished}
-        worker = thread_worker(prediction_steps, start_thread=False, connect=connect,
-                               worker_class=GeneratorWorker)(self._get_predictor, case, self._cancel)
+        connect = {
+            "yielded": self._on_progress,
+            "returned": self._on_returned,
+            "errored": self._on_error,
+            "finished": self._on_finished,
+            "warned": self._on_warning,
+        }
+        worker = thread_worker(
+            prediction_steps, start_thread=False, connect=connect, worker_class=GeneratorWorker
+        )(self._get_predictor, case, self._cancel)
         self.worker = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.progress.setValue(0)
+        self.warnings.clear()
+        self.warning_label.setVisible(False)
         self._set_status(f"Running on {case.case_id}...")
         worker.start()
         return worker
@@ -443,6 +486,14 @@ class MRNDiagnosisWidget(QWidget):
             self.progress.setValue(int(round(1000 * item.fraction)))
         if item.message and not self._cancel.is_set():
             self._set_status(item.message)
+
+    def _on_warning(self, args: tuple) -> None:
+        """Warnings raised during the run (e.g. a missing label in a mask) shown under the status."""
+        message = str(args[0]) if args else ""
+        if message and message not in self.warnings:
+            self.warnings.append(message)
+            self.warning_label.setText("\n".join(f"Warning: {m}" for m in self.warnings[-3:]))
+            self.warning_label.setVisible(True)
 
     def _on_error(self, exc: BaseException) -> None:
         if isinstance(exc, RunCancelled):
@@ -526,7 +577,10 @@ class MRNDiagnosisWidget(QWidget):
         if getattr(pred, "nm_nuclei", None) is not None:
             vols["NM_pred"] = case.nm.like(np.asarray(pred.nm_nuclei).astype(np.uint8), kind="mask")
         if getattr(pred, "mask_source", "") == "segmenter":  # nnU-Net masks used for cropping
-            for attr, name, ref in (("nm_mask", "NM_nnunet", case.nm), ("qsm_mask", "QSM_nnunet", case.qsm)):
+            for attr, name, ref in (
+                ("nm_mask", "NM_nnunet", case.nm),
+                ("qsm_mask", "QSM_nnunet", case.qsm),
+            ):
                 arr = getattr(pred, attr, None)
                 if arr is not None:
                     arr = np.asarray(getattr(arr, "array", arr)).astype(np.uint8)
@@ -584,12 +638,21 @@ class MRNDiagnosisWidget(QWidget):
         """Save masks (NIfTI, source geometry), ``PD_pred.txt`` and ``mrn_result.json``."""
         if self.result is None or self.probabilities is None:
             raise RuntimeError("nothing to save: run a prediction first")
-        settings = {"device": self.device(), "folds": self._folds(),
-                    "tta": self.tta_check.isChecked(), "masked": sorted(self.masked_rois())}
+        settings = {
+            "device": self.device(),
+            "folds": self._folds(),
+            "tta": self.tta_check.isChecked(),
+            "masked": sorted(self.masked_rois()),
+        }
         written = save_results(
-            folder, prediction=self.result.prediction, probabilities=self.probabilities,
-            masking_table=self.masking_table(), bundle=self.bundle_path() or None,
-            volumes=self.output_volumes(), settings=settings)
+            folder,
+            prediction=self.result.prediction,
+            probabilities=self.probabilities,
+            masking_table=self.masking_table(),
+            bundle=self.bundle_path() or None,
+            volumes=self.output_volumes(),
+            settings=settings,
+        )
         self._set_status(f"Saved {len(written)} files to {written[0].parent}")
         return written
 

@@ -19,8 +19,9 @@ from napari_mrn._display import DisplayMapping
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-def layer_to_volume(data: Any, metadata: dict[str, Any], *, name: str = "layer",
-                    kind: str = "mask") -> Volume:
+def layer_to_volume(
+    data: Any, metadata: dict[str, Any], *, name: str = "layer", kind: str = "mask"
+) -> Volume:
     """Rebuild an engine :class:`Volume` ``(X, Y, Z)`` from display data and layer metadata.
 
     Raises
@@ -45,8 +46,9 @@ def layer_to_volume(data: Any, metadata: dict[str, Any], *, name: str = "layer",
     source = mapping.from_display(array)
     if kind == "mask":
         source = source.astype(np.uint8)
-    return Volume(np.ascontiguousarray(source), mapping.affine.copy(),
-                  metadata.get("header"), None, kind)
+    return Volume(
+        np.ascontiguousarray(source), mapping.affine.copy(), metadata.get("header"), None, kind
+    )
 
 
 def nifti_output_path(path: str | os.PathLike) -> Path:
@@ -65,6 +67,7 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Image layers (float32 NIfTI)."""
     out = nifti_output_path(path)
-    vol = layer_to_volume(data, meta.get("metadata", {}), name=meta.get("name", "image"),
-                          kind="image")
+    vol = layer_to_volume(
+        data, meta.get("metadata", {}), name=meta.get("name", "image"), kind="image"
+    )
     return [str(save_volume(vol, out))]

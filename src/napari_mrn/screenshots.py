@@ -5,8 +5,8 @@ Run (needs a display; on a server wrap it in ``xvfb-run -a -s "-screen 0 1920x12
     python -m napari_mrn.screenshots --bundle mrn_demo/bundle --out docs/img
 
 Writes ``napari_sample.png`` (the sample case as opened), ``napari_run.png`` (after Run),
-``napari_masked.png`` (NM-SN unticked), ``napari_masking_table.png`` (the 16-subset table)
-and ``napari_screenshots.json`` (what was shown: bundle, case, probabilities, run time).
+``napari_masked.png`` (NM-SN unticked) and ``napari_masking_table.png`` (the 16-subset
+table), and prints what was shown (bundle, case, device, probabilities, run time) as JSON.
 """
 
 from __future__ import annotations
@@ -45,19 +45,30 @@ def _show_roi_slice(viewer, widget, roi: str) -> None:
     z = (box.z0 + box.z1 - 1) // 2
     viewer.dims.set_point(0, z * qsm.scale[0])
     viewer.reset_view()
-    viewer.camera.zoom *= 1.6
+    viewer.scene.camera.zoom *= 1.6
     # centre on the brain's middle (rows/cols of the union of all boxes)
     rows, cols = [], []
     for b in pred.boxes.values():
         rows += [qsm.data.shape[1] - b.y1, qsm.data.shape[1] - b.y0]
         cols += [b.x0, b.x1]
-    centre = ((min(rows) + max(rows)) / 2 * qsm.scale[1], (min(cols) + max(cols)) / 2 * qsm.scale[2])
-    viewer.camera.center = (z * qsm.scale[0], *centre)
+    centre = (
+        (min(rows) + max(rows)) / 2 * qsm.scale[1],
+        (min(cols) + max(cols)) / 2 * qsm.scale[2],
+    )
+    viewer.scene.camera.center = (z * qsm.scale[0], *centre)
 
 
-def make_screenshots(bundle: Path, out: Path, *, case: str = "pd", device: str = "auto",
-                     folds: int = 0, tta: bool = False, size: tuple[int, int] = (1700, 1050),
-                     timeout: float = 600.0) -> dict:
+def make_screenshots(
+    bundle: Path,
+    out: Path,
+    *,
+    case: str = "pd",
+    device: str = "auto",
+    folds: int = 0,
+    tta: bool = False,
+    size: tuple[int, int] = (1700, 1050),
+    timeout: float = 600.0,
+) -> dict:
     """Open a sample case, run the panel with ``bundle`` and save the screenshots into ``out``."""
     guard_triton()  # before napari's OpenGL canvas exists (see napari_mrn._compat)
     import imageio.v3 as iio
@@ -79,7 +90,9 @@ def make_screenshots(bundle: Path, out: Path, *, case: str = "pd", device: str =
     written = []
 
     def shot(name: str) -> None:
-        _settle(app, 0.6)
+        _settle(app, 0.3)
+        widget.chart.draw()
+        _settle(app, 0.5)
         path = out / name
         iio.imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
         written.append(str(path))
@@ -93,7 +106,11 @@ def make_screenshots(bundle: Path, out: Path, *, case: str = "pd", device: str =
     if widget.result is None:
         raise RuntimeError(f"run failed: {widget.status.text()}")
     _show_roi_slice(viewer, widget, "qsm_midbrain")
-    viewer.layers["QSM_mask"].visible = False  # show the model's segmentation, not the input mask
+    shown = viewer.layers["MRN nuclei"].data[viewer.dims.current_step[0]]
+    if shown.any():  # show the model's segmentation rather than the input mask
+        viewer.layers["QSM_mask"].visible = False
+    else:  # e.g. an untrained test bundle whose DPT head segments nothing here
+        print("note: the bundle segments nothing on this slice; the input QSM_mask stays visible")
     shot("napari_run.png")
     full = widget.probabilities.to_dict()
     widget.roi_checks["nm_sn"].setChecked(False)
@@ -106,13 +123,15 @@ def make_screenshots(bundle: Path, out: Path, *, case: str = "pd", device: str =
     written.append(str(table_path))
     record = {
         "command": f"python -m napari_mrn.screenshots --bundle {bundle} --out {out} --case {case}"
-                   f" --device {device} --folds {folds}" + (" --tta" if tta else ""),
-        "bundle": str(bundle), "case": widget.result.prediction.case_id,
+        f" --device {device} --folds {folds}" + (" --tta" if tta else ""),
+        "bundle": str(bundle),
+        "case": widget.result.prediction.case_id,
         "device": str(getattr(widget.result.predictor, "device", device)),
-        "run_seconds": round(seconds, 1), "prediction": full, "nm_sn_masked": masked,
+        "run_seconds": round(seconds, 1),
+        "prediction": full,
+        "nm_sn_masked": masked,
         "files": written,
     }
-    (out / "napari_screenshots.json").write_text(json.dumps(record, indent=2))
     dialog.close()
     viewer.close()
     return record
@@ -127,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=0, help="first N folds (0 = all)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     args = parser.parse_args(argv)
-    record = make_screenshots(args.bundle, args.out, case=args.case, device=args.device,
-                              folds=args.folds, tta=args.tta)
+    record = make_screenshots(
+        args.bundle, args.out, case=args.case, device=args.device, folds=args.folds, tta=args.tta
+    )
     print(json.dumps(record, indent=2))
 
 

@@ -12,7 +12,17 @@ from mrn_engine.analysis.metrics import (
 from mrn_engine.analysis.report import write_report
 
 __all__ = [
-    "MASK_SUBSETS", "ROI_SHORT", "AblationResult", "BinaryMetrics", "binary_metrics",
-    "ensemble_metrics", "fold_metrics", "masking_markdown", "masking_metrics",
-    "roc_points", "run_masking_analysis", "subset_key", "write_report",
+    "MASK_SUBSETS",
+    "ROI_SHORT",
+    "AblationResult",
+    "BinaryMetrics",
+    "binary_metrics",
+    "ensemble_metrics",
+    "fold_metrics",
+    "masking_markdown",
+    "masking_metrics",
+    "roc_points",
+    "run_masking_analysis",
+    "subset_key",
+    "write_report",
 ]

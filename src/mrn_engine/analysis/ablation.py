@@ -61,15 +61,18 @@ def run_masking_analysis(
     if labels is None:
         labels = find_labels(cases_dir, check_cases=False)
     if not labels:
-        raise InputDataError(f"{cases_dir}: no labels found (train_cases.csv / val_cases.csv); "
-                             "the masking analysis needs labelled cases")
+        raise InputDataError(
+            f"{cases_dir}: no labels found (train_cases.csv / val_cases.csv); "
+            "the masking analysis needs labelled cases"
+        )
     result = AblationResult(out_dir)
     case_tables: dict[str, list[dict[str, object]]] = {}
     folds = list(predictor.folds)
     p_folds: list[list[float]] = []
     y: list[int] = []
-    for case, pred, error in iter_predictions(predictor, cases_dir, labels=labels, only=set(labels),
-                                              progress=progress):
+    for case, pred, error in iter_predictions(
+        predictor, cases_dir, labels=labels, only=set(labels), progress=progress
+    ):
         if error is not None:
             result.errors.append({"case_id": case.case_id, "error": error})
             continue
@@ -80,28 +83,41 @@ def run_masking_analysis(
         p_folds.append(list(pred.p_pd_folds))
         y.append(labels[pred.case_id])
     if not case_tables:
-        raise InputDataError(f"{cases_dir}: no labelled case could be predicted ({len(result.errors)} failed)")
+        raise InputDataError(
+            f"{cases_dir}: no labelled case could be predicted ({len(result.errors)} failed)"
+        )
     result.metrics = ensemble_metrics(y, p_folds, fold_names=[f"fold {k}" for k in folds])
     result.masking = masking_metrics(case_tables, labels)
     _write(result, case_tables, predictor, folds)
     return result
 
 
-def _write(result: AblationResult, case_tables: dict[str, list[dict[str, object]]], predictor: Any,
-           folds: list[int]) -> None:
+def _write(
+    result: AblationResult,
+    case_tables: dict[str, list[dict[str, object]]],
+    predictor: Any,
+    folds: list[int],
+) -> None:
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     pred_cols = ["case_id", "label", *[f"p_pd_fold{k}" for k in folds], "p_pd", "p_pd_std", "call"]
     write_csv(result.predictions, out / "predictions.csv", columns=pred_cols)
     write_csv(result.metrics, out / "metrics.csv", columns=METRIC_COLUMNS)
-    atomic_write_text(out / "metrics.md", to_markdown(result.metrics, METRIC_COLUMNS[:5],
-                                                      percent=("accuracy", "auc", "f1")))
+    atomic_write_text(
+        out / "metrics.md",
+        to_markdown(result.metrics, METRIC_COLUMNS[:5], percent=("accuracy", "auc", "f1")),
+    )
     write_csv(result.masking, out / "masking_table.csv", columns=TABLE_COLUMNS)
     atomic_write_text(out / "masking_table.md", masking_markdown(result.masking))
     per_case = [
-        {"case_id": cid, "masked": r["masked"], **{f"p_pd_fold{k}": p for k, p in zip(folds, r["p_pd_folds"], strict=True)},  # type: ignore[arg-type]
-         "p_pd": r["p_pd"]}
-        for cid, rows in case_tables.items() for r in rows
+        {
+            "case_id": cid,
+            "masked": r["masked"],
+            **{f"p_pd_fold{k}": p for k, p in zip(folds, r["p_pd_folds"], strict=True)},  # type: ignore[arg-type]
+            "p_pd": r["p_pd"],
+        }
+        for cid, rows in case_tables.items()
+        for r in rows
     ]
     write_csv(per_case, out / "masking_cases.csv")
     write_json(result.errors, out / "errors.json")

@@ -16,11 +16,18 @@ from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import InputDataError
 
 #: short column names of the ROIs in Table 4
-ROI_SHORT: dict[str, str] = {"nm_sn": "NM", "qsm_bg": "QSM1", "qsm_midbrain": "QSM2", "qsm_dentate": "QSM3"}
+ROI_SHORT: dict[str, str] = {
+    "nm_sn": "NM",
+    "qsm_bg": "QSM1",
+    "qsm_midbrain": "QSM2",
+    "qsm_dentate": "QSM3",
+}
 
 #: the 16 subsets: no masking, the 4 singles, 6 pairs, 4 triples, all four (Table 4 order)
 MASK_SUBSETS: tuple[frozenset[str], ...] = tuple(
-    frozenset(c) for size in range(len(ROI_NAMES) + 1) for c in itertools.combinations(ROI_NAMES, size)
+    frozenset(c)
+    for size in range(len(ROI_NAMES) + 1)
+    for c in itertools.combinations(ROI_NAMES, size)
 )
 
 
@@ -73,9 +80,15 @@ def masking_metrics(
     for subset in MASK_SUBSETS:
         probs = by_subset.get(subset, {})
         if set(probs) != set(cases):
-            raise InputDataError(f"masking analysis: subset {subset_key(subset)} missing for some cases")
-        m = binary_metrics([labels[c] for c in cases], [probs[c] for c in cases], threshold=threshold,
-                           where=f"masking {subset_key(subset)}")
+            raise InputDataError(
+                f"masking analysis: subset {subset_key(subset)} missing for some cases"
+            )
+        m = binary_metrics(
+            [labels[c] for c in cases],
+            [probs[c] for c in cases],
+            threshold=threshold,
+            where=f"masking {subset_key(subset)}",
+        )
         row = {"masked": subset_key(subset)}
         row.update({ROI_SHORT[n]: ("x" if n in subset else "") for n in ROI_NAMES})
         row.update(m.as_row())
@@ -87,4 +100,16 @@ def masking_metrics(
 
 
 #: columns of the markdown / CSV table
-TABLE_COLUMNS = ("masked", "NM", "QSM1", "QSM2", "QSM3", "accuracy", "auc", "f1", "delta_accuracy", "n", "note")
+TABLE_COLUMNS = (
+    "masked",
+    "NM",
+    "QSM1",
+    "QSM2",
+    "QSM3",
+    "accuracy",
+    "auc",
+    "f1",
+    "delta_accuracy",
+    "n",
+    "note",
+)

@@ -59,7 +59,9 @@ class BinaryMetrics:
         return row
 
 
-def _as_arrays(labels: Iterable[int], p_pd: Iterable[float], where: str) -> tuple[np.ndarray, np.ndarray]:
+def _as_arrays(
+    labels: Iterable[int], p_pd: Iterable[float], where: str
+) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(list(labels), dtype=float)
     p = np.asarray(list(p_pd), dtype=float)
     if y.shape != p.shape or y.ndim != 1:
@@ -67,14 +69,20 @@ def _as_arrays(labels: Iterable[int], p_pd: Iterable[float], where: str) -> tupl
     if y.size == 0:
         raise InputDataError(f"{where}: no labelled predictions to score")
     if not np.isin(y, (0, 1)).all():
-        raise InputDataError(f"{where}: labels must be 0 (HC) or 1 (PD), got {sorted(set(y.tolist()))}")
+        raise InputDataError(
+            f"{where}: labels must be 0 (HC) or 1 (PD), got {sorted(set(y.tolist()))}"
+        )
     if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
         raise InputDataError(f"{where}: probabilities must be finite and within [0, 1]")
     return y.astype(int), p
 
 
 def binary_metrics(
-    labels: Iterable[int], p_pd: Iterable[float], *, threshold: float = THRESHOLD, where: str = "predictions"
+    labels: Iterable[int],
+    p_pd: Iterable[float],
+    *,
+    threshold: float = THRESHOLD,
+    where: str = "predictions",
 ) -> BinaryMetrics:
     """Accuracy, ROC AUC, macro/PD F1 and the confusion matrix of P(PD) against labels.
 
@@ -107,7 +115,9 @@ def binary_metrics(
     )
 
 
-def roc_points(labels: Iterable[int], p_pd: Iterable[float]) -> tuple[np.ndarray, np.ndarray] | None:
+def roc_points(
+    labels: Iterable[int], p_pd: Iterable[float]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(FPR, TPR) of the ROC curve, or ``None`` with fewer than two classes."""
     y, p = _as_arrays(labels, p_pd, "roc")
     if len(np.unique(y)) < 2:
@@ -135,9 +145,15 @@ def fold_metrics(
             continue
         all_y += y
         all_p += p
-        rows.append(binary_metrics(y, p, threshold=threshold, where=f"fold_{k}/oof.csv").as_row(set=f"fold {k}"))
+        rows.append(
+            binary_metrics(y, p, threshold=threshold, where=f"fold_{k}/oof.csv").as_row(
+                set=f"fold {k}"
+            )
+        )
     if all_y and len(rows) > 1:
-        rows.append(binary_metrics(all_y, all_p, threshold=threshold, where="oof").as_row(set="pooled OOF"))
+        rows.append(
+            binary_metrics(all_y, all_p, threshold=threshold, where="oof").as_row(set="pooled OOF")
+        )
     return rows
 
 
@@ -158,11 +174,19 @@ def ensemble_metrics(
     """
     arr = np.asarray(p_pd_folds, dtype=float)
     if arr.ndim != 2 or arr.shape[0] != len(labels):
-        raise InputDataError(f"held-out predictions: expected ({len(labels)}, n_folds) probabilities, got {arr.shape}")
-    names = list(fold_names) if fold_names is not None else [f"fold {k}" for k in range(arr.shape[1])]
+        raise InputDataError(
+            f"held-out predictions: expected ({len(labels)}, n_folds) probabilities, got {arr.shape}"
+        )
+    names = (
+        list(fold_names) if fold_names is not None else [f"fold {k}" for k in range(arr.shape[1])]
+    )
     rows = [
         binary_metrics(labels, arr[:, j], threshold=threshold, where=names[j]).as_row(set=names[j])
         for j in range(arr.shape[1])
     ]
-    rows.append(binary_metrics(labels, arr.mean(axis=1), threshold=threshold, where="ensemble").as_row(set="ensemble"))
+    rows.append(
+        binary_metrics(labels, arr.mean(axis=1), threshold=threshold, where="ensemble").as_row(
+            set="ensemble"
+        )
+    )
     return rows

@@ -48,7 +48,10 @@ def _read_oof(folds: Mapping[int, Path]) -> dict[int, list[dict[str, object]]]:
         if p.is_file():
             rows = read_csv(p, required=("case_id", "label", "p_pd"))
             try:
-                out[k] = [{"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])} for r in rows]
+                out[k] = [
+                    {"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])}
+                    for r in rows
+                ]
             except ValueError as e:
                 raise InputDataError(f"{p}: bad label or probability ({e})") from e
     return out
@@ -69,7 +72,9 @@ def _read_losses(folds: Mapping[int, Path]) -> dict[int, dict[str, np.ndarray]]:
             cols["stage"] = np.array([r["stage"] or "" for r in rows], dtype=object)
         for c in rows[0]:
             try:
-                cols[c] = np.array([float(r[c]) if r[c] not in ("", None) else np.nan for r in rows])
+                cols[c] = np.array(
+                    [float(r[c]) if r[c] not in ("", None) else np.nan for r in rows]
+                )
             except (TypeError, ValueError):
                 continue
         out[k] = cols
@@ -121,13 +126,23 @@ def roc_figure(oof: Mapping[int, Rows], held_out: Rows | None) -> Figure | None:
         p = [_num(r["p_pd"]) for r in held_out]
         pts = roc_points(y, p)
         if pts is not None:
-            ax.plot(*pts, color="black", lw=2.2, label=f"ensemble held-out (AUC {binary_metrics(y, p).auc:.2f})")
+            ax.plot(
+                *pts,
+                color="black",
+                lw=2.2,
+                label=f"ensemble, eval cases (AUC {binary_metrics(y, p).auc:.2f})",
+            )
             drawn = True
     if not drawn:
         return None
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
-    ax.set(xlabel="false positive rate (HC called PD)", ylabel="true positive rate (PD found)",
-           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title="ROC")
+    ax.set(
+        xlabel="false positive rate (HC called PD)",
+        ylabel="true positive rate (PD found)",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        title="ROC",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -140,8 +155,15 @@ def confusion_figure(confusion: Sequence[Sequence[int]], title: str) -> Figure:
     ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, cm.max()))
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=14,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=14,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_xticks([0, 1], ["HC", "PD"])
     ax.set_yticks([0, 1], ["HC", "PD"])
     ax.set(xlabel="predicted", ylabel="truth", title=title)
@@ -158,8 +180,12 @@ def masking_figure(rows: Rows) -> Figure:
     im = ax.imshow(np.ma.masked_invalid(vals), cmap="RdYlGn", vmin=0.4, vmax=1.0, aspect="auto")
     for i in range(vals.shape[0]):
         for j in range(vals.shape[1]):
-            txt = "n/a" if math.isnan(vals[i, j]) else f"{100 * vals[i, j]:.1f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=8)
+            v = vals[i, j]
+            txt = "n/a" if math.isnan(v) else f"{100 * v:.1f}"
+            dark = not math.isnan(v) and (v < 0.5 or v > 0.92)  # ends of the colour map
+            ax.text(
+                j, i, txt, ha="center", va="center", fontsize=8, color="white" if dark else "black"
+            )
     ax.set_xticks(range(len(metrics)), ["accuracy", "ROC AUC", "F1"])
     ax.set_yticks(range(len(labels)), [f"masked: {lab}" for lab in labels], fontsize=8)
     ax.xaxis.tick_top()
@@ -190,7 +216,14 @@ def loss_figure(losses: Mapping[int, Mapping[str, np.ndarray]]) -> Figure | None
         for k, cols in sorted(losses.items()):
             if c in cols:
                 x = cols.get("epoch", np.arange(1, len(cols[c]) + 1))
-                ax.plot(x, cols[c], lw=1.2, label=f"fold {k}")
+                ax.plot(
+                    x,
+                    cols[c],
+                    lw=1.2,
+                    label=f"fold {k}",
+                    marker="o" if len(x) <= 12 else None,
+                    ms=3,
+                )
                 stage = cols.get("stage")
                 if stage is not None and k == min(losses):
                     change = [j for j in range(1, len(stage)) if stage[j] != stage[j - 1]]
@@ -236,9 +269,15 @@ def _table(rows: Rows, columns: Sequence[str], percent: Sequence[str] = ()) -> s
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _held_out_rows(rows: list[dict[str, object]]) -> tuple[list[int], list[list[float]], list[str], list[dict[str, object]]]:
+def _held_out_rows(
+    rows: list[dict[str, object]],
+) -> tuple[list[int], list[list[float]], list[str], list[dict[str, object]]]:
     """Labels, per-fold probabilities and fold names of held-out predictions (labelled rows only)."""
-    rows = [r for r in rows if str(r.get("label", "")).strip() not in ("", "None") and not r.get("error")]
+    rows = [
+        r
+        for r in rows
+        if str(r.get("label", "")).strip() not in ("", "None") and not r.get("error")
+    ]
     if not rows:
         return [], [], [], []
     fold_cols = [c for c in rows[0] if c.startswith("p_pd_fold")]
@@ -249,7 +288,7 @@ def _held_out_rows(rows: list[dict[str, object]]) -> tuple[list[int], list[list[
         pf = [[_num(r["p_pd"])] for r in rows]
     for r, p in zip(rows, pf, strict=True):
         r.setdefault("p_pd", float(np.mean(p)))
-    names = [f"fold {c[len('p_pd_fold'):]}" for c in fold_cols] or ["model"]
+    names = [f"fold {c[len('p_pd_fold') :]}" for c in fold_cols] or ["model"]
     return y, pf, names, rows
 
 
@@ -283,7 +322,9 @@ def write_report(
         eval_predictions = ablation / "predictions.csv"
     if masking_table is None and (ablation / "masking_table.csv").is_file():
         masking_table = ablation / "masking_table.csv"
-    config_text = (run_dir / "config.json").read_text() if (run_dir / "config.json").is_file() else ""
+    config_text = (
+        (run_dir / "config.json").read_text() if (run_dir / "config.json").is_file() else ""
+    )
     info = {}
     if (run_dir / "bundle.json").is_file():
         try:
@@ -305,18 +346,36 @@ def write_report(
     cm_source = None
     if oof:
         rows = fold_metrics(oof)
-        metric_html.append("<h3>Out-of-fold (each fold model on its own validation cases)</h3>" + _table(rows, cols, pct))
+        metric_html.append(
+            "<h3>Out-of-fold (each fold model on its own validation cases)</h3>"
+            + _table(rows, cols, pct)
+        )
         pooled = rows[-1]
-        cm_source = ([[pooled["tn"], pooled["fp"]], [pooled["fn"], pooled["tp"]]], f"{pooled['set']} (n={pooled['n']})")
+        cm_source = (
+            [[pooled["tn"], pooled["fp"]], [pooled["fn"], pooled["tp"]]],
+            f"{pooled['set']} (n={pooled['n']})",
+        )
     held_rows: list[dict[str, object]] = []
     if held:
         y, pf, names, held_rows = _held_out_rows(held)
         if y:
             rows = ensemble_metrics(y, pf, fold_names=names)
-            metric_html.append("<h3>Held-out cases (every fold model and the ensemble mean)</h3>" + _table(rows, cols, pct))
+            metric_html.append(
+                "<h3>Evaluation cases (eval predictions, e.g. a held-out set: every fold model and the ensemble mean)</h3>"
+                + _table(rows, cols, pct)
+            )
             ens = rows[-1]
-            cm_source = ([[ens["tn"], ens["fp"]], [ens["fn"], ens["tp"]]], f"ensemble, held-out (n={ens['n']})")
-    sections.append("<h2>Metrics</h2>" + ("".join(metric_html) or '<p class="muted">No out-of-fold or held-out predictions found.</p>'))
+            cm_source = (
+                [[ens["tn"], ens["fp"]], [ens["fn"], ens["tp"]]],
+                f"ensemble, eval cases (n={ens['n']})",
+            )
+    sections.append(
+        "<h2>Metrics</h2>"
+        + (
+            "".join(metric_html)
+            or '<p class="muted">No out-of-fold or held-out predictions found.</p>'
+        )
+    )
 
     fig_html = []
     roc = roc_figure(oof, held_rows or None)
@@ -328,7 +387,9 @@ def write_report(
         if name in figures:
             fig_html.append(_img(_png(figures[name]), name))
     if fig_html:
-        sections.append('<h2>ROC and confusion matrix</h2><div class="figs">' + "".join(fig_html) + "</div>")
+        sections.append(
+            '<h2>ROC and confusion matrix</h2><div class="figs">' + "".join(fig_html) + "</div>"
+        )
 
     if masking:
         figures["masking"] = masking_figure(masking)
@@ -337,8 +398,10 @@ def write_report(
             "<h2>ROI masking (paper Table 4)</h2>"
             f'<p class="muted">Masked ROI input replaced by an empty volume; ROIs: '
             f"{html.escape(', '.join(f'{v} = {k}' for k, v in ROI_SHORT.items() if k in ROI_NAMES))}.</p>"
-            '<div class="figs">' + _img(_png(figures["masking"]), "masking") +
-            _table(masking, mcols, ("accuracy", "auc", "f1", "delta_accuracy")) + "</div>"
+            '<div class="figs">'
+            + _img(_png(figures["masking"]), "masking")
+            + _table(masking, mcols, ("accuracy", "auc", "f1", "delta_accuracy"))
+            + "</div>"
         )
 
     lf = loss_figure(losses)
@@ -349,7 +412,9 @@ def write_report(
     if config_text:
         sections.append("<h2>Configuration</h2><pre>" + html.escape(config_text) + "</pre>")
     if info:
-        sections.append("<h2>Bundle</h2><pre>" + html.escape(json.dumps(_brief(info), indent=2)) + "</pre>")
+        sections.append(
+            "<h2>Bundle</h2><pre>" + html.escape(json.dumps(_brief(info), indent=2)) + "</pre>"
+        )
 
     preset = ""
     if config_text:
@@ -363,7 +428,8 @@ def write_report(
         f"<style>{_CSS}</style></head><body>"
         f"<h1>MRN run report</h1><p class='muted'>{html.escape(str(run_dir))} &middot; preset "
         f"<b>{html.escape(str(preset))}</b> &middot; folds {sorted(folds)} &middot; generated {now}</p>"
-        + "".join(sections) + "</body></html>"
+        + "".join(sections)
+        + "</body></html>"
     )
     atomic_write_text(out_path, doc)
     if png_dir is not None:
@@ -381,9 +447,14 @@ def _brief(info: Mapping[str, object]) -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in info.items():
         if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            out[k] = [{kk: (f"{len(vv)} cases" if isinstance(vv, list) else vv) for kk, vv in x.items()} for x in v]
+            out[k] = [
+                {kk: (f"{len(vv)} cases" if isinstance(vv, list) else vv) for kk, vv in x.items()}
+                for x in v
+            ]
         elif isinstance(v, dict):
-            out[k] = {kk: (f"{len(vv)} items" if isinstance(vv, list) else vv) for kk, vv in v.items()}
+            out[k] = {
+                kk: (f"{len(vv)} items" if isinstance(vv, list) else vv) for kk, vv in v.items()
+            }
         else:
             out[k] = v
     return out

@@ -14,7 +14,9 @@ from mrn_engine.config import atomic_write_text
 from mrn_engine.errors import InputDataError
 
 
-def rows_to_csv_text(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+def rows_to_csv_text(
+    rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None
+) -> str:
     """CSV text with a header; ``columns`` defaults to the keys of the first row (then any new ones)."""
     if columns is None:
         cols: list[str] = []
@@ -22,7 +24,9 @@ def rows_to_csv_text(rows: Sequence[Mapping[str, object]], columns: Sequence[str
             cols += [k for k in r if k not in cols]
         columns = cols
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for r in rows:
         writer.writerow({k: _cell(r.get(k, "")) for k in columns})
@@ -37,7 +41,11 @@ def _cell(v: object) -> object:
     return v
 
 
-def write_csv(rows: Sequence[Mapping[str, object]], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
+def write_csv(
+    rows: Sequence[Mapping[str, object]],
+    path: str | os.PathLike,
+    columns: Sequence[str] | None = None,
+) -> Path:
     """Write rows as CSV atomically (temporary file + ``os.replace``)."""
     path = Path(path)
     atomic_write_text(path, rows_to_csv_text(rows, columns))
@@ -81,7 +89,9 @@ def read_csv(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict
     return rows
 
 
-def to_markdown(rows: Sequence[Mapping[str, object]], columns: Sequence[str], *, percent: Sequence[str] = ()) -> str:
+def to_markdown(
+    rows: Sequence[Mapping[str, object]], columns: Sequence[str], *, percent: Sequence[str] = ()
+) -> str:
     """A GitHub markdown table; columns in ``percent`` are shown as ``83.0%`` (nan as ``n/a``)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:

@@ -15,7 +15,15 @@ from mrn_engine.errors import MRNError
 
 #: modules of this package that add subcommands (a missing module is skipped)
 SUBCOMMAND_MODULES = (
-    "phantom", "data", "rois", "model", "train", "predict", "analysis", "segmentation", "demo",
+    "phantom",
+    "data",
+    "rois",
+    "model",
+    "train",
+    "predict",
+    "analysis",
+    "segmentation",
+    "demo",
 )
 
 

@@ -11,23 +11,46 @@ from mrn_engine.cli.predict import _parse_folds
 
 @click.command("ablate-rois")
 @click.argument("cases_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", "model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model bundle folder.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder for the tables (CSV + markdown).")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model bundle folder.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder for the tables (CSV + markdown).",
+)
 @click.option("--folds", default=None, help="Comma-separated fold indices (default: all).")
-@click.option("--tta/--no-tta", default=False, show_default=True, help="Mirror test-time augmentation.")
+@click.option(
+    "--tta/--no-tta", default=False, show_default=True, help="Mirror test-time augmentation."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
-@click.option("--ignore-masks", is_flag=True, help="Crop with nnU-Net masks instead of the case's mask files.")
+@click.option(
+    "--ignore-masks", is_flag=True, help="Crop with nnU-Net masks instead of the case's mask files."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def ablate_rois_cmd(cases_dir: Path, model: Path, out: Path, folds: str | None, tta: bool, device: str,
-                    ignore_masks: bool, quiet: bool) -> None:
+def ablate_rois_cmd(
+    cases_dir: Path,
+    model: Path,
+    out: Path,
+    folds: str | None,
+    tta: bool,
+    device: str,
+    ignore_masks: bool,
+    quiet: bool,
+) -> None:
     """ROI masking analysis on labelled cases: no masking + the 15 masked ROI subsets."""
     from mrn_engine.analysis import masking_markdown, run_masking_analysis
     from mrn_engine.inference import MRNPredictor
 
-    predictor = MRNPredictor.from_bundle(model, device=device, folds=_parse_folds(folds), tta=tta,
-                                         ignore_masks=ignore_masks)
+    predictor = MRNPredictor.from_bundle(
+        model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
+    )
     result = run_masking_analysis(predictor, cases_dir, out, progress=not quiet)
     click.echo(masking_markdown(result.masking))
     click.echo(f"tables written to {out}")
@@ -37,18 +60,39 @@ def ablate_rois_cmd(cases_dir: Path, model: Path, out: Path, folds: str | None, 
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="HTML file (default: RUN_DIR/report.html).")
-@click.option("--eval", "eval_csv", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Held-out predictions.csv (default: RUN_DIR/ablation/predictions.csv if present).")
-@click.option("--masking", "masking_csv", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="masking_table.csv (default: RUN_DIR/ablation/masking_table.csv if present).")
-def report_cmd(run_dir: Path, out: Path | None, eval_csv: Path | None, masking_csv: Path | None) -> None:
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file (default: RUN_DIR/report.html).",
+)
+@click.option(
+    "--eval",
+    "eval_csv",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Held-out predictions.csv (default: RUN_DIR/ablation/predictions.csv if present).",
+)
+@click.option(
+    "--masking",
+    "masking_csv",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="masking_table.csv (default: RUN_DIR/ablation/masking_table.csv if present).",
+)
+def report_cmd(
+    run_dir: Path, out: Path | None, eval_csv: Path | None, masking_csv: Path | None
+) -> None:
     """Self-contained HTML report of a run: ROC, confusion matrix, masking heatmap, losses, config."""
     from mrn_engine.analysis import write_report
 
-    path = write_report(run_dir, out or run_dir / "report.html", eval_predictions=eval_csv,
-                        masking_table=masking_csv)
+    path = write_report(
+        run_dir,
+        out or run_dir / "report.html",
+        eval_predictions=eval_csv,
+        masking_table=masking_csv,
+    )
     click.echo(f"report written to {path}")
 
 

@@ -16,10 +16,19 @@ def _yn(flag: bool) -> str:
 
 @click.command("cases")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Load and validate every case (grids, NaN/Inf, mask labels, ROI labels).")
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the case table to this CSV file.")
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Load and validate every case (grids, NaN/Inf, mask labels, ROI labels).",
+)
+@click.option(
+    "--csv",
+    "csv_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the case table to this CSV file.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cases_cmd(root: Path, check: bool, csv_out: Path | None, quiet: bool) -> None:
     """List the cases under ROOT (recursive): files present, label, split; validate them."""
@@ -45,8 +54,12 @@ def cases_cmd(root: Path, check: bool, csv_out: Path | None, quiet: bool) -> Non
                 for spec in ROIS:
                     m = case.nm_mask if spec.modality == "NM" else case.qsm_mask
                     if m is not None:
-                        check_roi_labels(np.bincount(m.array.ravel(order="K"), minlength=256),
-                                         spec, m.name, strict=True)
+                        check_roi_labels(
+                            np.bincount(m.array.ravel(order="K"), minlength=256),
+                            spec,
+                            m.name,
+                            strict=True,
+                        )
             except InputDataError as e:
                 problems[row["case_id"]] = str(e)
     with warnings.catch_warnings(record=True) as caught:
@@ -78,12 +91,24 @@ def cases_cmd(root: Path, check: bool, csv_out: Path | None, quiet: bool) -> Non
         click.echo("validation: skipped (--no-check)")
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    click.echo(f"duplicates (identical NM bytes): {len(dups)} pair(s)"
-               + "".join(f"\n  {a} == {b}" for a, b in dups))
+    click.echo(
+        f"duplicates (identical NM bytes): {len(dups)} pair(s)"
+        + "".join(f"\n  {a} == {b}" for a, b in dups)
+    )
     if csv_out is not None:
         buf = io.StringIO()
-        fields = ["case_id", "label", "split", "NM", "QSM", "T1", "NM_mask", "QSM_mask", "folder",
-                  "status"]
+        fields = [
+            "case_id",
+            "label",
+            "split",
+            "NM",
+            "QSM",
+            "T1",
+            "NM_mask",
+            "QSM_mask",
+            "folder",
+            "status",
+        ]
         w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:

@@ -14,19 +14,51 @@ def bench_group() -> None:
 
 
 @bench_group.command("model")
-@click.option("--preset", default="cpu-tiny", show_default=True, help="paper-vitb, vits or cpu-tiny.")
-@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A config.json instead of a preset.")
-@click.option("--arch", type=click.Choice(["mrn", "seres10"]), default=None, help="Override model.arch.")
+@click.option(
+    "--preset", default="cpu-tiny", show_default=True, help="paper-vitb, vits or cpu-tiny."
+)
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A config.json instead of a preset.",
+)
+@click.option(
+    "--arch", type=click.Choice(["mrn", "seres10"]), default=None, help="Override model.arch."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch", default=4, show_default=True, help="Batch size of the training step.")
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per figure (median).")
-@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU (default: torch's).")
+@click.option(
+    "--threads", default=None, type=int, help="torch intra-op threads on CPU (default: torch's)."
+)
 @click.option("--no-train", is_flag=True, help="Skip the training-step measurement.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the figures as JSON.")
-def bench_model_cmd(preset: str, config_path: Path | None, arch: str | None, device: str, batch: int,
-                    repeats: int, threads: int | None, no_train: bool, json_path: Path | None) -> None:
+@click.option(
+    "--parts",
+    default="forward,dinov2,masking,train,flops",
+    show_default=True,
+    help="Comma-separated measurements to run.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the figures as JSON.",
+)
+def bench_model_cmd(
+    preset: str,
+    config_path: Path | None,
+    arch: str | None,
+    device: str,
+    batch: int,
+    repeats: int,
+    threads: int | None,
+    no_train: bool,
+    parts: str,
+    json_path: Path | None,
+) -> None:
     """Parameters, forward latency / peak memory (one patient), training step (batch B),
     MRN / bare-DINOv2 ratio and 16-subset masking / forward ratio, on random weights."""
     import torch
@@ -39,8 +71,15 @@ def bench_model_cmd(preset: str, config_path: Path | None, arch: str | None, dev
         cfg = cfg.replace(model={"arch": arch})
     if threads:
         torch.set_num_threads(threads)
-    result = bench_model(cfg, device, repeats=repeats, batch=batch, train=not no_train,
-                         log=lambda m: click.echo(m, err=True))
+    result = bench_model(
+        cfg,
+        device,
+        repeats=repeats,
+        batch=batch,
+        train=not no_train,
+        parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+        log=lambda m: click.echo(m, err=True),
+    )
     click.echo(format_result(result))
     if json_path:
         atomic_write_text(json_path, json.dumps(result, indent=2))

@@ -9,20 +9,53 @@ import click
 
 @click.command("phantom")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Cohort folder.")
-@click.option("--n", "n", type=click.IntRange(min=2), default=300, show_default=True,
-              help="Number of cases (balanced PD/HC).")
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=2),
+    default=300,
+    show_default=True,
+    help="Number of cases (balanced PD/HC).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Cohort seed.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Parallel worker processes.")
-@click.option("--effect", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
-              help="Scale of all class differences (1 = oracle ceiling about 0.90).")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-              default=1 / 3, show_default=True, help="Share of cases in val_cases.csv.")
-@click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the PD-vs-HC figure (PNG) here instead of / besides a cohort.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Parallel worker processes.",
+)
+@click.option(
+    "--effect",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="Scale of all class differences (1 = oracle ceiling about 0.90).",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=1 / 3,
+    show_default=True,
+    help="Share of cases in val_cases.csv.",
+)
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the PD-vs-HC figure (PNG) here instead of / besides a cohort.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def phantom(out: Path | None, n: int, seed: int, workers: int, effect: float,
-            val_fraction: float, figure: Path | None, quiet: bool) -> None:
+def phantom(
+    out: Path | None,
+    n: int,
+    seed: int,
+    workers: int,
+    effect: float,
+    val_fraction: float,
+    figure: Path | None,
+    quiet: bool,
+) -> None:
     """Synthetic PD/HC cohort in the PDCADxFoundation layout (NM, QSM, T1, masks, CSVs)."""
     from mrn_engine.phantom import generate_cohort, plot_pd_hc
 
@@ -33,8 +66,15 @@ def phantom(out: Path | None, n: int, seed: int, workers: int, effect: float,
         click.echo(f"figure: {path}")
     if out is None:
         return
-    s = generate_cohort(out, n=n, seed=seed, workers=workers, val_fraction=val_fraction,
-                        progress=not quiet, effect=effect)
+    s = generate_cohort(
+        out,
+        n=n,
+        seed=seed,
+        workers=workers,
+        val_fraction=val_fraction,
+        progress=not quiet,
+        effect=effect,
+    )
     o = s["oracle"]
     click.echo(
         f"cohort: {s['root']}\n"

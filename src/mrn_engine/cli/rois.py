@@ -9,12 +9,26 @@ import click
 
 @click.command("rois")
 @click.argument("case_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--preset", default="cpu-tiny", show_default=True,
-              help="Configuration preset whose ROI settings to use (cpu-tiny, paper-vitb, vits).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="A config.json (overrides --preset).")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a PNG montage of the crops here.")
+@click.option(
+    "--preset",
+    default="cpu-tiny",
+    show_default=True,
+    help="Configuration preset whose ROI settings to use (cpu-tiny, paper-vitb, vits).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A config.json (overrides --preset).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a PNG montage of the crops here.",
+)
 def rois_cmd(case_dir: Path, preset: str, config_path: Path | None, out: Path | None) -> None:
     """Print the ROI boxes of the case in CASE_DIR (voxels, mm, slices, labels)."""
     from mrn_engine.config import RunConfig, get_preset

@@ -17,9 +17,13 @@ def _specs(nm_id: int, qsm_id: int, nm_name: str, qsm_name: str):
 
 
 def _dataset_options(f):
-    f = click.option("--qsm-name", default="PDCADxQSM", show_default=True, help="QSM dataset name.")(f)
+    f = click.option(
+        "--qsm-name", default="PDCADxQSM", show_default=True, help="QSM dataset name."
+    )(f)
     f = click.option("--nm-name", default="PDCADxNM", show_default=True, help="NM dataset name.")(f)
-    f = click.option("--qsm-id", default=505, show_default=True, type=int, help="QSM dataset id.")(f)
+    f = click.option("--qsm-id", default=505, show_default=True, type=int, help="QSM dataset id.")(
+        f
+    )
     f = click.option("--nm-id", default=504, show_default=True, type=int, help="NM dataset id.")(f)
     return f
 
@@ -50,17 +54,34 @@ def seg() -> None:
 @click.argument("cases_dir", type=_DIR)
 @click.option("--out", "out", required=True, type=_OUT_DIR, help="nnU-Net raw folder (nnUNet_raw).")
 @_dataset_options
-@click.option("--modality", type=click.Choice(["nm", "qsm", "both"]), default="both", show_default=True)
+@click.option(
+    "--modality", type=click.Choice(["nm", "qsm", "both"]), default="both", show_default=True
+)
 @click.option("--copy", "copy", is_flag=True, help="Copy files instead of hard-linking them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export_cmd(cases_dir: Path, out: Path, nm_id: int, qsm_id: int, nm_name: str, qsm_name: str,
-               modality: str, copy: bool, quiet: bool) -> None:
+def export_cmd(
+    cases_dir: Path,
+    out: Path,
+    nm_id: int,
+    qsm_id: int,
+    nm_name: str,
+    qsm_name: str,
+    modality: str,
+    copy: bool,
+    quiet: bool,
+) -> None:
     """Write the labelled cases of CASES_DIR as nnU-Net raw datasets (NM and QSM)."""
     from mrn_engine.segmentation.export import export_datasets
     from mrn_engine.segmentation.train import parse_modalities
 
-    done = export_datasets(cases_dir, out, specs=_specs(nm_id, qsm_id, nm_name, qsm_name),
-                           modalities=parse_modalities(modality), link=not copy, progress=not quiet)
+    done = export_datasets(
+        cases_dir,
+        out,
+        specs=_specs(nm_id, qsm_id, nm_name, qsm_name),
+        modalities=parse_modalities(modality),
+        link=not copy,
+        progress=not quiet,
+    )
     for mod, folder in done.items():
         n = len(list((folder / "labelsTr").glob("*.nii.gz")))
         click.echo(f"{mod}: {n} case(s) -> {folder}")
@@ -68,34 +89,80 @@ def export_cmd(cases_dir: Path, out: Path, nm_id: int, qsm_id: int, nm_name: str
 
 @seg.command("train")
 @click.argument("cases_dir", type=_DIR)
-@click.option("--workspace", required=True, type=_OUT_DIR,
-              help="Folder for nnUNet_raw / nnUNet_preprocessed / nnUNet_results.")
-@click.option("--modality", type=click.Choice(["nm", "qsm", "both"]), default="both", show_default=True)
-@click.option("--config", "configuration", default="3d_fullres", show_default=True,
-              help="nnU-Net configuration.")
+@click.option(
+    "--workspace",
+    required=True,
+    type=_OUT_DIR,
+    help="Folder for nnUNet_raw / nnUNet_preprocessed / nnUNet_results.",
+)
+@click.option(
+    "--modality", type=click.Choice(["nm", "qsm", "both"]), default="both", show_default=True
+)
+@click.option(
+    "--config",
+    "configuration",
+    default="3d_fullres",
+    show_default=True,
+    help="nnU-Net configuration.",
+)
 @click.option("--folds", default="0", show_default=True, help="Comma-separated folds, or 'all'.")
 @click.option("--epochs", type=int, default=None, help="Epochs (nnU-Net default 1000).")
-@click.option("--iters-per-epoch", type=int, default=None, help="Training iterations per epoch (default 250).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--iters-per-epoch", type=int, default=None, help="Training iterations per epoch (default 250)."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
 @click.option("--tiny", is_flag=True, help="Small network and patch (CPU smoke runs).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads while training.")
-@click.option("--workers", type=int, default=0, show_default=True,
-              help="nnU-Net worker processes (0 = run in this process).")
-@click.option("--bundle", type=_OUT_DIR, default=None, help="Copy the trained models into BUNDLE/nnunet/.")
+@click.option(
+    "--workers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="nnU-Net worker processes (0 = run in this process).",
+)
+@click.option(
+    "--bundle", type=_OUT_DIR, default=None, help="Copy the trained models into BUNDLE/nnunet/."
+)
 @_dataset_options
 @click.option("--quiet", is_flag=True, help="Less output.")
-def train_cmd(cases_dir: Path, workspace: Path, modality: str, configuration: str, folds: str,
-              epochs: int | None, iters_per_epoch: int | None, device: str, tiny: bool,
-              threads: int | None, workers: int, bundle: Path | None, nm_id: int, qsm_id: int,
-              nm_name: str, qsm_name: str, quiet: bool) -> None:
+def train_cmd(
+    cases_dir: Path,
+    workspace: Path,
+    modality: str,
+    configuration: str,
+    folds: str,
+    epochs: int | None,
+    iters_per_epoch: int | None,
+    device: str,
+    tiny: bool,
+    threads: int | None,
+    workers: int,
+    bundle: Path | None,
+    nm_id: int,
+    qsm_id: int,
+    nm_name: str,
+    qsm_name: str,
+    quiet: bool,
+) -> None:
     """Train nnU-Net NM/QSM nucleus models on the labelled cases of CASES_DIR."""
     from mrn_engine.segmentation.train import SegTrainConfig, train_segmentation
 
-    cfg = SegTrainConfig(configuration=configuration, folds=_parse_folds(folds), epochs=epochs,
-                         iters_per_epoch=iters_per_epoch, device=device, tiny=tiny, threads=threads,
-                         num_processes=workers, specs=_specs(nm_id, qsm_id, nm_name, qsm_name))
-    done = train_segmentation(cases_dir, workspace, modality=modality, cfg=cfg, bundle=bundle,
-                              progress=not quiet)
+    cfg = SegTrainConfig(
+        configuration=configuration,
+        folds=_parse_folds(folds),
+        epochs=epochs,
+        iters_per_epoch=iters_per_epoch,
+        device=device,
+        tiny=tiny,
+        threads=threads,
+        num_processes=workers,
+        specs=_specs(nm_id, qsm_id, nm_name, qsm_name),
+    )
+    done = train_segmentation(
+        cases_dir, workspace, modality=modality, cfg=cfg, bundle=bundle, progress=not quiet
+    )
     for mod, folder in done.items():
         click.echo(f"{mod}: model -> {folder}")
 
@@ -103,22 +170,47 @@ def train_cmd(cases_dir: Path, workspace: Path, modality: str, configuration: st
 @seg.command("predict")
 @click.argument("cases_dir", type=_DIR)
 @click.option("--model", "model", required=True, type=_DIR, help="Bundle (or its nnunet/ folder).")
-@click.option("--out", "out", required=True, type=_OUT_DIR, help="Output folder (<case>/NM_pred, QSM_pred).")
+@click.option(
+    "--out", "out", required=True, type=_OUT_DIR, help="Output folder (<case>/NM_pred, QSM_pred)."
+)
 @click.option("--folds", default=None, help="Comma-separated folds (default: all present).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--mirroring/--no-mirroring", default=True, show_default=True, help="Mirror test-time augmentation.")
-@click.option("--step", "tile_step_size", default=0.5, show_default=True, type=float,
-              help="Sliding-window step (fraction of the patch).")
+@click.option(
+    "--mirroring/--no-mirroring",
+    default=True,
+    show_default=True,
+    help="Mirror test-time augmentation.",
+)
+@click.option(
+    "--step",
+    "tile_step_size",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Sliding-window step (fraction of the patch).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def predict_cmd(cases_dir: Path, model: Path, out: Path, folds: str | None, device: str,
-                mirroring: bool, tile_step_size: float, quiet: bool) -> None:
+def predict_cmd(
+    cases_dir: Path,
+    model: Path,
+    out: Path,
+    folds: str | None,
+    device: str,
+    mirroring: bool,
+    tile_step_size: float,
+    quiet: bool,
+) -> None:
     """Segment the nuclei of every case under CASES_DIR with the bundle's nnU-Net models."""
     from mrn_engine.segmentation.batch import segment_cases
     from mrn_engine.segmentation.predict import NNUNetSegmenter
 
-    seg_ = NNUNetSegmenter.from_bundle(model, device=device,
-                                       folds=list(_parse_folds(folds)) if folds else None,
-                                       use_mirroring=mirroring, tile_step_size=tile_step_size)
+    seg_ = NNUNetSegmenter.from_bundle(
+        model,
+        device=device,
+        folds=list(_parse_folds(folds)) if folds else None,
+        use_mirroring=mirroring,
+        tile_step_size=tile_step_size,
+    )
     res = segment_cases(seg_, cases_dir, out, progress=not quiet)
     click.echo(f"{len(res.written)} case(s) segmented -> {out}")
     for w in res.warnings:
@@ -132,8 +224,13 @@ def predict_cmd(cases_dir: Path, model: Path, out: Path, folds: str | None, devi
 @seg.command("evaluate")
 @click.argument("pred_dir", type=_DIR)
 @click.argument("gt_dir", type=_DIR)
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the per-case table as CSV.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the per-case table as CSV.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_cmd(pred_dir: Path, gt_dir: Path, out: Path | None, quiet: bool) -> None:
     """Dice, HD95 (mm) and the challenge's weighted segmentation score of PRED_DIR vs GT_DIR."""
@@ -141,8 +238,10 @@ def evaluate_cmd(pred_dir: Path, gt_dir: Path, out: Path | None, quiet: bool) ->
 
     rows = evaluate_folders(pred_dir, gt_dir, out_csv=out, progress=not quiet)
     mean = rows[-1]
-    click.echo(f"{len(rows) - 1} case(s): QSM score {mean['QSM_score']:.4f}, NM score "
-               f"{mean['NM_score']:.4f}, composite {mean['composite_score']:.4f}")
+    click.echo(
+        f"{len(rows) - 1} case(s): QSM score {mean['QSM_score']:.4f}, NM score "
+        f"{mean['NM_score']:.4f}, composite {mean['composite_score']:.4f}"
+    )
     if out is not None:
         click.echo(f"table -> {out}")
 

@@ -18,7 +18,9 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def build_config(preset: str, config: Path | None, overrides: dict, model_overrides: dict | None = None):
+def build_config(
+    preset: str, config: Path | None, overrides: dict, model_overrides: dict | None = None
+):
     """A RunConfig from ``--config`` (or the preset) with the command-line overrides applied."""
     from mrn_engine.config import RunConfig, get_preset
 
@@ -29,20 +31,35 @@ def build_config(preset: str, config: Path | None, overrides: dict, model_overri
 
 
 _common = [
-    click.option("--preset", default="cpu-tiny", show_default=True,
-                 help="Named configuration: paper-vitb, vits, cpu-tiny."),
-    click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                 help="A config.json (RunConfig) instead of the preset."),
-    click.option("--folds", "n_folds", type=int, help="Number of CV folds (default from the config)."),
+    click.option(
+        "--preset",
+        default="cpu-tiny",
+        show_default=True,
+        help="Named configuration: paper-vitb, vits, cpu-tiny.",
+    ),
+    click.option(
+        "--config",
+        "config",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A config.json (RunConfig) instead of the preset.",
+    ),
+    click.option(
+        "--folds", "n_folds", type=int, help="Number of CV folds (default from the config)."
+    ),
     click.option("--epochs", type=int, help="Full-loss epochs."),
-    click.option("--pretrain-epochs", type=int, help="Segmentation + contrastive pretraining epochs."),
+    click.option(
+        "--pretrain-epochs", type=int, help="Segmentation + contrastive pretraining epochs."
+    ),
     click.option("--batch-size", type=int),
     click.option("--lr-backbone", type=float),
     click.option("--lr-head", type=float),
     click.option("--seed", type=int, help="Training seed."),
     click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda."),
-    click.option("--weights", type=click.Path(exists=True, dir_okay=False),
-                 help="Local DINOv2 weights (.safetensors or Meta .pth) for the backbone."),
+    click.option(
+        "--weights",
+        type=click.Path(exists=True, dir_okay=False),
+        help="Local DINOv2 weights (.safetensors or Meta .pth) for the backbone.",
+    ),
     click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)."),
     click.option("--quiet", is_flag=True, help="No progress bars."),
 ]
@@ -54,26 +71,65 @@ def common(f):
     return f
 
 
-def _overrides(n_folds, epochs, pretrain_epochs, batch_size, lr_backbone, lr_head, seed, device) -> dict:
-    return {"folds": n_folds, "epochs": epochs, "pretrain_epochs": pretrain_epochs,
-            "batch_size": batch_size, "lr_backbone": lr_backbone, "lr_head": lr_head, "seed": seed,
-            "device": device}
+def _overrides(
+    n_folds, epochs, pretrain_epochs, batch_size, lr_backbone, lr_head, seed, device
+) -> dict:
+    return {
+        "folds": n_folds,
+        "epochs": epochs,
+        "pretrain_epochs": pretrain_epochs,
+        "batch_size": batch_size,
+        "lr_backbone": lr_backbone,
+        "lr_head": lr_head,
+        "seed": seed,
+        "device": device,
+    }
 
 
 @click.command("train")
 @click.argument("cases_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Model bundle folder to create (or resume).")
-@click.option("--fold", "fold", type=int, multiple=True,
-              help="Train only this fold (repeatable); run folds in parallel processes.")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="ROI cache folder (default: OUT/../roi_cache).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model bundle folder to create (or resume).",
+)
+@click.option(
+    "--fold",
+    "fold",
+    type=int,
+    multiple=True,
+    help="Train only this fold (repeatable); run folds in parallel processes.",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="ROI cache folder (default: OUT/../roi_cache).",
+)
 @click.option("--resume", is_flag=True, help="Continue killed folds from their last checkpoint.")
 @click.option("--stop-after", type=int, help="Stop each fold after this epoch (resume later).")
 @common
-def train_cmd(cases_root: Path, out: Path, fold: tuple[int, ...], cache: Path | None, resume: bool,
-              stop_after: int | None, preset: str, config: Path | None, n_folds, epochs, pretrain_epochs,
-              batch_size, lr_backbone, lr_head, seed, device, weights, threads, quiet: bool) -> None:
+def train_cmd(
+    cases_root: Path,
+    out: Path,
+    fold: tuple[int, ...],
+    cache: Path | None,
+    resume: bool,
+    stop_after: int | None,
+    preset: str,
+    config: Path | None,
+    n_folds,
+    epochs,
+    pretrain_epochs,
+    batch_size,
+    lr_backbone,
+    lr_head,
+    seed,
+    device,
+    weights,
+    threads,
+    quiet: bool,
+) -> None:
     """Train the k-fold MRN ensemble on the labelled cases of CASES_ROOT
     (train_cases.csv + val_cases.csv) into a model bundle."""
     from mrn_engine.training.cv import train_bundle
@@ -81,10 +137,24 @@ def train_cmd(cases_root: Path, out: Path, fold: tuple[int, ...], cache: Path | 
     _threads(threads)
     if resume and config is None and (out / "config.json").is_file():
         config = out / "config.json"
-    cfg = build_config(preset, config, _overrides(n_folds, epochs, pretrain_epochs, batch_size, lr_backbone,
-                                                  lr_head, seed, device), {"backbone_weights": weights})
-    results = train_bundle(cases_root, out, cfg, folds=_folds(fold), cache_dir=cache, resume=resume,
-                           stop_after=stop_after, progress=not quiet)
+    cfg = build_config(
+        preset,
+        config,
+        _overrides(
+            n_folds, epochs, pretrain_epochs, batch_size, lr_backbone, lr_head, seed, device
+        ),
+        {"backbone_weights": weights},
+    )
+    results = train_bundle(
+        cases_root,
+        out,
+        cfg,
+        folds=_folds(fold),
+        cache_dir=cache,
+        resume=resume,
+        stop_after=stop_after,
+        progress=not quiet,
+    )
     for r in results:
         state = "done" if r.finished else f"stopped after epoch {r.epochs_done} (use --resume)"
         last = r.metrics[-1] if r.metrics else {}
@@ -95,26 +165,61 @@ def train_cmd(cases_root: Path, out: Path, fold: tuple[int, ...], cache: Path | 
 
 @click.command("compare")
 @click.argument("cases_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--variants", default="mrn,seres10,seres10-moco,dinov2-only", show_default=True,
-              help="Comma-separated: mrn, seres10, seres10-moco, dinov2-only.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for one bundle per variant and comparison.md / comparison.csv.")
-@click.option("--heldout", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Labelled held-out cases to score each fold ensemble on.")
+@click.option(
+    "--variants",
+    default="mrn,seres10,seres10-moco,dinov2-only",
+    show_default=True,
+    help="Comma-separated: mrn, seres10, seres10-moco, dinov2-only.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for one bundle per variant and comparison.md / comparison.csv.",
+)
+@click.option(
+    "--heldout",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Labelled held-out cases to score each fold ensemble on.",
+)
 @click.option("--resume", is_flag=True, help="Keep finished variants/folds, continue killed ones.")
 @common
-def compare_cmd(cases_root: Path, variants: str, out: Path, heldout: Path | None, resume: bool, preset: str,
-                config: Path | None, n_folds, epochs, pretrain_epochs, batch_size, lr_backbone, lr_head, seed,
-                device, weights, threads, quiet: bool) -> None:
+def compare_cmd(
+    cases_root: Path,
+    variants: str,
+    out: Path,
+    heldout: Path | None,
+    resume: bool,
+    preset: str,
+    config: Path | None,
+    n_folds,
+    epochs,
+    pretrain_epochs,
+    batch_size,
+    lr_backbone,
+    lr_head,
+    seed,
+    device,
+    weights,
+    threads,
+    quiet: bool,
+) -> None:
     """Train MRN and the paper's baselines on the same folds and print the comparison table."""
     from mrn_engine.training.compare import compare_variants, comparison_markdown
 
     _threads(threads)
-    cfg = build_config(preset, config, _overrides(n_folds, epochs, pretrain_epochs, batch_size, lr_backbone,
-                                                  lr_head, seed, device), {"backbone_weights": weights})
+    cfg = build_config(
+        preset,
+        config,
+        _overrides(
+            n_folds, epochs, pretrain_epochs, batch_size, lr_backbone, lr_head, seed, device
+        ),
+        {"backbone_weights": weights},
+    )
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    rows = compare_variants(cases_root, out, cfg, names, heldout_root=heldout, resume=resume,
-                            progress=not quiet)
+    rows = compare_variants(
+        cases_root, out, cfg, names, heldout_root=heldout, resume=resume, progress=not quiet
+    )
     click.echo(comparison_markdown(rows))
     click.echo(f"tables: {out / 'comparison.md'}, {out / 'comparison.csv'}")
 

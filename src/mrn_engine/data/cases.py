@@ -31,7 +31,11 @@ CASE_DIR_PATTERN = re.compile(r"^RJPD_\d+$")
 LABEL_FILES: dict[str, str] = {"train_cases.csv": "train", "val_cases.csv": "val"}
 #: file stems of a case folder -> CaseFiles attribute
 CASE_FILE_STEMS: dict[str, str] = {
-    "NM": "nm", "QSM": "qsm", "T1": "t1", "NM_mask": "nm_mask", "QSM_mask": "qsm_mask",
+    "NM": "nm",
+    "QSM": "qsm",
+    "T1": "t1",
+    "NM_mask": "nm_mask",
+    "QSM_mask": "qsm_mask",
 }
 LABEL_NAMES = {0: "HC", 1: "PD"}
 
@@ -169,8 +173,11 @@ def read_labels_csv(
             continue
         labels[case_id] = lab
     if bad:
-        raise InputDataError(f"{path}: bad label rows: " + "; ".join(bad[:10])
-                             + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""))
+        raise InputDataError(
+            f"{path}: bad label rows: "
+            + "; ".join(bad[:10])
+            + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
+        )
     if known_cases is not None:
         unknown = sorted(set(labels) - set(known_cases))
         if unknown:
@@ -335,7 +342,7 @@ def check_duplicates(cases: list[CaseFiles], *, warn: bool = True) -> list[tuple
             by_hash.setdefault(file_sha256(c.nm), []).append(c.case_id)  # type: ignore[arg-type]
         for ids in by_hash.values():
             ids = sorted(ids)
-            pairs.extend((a, b) for i, a in enumerate(ids) for b in ids[i + 1:])
+            pairs.extend((a, b) for i, a in enumerate(ids) for b in ids[i + 1 :])
     pairs.sort()
     if warn:
         for a, b in pairs:

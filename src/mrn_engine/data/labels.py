@@ -11,14 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QSM_LABELS: dict[int, str] = {
-    1: "caudate_R", 2: "caudate_L",
-    3: "putamen_R", 4: "putamen_L",
-    5: "globus_pallidus_R", 6: "globus_pallidus_L",
-    7: "thalamus_R", 8: "thalamus_L",
-    9: "STN_R", 10: "STN_L",
-    11: "SN_R", 12: "SN_L",
-    13: "RN_R", 14: "RN_L",
-    15: "dentate_R", 16: "dentate_L",
+    1: "caudate_R",
+    2: "caudate_L",
+    3: "putamen_R",
+    4: "putamen_L",
+    5: "globus_pallidus_R",
+    6: "globus_pallidus_L",
+    7: "thalamus_R",
+    8: "thalamus_L",
+    9: "STN_R",
+    10: "STN_L",
+    11: "SN_R",
+    12: "SN_L",
+    13: "RN_R",
+    14: "RN_L",
+    15: "dentate_R",
+    16: "dentate_L",
 }
 NM_LABELS: dict[int, str] = {1: "SN_R", 2: "SN_L"}
 
@@ -72,11 +80,15 @@ class RoiSpec:
 ROIS: tuple[RoiSpec, ...] = (
     RoiSpec("nm_sn", "NM-SN", "NM", ("SN",), ((1, 2),)),
     RoiSpec(
-        "qsm_bg", "QSM basal ganglia", "QSM",
+        "qsm_bg",
+        "QSM basal ganglia",
+        "QSM",
         ("caudate", "putamen", "globus_pallidus", "thalamus"),
         ((1, 2), (3, 4), (5, 6), (7, 8)),
     ),
-    RoiSpec("qsm_midbrain", "QSM midbrain", "QSM", ("STN", "SN", "RN"), ((9, 10), (11, 12), (13, 14))),
+    RoiSpec(
+        "qsm_midbrain", "QSM midbrain", "QSM", ("STN", "SN", "RN"), ((9, 10), (11, 12), (13, 14))
+    ),
     RoiSpec("qsm_dentate", "QSM dentate", "QSM", ("dentate",), ((15, 16),)),
 )
 ROI_NAMES: tuple[str, ...] = tuple(r.name for r in ROIS)

@@ -27,7 +27,13 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 #: exceptions nibabel/gzip/zlib raise on unreadable or truncated files
 _READ_ERRORS = (
-    ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError,
+    ImageFileError,
+    EOFError,
+    OSError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+    TypeError,
 )
 
 
@@ -103,6 +109,7 @@ def check_same_grid(ref: Volume, other: Volume, what: str = "") -> None:
     if same_grid(ref, other):
         return
     what = f" ({what})" if what else ""
+
     def fmt(a: np.ndarray) -> str:
         return np.array2string(a, precision=4, suppress_small=True).replace("\n", "")
 
@@ -156,7 +163,9 @@ def load_volume(path: str | os.PathLike, *, kind: str = "image") -> Volume:
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputDataError(f"{path}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}")
+        raise InputDataError(
+            f"{path}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}"
+        )
     if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
         bad = ~np.isfinite(data)
         n_bad = int(bad.sum())

@@ -11,7 +11,15 @@ from mrn_engine.inference.submission import (
 )
 
 __all__ = [
-    "CasePrediction", "MRNPredictor", "ModelBundle", "Segmenter", "SubmissionResult",
-    "iter_predictions", "open_bundle", "predict_cases", "read_oof", "resolve_device",
+    "CasePrediction",
+    "MRNPredictor",
+    "ModelBundle",
+    "Segmenter",
+    "SubmissionResult",
+    "iter_predictions",
+    "open_bundle",
+    "predict_cases",
+    "read_oof",
+    "resolve_device",
     "write_case_outputs",
 ]

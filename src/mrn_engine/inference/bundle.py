@@ -86,7 +86,10 @@ def _parse_splits(info: dict) -> dict[int, dict[str, list[str]]]:
         for key, item in folds.items():
             m = re.search(r"(\d+)$", str(key))
             if m and isinstance(item, dict):
-                out[int(m.group(1))] = {"train": list(item.get("train", [])), "val": list(item.get("val", []))}
+                out[int(m.group(1))] = {
+                    "train": list(item.get("train", [])),
+                    "val": list(item.get("val", [])),
+                }
     return out
 
 
@@ -130,7 +133,10 @@ def read_oof(bundle: ModelBundle) -> dict[int, list[dict[str, object]]]:
             continue
         rows = read_csv(p, required=("case_id", "label", "p_pd"))
         try:
-            out[k] = [{"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])} for r in rows]
+            out[k] = [
+                {"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])}
+                for r in rows
+            ]
         except ValueError as e:
             raise InputDataError(f"{p}: bad label or probability ({e})") from e
     return out

@@ -25,6 +25,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ConfigError(f"device {device!r}: not a device name (auto, cpu, cuda, mps)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise ConfigError(f"device {device!r}: MPS is not available on this machine")
     return dev

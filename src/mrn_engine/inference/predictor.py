@@ -140,7 +140,9 @@ class MRNPredictor:
         self.ignore_masks = ignore_masks
         self.bundle = bundle
         self._loaded: int | None = None
-        self._empty: dict[int, dict[str, torch.Tensor]] = {}  # fold -> ROI -> empty-volume token (1, D)
+        self._empty: dict[
+            int, dict[str, torch.Tensor]
+        ] = {}  # fold -> ROI -> empty-volume token (1, D)
         for k in self.folds:  # fail early on weights of another model
             self._load_fold(k)
 
@@ -171,14 +173,25 @@ class MRNPredictor:
         chosen = bundle.folds if folds is None else sorted({int(k) for k in folds})
         missing = [k for k in chosen if k not in bundle.folds]
         if missing:
-            raise InputDataError(f"{bundle.root}: fold(s) {missing} not in the bundle (has {bundle.folds})")
+            raise InputDataError(
+                f"{bundle.root}: fold(s) {missing} not in the bundle (has {bundle.folds})"
+            )
         model = (model_factory or _default_model_factory)(bundle.config)
         states = {k: bundle.load_state(k) for k in chosen}
         factory = None
         if segmenter is None and bundle.nnunet_dir is not None:
             factory = _bundle_segmenter_factory(bundle, device)
-        return cls(model, states, bundle.config, device=device, tta=tta, segmenter=segmenter,
-                   ignore_masks=ignore_masks, bundle=bundle, segmenter_factory=factory)
+        return cls(
+            model,
+            states,
+            bundle.config,
+            device=device,
+            tta=tta,
+            segmenter=segmenter,
+            ignore_masks=ignore_masks,
+            bundle=bundle,
+            segmenter_factory=factory,
+        )
 
     # ------------------------------------------------------------------ internals
     def _load_fold(self, k: int) -> None:
@@ -188,7 +201,9 @@ class MRNPredictor:
             self.model.load_state_dict(self.fold_states[k])
         except RuntimeError as e:
             where = self.bundle.weights_path(k) if self.bundle else f"fold {k}"
-            raise WeightsError(f"{where}: weights do not fit the configured model ({str(e).splitlines()[0]})") from e
+            raise WeightsError(
+                f"{where}: weights do not fit the configured model ({str(e).splitlines()[0]})"
+            ) from e
         self.model.eval()
         self._loaded = k
 
@@ -200,8 +215,12 @@ class MRNPredictor:
     def _masks_for(self, case: Any, nm_mask: Any, qsm_mask: Any) -> tuple[Any, Any, str]:
         """Masks to crop with: ``(nm_override, qsm_override, source)``; ``None`` = the case's own."""
         source = "given" if (nm_mask is not None or qsm_mask is not None) else "case"
-        have_nm = nm_mask is not None or (not self.ignore_masks and getattr(case, "nm_mask", None) is not None)
-        have_qsm = qsm_mask is not None or (not self.ignore_masks and getattr(case, "qsm_mask", None) is not None)
+        have_nm = nm_mask is not None or (
+            not self.ignore_masks and getattr(case, "nm_mask", None) is not None
+        )
+        have_qsm = qsm_mask is not None or (
+            not self.ignore_masks and getattr(case, "qsm_mask", None) is not None
+        )
         if have_nm and have_qsm:
             if self.ignore_masks:  # explicit masks only; never fall back to the case's files
                 source = "given"
@@ -209,7 +228,11 @@ class MRNPredictor:
         if self.segmenter is None and self.segmenter_factory is not None:
             self.segmenter = self.segmenter_factory()  # e.g. nnU-Net models loaded on first need
         if self.segmenter is None:
-            missing = " / ".join(n for n, ok in (("NM_mask.nii.gz", have_nm), ("QSM_mask.nii.gz", have_qsm)) if not ok)
+            missing = " / ".join(
+                n
+                for n, ok in (("NM_mask.nii.gz", have_nm), ("QSM_mask.nii.gz", have_qsm))
+                if not ok
+            )
             why = " (mask files ignored)" if self.ignore_masks else ""
             raise InputDataError(
                 f"{case.case_id}: case has no {missing}{why} and no nnU-Net models in the bundle "
@@ -228,10 +251,14 @@ class MRNPredictor:
             x = torch.cat([x, torch.flip(x, dims=(-2,))], dim=0)
         return x.to(self.device)
 
-    def _inputs(self, crops: Mapping[str, Any], zeroed: frozenset[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    def _inputs(
+        self, crops: Mapping[str, Any], zeroed: frozenset[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """Model inputs (and merged-class masks for models that need them, e.g. SERes10)."""
         images: dict[str, torch.Tensor] = {}
-        masks: dict[str, torch.Tensor] | None = {} if getattr(self.model, "needs_masks", False) else None
+        masks: dict[str, torch.Tensor] | None = (
+            {} if getattr(self.model, "needs_masks", False) else None
+        )
         for name in ROI_NAMES:
             crop = crops[name]
             x = torch.as_tensor(np.asarray(crop.image), dtype=torch.float32)[None]  # (1, S, H, W)
@@ -240,7 +267,9 @@ class MRNPredictor:
             images[name] = self._views(x)
             if masks is not None:
                 if crop.mask is None:
-                    raise InputDataError(f"{getattr(crop, 'case_id', '') or name}: the model needs masks for ROI {name}")
+                    raise InputDataError(
+                        f"{getattr(crop, 'case_id', '') or name}: the model needs masks for ROI {name}"
+                    )
                 m = torch.as_tensor(np.asarray(crop.mask), dtype=torch.long)[None]
                 masks[name] = self._views(torch.zeros_like(m) if name in zeroed else m)
         return images, masks
@@ -258,7 +287,9 @@ class MRNPredictor:
             for name, logits in out.seg_logits.items():
                 p = torch.softmax(logits.float(), dim=1)  # (V, C, S, H, W)
                 if self.tta:
-                    p = torch.stack([p[0], torch.flip(p[1], dims=(-2,))])  # un-flip the mirrored view
+                    p = torch.stack(
+                        [p[0], torch.flip(p[1], dims=(-2,))]
+                    )  # un-flip the mirrored view
                 seg[name] = p.mean(dim=0).cpu()  # (C, S, H, W)
         return probs.cpu(), tokens, seg
 
@@ -290,7 +321,9 @@ class MRNPredictor:
         zeroed = frozenset(zero_rois)
         unknown = zeroed - set(ROI_NAMES)
         if unknown:
-            raise InputDataError(f"{case.case_id}: unknown ROI name(s) {sorted(unknown)}; use {list(ROI_NAMES)}")
+            raise InputDataError(
+                f"{case.case_id}: unknown ROI name(s) {sorted(unknown)}; use {list(ROI_NAMES)}"
+            )
         steps = len(self.folds) + 2
         if progress:
             progress(0.0, f"{case.case_id}: masks and ROI crops")
@@ -358,14 +391,22 @@ class MRNPredictor:
     def _masked_probs(self, pred: CasePrediction, subsets: list[frozenset[str]]) -> np.ndarray:
         """P(PD) per subset and fold, ``(n_subsets, n_folds)``, from the cached tokens only."""
         if not pred.roi_tokens or not pred.roi_tokens[0]:
-            raise InputDataError(f"{pred.case_id}: the model gives no ROI tokens; masking needs MRN")
+            raise InputDataError(
+                f"{pred.case_id}: the model gives no ROI tokens; masking needs MRN"
+            )
         if not hasattr(self.model, "classify_tokens") or not hasattr(self.model, "empty_token"):
-            raise InputDataError(f"{pred.case_id}: model {type(self.model).__name__} cannot classify ROI tokens")
+            raise InputDataError(
+                f"{pred.case_id}: model {type(self.model).__name__} cannot classify ROI tokens"
+            )
         if list(pred.folds) != self.folds:
-            raise InputDataError(f"{pred.case_id}: prediction made with folds {pred.folds}, predictor has {self.folds}")
+            raise InputDataError(
+                f"{pred.case_id}: prediction made with folds {pred.folds}, predictor has {self.folds}"
+            )
         for s in subsets:
             if s - set(ROI_NAMES):
-                raise InputDataError(f"masking: unknown ROI name(s) {sorted(s - set(ROI_NAMES))}; use {list(ROI_NAMES)}")
+                raise InputDataError(
+                    f"masking: unknown ROI name(s) {sorted(s - set(ROI_NAMES))}; use {list(ROI_NAMES)}"
+                )
         out = np.zeros((len(subsets), len(self.folds)))
         for j, k in enumerate(self.folds):
             self._load_fold(k)
@@ -374,7 +415,10 @@ class MRNPredictor:
             empty = self._empty_tokens(k)
             with torch.inference_mode(), self._autocast():
                 for i, s in enumerate(subsets):
-                    toks = {n: (empty[n].expand(views, -1).to(base[n].dtype) if n in s else base[n]) for n in ROI_NAMES}
+                    toks = {
+                        n: (empty[n].expand(views, -1).to(base[n].dtype) if n in s else base[n])
+                        for n in ROI_NAMES
+                    }
                     logits = self.model.classify_tokens(toks)  # masked tokens already swapped in
                     out[i, j] = float(torch.softmax(logits.float(), dim=-1)[:, 1].mean())
         return out
@@ -384,7 +428,9 @@ class MRNPredictor:
         if k not in self._empty:
             self._load_fold(k)
             with torch.inference_mode(), self._autocast():
-                self._empty[k] = {n: self.model.empty_token(n, 1).detach().float() for n in ROI_NAMES}
+                self._empty[k] = {
+                    n: self.model.empty_token(n, 1).detach().float() for n in ROI_NAMES
+                }
         return self._empty[k]
 
     def masked_prediction(self, pred: CasePrediction, masked: Iterable[str]) -> dict[str, object]:
@@ -422,14 +468,18 @@ class MRNPredictor:
             for i, s in enumerate(subsets)
         ]
 
-    def predict_cases(self, cases_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any) -> Any:
+    def predict_cases(
+        self, cases_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any
+    ) -> Any:
         """Predict every case under ``cases_dir`` and write the submission (see ``write_submission``)."""
         from mrn_engine.inference.submission import predict_cases
 
         return predict_cases(self, cases_dir, out_dir, **kwargs)
 
 
-def _bundle_segmenter_factory(bundle: ModelBundle, device: str | torch.device) -> Callable[[], Segmenter]:
+def _bundle_segmenter_factory(
+    bundle: ModelBundle, device: str | torch.device
+) -> Callable[[], Segmenter]:
     """Builds ``NNUNetSegmenter`` of ``BUNDLE/nnunet`` when first needed."""
 
     def make() -> Segmenter:

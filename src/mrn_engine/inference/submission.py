@@ -68,7 +68,9 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
     target = out_dir / pred.case_id
     folder = getattr(getattr(case, "files", None), "folder", None)
     if folder is not None and target.resolve() == Path(folder).resolve():
-        raise InputDataError(f"{target}: output folder is the input case folder; choose another --out")
+        raise InputDataError(
+            f"{target}: output folder is the input case folder; choose another --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{pred.case_id}.", suffix=".tmp"))
     try:
@@ -155,12 +157,16 @@ def predict_cases(
     if out_dir.resolve() == cases_dir.resolve():
         raise InputDataError(f"{out_dir}: the output folder must differ from the input folder")
     if cases_dir.resolve() in out_dir.resolve().parents:
-        raise InputDataError(f"{out_dir}: the output folder must not lie inside the input folder {cases_dir} "
-                             "(its RJPD_xxx folders would be found as cases next time)")
+        raise InputDataError(
+            f"{out_dir}: the output folder must not lie inside the input folder {cases_dir} "
+            "(its RJPD_xxx folders would be found as cases next time)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     result = SubmissionResult(out_dir)
     folds = list(getattr(predictor, "folds", []))
-    for case, pred, error in iter_predictions(predictor, cases_dir, progress=progress, on_case=on_case):
+    for case, pred, error in iter_predictions(
+        predictor, cases_dir, progress=progress, on_case=on_case
+    ):
         if error is None:
             try:
                 write_case_outputs(pred, case, out_dir)
@@ -182,25 +188,34 @@ def predict_cases(
 def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) -> None:
     out = result.out_dir
     ok = [r for r in result.rows if not r["error"]]
-    write_csv([{"patient_id": r["case_id"], "prediction": r["call"]} for r in ok], out / LABEL_CSV,
-              columns=("patient_id", "prediction"))
+    write_csv(
+        [{"patient_id": r["case_id"], "prediction": r["call"]} for r in ok],
+        out / LABEL_CSV,
+        columns=("patient_id", "prediction"),
+    )
     cols = ["case_id", *[f"p_pd_fold{k}" for k in folds], "p_pd", "p_pd_std", "call", "error"]
     write_csv(result.rows, out / PROB_CSV, columns=cols)
     json_rows = []
     for r in result.rows:
-        json_rows.append({
-            "case_id": r["case_id"],
-            "p_pd_folds": {str(k): r[f"p_pd_fold{k}"] for k in folds} if not r["error"] else None,
-            "p_pd": r["p_pd"] if not r["error"] else None,
-            "p_pd_std": r["p_pd_std"] if not r["error"] else None,
-            "call": r["call"] if not r["error"] else None,
-            "error": r["error"] or None,
-        })
+        json_rows.append(
+            {
+                "case_id": r["case_id"],
+                "p_pd_folds": {str(k): r[f"p_pd_fold{k}"] for k in folds}
+                if not r["error"]
+                else None,
+                "p_pd": r["p_pd"] if not r["error"] else None,
+                "p_pd_std": r["p_pd_std"] if not r["error"] else None,
+                "call": r["call"] if not r["error"] else None,
+                "error": r["error"] or None,
+            }
+        )
     meta = {
         "folds": folds,
         "tta": bool(getattr(predictor, "tta", False)),
         "device": str(getattr(predictor, "device", "")),
-        "model": str(predictor.bundle.root) if getattr(predictor, "bundle", None) is not None else None,
+        "model": str(predictor.bundle.root)
+        if getattr(predictor, "bundle", None) is not None
+        else None,
         "threshold": 0.5,
     }
     write_json({"meta": meta, "cases": json_rows}, out / PROB_JSON)

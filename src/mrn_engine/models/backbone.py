@@ -82,19 +82,27 @@ class DinoPatchnizer(nn.Module):
         self.depth: int = len(vit.blocks)
         self.num_prefix_tokens: int = vit.num_prefix_tokens  # 1 cls + registers
         self.patch_size: int = vit.patch_embed.patch_size[0]
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
 
     def normalise(self, slices: torch.Tensor) -> torch.Tensor:
         """(N, H, W) grey in [0, 255] -> (N, 3, H, W) ImageNet-normalised RGB."""
         x = slices.unsqueeze(1).expand(-1, 3, -1, -1)
         return (x - self.mean) / self.std
 
-    def forward(self, slices: torch.Tensor, indices: list[int] | tuple[int, ...] = ()) -> SliceTokens:
+    def forward(
+        self, slices: torch.Tensor, indices: list[int] | tuple[int, ...] = ()
+    ) -> SliceTokens:
         """Tokens of ``slices`` (N, H, W); ``indices`` = extra ViT blocks to return (0-based)."""
         x = self.normalise(slices.float())
         unique = sorted(set(indices)) or [self.depth - 1]
-        final, taken = self.vit.forward_intermediates(x, indices=unique, norm=True, output_fmt="NLC")
+        final, taken = self.vit.forward_intermediates(
+            x, indices=unique, norm=True, output_fmt="NLC"
+        )
         inter = [taken[unique.index(i)] for i in indices]  # requested order, repeats allowed
         x_final = final  # forward_intermediates applies the final norm
         n = self.num_prefix_tokens

@@ -6,16 +6,17 @@ Measured, each as the median of ``repeats`` runs after one warm-up:
 - ``dinov2``: the bare DINOv2 forward over the same slices (all ROIs' slices in one batch),
   and the ratio forward / dinov2 = what FFA + DPT + SFA + head add;
 - ``masking16``: the 16-subset ROI masking analysis = one forward + the four empty-ROI
-  tokens (cache cleared each time, i.e. the worst case) + 16 head passes, and its ratio to
-  one forward;
+  tokens (cache cleared each time: the first case) + 16 head passes, and its ratio to one
+  forward; ``masking16_cached``: the same with the empty tokens cached (every later case);
+- ``flops``: GFLOP of ``forward`` and ``dinov2`` counted by ``torch.utils.flop_counter``
+  (load-independent ratio);
 - ``train_step``: one optimiser step at batch ``batch`` (train mode, mSupMoCo wrapper when
   ``use_moco``, full loss, backward, AdamW).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each measurement);
-on CPU the peak increase of the process's resident set size during the call, sampled every
-2 ms from ``/proc/self/statm`` (allocator caching can hide re-used memory, so it is a lower
-bound of what the call needs on top of what the process already holds). CUDA runs use bf16
-autocast; attention uses SDPA everywhere.
+Peak memory = the most bytes the call holds allocated at once on top of what existed before
+it (parameters, inputs): on CUDA ``torch.cuda.max_memory_allocated`` (reset before each run);
+on CPU replayed from ``torch.profiler`` memory events of the (untimed) warm-up run
+(operator granularity). CUDA runs use bf16 autocast; attention uses SDPA everywhere.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,74 +34,85 @@ from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import ConfigError
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes torch holds allocated during ``fn``, from ``torch.profiler`` memory events.
+
+    Every operator's net allocation (``self_cpu_memory_usage``) and every free event is
+    replayed in time order; the maximum running sum is the peak (at operator granularity).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, delta in deltas:
+        current += delta
+        peak = max(peak, current)
+    return peak
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except OSError:  # not Linux: fall back to the (monotonic) max RSS
-        import resource
+def _measure(
+    fn: Callable[[], object], device: torch.device, repeats: int, memory: bool = True
+) -> tuple[float, float]:
+    """(median seconds, peak memory MiB) of ``fn`` over ``repeats`` timed runs.
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _RssPeak:
-    """Context manager sampling RSS in a thread; ``peak`` = max increase in bytes."""
-
-    def __enter__(self) -> _RssPeak:
-        gc.collect()
-        self.base = self.peak_rss = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak_rss = max(self.peak_rss, _rss_bytes())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, _rss_bytes())
-
-    @property
-    def peak(self) -> int:
-        return self.peak_rss - self.base
-
-
-def _measure(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak memory MiB) of ``fn`` after one warm-up call."""
+    A first, untimed warm-up run comes before; on CPU it is the profiled memory run.
+    """
     cuda = device.type == "cuda"
-    fn()
-    times, peaks = [], []
+    peak = 0
+    if cuda or not memory:
+        fn()
+    else:
+        gc.collect()
+        peak = _cpu_peak_bytes(fn)
+    times = []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             start_mem = torch.cuda.memory_allocated(device)
-            t0 = time.perf_counter()
-            fn()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
             torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-            peaks.append(torch.cuda.max_memory_allocated(device) - start_mem)
-        else:
-            with _RssPeak() as mem:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            peaks.append(mem.peak)
-    return statistics.median(times), max(peaks) / 2**20
+            peak = max(peak, torch.cuda.max_memory_allocated(device) - start_mem)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak / 2**20
+
+
+PARTS = ("forward", "dinov2", "masking", "train", "flops")
+
+
+def _gflop(fn: Callable[[], object]) -> float:
+    """Floating-point operations of one call (``torch.utils.flop_counter``: matmuls, convs,
+    attention), in GFLOP -- independent of the machine's load."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def _batch(cfg: RunConfig, batch: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     s = cfg.roi.image_size
-    images = {n: (torch.rand(batch, cfg.roi.slices[n], s, s, generator=g) * 255).to(device) for n in ROI_NAMES}
-    masks = {n: torch.randint(0, ROI_BY_NAME[n].num_classes, (batch, cfg.roi.slices[n], s, s), generator=g).to(device)
-             for n in ROI_NAMES}
+    images = {
+        n: (torch.rand(batch, cfg.roi.slices[n], s, s, generator=g) * 255).to(device)
+        for n in ROI_NAMES
+    }
+    masks = {
+        n: torch.randint(
+            0, ROI_BY_NAME[n].num_classes, (batch, cfg.roi.slices[n], s, s), generator=g
+        ).to(device)
+        for n in ROI_NAMES
+    }
     return {"images": images, "masks": masks, "label": (torch.arange(batch) % 2).to(device)}
 
 
@@ -112,9 +123,16 @@ def bench_model(
     repeats: int = 3,
     batch: int = 4,
     train: bool = True,
+    parts: tuple[str, ...] = PARTS,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Measure the network of ``cfg`` (random weights). Returns a flat dict of figures."""
+    """Measure the network of ``cfg`` (random weights). Returns a flat dict of figures.
+
+    ``parts``: which of ``PARTS`` to measure (ratios need ``forward`` too).
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ConfigError(f"unknown bench part(s) {sorted(unknown)}; choose from {PARTS}")
     from mrn_engine.models.factory import build_model, build_training_wrapper, param_groups
     from mrn_engine.models.losses import compute_losses
 
@@ -127,13 +145,21 @@ def bench_model(
     model = build_model(cfg).to(dev).eval()
     n_params = sum(p.numel() for p in model.parameters())
     result: dict = {
-        "preset": cfg.preset, "arch": cfg.model.arch, "device": str(dev),
+        "preset": cfg.preset,
+        "arch": cfg.model.arch,
+        "device": str(dev),
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
-        "image_size": cfg.roi.image_size, "slices": sum(cfg.roi.slices.values()),
-        "params_M": n_params / 1e6, "batch": batch, "repeats": repeats,
+        "image_size": cfg.roi.image_size,
+        "slices": sum(cfg.roi.slices.values()),
+        "params_M": n_params / 1e6,
+        "batch": batch,
+        "repeats": repeats,
+        "load_avg_start": _load_average(),
     }
     if cfg.model.arch == "mrn":
-        result["backbone_params_M"] = sum(p.numel() for p in model.res.patchnizer.parameters()) / 1e6
+        result["backbone_params_M"] = (
+            sum(p.numel() for p in model.res.patchnizer.parameters()) / 1e6
+        )
     one = _batch(cfg, 1, dev)
     masks = one["masks"] if model.needs_masks else None
 
@@ -141,20 +167,22 @@ def bench_model(
         with torch.no_grad(), amp:
             model(one["images"], masks)
 
-    log("forward, one patient ...")
-    result["forward_s"], result["forward_peak_MiB"] = _measure(forward, dev, repeats)
+    if "forward" in parts:
+        log("forward, one patient ...")
+        result["forward_s"], result["forward_peak_MiB"] = _measure(forward, dev, repeats)
 
-    if cfg.model.arch == "mrn":
-        slices = torch.cat([one["images"][n][0] for n in ROI_NAMES])
+    slices = torch.cat([one["images"][n][0] for n in ROI_NAMES])
+
+    def dinov2() -> None:
         patchnizer = model.res.patchnizer
+        with torch.no_grad(), amp:
+            patchnizer.vit.forward_features(patchnizer.normalise(slices))
 
-        def dinov2() -> None:
-            with torch.no_grad(), amp:
-                patchnizer.vit.forward_features(patchnizer.normalise(slices))
-
+    if cfg.model.arch == "mrn" and "dinov2" in parts:
         log("bare DINOv2 forward ...")
         result["dinov2_s"], result["dinov2_peak_MiB"] = _measure(dinov2, dev, repeats)
-        result["forward_over_dinov2"] = result["forward_s"] / result["dinov2_s"]
+        if "forward_s" in result:
+            result["forward_over_dinov2"] = result["forward_s"] / result["dinov2_s"]
 
     from itertools import combinations
 
@@ -167,11 +195,30 @@ def bench_model(
             for masked in subsets:
                 model.classify_tokens(out.roi_tokens, masked)
 
-    log("16-subset masking analysis ...")
-    result["masking16_s"], _ = _measure(masking, dev, repeats)
-    result["masking16_over_forward"] = result["masking16_s"] / result["forward_s"]
+    def masking_cached() -> None:
+        with torch.no_grad(), amp:
+            out = model(one["images"], masks)
+            for masked in subsets:
+                model.classify_tokens(out.roi_tokens, masked)
 
-    if train:
+    if "flops" in parts:
+        log("FLOP count ...")
+        result["forward_GFLOP"] = _gflop(forward)
+        if cfg.model.arch == "mrn":
+            result["dinov2_GFLOP"] = _gflop(dinov2)
+            result["forward_over_dinov2_flops"] = result["forward_GFLOP"] / result["dinov2_GFLOP"]
+
+    if "masking" in parts:
+        log("16-subset masking analysis ...")
+        result["masking16_s"], _ = _measure(masking, dev, repeats, memory=False)
+        result["masking16_cached_s"], _ = _measure(masking_cached, dev, repeats, memory=False)
+        if "forward_s" in result:
+            result["masking16_over_forward"] = result["masking16_s"] / result["forward_s"]
+            result["masking16_cached_over_forward"] = (
+                result["masking16_cached_s"] / result["forward_s"]
+            )
+
+    if train and "train" in parts:
         wrapper = build_training_wrapper(model, cfg).to(dev).train()
         opt = torch.optim.AdamW(param_groups(wrapper, cfg.train), betas=cfg.train.betas)
         data = _batch(cfg, batch, dev)
@@ -186,12 +233,23 @@ def bench_model(
 
         log(f"training step, batch {batch} ...")
         result["train_step_s"], result["train_step_peak_MiB"] = _measure(step, dev, repeats)
+    result["load_avg_end"] = _load_average()
     return result
+
+
+def _load_average() -> float | None:
+    """1-minute load average (other processes competing for the CPU), None where unknown."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
 
 
 def format_result(result: dict) -> str:
     """The figures as a two-column markdown table."""
     rows = ["| quantity | value |", "|---|---|"]
     for key, value in result.items():
-        rows.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        rows.append(
+            f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |"
+        )
     return "\n".join(rows)

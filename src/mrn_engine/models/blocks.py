@@ -17,7 +17,11 @@ NEW_BLOCK_INIT_VALUES = 0.01
 def make_block(dim: int, num_heads: int, drop_path: float = 0.0) -> Block:
     """One pre-norm transformer block of width ``dim`` using SDPA attention."""
     block = Block(
-        dim, num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=NEW_BLOCK_INIT_VALUES,
+        dim,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        init_values=NEW_BLOCK_INIT_VALUES,
         drop_path=drop_path,
     )
     block.attn.fused_attn = True

@@ -67,11 +67,16 @@ def load_model(
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
     except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: cannot read model weights ({type(e).__name__}: {str(e)[:200]})") from e
+        raise WeightsError(
+            f"{path}: cannot read model weights ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     model = build_model(run_cfg, pretrained=False)
     expected = model.state_dict()
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if wrong or missing or unexpected:

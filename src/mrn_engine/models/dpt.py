@@ -40,7 +40,9 @@ class FusionBlock(nn.Module):
         self.unit = ResidualConvUnit(channels)
         self.out_conv = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
         if self.skip_unit is not None and skip is not None:
             x = x + self.skip_unit(skip)
         x = self.unit(x)
@@ -73,14 +75,26 @@ class DPTHead(nn.Module):
         if len(channels) != 4:
             raise ValueError(f"dpt_channels needs 4 values, got {channels}")
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, c, 1) for c in channels)
-        self.resample = nn.ModuleList(_resample(c, f) for c, f in zip(channels, (4, 2, 1, 0.5), strict=True))
-        self.layer_rn = nn.ModuleList(nn.Conv2d(c, fusion, 3, padding=1, bias=False) for c in channels)
-        self.fusion = nn.ModuleList(FusionBlock(fusion, with_skip=i < 3) for i in range(4))  # deepest: no skip
-        self.trunk = nn.Sequential(nn.Conv2d(fusion, fusion // 2, 3, padding=1), nn.ReLU(inplace=True))
+        self.resample = nn.ModuleList(
+            _resample(c, f) for c, f in zip(channels, (4, 2, 1, 0.5), strict=True)
+        )
+        self.layer_rn = nn.ModuleList(
+            nn.Conv2d(c, fusion, 3, padding=1, bias=False) for c in channels
+        )
+        self.fusion = nn.ModuleList(
+            FusionBlock(fusion, with_skip=i < 3) for i in range(4)
+        )  # deepest: no skip
+        self.trunk = nn.Sequential(
+            nn.Conv2d(fusion, fusion // 2, 3, padding=1), nn.ReLU(inplace=True)
+        )
         self.out = nn.ModuleDict({r.name: nn.Conv2d(fusion // 2, r.num_classes, 1) for r in ROIS})
 
     def forward(
-        self, token_sets: list[torch.Tensor], grid: tuple[int, int], image_size: tuple[int, int], roi: str
+        self,
+        token_sets: list[torch.Tensor],
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        roi: str,
     ) -> torch.Tensor:
         """Per-slice logits (N, C_roi, H, W) from four (N, h*w, D) token sets (shallow to deep)."""
         n = token_sets[0].shape[0]

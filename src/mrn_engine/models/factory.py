@@ -11,7 +11,9 @@ from mrn_engine.models.weights import load_backbone_weights
 ARCHS = ("mrn", "seres10")
 
 
-def _split(cfg: RunConfig | ModelConfig, roi_cfg: RoiConfig | None) -> tuple[ModelConfig, RoiConfig]:
+def _split(
+    cfg: RunConfig | ModelConfig, roi_cfg: RoiConfig | None
+) -> tuple[ModelConfig, RoiConfig]:
     if isinstance(cfg, RunConfig):
         return cfg.model, roi_cfg or cfg.roi
     if roi_cfg is None:
@@ -50,7 +52,9 @@ def build_model(
         return model
     if model_cfg.backbone_weights:
         vit = model.res.patchnizer.vit
-        model.weights_provenance = load_backbone_weights(vit, model_cfg.backbone_weights, model_cfg.backbone)
+        model.weights_provenance = load_backbone_weights(
+            vit, model_cfg.backbone_weights, model_cfg.backbone
+        )
     elif model_cfg.backbone != "tiny" and not model_cfg.allow_random_init:
         raise WeightsError(
             f"model.backbone {model_cfg.backbone!r} is a pretrained DINOv2 but no weights were given: "
@@ -59,23 +63,40 @@ def build_model(
             "from random initialisation (much worse)"
         )
     else:
-        model.weights_provenance = {"backbone": model_cfg.backbone, "path": None, "sha256": None,
-                                    "format": "random-init"}
+        model.weights_provenance = {
+            "backbone": model_cfg.backbone,
+            "path": None,
+            "sha256": None,
+            "format": "random-init",
+        }
     return model
 
 
-def build_training_wrapper(model: MultiRoiClassifier, cfg: RunConfig | ModelConfig) -> MSupMoCo | PlainStep:
+def build_training_wrapper(
+    model: MultiRoiClassifier, cfg: RunConfig | ModelConfig
+) -> MSupMoCo | PlainStep:
     """``MSupMoCo(model)`` when ``model.use_moco`` else ``PlainStep(model)``; both have ``step(batch)``."""
     model_cfg = cfg.model if isinstance(cfg, RunConfig) else cfg
     return MSupMoCo(model, model_cfg) if model_cfg.use_moco else PlainStep(model)
 
 
-def param_groups(wrapper: MSupMoCo | PlainStep | MultiRoiClassifier, train_cfg: TrainConfig) -> list[dict]:
+def param_groups(
+    wrapper: MSupMoCo | PlainStep | MultiRoiClassifier, train_cfg: TrainConfig
+) -> list[dict]:
     """AdamW parameter groups (paper 4.1.2): DINOv2/FFA/SFA at ``lr_backbone``/``wd_backbone``;
     DPT, classification and contrastive heads at ``lr_head``/``wd_head``."""
     groups = wrapper.lr_groups()
     return [
-        {"name": "backbone", "params": groups["backbone"], "lr": train_cfg.lr_backbone,
-         "weight_decay": train_cfg.wd_backbone},
-        {"name": "head", "params": groups["head"], "lr": train_cfg.lr_head, "weight_decay": train_cfg.wd_head},
+        {
+            "name": "backbone",
+            "params": groups["backbone"],
+            "lr": train_cfg.lr_backbone,
+            "weight_decay": train_cfg.wd_backbone,
+        },
+        {
+            "name": "head",
+            "params": groups["head"],
+            "lr": train_cfg.lr_head,
+            "weight_decay": train_cfg.wd_head,
+        },
     ]

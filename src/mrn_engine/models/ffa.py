@@ -42,8 +42,12 @@ class FFA(nn.Module):
     def __init__(self, dim: int, num_heads: int, depth: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.depth = depth
-        self.global_blocks = nn.ModuleList(make_block(dim, num_heads, drop_path) for _ in range(depth))
-        self.local_blocks = nn.ModuleList(make_block(dim, num_heads, drop_path) for _ in range(depth))
+        self.global_blocks = nn.ModuleList(
+            make_block(dim, num_heads, drop_path) for _ in range(depth)
+        )
+        self.local_blocks = nn.ModuleList(
+            make_block(dim, num_heads, drop_path) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor) -> FFAOutput:
         """``x``: (B, S, T, D) slice + patch tokens of every slice (slice positions added)."""

@@ -9,10 +9,15 @@ from torch import nn
 class ClassificationHead(nn.Module):
     """Linear(4D, hidden) -> ReLU -> Dropout(p) -> Linear(hidden, 2)."""
 
-    def __init__(self, in_dim: int, hidden: int, num_classes: int = 2, dropout: float = 0.5) -> None:
+    def __init__(
+        self, in_dim: int, hidden: int, num_classes: int = 2, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            nn.Linear(in_dim, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, patient: torch.Tensor) -> torch.Tensor:

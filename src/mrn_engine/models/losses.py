@@ -70,8 +70,11 @@ def compute_losses(
     seg = zero
     masks = batch.get("masks")
     if output.seg_logits and masks:
-        terms = [weighted_seg_loss(output.seg_logits[n], masks[n].to(output.logits.device))
-                 for n in output.seg_logits if n in masks]
+        terms = [
+            weighted_seg_loss(output.seg_logits[n], masks[n].to(output.logits.device))
+            for n in output.seg_logits
+            if n in masks
+        ]
         if terms:
             seg = torch.stack(terms).mean()
     con = output.contrastive if output.contrastive is not None else zero

@@ -35,7 +35,9 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        )
 
     def forward(self, patient: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(patient), dim=1)
@@ -65,7 +67,7 @@ class CategoryMemoryBank(nn.Module):
             new = keys[labels == c].to(self.keys.dtype)
             if len(new) == 0:
                 continue
-            new = new[-self.size:]
+            new = new[-self.size :]
             idx = (self.ptr[c] + torch.arange(len(new), device=self.keys.device)) % self.size
             self.keys[c, idx] = new
             self.ptr[c] = (self.ptr[c] + len(new)) % self.size
@@ -82,7 +84,11 @@ class CategoryMemoryBank(nn.Module):
 
 
 def supervised_contrastive_loss(
-    q: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, temperature: float
+    q: torch.Tensor,
+    labels: torch.Tensor,
+    keys: torch.Tensor,
+    key_labels: torch.Tensor,
+    temperature: float,
 ) -> torch.Tensor:
     r"""Supervised momentum-contrastive loss (paper Eq. 8).
 
@@ -148,14 +154,19 @@ class MSupMoCo(nn.Module):
     def momentum_update(self) -> None:
         """Eq. 9: teacher <- m * teacher + (1 - m) * student (parameters); buffers copied."""
         m = self.momentum
-        for student, teacher in ((self.model, self.teacher), (self.projection, self.teacher_projection)):
+        for student, teacher in (
+            (self.model, self.teacher),
+            (self.projection, self.teacher_projection),
+        ):
             for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
                 pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
             for bs, bt in zip(student.buffers(), teacher.buffers(), strict=True):
                 bt.copy_(bs)
 
     @torch.no_grad()
-    def teacher_keys(self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    def teacher_keys(
+        self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None
+    ) -> torch.Tensor:
         """Normalised teacher projections (B, P) of a batch."""
         tokens = self.teacher.encode_rois(rois, masks)
         return self.teacher_projection(self.teacher.patient(tokens))
@@ -175,7 +186,9 @@ class MSupMoCo(nn.Module):
         bank_keys, bank_labels = self.bank.entries()
         all_keys = torch.cat([bank_keys, keys.to(bank_keys.dtype)])
         all_labels = torch.cat([bank_labels, labels.to(bank_labels.device)])
-        out.contrastive = supervised_contrastive_loss(q.float(), labels, all_keys.float(), all_labels, self.temperature)
+        out.contrastive = supervised_contrastive_loss(
+            q.float(), labels, all_keys.float(), all_labels, self.temperature
+        )
         self.bank.enqueue(keys.detach(), labels)
         return out
 

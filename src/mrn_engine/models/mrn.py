@@ -29,7 +29,10 @@ class MRN(MultiRoiClassifier):
         self.res = res
 
     def _encode(
-        self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None, with_seg: bool
+        self,
+        rois: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None,
+        with_seg: bool,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         tokens, seg = {}, {}
         for name, x in rois.items():

@@ -44,13 +44,18 @@ class MultiRoiClassifier(nn.Module):
         self.image_size = roi_cfg.image_size
         self.slices = dict(roi_cfg.slices)
         self.token_dim = token_dim
-        self.head = ClassificationHead(len(ROI_NAMES) * token_dim, cfg.head_hidden, cfg.num_classes, cfg.dropout)
+        self.head = ClassificationHead(
+            len(ROI_NAMES) * token_dim, cfg.head_hidden, cfg.num_classes, cfg.dropout
+        )
         self.weights_provenance: dict = {"backbone": "random-init"}
         self._empty_cache: dict[tuple, torch.Tensor] = {}
 
     # -- subclass hook ---------------------------------------------------------------------
     def _encode(
-        self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None, with_seg: bool
+        self,
+        rois: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None,
+        with_seg: bool,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         raise NotImplementedError
 
@@ -61,7 +66,9 @@ class MultiRoiClassifier(nn.Module):
         """``rois[name]``: (B, S, H, W) in [0, 255]; ``masks`` only for SERes10 (merged classes)."""
         tokens, seg = self._encode(self.check_rois(rois), masks, True)
         patient = self.patient(tokens)
-        return MRNOutput(logits=self.head(patient), roi_tokens=tokens, seg_logits=seg, patient=patient)
+        return MRNOutput(
+            logits=self.head(patient), roi_tokens=tokens, seg_logits=seg, patient=patient
+        )
 
     def encode_rois(
         self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
@@ -73,12 +80,16 @@ class MultiRoiClassifier(nn.Module):
         """(B, 4D) patient representation: ROI tokens concatenated in ``ROI_NAMES`` order."""
         return torch.cat([tokens[name] for name in ROI_NAMES], dim=1)
 
-    def classify_tokens(self, tokens: Mapping[str, torch.Tensor], masked: Iterable[str] = frozenset()) -> torch.Tensor:
+    def classify_tokens(
+        self, tokens: Mapping[str, torch.Tensor], masked: Iterable[str] = frozenset()
+    ) -> torch.Tensor:
         """Logits (B, 2) from ROI tokens, the ``masked`` ROIs replaced by their empty-volume token."""
         masked = frozenset(masked)
         unknown = masked - set(ROI_NAMES)
         if unknown:
-            raise InputDataError(f"masked ROI(s) {sorted(unknown)} unknown; ROIs are {list(ROI_NAMES)}")
+            raise InputDataError(
+                f"masked ROI(s) {sorted(unknown)} unknown; ROIs are {list(ROI_NAMES)}"
+            )
         batch = next(iter(tokens.values())).shape[0]
         swapped = {n: (self.empty_token(n, batch) if n in masked else tokens[n]) for n in ROI_NAMES}
         return self.head(self.patient(swapped))
@@ -104,21 +115,30 @@ class MultiRoiClassifier(nn.Module):
                 self._empty_cache[key] = token.detach()
         return token.expand(batch, -1)
 
-    def empty_inputs(self, batch: int = 1, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def empty_inputs(
+        self, batch: int = 1, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """All-zero ROI volumes of the configured sizes (what a masked ROI becomes)."""
         s = self.image_size
         return {n: torch.zeros(batch, self.slices[n], s, s, device=device) for n in ROI_NAMES}
 
-    def empty_masks(self, batch: int = 1, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def empty_masks(
+        self, batch: int = 1, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """All-background masks matching :meth:`empty_inputs`."""
         s = self.image_size
-        return {n: torch.zeros(batch, self.slices[n], s, s, dtype=torch.long, device=device) for n in ROI_NAMES}
+        return {
+            n: torch.zeros(batch, self.slices[n], s, s, dtype=torch.long, device=device)
+            for n in ROI_NAMES
+        }
 
     def check_rois(self, rois: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Raise :class:`InputDataError` unless ``rois`` has the four ROIs as (B, S, H, W)."""
         missing = [n for n in ROI_NAMES if n not in rois]
         if missing:
-            raise InputDataError(f"model input: missing ROI(s) {missing}; expected {list(ROI_NAMES)}")
+            raise InputDataError(
+                f"model input: missing ROI(s) {missing}; expected {list(ROI_NAMES)}"
+            )
         batch = None
         for name in ROI_NAMES:
             x = rois[name]
@@ -131,14 +151,25 @@ class MultiRoiClassifier(nn.Module):
                     f"{self.image_size} x {self.image_size} (roi.image_size)"
                 )
             if batch is not None and x.shape[0] != batch:
-                raise InputDataError(f"ROI {name!r}: batch size {x.shape[0]} differs from the other ROIs ({batch})")
+                raise InputDataError(
+                    f"ROI {name!r}: batch size {x.shape[0]} differs from the other ROIs ({batch})"
+                )
             batch = x.shape[0]
         return rois
 
     def _weights_version(self) -> int:
-        return hash(tuple(p._version for p in self.parameters())) ^ hash(
-            tuple(b._version for b in self.buffers())
-        )
+        """Fingerprint of the weights: in-place version counters of all parameters and buffers
+        (bumped by optimiser steps, ``load_state_dict`` and any in-place edit)."""
+        tensors = self.__dict__.get("_state_tensors")
+        if tensors is None:
+            tensors = [*self.parameters(), *self.buffers()]
+            self.__dict__["_state_tensors"] = tensors
+        return hash(tuple(t._version for t in tensors))
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): tensors may be replaced
+        self.__dict__["_state_tensors"] = None
+        self._empty_cache = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by learning-rate group: ``backbone`` (lr_backbone) and ``head`` (lr_head)."""

@@ -70,17 +70,27 @@ class RES(nn.Module):
         self.patchnizer = DinoPatchnizer(create_vit(cfg.backbone, image_size, cfg.drop_path))
         dim = self.patchnizer.embed_dim
         if dim % cfg.num_heads:
-            raise ConfigError(f"model.num_heads={cfg.num_heads} does not divide the backbone width {dim}")
+            raise ConfigError(
+                f"model.num_heads={cfg.num_heads} does not divide the backbone width {dim}"
+            )
         if cfg.dpt_features not in ("local", "global"):
-            raise ConfigError(f"model.dpt_features must be 'local' or 'global', got {cfg.dpt_features!r}")
+            raise ConfigError(
+                f"model.dpt_features must be 'local' or 'global', got {cfg.dpt_features!r}"
+            )
         self.embed_dim = dim
         full = not cfg.dinov2_only
         self.slice_pos = nn.Parameter(torch.zeros(1, cfg.max_slices, 1, dim)) if full else None
         if self.slice_pos is not None:
             nn.init.trunc_normal_(self.slice_pos, std=0.02)
-        self.ffa = FFA(dim, cfg.num_heads, cfg.ffa_depth, cfg.drop_path) if full and cfg.use_ffa else None
-        self.sfa = SFA(dim, cfg.num_heads, cfg.sfa_depth, cfg.drop_path) if full and cfg.use_sfa else None
-        self.dpt = DPTHead(dim, tuple(cfg.dpt_channels), cfg.dpt_fusion) if full and cfg.use_dpt else None
+        self.ffa = (
+            FFA(dim, cfg.num_heads, cfg.ffa_depth, cfg.drop_path) if full and cfg.use_ffa else None
+        )
+        self.sfa = (
+            SFA(dim, cfg.num_heads, cfg.sfa_depth, cfg.drop_path) if full and cfg.use_sfa else None
+        )
+        self.dpt = (
+            DPTHead(dim, tuple(cfg.dpt_channels), cfg.dpt_fusion) if full and cfg.use_dpt else None
+        )
         depth = self.patchnizer.depth
         if self.dpt is not None and self.ffa is None:
             self.backbone_layers = plain_dpt_layers(depth)
@@ -103,7 +113,9 @@ class RES(nn.Module):
         if self.slice_pos is None:  # DINOv2 baseline
             return RESOutput(slice_tokens.mean(dim=1), None)
 
-        tokens = torch.cat([out.slice_tokens[:, None], out.patch_tokens], dim=1).reshape(b, s, 1 + n, d)
+        tokens = torch.cat([out.slice_tokens[:, None], out.patch_tokens], dim=1).reshape(
+            b, s, 1 + n, d
+        )
         tokens = tokens + self.slice_pos[:, :s]
         token_sets: list[torch.Tensor] = []
         if self.ffa is not None:

@@ -52,8 +52,14 @@ class SEResNet10Trunk(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        resnet = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=list(WIDTHS), spatial_dims=3,
-                        n_input_channels=WIDTHS[0], feed_forward=False)
+        resnet = ResNet(
+            block="basic",
+            layers=[1, 1, 1, 1],
+            block_inplanes=list(WIDTHS),
+            spatial_dims=3,
+            n_input_channels=WIDTHS[0],
+            feed_forward=False,
+        )
         stages = []
         for i, width in enumerate(WIDTHS):
             layer = getattr(resnet, f"layer{i + 1}")
@@ -81,7 +87,9 @@ class SERes10(MultiRoiClassifier):
         """(B, 1 + C-1, S, H, W): image scaled to [-1, 1] + one-hot foreground nucleus channels."""
         n_classes = ROI_BY_NAME[name].num_classes
         if mask.shape != image.shape:
-            raise InputDataError(f"ROI {name!r}: mask {tuple(mask.shape)} does not match image {tuple(image.shape)}")
+            raise InputDataError(
+                f"ROI {name!r}: mask {tuple(mask.shape)} does not match image {tuple(image.shape)}"
+            )
         mask = mask.long()
         if mask.min() < 0 or mask.max() >= n_classes:
             raise InputDataError(f"ROI {name!r}: mask values must lie in [0, {n_classes - 1}]")
@@ -89,13 +97,20 @@ class SERes10(MultiRoiClassifier):
         return torch.cat([(image.unsqueeze(1) / 127.5 - 1.0), onehot], dim=1)
 
     def _encode(
-        self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None, with_seg: bool
+        self,
+        rois: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None,
+        with_seg: bool,
     ) -> tuple[dict[str, torch.Tensor], None]:
         tokens = {}
         for name, image in rois.items():
             if masks is None or name not in masks:
-                raise InputDataError(f"ROI {name!r}: SERes10 needs the ROI's nuclei mask as input (masks=...)")
-            tokens[name] = self.trunk(self.stems[name](self.roi_input(name, image.float(), masks[name])))
+                raise InputDataError(
+                    f"ROI {name!r}: SERes10 needs the ROI's nuclei mask as input (masks=...)"
+                )
+            tokens[name] = self.trunk(
+                self.stems[name](self.roi_input(name, image.float(), masks[name]))
+            )
         return tokens, None
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -98,7 +98,8 @@ def load_backbone_weights(vit: nn.Module, path: str | os.PathLike, name: str = "
     expected = vit.state_dict()
     wrong = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
     ]
     if wrong:
         raise WeightsError(

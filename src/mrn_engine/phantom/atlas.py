@@ -35,12 +35,22 @@ ATLAS_VERSION = 3
 
 #: CIT168 region index -> challenge QSM label (odd = right = ``*_RH``, even = left)
 CIT168_TO_QSM: dict[int, int] = {
-    102: 1, 2: 2,  # caudate
-    101: 3, 1: 4,  # putamen
-    105: 5, 106: 5, 5: 6, 6: 6,  # globus pallidus = GPe + GPi
-    116: 9, 16: 10,  # subthalamic nucleus
-    107: 11, 109: 11, 7: 12, 9: 12,  # substantia nigra = SNc(+PBP/VTA) + SNr
-    108: 13, 8: 14,  # red nucleus
+    102: 1,
+    2: 2,  # caudate
+    101: 3,
+    1: 4,  # putamen
+    105: 5,
+    106: 5,
+    5: 6,
+    6: 6,  # globus pallidus = GPe + GPi
+    116: 9,
+    16: 10,  # subthalamic nucleus
+    107: 11,
+    109: 11,
+    7: 12,
+    9: 12,  # substantia nigra = SNc(+PBP/VTA) + SNr
+    108: 13,
+    8: 14,  # red nucleus
 }
 #: aseg thalamus index -> QSM label (used only where CIT168 has no label)
 ASEG_TO_QSM: dict[int, int] = {49: 7, 10: 8}
@@ -183,7 +193,9 @@ def build_atlas() -> MNIAtlas:
     folder = subcortex_atlas_dir()
     cit = _load_label_map(folder / "CIT168_subcortex" / "CIT168_subcortex.nii.gz", grid)
     aseg = _load_label_map(folder / "aseg_subcortex" / "aseg_subcortex.nii.gz", grid)
-    suit = _load_label_map(folder / "SUIT_cerebellar_lobule" / "SUIT_cerebellar_lobule.nii.gz", grid)
+    suit = _load_label_map(
+        folder / "SUIT_cerebellar_lobule" / "SUIT_cerebellar_lobule.nii.gz", grid
+    )
 
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     world = nib.affines.apply_affine(affine, ijk).astype(np.float32)
@@ -202,9 +214,7 @@ def build_atlas() -> MNIAtlas:
         nm[(cit == src) & (np.abs(world[..., 0]) >= NM_MEDIAL_LIMIT_MM)] = lab
     depig = _depigmentation_weight(world, nm)
 
-    channels = np.stack(
-        [crop(template), crop(gm), crop(wm), brain_mask.astype(np.float32), depig]
-    )
+    channels = np.stack([crop(template), crop(gm), crop(wm), brain_mask.astype(np.float32), depig])
     channels = np.clip(np.rint(channels * 255.0), 0, 255).astype(np.uint8)
     codes = qsm | np.where(nm > 0, NM_BIT, 0).astype(np.uint8)
     return MNIAtlas(affine=affine, channels=channels, codes=codes)

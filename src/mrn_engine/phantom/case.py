@@ -163,8 +163,11 @@ def make_phantom_case(
     for lab in sorted(QSM_LABELS):
         base, sd, age_slope, sev_slope = QSM_NUCLEI[_nucleus_type(lab)]
         nucleus_means[lab] = (
-            base + offsets[_nucleus_type(lab)] + rng.normal(0.0, sd / 2.0)
-            + age_slope * (age - AGE_MEAN) + sev_slope * severity
+            base
+            + offsets[_nucleus_type(lab)]
+            + rng.normal(0.0, sd / 2.0)
+            + age_slope * (age - AGE_MEAN)
+            + sev_slope * severity
         )
     background = (tissue + qsm_field_f).astype(np.float32)
     lut = np.zeros(256, np.float32)
@@ -184,7 +187,9 @@ def make_phantom_case(
     qsm = background + excess
     qsm += qsm_sigma * rng.standard_normal(GRID_SHAPE, dtype=np.float32)
     spikes = _random_brain_voxels(brain, int(rng.integers(20, 100)), rng)
-    qsm[spikes] = (rng.choice([-1.0, 1.0], spikes[0].size) * rng.uniform(80, 300, spikes[0].size)).astype(np.float32)
+    qsm[spikes] = (
+        rng.choice([-1.0, 1.0], spikes[0].size) * rng.uniform(80, 300, spikes[0].size)
+    ).astype(np.float32)
     if rng.random() < 0.5:  # a calcification / vein: a small blob of extreme values
         c = [int(v[0]) for v in _random_brain_voxels(brain & ~inside, 1, rng)]
         blob = tuple(slice(max(v - r, 0), v + r + 1) for v, r in zip(c, (2, 2, 1), strict=True))

@@ -58,7 +58,9 @@ def plan_cohort(n: int, seed: int, val_fraction: float) -> list[dict]:
     plan = []
     for i in range(n):
         case_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        plan.append({"case_id": ids[i], "label": int(labels[i]), "split": split[i], "seed": case_seed})
+        plan.append(
+            {"case_id": ids[i], "label": int(labels[i]), "split": split[i], "seed": case_seed}
+        )
     return plan
 
 
@@ -74,7 +76,9 @@ def _generate_one(root: str, item: dict, effect: float) -> dict:
     case = make_phantom_case(item["label"], item["seed"], item["case_id"], effect)
     write_phantom_case(case, Path(root))
     record = {**item, "latents": case.latents}
-    atomic_write_text(Path(root) / RECORD_DIR / f"{item['case_id']}.json", json.dumps(record, indent=1))
+    atomic_write_text(
+        Path(root) / RECORD_DIR / f"{item['case_id']}.json", json.dumps(record, indent=1)
+    )
     return record
 
 
@@ -100,7 +104,9 @@ def _check_settings(root: Path, settings: dict) -> None:
                 f"use an empty folder or the same --n/--seed/--effect/val fraction"
             )
     elif any(root.glob("RJPD_*")):
-        raise InputDataError(f"{root}: already holds case folders that this generator did not write")
+        raise InputDataError(
+            f"{root}: already holds case folders that this generator did not write"
+        )
     atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
@@ -137,8 +143,11 @@ def generate_cohort(
         raise InputDataError(f"{root}: exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
     settings = {
-        "generator_version": GENERATOR_VERSION, "n": n, "seed": seed,
-        "effect": effect, "val_fraction": round(val_fraction, 6),
+        "generator_version": GENERATOR_VERSION,
+        "n": n,
+        "seed": seed,
+        "effect": effect,
+        "val_fraction": round(val_fraction, 6),
     }
     _check_settings(root, settings)
     for stale in root.glob(".tmp-RJPD_*"):  # leftovers of a killed run
@@ -150,7 +159,9 @@ def generate_cohort(
     records: dict[str, dict] = {}
     for p in plan:
         if p not in todo:
-            records[p["case_id"]] = json.loads((root / RECORD_DIR / f"{p['case_id']}.json").read_text())
+            records[p["case_id"]] = json.loads(
+                (root / RECORD_DIR / f"{p['case_id']}.json").read_text()
+            )
 
     from mrn_engine.phantom.atlas import load_atlas
 
@@ -168,7 +179,9 @@ def generate_cohort(
                     bar.update(1)
         else:
             ctx = get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker) as pool:
+            with ProcessPoolExecutor(
+                min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
+            ) as pool:
                 futures = [pool.submit(_generate_one, str(root), p, effect) for p in todo]
                 for fut in as_completed(futures):
                     rec = fut.result()
@@ -193,8 +206,16 @@ def generate_cohort(
     rows = [["case_id", "label", "split", "seed", "oracle_p_pd", *latent_keys]]
     for r, lo in zip(ordered, log_odds, strict=True):
         p_pd = 1.0 / (1.0 + np.exp(-lo))
-        rows.append([r["case_id"], r["label"], r["split"], r["seed"], f"{p_pd:.6f}",
-                     *[f"{r['latents'].get(k, float('nan')):.6g}" for k in latent_keys]])
+        rows.append(
+            [
+                r["case_id"],
+                r["label"],
+                r["split"],
+                r["seed"],
+                f"{p_pd:.6f}",
+                *[f"{r['latents'].get(k, float('nan')):.6g}" for k in latent_keys],
+            ]
+        )
     atomic_write_text(root / "phantom_latents.csv", _csv_text(rows))
 
     oracle = {
@@ -205,7 +226,7 @@ def generate_cohort(
         "effect": effect,
         "separation_mahalanobis": separation(effect),
         "note": "Bayes-optimal classifier that knows each case's latent severity and age "
-                "(equal class priors): the ceiling any image-based model can reach.",
+        "(equal class priors): the ceiling any image-based model can reach.",
     }
     atomic_write_text(root / "oracle.json", json.dumps(oracle, indent=2))
     n_pd = int(labels.sum())

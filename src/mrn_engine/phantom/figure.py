@@ -57,8 +57,16 @@ def plot_pd_hc(path: str | Path, seed: int = 2048, effect: float = 1.0) -> Path:
         qsm = case.qsm[:, :, z]
         ax = axes[row, 0]
         im = ax.imshow(qsm.T, cmap="gray", vmin=-60, vmax=200, origin="lower", aspect=aspect)
-        ax.add_patch(Rectangle((win[0].start, win[1].start), win[0].stop - win[0].start,
-                               win[1].stop - win[1].start, fill=False, ec="yellow", lw=1))
+        ax.add_patch(
+            Rectangle(
+                (win[0].start, win[1].start),
+                win[0].stop - win[0].start,
+                win[1].stop - win[1].start,
+                fill=False,
+                ec="yellow",
+                lw=1,
+            )
+        )
         ax.set_title(f"{case.case_id}: QSM, slice z={z}")
         fig.colorbar(im, ax=ax, shrink=0.8, label="susceptibility (ppb)")
         ax = axes[row, 1]
@@ -72,13 +80,20 @@ def plot_pd_hc(path: str | Path, seed: int = 2048, effect: float = 1.0) -> Path:
         )
         fig.colorbar(im, ax=ax, shrink=0.8, label="NM signal (a.u.)")
         ax = axes[row, 2]
-        im = ax.imshow(case.qsm[win[0], win[1], z].T, cmap="gray", vmin=-60, vmax=200,
-                       origin="lower", aspect=aspect)
+        im = ax.imshow(
+            case.qsm[win[0], win[1], z].T,
+            cmap="gray",
+            vmin=-60,
+            vmax=200,
+            origin="lower",
+            aspect=aspect,
+        )
         colours = [NUCLEUS_COLOURS[QSM_LABELS[lab].rsplit("_", 1)[0]] for lab in _MIDBRAIN]
         _contours(ax, case.qsm_mask[win[0], win[1], z], _MIDBRAIN, colours)
         sn = 0.5 * (lat["qsm_sn_mean_R"] + lat["qsm_sn_mean_L"])
-        ax.set_title(f"QSM + QSM_mask STN/SN/RN\nSN mean {sn:.0f} ppb, age {lat['age']:.0f}",
-                     fontsize=9)
+        ax.set_title(
+            f"QSM + QSM_mask STN/SN/RN\nSN mean {sn:.0f} ppb, age {lat['age']:.0f}", fontsize=9
+        )
         fig.colorbar(im, ax=ax, shrink=0.8, label="susceptibility (ppb)")
         axes[row, 0].set_ylabel("HC" if case.label == 0 else "PD", fontsize=14)
     for ax in axes.ravel():
@@ -86,8 +101,11 @@ def plot_pd_hc(path: str | Path, seed: int = 2048, effect: float = 1.0) -> Path:
         ax.set_yticks([])
         ax.text(0.01, 0.5, "R", color="w", transform=ax.transAxes, va="center")
         ax.text(0.97, 0.5, "L", color="w", transform=ax.transAxes, va="center")
-    fig.suptitle("Phantom HC vs PD (same anatomy seed): axial slice through the SN, "
-                 "radiological view, anterior up", fontsize=12)
+    fig.suptitle(
+        "Phantom HC vs PD (same anatomy seed): axial slice through the SN, "
+        "radiological view, anterior up",
+        fontsize=12,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

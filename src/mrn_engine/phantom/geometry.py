@@ -47,7 +47,14 @@ class Warp:
     def matrix(self) -> np.ndarray:
         """3x3 linear part of the MNI -> subject affine (rotation @ scale)."""
         rx, ry, rz = np.deg2rad(self.rotation_deg)
-        cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+        cx, sx, cy, sy, cz, sz = (
+            np.cos(rx),
+            np.sin(rx),
+            np.cos(ry),
+            np.sin(ry),
+            np.cos(rz),
+            np.sin(rz),
+        )
         r_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
         r_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
         r_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
@@ -129,10 +136,14 @@ def sample(volumes: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") ->
 
     ``mode`` is ``"bilinear"`` (trilinear) or ``"nearest"``; returns ``(C, *GRID_SHAPE)``.
     """
-    return F.grid_sample(volumes[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+    return F.grid_sample(volumes[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[
+        0
+    ]
 
 
-def smooth_lattice_field(rng: np.random.Generator, amplitude: float, sigma: float = 4.0) -> np.ndarray:
+def smooth_lattice_field(
+    rng: np.random.Generator, amplitude: float, sigma: float = 4.0
+) -> np.ndarray:
     """A ``(*LATTICE)`` smooth random field with RMS ``amplitude`` (for bias fields)."""
     field = gaussian_filter(rng.standard_normal(LATTICE), sigma=sigma, mode="nearest")
     return field * (amplitude / max(float(np.sqrt((field**2).mean())), 1e-9))

@@ -49,7 +49,9 @@ NM_LOSS_PER_SEVERITY = 0.30  #: fraction of the most vulnerable SNc lost per uni
 NM_MASK_THRESHOLD = 0.6  #: pigment fraction below which a voxel leaves the NM mask
 
 
-def draw_class_latents(label: int, rng: np.random.Generator, effect: float = 1.0) -> dict[str, float]:
+def draw_class_latents(
+    label: int, rng: np.random.Generator, effect: float = 1.0
+) -> dict[str, float]:
     """The class-dependent latents (``severity``, ``age``) of one subject."""
     if label not in (0, 1):
         raise ValueError(f"label must be 0 (HC) or 1 (PD), got {label!r}")

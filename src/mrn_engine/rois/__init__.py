@@ -14,7 +14,20 @@ from mrn_engine.rois.extract import (
 from mrn_engine.rois.intensity import apply_window, intensity_window
 
 __all__ = [
-    "CropBox", "RoiCache", "RoiCrop", "apply_window", "check_roi_labels", "config_hash",
-    "crop_roi", "default_cache_dir", "extract_rois", "intensity_window", "label_box",
-    "margin_voxels", "paste_back", "paste_back_all", "roi_box", "stack_rois",
+    "CropBox",
+    "RoiCache",
+    "RoiCrop",
+    "apply_window",
+    "check_roi_labels",
+    "config_hash",
+    "crop_roi",
+    "default_cache_dir",
+    "extract_rois",
+    "intensity_window",
+    "label_box",
+    "margin_voxels",
+    "paste_back",
+    "paste_back_all",
+    "roi_box",
+    "stack_rois",
 ]

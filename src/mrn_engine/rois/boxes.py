@@ -41,8 +41,9 @@ class CropBox:
 
 def margin_voxels(spacing: Sequence[float], margin_mm: float) -> tuple[int, int, int]:
     """Margin per axis in voxels: ``ceil(margin_mm / spacing)`` (anisotropic spacing)."""
-    return tuple(int(math.ceil(margin_mm / float(s) - 1e-9)) if margin_mm > 0 else 0
-                 for s in spacing)  # type: ignore[return-value]
+    return tuple(
+        int(math.ceil(margin_mm / float(s) - 1e-9)) if margin_mm > 0 else 0 for s in spacing
+    )  # type: ignore[return-value]
 
 
 def label_box(mask: np.ndarray, labels: Iterable[int]) -> CropBox | None:
@@ -74,7 +75,10 @@ def roi_box(
     mx, my, mz = margin_voxels(spacing, margin_mm)
     sx, sy, sz = mask.shape
     return CropBox(
-        max(0, tight.x0 - mx), min(sx, tight.x1 + mx),
-        max(0, tight.y0 - my), min(sy, tight.y1 + my),
-        max(0, tight.z0 - mz), min(sz, tight.z1 + mz),
+        max(0, tight.x0 - mx),
+        min(sx, tight.x1 + mx),
+        max(0, tight.y0 - my),
+        min(sy, tight.y1 + my),
+        max(0, tight.z0 - mz),
+        min(sz, tight.z1 + mz),
     )

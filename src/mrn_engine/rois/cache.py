@@ -65,10 +65,16 @@ def crops_to_arrays(crops: dict[str, RoiCrop]) -> dict[str, np.ndarray]:
         if c.mask is not None:
             arrays[f"{name}.mask"] = c.mask.astype(np.uint8)
         meta[name] = {
-            "box": c.box.to_dict(), "resized_hw": list(c.resized_hw), "pad": list(c.pad),
-            "scale": c.scale, "midline_x": c.midline_x, "window": list(c.window),
-            "spacing": list(c.spacing), "volume_shape": list(c.volume_shape),
-            "case_id": c.case_id, "has_mask": c.mask is not None,
+            "box": c.box.to_dict(),
+            "resized_hw": list(c.resized_hw),
+            "pad": list(c.pad),
+            "scale": c.scale,
+            "midline_x": c.midline_x,
+            "window": list(c.window),
+            "spacing": list(c.spacing),
+            "volume_shape": list(c.volume_shape),
+            "case_id": c.case_id,
+            "has_mask": c.mask is not None,
         }
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
@@ -85,9 +91,13 @@ def crops_from_arrays(data) -> dict[str, RoiCrop]:
             mask=np.asarray(data[f"{name}.mask"], dtype=np.int64) if m["has_mask"] else None,
             box=CropBox(**m["box"]),
             slice_index=np.asarray(data[f"{name}.slice_index"], dtype=np.int64),
-            resized_hw=tuple(m["resized_hw"]), pad=tuple(m["pad"]), scale=float(m["scale"]),
-            midline_x=float(m["midline_x"]), window=tuple(m["window"]),
-            spacing=tuple(m["spacing"]), volume_shape=tuple(m["volume_shape"]),
+            resized_hw=tuple(m["resized_hw"]),
+            pad=tuple(m["pad"]),
+            scale=float(m["scale"]),
+            midline_x=float(m["midline_x"]),
+            window=tuple(m["window"]),
+            spacing=tuple(m["spacing"]),
+            volume_shape=tuple(m["volume_shape"]),
             case_id=m["case_id"],
         )
     return out
@@ -119,7 +129,9 @@ class RoiCache:
         Uses the case's own masks (ground truth); a corrupt cache file is recomputed with
         an :class:`MRNWarning`.
         """
-        files = case_files if isinstance(case_files, CaseFiles) else CaseFiles.from_folder(case_files)
+        files = (
+            case_files if isinstance(case_files, CaseFiles) else CaseFiles.from_folder(case_files)
+        )
         path = self.path_for(files, cfg)
         if path.is_file():
             try:
@@ -127,11 +139,19 @@ class RoiCache:
                     crops = crops_from_arrays(data)
                 self.hits += 1
                 return crops
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile,
-                    json.JSONDecodeError, TypeError) as e:
+            except (
+                OSError,
+                ValueError,
+                KeyError,
+                EOFError,
+                zipfile.BadZipFile,
+                json.JSONDecodeError,
+                TypeError,
+            ) as e:
                 warnings.warn(
                     f"{path}: corrupt ROI cache file ({type(e).__name__}: {e}); recomputing",
-                    MRNWarning, stacklevel=2,
+                    MRNWarning,
+                    stacklevel=2,
                 )
         self.misses += 1
         crops = extract_rois(load_case(dataclasses.replace(files, t1=None)), cfg)  # T1 unused

@@ -125,7 +125,7 @@ def _slice_plan(z0: int, z1: int, n: int) -> np.ndarray:
         out[:] = np.arange(start, start + n)
     else:
         before = (n - nz) // 2
-        out[before:before + nz] = np.arange(z0, z1)
+        out[before : before + nz] = np.arange(z0, z1)
     return out
 
 
@@ -167,30 +167,42 @@ def crop_roi(
     valid = plan >= 0
     zs = plan[valid]
 
-    raw = image[box.x0:box.x1, box.y0:box.y1][:, :, zs]  # (nx, ny, n)
+    raw = image[box.x0 : box.x1, box.y0 : box.y1][:, :, zs]  # (nx, ny, n)
     slices = apply_window(np.moveaxis(raw, 2, 0), window)  # (n, nx, ny)
     out = np.zeros((n_slices, size, size), np.float32)
-    out[valid, px:px + hx, py:py + hy] = np.clip(_resize(slices, (hx, hy), nearest=False), 0, 255)
+    out[valid, px : px + hx, py : py + hy] = np.clip(
+        _resize(slices, (hx, hy), nearest=False), 0, 255
+    )
 
     mask_out = None
     if mask is not None:
         lut = np.zeros(256, dtype=np.int64)
         for lab, cls in spec.merge_map().items():
             lut[lab] = cls
-        msub = lut[np.moveaxis(mask[box.x0:box.x1, box.y0:box.y1][:, :, zs], 2, 0)]
+        msub = lut[np.moveaxis(mask[box.x0 : box.x1, box.y0 : box.y1][:, :, zs], 2, 0)]
         mask_out = np.zeros((n_slices, size, size), np.int64)
         resized = _resize(msub.astype(np.float32), (hx, hy), nearest=True)
-        mask_out[valid, px:px + hx, py:py + hy] = np.rint(resized).astype(np.int64)
+        mask_out[valid, px : px + hx, py : py + hy] = np.rint(resized).astype(np.int64)
     return RoiCrop(
-        name=spec.name, image=out, mask=mask_out, box=box, slice_index=plan,
-        resized_hw=(hx, hy), pad=(px, py), scale=float(scale), midline_x=float(midline_x),
-        window=(float(window[0]), float(window[1])), spacing=tuple(float(s) for s in spacing),
-        volume_shape=tuple(int(s) for s in image.shape), case_id=case_id,
+        name=spec.name,
+        image=out,
+        mask=mask_out,
+        box=box,
+        slice_index=plan,
+        resized_hw=(hx, hy),
+        pad=(px, py),
+        scale=float(scale),
+        midline_x=float(midline_x),
+        window=(float(window[0]), float(window[1])),
+        spacing=tuple(float(s) for s in spacing),
+        volume_shape=tuple(int(s) for s in image.shape),
+        case_id=case_id,
     )
 
 
-def _as_mask(case: Case, given, own: Volume | None, image: Volume, what: str,
-             allowed: dict[int, str]) -> tuple[np.ndarray | None, str]:
+def _as_mask(
+    case: Case, given, own: Volume | None, image: Volume, what: str, allowed: dict[int, str]
+) -> tuple[np.ndarray | None, str]:
     if given is None:
         if own is None:
             return None, ""
@@ -213,9 +225,7 @@ def _as_mask(case: Case, given, own: Volume | None, image: Volume, what: str,
     return arr, name
 
 
-def check_roi_labels(
-    counts: np.ndarray, spec: RoiSpec, source: str, *, strict: bool
-) -> None:
+def check_roi_labels(counts: np.ndarray, spec: RoiSpec, source: str, *, strict: bool) -> None:
     """Raise if an ROI's labels are all absent; if some are, raise (strict) or warn."""
     names = QSM_LABELS if spec.modality == "QSM" else NM_LABELS
     missing = [lab for lab in spec.labels if counts[lab] == 0]
@@ -290,23 +300,32 @@ def extract_rois(
             raise InputDataError(f"RoiConfig.slices has no entry for ROI {spec.name}")
         if mod not in counts:
             counts[mod] = np.bincount(arr.ravel(order="K"), minlength=256)
-        check_roi_labels(counts[mod], spec, source,
-                         strict=(not given[mod]) if strict is None else strict)
+        check_roi_labels(
+            counts[mod], spec, source, strict=(not given[mod]) if strict is None else strict
+        )
         image = images[mod]
         if mod not in windows:
             windows[mod] = intensity_window(image.array, percentiles[mod], scales[mod])
         box = roi_box(arr, spec.labels, image.spacing, rc.margin_mm)
         assert box is not None  # checked above
         out[spec.name] = crop_roi(
-            image.array, arr, spec, box, rc, window=windows[mod],
-            midline_x=_midline(arr, box, spec, image.shape[0]), spacing=image.spacing,
+            image.array,
+            arr,
+            spec,
+            box,
+            rc,
+            window=windows[mod],
+            midline_x=_midline(arr, box, spec, image.shape[0]),
+            spacing=image.spacing,
             case_id=case.case_id,
         )
     return out
 
 
 def paste_back(
-    crop: RoiCrop, classes: np.ndarray | torch.Tensor, volume_shape: tuple[int, int, int] | None = None
+    crop: RoiCrop,
+    classes: np.ndarray | torch.Tensor,
+    volume_shape: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Put predicted merged classes of one ROI back into a full volume of source labels.
 
@@ -352,7 +371,7 @@ def paste_back(
     hx, hy = crop.resized_hw
     px, py = crop.pad
     nx, ny, _ = box.shape
-    sub = classes[valid, px:px + hx, py:py + hy].astype(np.float32)
+    sub = classes[valid, px : px + hx, py : py + hy].astype(np.float32)
     back = np.rint(_resize(sub, (nx, ny), nearest=True)).astype(np.int64)  # (n, nx, ny)
     right = np.zeros(spec.num_classes, np.uint8)
     left = np.zeros(spec.num_classes, np.uint8)
@@ -361,12 +380,14 @@ def paste_back(
         left[i + 1] = group[-1]
     is_right = (np.arange(box.x0, box.x1) < crop.midline_x)[None, :, None]
     labels = np.where(is_right, right[back], left[back])  # (n, nx, ny)
-    out[box.x0:box.x1, box.y0:box.y1, crop.slice_index[valid]] = np.moveaxis(labels, 0, 2)
+    out[box.x0 : box.x1, box.y0 : box.y1, crop.slice_index[valid]] = np.moveaxis(labels, 0, 2)
     return out
 
 
 def paste_back_all(
-    crops: dict[str, RoiCrop], classes: dict[str, np.ndarray | torch.Tensor], modality: str,
+    crops: dict[str, RoiCrop],
+    classes: dict[str, np.ndarray | torch.Tensor],
+    modality: str,
     volume_shape: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Combine the pasted-back ROIs of one modality (``"NM"`` / ``"QSM"``) into one label volume.

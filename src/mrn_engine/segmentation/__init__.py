@@ -29,8 +29,22 @@ from mrn_engine.segmentation.predict import (
 from mrn_engine.segmentation.train import SegTrainConfig, train_segmentation
 
 __all__ = [
-    "DatasetSpec", "LabelScore", "NNUNetSegmenter", "SegTrainConfig", "SegmentationError",
-    "case_summary", "check_roi_labels", "dataset_json", "default_specs", "dice",
-    "evaluate_folders", "export_dataset", "export_datasets", "find_nnunet_dir", "hausdorff95",
-    "label_scores", "region_score", "train_segmentation",
+    "DatasetSpec",
+    "LabelScore",
+    "NNUNetSegmenter",
+    "SegTrainConfig",
+    "SegmentationError",
+    "case_summary",
+    "check_roi_labels",
+    "dataset_json",
+    "default_specs",
+    "dice",
+    "evaluate_folders",
+    "export_dataset",
+    "export_datasets",
+    "find_nnunet_dir",
+    "hausdorff95",
+    "label_scores",
+    "region_score",
+    "train_segmentation",
 ]

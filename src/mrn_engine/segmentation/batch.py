@@ -47,7 +47,11 @@ def segment_cases(
     *,
     progress: bool = True,
 ) -> SegBatchResult:
-    """Predict masks of all cases under ``cases_dir``; a failing case is reported and skipped."""
+    """Predict masks of all cases under ``cases_dir``.
+
+    Missing nuclei (even a whole ROI) are recorded as warnings and the masks are written as
+    predicted; a case that fails (unreadable input, ...) is recorded as an error and skipped.
+    """
     cases = discover_cases(cases_dir)
     if not cases:
         raise InputDataError(f"{cases_dir}: no case folders (with NM.nii.gz / QSM.nii.gz) found")
@@ -58,7 +62,7 @@ def segment_cases(
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MRNWarning)
-                nm_mask, qsm_mask = segmenter.predict(cf)
+                nm_mask, qsm_mask = segmenter.predict(cf, strict=False)
             for w in caught:
                 res.warnings.append({"case_id": cf.case_id, "warning": str(w.message)})
             write_case_masks(out, cf.case_id, nm_mask, qsm_mask)

@@ -42,10 +42,13 @@ def evaluate_case(pred_dir: Path, gt_case) -> dict[str, float | str]:
     row: dict[str, float | str] = {"case_id": gt_case.case_id}
     scores = []
     for modality, gt_path, labels in (
-        ("QSM", gt_case.qsm_mask, QSM_LABELS), ("NM", gt_case.nm_mask, NM_LABELS)
+        ("QSM", gt_case.qsm_mask, QSM_LABELS),
+        ("NM", gt_case.nm_mask, NM_LABELS),
     ):
         if gt_path is None:
-            raise InputDataError(f"{gt_case.case_id}: {modality}_mask.nii.gz missing in {gt_case.folder}")
+            raise InputDataError(
+                f"{gt_case.case_id}: {modality}_mask.nii.gz missing in {gt_case.folder}"
+            )
         pred_path = find_prediction(pred_dir, gt_case.case_id, modality)
         if pred_path is None:
             raise InputDataError(
@@ -101,12 +104,16 @@ def evaluate_folders(
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
         raise InputDataError(f"{pred_dir}: prediction folder not found")
-    gt_cases = [c for c in discover_cases(gt_dir) if c.nm_mask is not None or c.qsm_mask is not None]
+    gt_cases = [
+        c for c in discover_cases(gt_dir) if c.nm_mask is not None or c.qsm_mask is not None
+    ]
     if not gt_cases:
         raise InputDataError(f"{gt_dir}: no case folder with NM_mask/QSM_mask found")
     todo = [c for c in gt_cases if (pred_dir / c.case_id).is_dir()]
     if not todo:
-        raise InputDataError(f"{pred_dir}: holds no prediction folder for any of the {len(gt_cases)} ground-truth cases")
+        raise InputDataError(
+            f"{pred_dir}: holds no prediction folder for any of the {len(gt_cases)} ground-truth cases"
+        )
     rows = [evaluate_case(pred_dir, c) for c in tqdm(todo, desc="evaluate", disable=not progress)]
     rows.append(mean_row(rows))
     if out_csv is not None:

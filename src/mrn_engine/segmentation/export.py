@@ -72,7 +72,10 @@ def default_specs(
     """The two dataset specs keyed by modality."""
     if int(nm_id) == int(qsm_id):
         raise InputDataError(f"NM and QSM datasets need different ids (both {nm_id})")
-    return {"NM": DatasetSpec("NM", int(nm_id), nm_name), "QSM": DatasetSpec("QSM", int(qsm_id), qsm_name)}
+    return {
+        "NM": DatasetSpec("NM", int(nm_id), nm_name),
+        "QSM": DatasetSpec("QSM", int(qsm_id), qsm_name),
+    }
 
 
 def dataset_json(spec: DatasetSpec, num_training: int) -> dict:
@@ -158,8 +161,18 @@ def export_dataset(
     for c in it:
         if validate:
             load_case(c, require_masks=False)
-        _place_file(getattr(c, img_attr), out / "imagesTr" / f"{c.case_id}_0000{FILE_ENDING}", link=link, kind="image")
-        _place_file(getattr(c, mask_attr), out / "labelsTr" / f"{c.case_id}{FILE_ENDING}", link=link, kind="mask")
+        _place_file(
+            getattr(c, img_attr),
+            out / "imagesTr" / f"{c.case_id}_0000{FILE_ENDING}",
+            link=link,
+            kind="image",
+        )
+        _place_file(
+            getattr(c, mask_attr),
+            out / "labelsTr" / f"{c.case_id}{FILE_ENDING}",
+            link=link,
+            kind="mask",
+        )
     # drop stale cases from an earlier export into the same folder
     keep = {c.case_id for c in cases}
     for f in (out / "labelsTr").glob(f"*{FILE_ENDING}"):
@@ -194,7 +207,9 @@ def export_datasets(
     for modality in modalities:
         cases = exportable_cases(cases_dir, modality)
         if not cases:
-            raise InputDataError(f"{cases_dir}: no case holds both {modality}.nii.gz and {modality}_mask.nii.gz")
+            raise InputDataError(
+                f"{cases_dir}: no case holds both {modality}.nii.gz and {modality}_mask.nii.gz"
+            )
         out[modality] = export_dataset(
             cases, raw_root, specs[modality], link=link, validate=validate, progress=progress
         )

@@ -10,6 +10,7 @@ scored), the NM score is that of SN, and the composite is ``0.6 * QSM + 0.4 * NM
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,9 +88,15 @@ def hausdorff95(
     sl = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
     p = torch.from_numpy(pred[sl][None, None].astype(np.float32))
     g = torch.from_numpy(gt[sl][None, None].astype(np.float32))
-    value = compute_hausdorff_distance(
-        p, g, include_background=True, percentile=percentile, spacing=[float(s) for s in spacing]
-    )
+    with warnings.catch_warnings():  # MONAI's own internal deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(
+            p,
+            g,
+            include_background=True,
+            percentile=percentile,
+            spacing=[float(s) for s in spacing],
+        )
     return float(value.reshape(-1)[0])
 
 

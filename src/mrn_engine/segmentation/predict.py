@@ -84,7 +84,7 @@ def available_folds(model_dir: Path, checkpoint_name: str = CHECKPOINT_NAME) -> 
     folds: list[int | str] = []
     for d in sorted(model_dir.glob("fold_*")):
         if (d / checkpoint_name).is_file():
-            tag = d.name[len("fold_"):]
+            tag = d.name[len("fold_") :]
             folds.append(int(tag) if tag.isdigit() else tag)
     return sorted(folds, key=lambda f: (isinstance(f, str), f if isinstance(f, int) else 0))
 
@@ -155,11 +155,15 @@ class NNUNetSegmenter:
                     f"{REVERSED_AXIS_READERS} are supported"
                 )
             ds = json.loads((d / "dataset.json").read_text())
-            self.label_values[mod] = {k: int(v) for k, v in ds.get("labels", {}).items() if isinstance(v, int)}
+            self.label_values[mod] = {
+                k: int(v) for k, v in ds.get("labels", {}).items() if isinstance(v, int)
+            }
             expected = NM_LABELS if mod == "NM" else QSM_LABELS
             unknown = sorted(set(self.label_values[mod].values()) - {0, *expected})
             if unknown:
-                raise WeightsError(f"{d}/dataset.json: label values {unknown} are not {mod} challenge labels")
+                raise WeightsError(
+                    f"{d}/dataset.json: label values {unknown} are not {mod} challenge labels"
+                )
         self._predictors: dict[str, Any] = {}
 
     @classmethod
@@ -181,8 +185,12 @@ class NNUNetSegmenter:
         """
         root = find_nnunet_dir(bundle_or_nnunet_dir)
         return cls(
-            {m: root / m for m in MODALITIES}, device=device, folds=folds,
-            use_mirroring=use_mirroring, tile_step_size=tile_step_size, **kwargs,
+            {m: root / m for m in MODALITIES},
+            device=device,
+            folds=folds,
+            use_mirroring=use_mirroring,
+            tile_step_size=tile_step_size,
+            **kwargs,
         )
 
     # -- loading ---------------------------------------------------------------------------
@@ -193,17 +201,25 @@ class NNUNetSegmenter:
             d = self.model_dirs[modality]
             with nnunet_environment(None):
                 pred = nnUNetPredictor(
-                    tile_step_size=self.tile_step_size, use_gaussian=True,
+                    tile_step_size=self.tile_step_size,
+                    use_gaussian=True,
                     use_mirroring=self.use_mirroring,
-                    perform_everything_on_device=self.device.type == "cuda", device=self.device,
-                    verbose=False, verbose_preprocessing=False, allow_tqdm=self.progress,
+                    perform_everything_on_device=self.device.type == "cuda",
+                    device=self.device,
+                    verbose=False,
+                    verbose_preprocessing=False,
+                    allow_tqdm=self.progress,
                 )
                 try:
                     pred.initialize_from_trained_model_folder(
-                        str(d), use_folds=tuple(self.folds[modality]), checkpoint_name=self.checkpoint_name
+                        str(d),
+                        use_folds=tuple(self.folds[modality]),
+                        checkpoint_name=self.checkpoint_name,
                     )
                 except (OSError, RuntimeError, KeyError, EOFError) as e:
-                    raise WeightsError(f"{d}: cannot load nnU-Net model ({type(e).__name__}: {e})") from e
+                    raise WeightsError(
+                        f"{d}: cannot load nnU-Net model ({type(e).__name__}: {e})"
+                    ) from e
             self._predictors[modality] = pred
         return self._predictors[modality]
 
@@ -219,7 +235,9 @@ class NNUNetSegmenter:
         if modality not in self.model_dirs:
             raise WeightsError(f"no nnU-Net {modality} model loaded")
         pred = self._predictor(modality)
-        data = np.ascontiguousarray(np.asarray(image.array, dtype=np.float32).transpose(2, 1, 0))[None]
+        data = np.ascontiguousarray(np.asarray(image.array, dtype=np.float32).transpose(2, 1, 0))[
+            None
+        ]
         props = {"spacing": [float(s) for s in image.spacing[::-1]]}
         seg = pred.predict_single_npy_array(data, props, None, None, False)
         seg = np.asarray(seg).transpose(2, 1, 0)
@@ -229,14 +247,22 @@ class NNUNetSegmenter:
             )
         return image.like(seg.astype(np.uint8), kind="mask")
 
-    def predict(self, case: Case | CaseFiles | str | os.PathLike) -> tuple[Volume, Volume]:
+    def predict(
+        self, case: Case | CaseFiles | str | os.PathLike, *, strict: bool = True
+    ) -> tuple[Volume, Volume]:
         """``(nm_mask, qsm_mask)`` of a case, on its NM and QSM grids, challenge label values.
+
+        Parameters
+        ----------
+        strict
+            Raise when a ROI cannot be located in the predicted masks (what the diagnosis
+            pipeline needs); with ``False`` every problem is only a warning (mask export).
 
         Raises
         ------
         SegmentationError
-            A ROI's nuclei are entirely missing from the predicted masks (message names the case
-            and the ROI). Missing single nuclei only warn (:class:`MRNWarning`).
+            ``strict`` and a ROI's nuclei are entirely missing from the predicted masks (message
+            names the case and the ROI). Missing single nuclei only warn (:class:`MRNWarning`).
         """
         if not isinstance(case, Case):
             case = load_case(case)
@@ -244,8 +270,10 @@ class NNUNetSegmenter:
         qsm_mask = self.predict_volume(case.qsm, "QSM")
         problems = check_roi_labels(nm_mask, qsm_mask)
         fatal = fatal_problems(problems)
-        if fatal:
-            raise SegmentationError(f"{case.case_id}: predicted masks unusable: " + "; ".join(fatal))
+        if fatal and strict:
+            raise SegmentationError(
+                f"{case.case_id}: predicted masks unusable: " + "; ".join(fatal)
+            )
         for p in problems:
             warnings.warn(f"{case.case_id}: {p}", MRNWarning, stacklevel=2)
         return nm_mask, qsm_mask

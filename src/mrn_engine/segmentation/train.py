@@ -113,22 +113,35 @@ def _tiny_planner_class(max_patch: Sequence[int]):
             self.UNet_max_features_2d = 64
 
         def get_plans_for_configuration(self, spacing, median_shape, *args, **kwargs):
-            cap = np.asarray(max_patch[-len(spacing):])
+            cap = np.asarray(max_patch[-len(spacing) :])
             median_shape = np.minimum(np.asarray(median_shape[: len(spacing)]), cap)
             return super().get_plans_for_configuration(spacing, median_shape, *args, **kwargs)
 
     return TinyPlanner
 
 
-def _write_small_splits(preprocessed_dataset: Path, case_ids: list[str], seed: int) -> None:
-    """nnU-Net's 5-fold split needs >= 5 cases: write a k-fold split for 2-4 cases."""
+def _write_splits(preprocessed_dataset: Path, case_ids: list[str], seed: int) -> None:
+    """Keep ``splits_final.json`` in step with the exported cases.
+
+    A split file left by an earlier run on other cases is removed (nnU-Net would reuse it).
+    nnU-Net's own 5-fold split needs >= 5 cases: for 2-4 cases a k-fold split (k = cases) is
+    written here.
+    """
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     splits_file = preprocessed_dataset / "splits_final.json"
-    if splits_file.exists() or len(case_ids) >= 5:
+    if splits_file.exists():
+        old = json.loads(splits_file.read_text())
+        known = set(old[0]["train"]) | set(old[0]["val"]) if old else set()
+        if known == set(case_ids):
+            return
+        splits_file.unlink()
+    if len(case_ids) >= 5:
         return
     if len(case_ids) < 2:
-        raise InputDataError(f"{preprocessed_dataset.name}: need at least 2 labelled cases to train, got {len(case_ids)}")
+        raise InputDataError(
+            f"{preprocessed_dataset.name}: need at least 2 labelled cases to train, got {len(case_ids)}"
+        )
     splits = generate_crossval_split(sorted(case_ids), seed=seed, n_splits=len(case_ids))
     atomic_write_text(splits_file, json.dumps(splits, indent=1))
 
@@ -153,8 +166,12 @@ def plan_and_preprocess(spec: DatasetSpec, cfg: SegTrainConfig, progress: bool =
     threads = torch.get_num_threads()
     with pools, _quiet(not progress):
         extract_fingerprint_dataset(
-            spec.dataset_id, num_processes=n_proc, check_dataset_integrity=True, clean=True,
-            verbose=False, show_progress_bar=progress,
+            spec.dataset_id,
+            num_processes=n_proc,
+            check_dataset_integrity=True,
+            clean=True,
+            verbose=False,
+            show_progress_bar=progress,
         )
         planner = _tiny_planner_class(cfg.max_patch) if cfg.tiny else ExperimentPlanner
         plans, _ = plan_experiment_dataset(spec.dataset_id, planner)
@@ -165,8 +182,12 @@ def plan_and_preprocess(spec: DatasetSpec, cfg: SegTrainConfig, progress: bool =
                 f"(available: {sorted(plans['configurations'])})"
             )
         preprocess_dataset(
-            spec.dataset_id, PLANS_NAME, configurations=[cfg.configuration], num_processes=[n_proc],
-            verbose=False, show_progress_bar=progress,
+            spec.dataset_id,
+            PLANS_NAME,
+            configurations=[cfg.configuration],
+            num_processes=[n_proc],
+            verbose=False,
+            show_progress_bar=progress,
         )
     return plans
 
@@ -181,7 +202,9 @@ def _quiet(enabled: bool) -> Iterator[None]:
         yield
 
 
-def train_fold(spec: DatasetSpec, cfg: SegTrainConfig, fold: int | str, progress: bool = True) -> Path:
+def train_fold(
+    spec: DatasetSpec, cfg: SegTrainConfig, fold: int | str, progress: bool = True
+) -> Path:
     """Train one fold with ``nnUNetTrainerMRN``; returns the model folder (parent of ``fold_k``)."""
     import torch
     from nnunetv2.paths import nnUNet_preprocessed
@@ -199,7 +222,11 @@ def train_fold(spec: DatasetSpec, cfg: SegTrainConfig, fold: int | str, progress
     try:
         with _quiet(not progress):
             trainer = nnUNetTrainerMRN(
-                plans=plans, configuration=cfg.configuration, fold=fold, dataset_json=ds_json, device=device
+                plans=plans,
+                configuration=cfg.configuration,
+                fold=fold,
+                dataset_json=ds_json,
+                device=device,
             )
             if cfg.epochs is not None:
                 trainer.num_epochs = int(cfg.epochs)
@@ -225,7 +252,11 @@ def _sha256(path: Path) -> str:
 
 
 def copy_model_to_bundle(
-    model_dir: Path, bundle: str | os.PathLike, modality: str, folds: Sequence[int | str], provenance: dict
+    model_dir: Path,
+    bundle: str | os.PathLike,
+    modality: str,
+    folds: Sequence[int | str],
+    provenance: dict,
 ) -> Path:
     """Copy a trained nnU-Net model folder into ``BUNDLE/nnunet/<modality>/`` (all or nothing)."""
     dest = Path(bundle) / "nnunet" / modality
@@ -238,7 +269,9 @@ def copy_model_to_bundle(
         for fold in folds:
             src = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
             if not src.is_file():
-                raise InputDataError(f"{src}: training of fold {fold} did not finish (no checkpoint_final.pth)")
+                raise InputDataError(
+                    f"{src}: training of fold {fold} did not finish (no checkpoint_final.pth)"
+                )
             (tmp / f"fold_{fold}").mkdir()
             shutil.copyfile(src, tmp / f"fold_{fold}" / "checkpoint_final.pth")
             checksums[f"fold_{fold}/checkpoint_final.pth"] = _sha256(src)
@@ -301,11 +334,17 @@ def train_segmentation(
             spec = cfg.specs[mod]
             cases = exportable_cases(cases_dir, mod)
             if not cases:
-                raise InputDataError(f"{cases_dir}: no case holds both {mod}.nii.gz and {mod}_mask.nii.gz")
+                raise InputDataError(
+                    f"{cases_dir}: no case holds both {mod}.nii.gz and {mod}_mask.nii.gz"
+                )
             export_dataset(cases, paths["nnUNet_raw"], spec, progress=progress)
             t0 = time.time()
             plan_and_preprocess(spec, cfg, progress=progress)
-            _write_small_splits(paths["nnUNet_preprocessed"] / spec.folder_name, [c.case_id for c in cases], cfg.seed)
+            _write_splits(
+                paths["nnUNet_preprocessed"] / spec.folder_name,
+                [c.case_id for c in cases],
+                cfg.seed,
+            )
             # training: augmentation in this process unless workers were asked for
             os.environ["nnUNet_n_proc_DA"] = str(cfg.num_processes)
             try:
@@ -316,15 +355,21 @@ def train_segmentation(
                 os.environ["nnUNet_n_proc_DA"] = str(max(1, cfg.num_processes))
             assert model_dir is not None
             provenance = {
-                "modality": mod, "dataset": spec.folder_name, "trainer": TRAINER_NAME,
-                "configuration": cfg.configuration, "folds": list(cfg.folds),
-                "cases": [c.case_id for c in cases], "train_seconds": round(time.time() - t0, 1),
+                "modality": mod,
+                "dataset": spec.folder_name,
+                "trainer": TRAINER_NAME,
+                "configuration": cfg.configuration,
+                "folds": list(cfg.folds),
+                "cases": [c.case_id for c in cases],
+                "train_seconds": round(time.time() - t0, 1),
                 "options": {k: v for k, v in asdict(cfg).items() if k != "specs"},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             if bundle is not None:
                 out[mod] = copy_model_to_bundle(model_dir, bundle, mod, cfg.folds, provenance)
             else:
-                atomic_write_text(model_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2, default=str))
+                atomic_write_text(
+                    model_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2, default=str)
+                )
                 out[mod] = model_dir
     return out

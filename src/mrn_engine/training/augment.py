@@ -39,8 +39,12 @@ def build_roi_transform(with_mask: bool = True) -> Compose:
         [
             RandFlipd(keys=both, prob=0.5, spatial_axis=0),  # left/right mirror (H = X)
             RandRotated(
-                keys=both, range_x=math.radians(10), prob=0.3, mode=modes,
-                padding_mode="zeros", keep_size=True,
+                keys=both,
+                range_x=math.radians(10),
+                prob=0.3,
+                mode=modes,
+                padding_mode="zeros",
+                keep_size=True,
             ),
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
             RandShiftIntensityd(keys="image", offsets=10.0, prob=0.3),

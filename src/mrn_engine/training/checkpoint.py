@@ -155,7 +155,9 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return target
 
 
-def load_checkpoint(target: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    target: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Read an epoch folder: (state_dict, optimiser state, info incl. ``epoch`` and ``rng``)."""
     target = Path(target)
     try:

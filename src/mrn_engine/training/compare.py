@@ -29,13 +29,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mrn": {},
     "seres10": {"arch": "seres10", "use_moco": False},
     "seres10-moco": {"arch": "seres10", "use_moco": True},
-    "dinov2-only": {"dinov2_only": True, "use_ffa": False, "use_sfa": False, "use_dpt": False,
-                    "use_moco": False},
+    "dinov2-only": {
+        "dinov2_only": True,
+        "use_ffa": False,
+        "use_sfa": False,
+        "use_dpt": False,
+        "use_moco": False,
+    },
 }
-TITLES = {"mrn": "MRN", "seres10": "SERes10", "seres10-moco": "SERes10-mSupMoCo",
-          "dinov2-only": "DINOv2 only"}
-COLUMNS = ("variant", "oof_accuracy", "oof_auc", "oof_f1", "heldout_accuracy", "heldout_auc",
-           "heldout_f1", "n_oof", "n_heldout")
+TITLES = {
+    "mrn": "MRN",
+    "seres10": "SERes10",
+    "seres10-moco": "SERes10-mSupMoCo",
+    "dinov2-only": "DINOv2 only",
+}
+COLUMNS = (
+    "variant",
+    "oof_accuracy",
+    "oof_auc",
+    "oof_f1",
+    "heldout_accuracy",
+    "heldout_auc",
+    "heldout_f1",
+    "n_oof",
+    "n_heldout",
+)
 
 
 def variant_config(base: RunConfig, variant: str) -> RunConfig:
@@ -90,17 +108,29 @@ def compare_variants(
     rows: list[dict[str, Any]] = []
     for v, cfg in cfgs.items():
         bundle = out / v
-        train_bundle(cases_root, bundle, cfg, cache_dir=out / "roi_cache", resume=resume, progress=progress)
+        train_bundle(
+            cases_root, bundle, cfg, cache_dir=out / "roi_cache", resume=resume, progress=progress
+        )
         oof = oof_metrics(bundle)
         row: dict[str, Any] = {
-            "variant": v, "oof_accuracy": oof["accuracy"], "oof_auc": oof["auc"], "oof_f1": oof["f1"],
-            "n_oof": oof["n"], "heldout_accuracy": math.nan, "heldout_auc": math.nan,
-            "heldout_f1": math.nan, "n_heldout": 0,
+            "variant": v,
+            "oof_accuracy": oof["accuracy"],
+            "oof_auc": oof["auc"],
+            "oof_f1": oof["f1"],
+            "n_oof": oof["n"],
+            "heldout_accuracy": math.nan,
+            "heldout_auc": math.nan,
+            "heldout_f1": math.nan,
+            "n_heldout": 0,
         }
         if heldout_root is not None:
             held = heldout_metrics(bundle, heldout_root, progress=progress)
-            row.update(heldout_accuracy=held["accuracy"], heldout_auc=held["auc"],
-                       heldout_f1=held["f1"], n_heldout=held["n"])
+            row.update(
+                heldout_accuracy=held["accuracy"],
+                heldout_auc=held["auc"],
+                heldout_f1=held["f1"],
+                n_heldout=held["n"],
+            )
         rows.append(row)
         write_comparison(out, rows, base)
     return rows
@@ -115,7 +145,11 @@ def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig)
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(out / "comparison.csv", buf.getvalue())
     t = base.train
-    note = (f"Preset `{base.preset}`, {t.folds}-fold CV (cv_seed {t.cv_seed}), "
-            f"{t.pretrain_epochs}+{t.epochs} epochs; F1 = macro F1. Config: "
-            + json.dumps({"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}))
+    note = (
+        f"Preset `{base.preset}`, {t.folds}-fold CV (cv_seed {t.cv_seed}), "
+        f"{t.pretrain_epochs}+{t.epochs} epochs; F1 = macro F1. Config: "
+        + json.dumps(
+            {"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}
+        )
+    )
     atomic_write_text(out / "comparison.md", comparison_markdown(rows, note))

@@ -60,7 +60,9 @@ def load_labelled_cohort(root: str | os.PathLike) -> LabelledCohort:
         if absent:
             raise InputDataError(f"{f.folder}: training needs {', '.join(absent)} for case {cid}")
     dups = check_duplicates(list(labelled.values()), warn=False)
-    return LabelledCohort(root=root, files=labelled, labels={c: labels[c] for c in labelled}, duplicates=dups)
+    return LabelledCohort(
+        root=root, files=labelled, labels={c: labels[c] for c in labelled}, duplicates=dups
+    )
 
 
 def roi_loader(cohort_files: dict[str, CaseFiles], cfg: RunConfig, cache: RoiCache):
@@ -87,7 +89,9 @@ def code_version() -> str:
         return __version__
 
 
-def _bundle_info(cohort: LabelledCohort, folds: list[Fold], cfg: RunConfig, provenance: dict) -> dict:
+def _bundle_info(
+    cohort: LabelledCohort, folds: list[Fold], cfg: RunConfig, provenance: dict
+) -> dict:
     return {
         "format": BUNDLE_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -95,7 +99,11 @@ def _bundle_info(cohort: LabelledCohort, folds: list[Fold], cfg: RunConfig, prov
         "cohort_root": str(cohort.root.resolve()),
         "n_cases": len(cohort.labels),
         "n_pd": int(sum(cohort.labels.values())),
-        "cv": {"folds": cfg.train.folds, "cv_seed": cfg.train.cv_seed, "method": "sklearn StratifiedKFold(shuffle=True)"},
+        "cv": {
+            "folds": cfg.train.folds,
+            "cv_seed": cfg.train.cv_seed,
+            "method": "sklearn StratifiedKFold(shuffle=True)",
+        },
         "folds": [{"fold": f.index, **f.to_dict()} for f in folds],
         "labels": cohort.labels,
         "duplicates": [list(p) for p in cohort.duplicates],
@@ -104,7 +112,9 @@ def _bundle_info(cohort: LabelledCohort, folds: list[Fold], cfg: RunConfig, prov
     }
 
 
-def prepare_bundle(out: str | os.PathLike, cohort: LabelledCohort, cfg: RunConfig, provenance: dict) -> tuple[Path, list[Fold]]:
+def prepare_bundle(
+    out: str | os.PathLike, cohort: LabelledCohort, cfg: RunConfig, provenance: dict
+) -> tuple[Path, list[Fold]]:
     """Create (or check) ``out/config.json`` and ``out/bundle.json``; returns the folds.
 
     An existing bundle must have the same configuration and folds (another fold of the same
@@ -116,7 +126,11 @@ def prepare_bundle(out: str | os.PathLike, cohort: LabelledCohort, cfg: RunConfi
     info = _bundle_info(cohort, folds, cfg, provenance)
     if (out / "bundle.json").is_file():
         old = json.loads((out / "bundle.json").read_text())
-        old_cfg = RunConfig.load(out / "config.json").to_dict() if (out / "config.json").is_file() else None
+        old_cfg = (
+            RunConfig.load(out / "config.json").to_dict()
+            if (out / "config.json").is_file()
+            else None
+        )
         if old.get("folds") != info["folds"] or _json(old_cfg) != _json(cfg.to_dict()):
             raise ConfigError(
                 f"{out}: already holds a bundle with other folds or another configuration; "
@@ -146,7 +160,9 @@ def update_bundle_weights(out: str | os.PathLike) -> dict:
     return info
 
 
-def cache_rois(cohort: LabelledCohort, cfg: RunConfig, cache: RoiCache, progress: bool = True) -> None:
+def cache_rois(
+    cohort: LabelledCohort, cfg: RunConfig, cache: RoiCache, progress: bool = True
+) -> None:
     """Fill the ROI cache for all labelled cases (once, before the folds)."""
     for cid in tqdm(sorted(cohort.files), desc="ROI crops", unit="case", disable=not progress):
         cache.get_or_compute(cohort.files[cid], cfg.roi)
@@ -196,15 +212,26 @@ def train_bundle(
         seed_everything(epoch_seed(cfg.train.seed, k, 0))
         objective = MRNObjective(cfg)
         train_ds = RoiStackDataset(
-            fold.train_ids, cohort.labels, load,
+            fold.train_ids,
+            cohort.labels,
+            load,
             RoiAugmenter(epoch_seed(cfg.train.seed, k, 0)) if cfg.train.augment else None,
         )
         val_ds = RoiStackDataset(fold.val_ids, cohort.labels, load)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
-            results.append(train_fold(
-                objective, train_ds, val_ds, cfg, fold_dir, fold=k, resume=resume,
-                stop_after=stop_after, progress=progress,
-            ))
+            results.append(
+                train_fold(
+                    objective,
+                    train_ds,
+                    val_ds,
+                    cfg,
+                    fold_dir,
+                    fold=k,
+                    resume=resume,
+                    stop_after=stop_after,
+                    progress=progress,
+                )
+            )
     update_bundle_weights(out)
     return results

@@ -33,15 +33,20 @@ class DemoSize:
 
 
 #: the default demo (measured in docs/results.md) and the ``--quick`` smoke run
-DEFAULT = DemoSize(cases=90, heldout=40, folds=3, pretrain_epochs=2, epochs=14)
+DEFAULT = DemoSize(cases=72, heldout=30, folds=3, pretrain_epochs=1, epochs=12)
 QUICK = DemoSize(cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1)
 
 
 def demo_config(size: DemoSize, seed: int = 1, preset: str = "cpu-tiny") -> RunConfig:
     """The preset with the demo's folds, epochs and seed."""
     return get_preset(preset).replace(
-        train={"folds": size.folds, "pretrain_epochs": size.pretrain_epochs, "epochs": size.epochs,
-               "seed": seed, "device": "cpu"}
+        train={
+            "folds": size.folds,
+            "pretrain_epochs": size.pretrain_epochs,
+            "epochs": size.epochs,
+            "seed": seed,
+            "device": "cpu",
+        }
     )
 
 
@@ -64,30 +69,41 @@ def run_demo(
     from mrn_engine.training.evaluate import heldout_metrics, oof_metrics
 
     if size.cases < 2 * size.folds or size.heldout < 2:
-        raise ConfigError(f"demo: {size.cases} cases cannot make {size.folds} folds (need >= {2 * size.folds})"
-                          f" and held-out needs >= 2 cases")
+        raise ConfigError(
+            f"demo: {size.cases} cases cannot make {size.folds} folds (need >= {2 * size.folds})"
+            f" and held-out needs >= 2 cases"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
     log(f"[1/4] phantom cohort: {size.cases} labelled + {size.heldout} held-out cases -> {out}")
-    labelled = generate_cohort(out / "cohort", n=size.cases, seed=seed, workers=workers, progress=progress)
-    held = generate_cohort(out / "heldout", n=size.heldout, seed=seed + 10_000, workers=workers,
-                           progress=progress)
+    labelled = generate_cohort(
+        out / "cohort", n=size.cases, seed=seed, workers=workers, progress=progress
+    )
+    held = generate_cohort(
+        out / "heldout", n=size.heldout, seed=seed + 10_000, workers=workers, progress=progress
+    )
     times["phantom"] = time.perf_counter() - t0
 
     cfg = demo_config(size, seed)
-    log(f"[2/4] training {cfg.preset}: {size.folds} folds x {size.pretrain_epochs}+{size.epochs} epochs")
+    log(
+        f"[2/4] training {cfg.preset}: {size.folds} folds x {size.pretrain_epochs}+{size.epochs} epochs"
+    )
     t1 = time.perf_counter()
     bundle = out / "bundle"
-    train_bundle(out / "cohort", bundle, cfg, cache_dir=out / "roi_cache", resume=True, progress=progress)
+    train_bundle(
+        out / "cohort", bundle, cfg, cache_dir=out / "roi_cache", resume=True, progress=progress
+    )
     times["training"] = time.perf_counter() - t1
 
     log("[3/4] held-out evaluation (fold ensemble) and ROI-masking analysis")
     t2 = time.perf_counter()
     oof = oof_metrics(bundle)
-    heldout = heldout_metrics(bundle, out / "heldout", bundle / "ablation", device="cpu", progress=progress)
+    heldout = heldout_metrics(
+        bundle, out / "heldout", bundle / "ablation", device="cpu", progress=progress
+    )
     times["evaluation"] = time.perf_counter() - t2
 
     log("[4/4] report")

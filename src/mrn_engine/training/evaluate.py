@@ -18,8 +18,14 @@ def read_bundle_oof(bundle: str | os.PathLike) -> list[dict[str, Any]]:
         with open(path, newline="") as fh:
             for r in csv.DictReader(fh):
                 try:
-                    rows.append({"case_id": r["case_id"], "label": int(r["label"]),
-                                 "p_pd": float(r["p_pd"]), "fold": int(r.get("fold") or -1)})
+                    rows.append(
+                        {
+                            "case_id": r["case_id"],
+                            "label": int(r["label"]),
+                            "p_pd": float(r["p_pd"]),
+                            "fold": int(r.get("fold") or -1),
+                        }
+                    )
                 except (KeyError, ValueError) as e:
                     raise InputDataError(f"{path}: bad out-of-fold row {r} ({e})") from e
     if not rows:
@@ -32,7 +38,9 @@ def oof_metrics(bundle: str | os.PathLike) -> dict[str, Any]:
     from mrn_engine.analysis import binary_metrics
 
     rows = read_bundle_oof(bundle)
-    m = binary_metrics([r["label"] for r in rows], [r["p_pd"] for r in rows], where=f"{bundle} out-of-fold")
+    m = binary_metrics(
+        [r["label"] for r in rows], [r["p_pd"] for r in rows], where=f"{bundle} out-of-fold"
+    )
     return m.as_row()
 
 
@@ -55,7 +63,10 @@ def heldout_metrics(
     bundle = Path(bundle)
     predictor = MRNPredictor.from_bundle(bundle, device=device)
     result = run_masking_analysis(
-        predictor, cases_root, out_dir if out_dir is not None else bundle / "ablation", progress=progress
+        predictor,
+        cases_root,
+        out_dir if out_dir is not None else bundle / "ablation",
+        progress=progress,
     )
     ensemble = next(r for r in result.metrics if r.get("set") == "ensemble")
     return {**ensemble, "errors": len(result.errors), "masking": result.masking}

@@ -30,6 +30,24 @@ def model_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def reset_layerscale(model: nn.Module, value: float = 1.0) -> int:
+    """Set every LayerScale ``gamma`` of ``model`` to ``value``; returns how many were set.
+
+    DINOv2's LayerScale starts at 1e-5, which suits fine-tuning pretrained weights. From random
+    initialisation (cpu-tiny) it makes every block nearly the identity, so the [CLS] slice tokens
+    are almost the same for every case: on phantom ROIs the patient vector varied 0.005 across
+    cases at init (mean magnitude 0.8) and training did not leave chance; with gammas at 1.0 it
+    varies 0.25 (docs/results.md).
+    """
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "gamma":  # timm LayerScale (ls1/ls2) and the FFA/SFA blocks
+                p.fill_(value)
+                n += 1
+    return n
+
+
 class MRNObjective(nn.Module):
     """MRN (or SERes10) with its training wrapper and the paper's losses (Eq. 10-12).
 
@@ -42,7 +60,10 @@ class MRNObjective(nn.Module):
     def __init__(self, cfg: RunConfig, *, pretrained: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wrapper = build_training_wrapper(build_model(cfg, pretrained=pretrained), cfg)
+        model = build_model(cfg, pretrained=pretrained)
+        if not cfg.model.backbone_weights and cfg.train.random_init_layerscale > 0:
+            reset_layerscale(model, cfg.train.random_init_layerscale)
+        self.wrapper = build_training_wrapper(model, cfg)
 
     @property
     def student(self) -> nn.Module:

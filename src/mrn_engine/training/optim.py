@@ -46,7 +46,10 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     if hasattr(model, "lr_groups"):
         backbone_ids = {id(p) for p in model.lr_groups()["backbone"]}
     buckets: dict[str, list[torch.nn.Parameter]] = {
-        "backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": [],
+        "backbone": [],
+        "backbone_no_decay": [],
+        "head": [],
+        "head_no_decay": [],
     }
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -54,7 +54,9 @@ def make_folds(labels: Mapping[str, int], n_folds: int = 5, seed: int = 1) -> li
     return folds
 
 
-def warn_split_duplicates(folds: list[Fold], duplicates: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def warn_split_duplicates(
+    folds: list[Fold], duplicates: Iterable[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """Warn (``MRNWarning``) about duplicate pairs whose cases sit in different folds' val sets.
 
     Returns the offending pairs.

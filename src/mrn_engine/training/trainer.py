@@ -46,8 +46,19 @@ from mrn_engine.training.dataset import RoiStackDataset, make_loader
 from mrn_engine.training.optim import build_optimizer
 
 METRIC_FIELDS = (
-    "epoch", "stage", "loss", "loss_cls", "loss_seg", "loss_con", "train_acc",
-    "val_loss", "val_acc", "val_auc", "lr_backbone", "lr_head", "seconds",
+    "epoch",
+    "stage",
+    "loss",
+    "loss_cls",
+    "loss_seg",
+    "loss_con",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_auc",
+    "lr_backbone",
+    "lr_head",
+    "seconds",
 )
 DONE = "done.json"
 
@@ -126,7 +137,9 @@ def predict_dataset(
             with _autocast(device, amp):
                 logits = objective.predict_logits(batch)
             p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().tolist()
-            for cid, lab, pp in zip(batch["case_id"], batch["label"].cpu().tolist(), p, strict=True):
+            for cid, lab, pp in zip(
+                batch["case_id"], batch["label"].cpu().tolist(), p, strict=True
+            ):
                 rows.append({"case_id": cid, "label": int(lab), "p_pd": float(pp)})
     finally:
         objective.train(was_training)
@@ -149,7 +162,9 @@ def _val_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 def write_rows_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
     """Write rows as CSV atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -203,12 +218,16 @@ def train_fold(
     start = 1
 
     if not resume and (out_dir / DONE).exists():
-        raise ConfigError(f"{out_dir}: fold already trained; pass resume to reuse it or choose another --out")
+        raise ConfigError(
+            f"{out_dir}: fold already trained; pass resume to reuse it or choose another --out"
+        )
     target = latest_checkpoint(ckpt_dir) if resume else None
     if target is not None:
         state, opt_state, info = load_checkpoint(target)
         if _comparable(info.get("config", {})) != _comparable(cfg.to_dict()):
-            raise WeightsError(f"{target}: checkpoint was made with another ROI/model configuration")
+            raise WeightsError(
+                f"{target}: checkpoint was made with another ROI/model configuration"
+            )
         try:
             objective.load_state_dict(state)
             optimizer.load_state_dict(opt_state)
@@ -230,20 +249,32 @@ def train_fold(
         t0 = time.perf_counter()
         objective.train()
         loader = make_loader(
-            train_ds, tc.batch_size, shuffle=True, seed=tc.seed * 31 + fold, epoch=epoch,
-            num_workers=tc.num_workers, drop_last=True,
+            train_ds,
+            tc.batch_size,
+            shuffle=True,
+            seed=tc.seed * 31 + fold,
+            epoch=epoch,
+            num_workers=tc.num_workers,
+            drop_last=True,
         )
         sums: dict[str, float] = {}
         n_seen, n_correct = 0, 0
-        bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}/{total} [{stage}]", leave=False,
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            loader,
+            desc=f"fold {fold} epoch {epoch}/{total} [{stage}]",
+            leave=False,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         for batch in bar:
             batch = to_device(batch, device)
             with _autocast(device, tc.amp):
                 out = objective(batch, stage=stage)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise ConfigError(f"fold {fold} epoch {epoch}: loss is {loss.item()} (lower the learning rates)")
+                raise ConfigError(
+                    f"fold {fold} epoch {epoch}: loss is {loss.item()} (lower the learning rates)"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -260,7 +291,11 @@ def train_fold(
         row: dict[str, Any] = {"epoch": epoch, "stage": stage}
         row.update({k: v / max(n_seen, 1) for k, v in sums.items()})
         row["train_acc"] = n_correct / n_seen if n_seen and stage == "train" else math.nan
-        oof = predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp) if val_ds is not None and len(val_ds) else []
+        oof = (
+            predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp)
+            if val_ds is not None and len(val_ds)
+            else []
+        )
         row.update(_val_metrics(oof))
         lrs = {g.get("name", ""): g["lr"] for g in optimizer.param_groups}
         row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone_no_decay", math.nan))
@@ -273,7 +308,10 @@ def train_fold(
                     writer.add_scalar(k, v, epoch)
         write_rows_csv(out_dir / "metrics.csv", rows, METRIC_FIELDS)
         save_checkpoint(
-            ckpt_dir, epoch, objective.state_dict(), optimizer.state_dict(),
+            ckpt_dir,
+            epoch,
+            objective.state_dict(),
+            optimizer.state_dict(),
             {"config": cfg.to_dict(), "fold": fold, "metrics": rows},
         )
         last = epoch
@@ -286,10 +324,20 @@ def train_fold(
         writer.close()
 
     finished = last >= total
-    result = FoldResult(fold=fold, out_dir=out_dir, epochs_done=last, finished=finished, metrics=rows)
+    result = FoldResult(
+        fold=fold, out_dir=out_dir, epochs_done=last, finished=finished, metrics=rows
+    )
     if finished:
-        oof = predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device) if val_ds is not None and len(val_ds) else []
-        write_rows_csv(out_dir / "oof.csv", [{**r, "fold": fold} for r in oof], ("case_id", "label", "p_pd", "fold"))
+        oof = (
+            predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device)
+            if val_ds is not None and len(val_ds)
+            else []
+        )
+        write_rows_csv(
+            out_dir / "oof.csv",
+            [{**r, "fold": fold} for r in oof],
+            ("case_id", "label", "p_pd", "fold"),
+        )
         student = objective.student
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
             from mrn_engine.models import save_model  # provenance in the safetensors metadata

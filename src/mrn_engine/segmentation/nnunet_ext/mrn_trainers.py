@@ -28,7 +28,9 @@ class nnUNetTrainerMRN(nnUNetTrainer):  # noqa: N801 (nnU-Net's class naming)
     """
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802
-        rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, dummy_2d, _, mirror_axes = (
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
         patch_size = self.configuration_manager.patch_size
         dim = len(patch_size)
         transpose = list(self.plans_manager.transpose_forward)
@@ -36,9 +38,13 @@ class nnUNetTrainerMRN(nnUNetTrainer):  # noqa: N801 (nnU-Net's class naming)
         mirror_axes = tuple(a for a in mirror_axes if a != lr_axis)
         limit = MAX_ROTATION_DEG / 360.0 * 2.0 * np.pi
         rotation = (max(rotation[0], -limit), min(rotation[1], limit))
-        initial_patch_size = get_patch_size(patch_size[-dim:], rotation, rotation, rotation, (0.85, 1.25))
+        initial_patch_size = get_patch_size(
+            patch_size[-dim:], rotation, rotation, rotation, (0.85, 1.25)
+        )
         if dummy_2d:
             initial_patch_size[0] = patch_size[0]
         self.inference_allowed_mirroring_axes = mirror_axes if mirror_axes else None
-        self.print_to_log_file(f"MRN trainer: mirror axes {mirror_axes}, rotation +-{MAX_ROTATION_DEG} deg")
+        self.print_to_log_file(
+            f"MRN trainer: mirror axes {mirror_axes}, rotation +-{MAX_ROTATION_DEG} deg"
+        )
         return rotation, dummy_2d, initial_patch_size, mirror_axes

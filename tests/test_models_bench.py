@@ -1,0 +1,82 @@
+"""``mrn bench model`` on a tiny configuration (figures present, positive, consistent)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mrn_engine.config import get_preset
+from mrn_engine.models.bench import bench_model, format_result
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread (fast for tiny tensors on the shared VM); restored after the test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow  # ~50 s on the loaded shared VM (profiled training step)
+def test_bench_model_figures():
+    cfg = get_preset("cpu-tiny").replace(
+        roi={
+            "image_size": 28,
+            "slices": {"nm_sn": 2, "qsm_bg": 2, "qsm_midbrain": 2, "qsm_dentate": 2},
+        }
+    )
+    result = bench_model(cfg, "cpu", repeats=1, batch=2)
+    for key in (
+        "forward_s",
+        "dinov2_s",
+        "masking16_s",
+        "masking16_cached_s",
+        "train_step_s",
+        "train_step_peak_MiB",
+    ):
+        assert result[key] > 0, key
+    assert result["forward_over_dinov2"] == result["forward_s"] / result["dinov2_s"]
+    assert result["slices"] == 8 and result["batch"] == 2
+    assert 0.7 < result["params_M"] < 0.8  # the tiny MRN (~0.75 M parameters)
+    assert "| forward_s |" in format_result(result)
+
+
+def test_bench_cli_registered(tmp_path):
+    from mrn_engine.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["bench", "model", "--help"])
+    assert res.exit_code == 0 and "--preset" in res.output
+    cfg = get_preset("cpu-tiny").replace(
+        roi={
+            "image_size": 28,
+            "slices": {"nm_sn": 2, "qsm_bg": 2, "qsm_midbrain": 2, "qsm_dentate": 2},
+        },
+        model={"arch": "seres10"},
+    )
+    cfg_path = cfg.save(tmp_path / "config.json")
+    out = tmp_path / "bench.json"
+    res = runner.invoke(
+        cli,
+        [
+            "bench",
+            "model",
+            "--config",
+            str(cfg_path),
+            "--repeats",
+            "1",
+            "--no-train",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["arch"] == "seres10" and "train_step_s" not in data and data["forward_s"] > 0
+    assert data["forward_GFLOP"] > 0 and "dinov2_GFLOP" not in data

@@ -1,0 +1,183 @@
+"""k-fold training into a model bundle on the shared phantom cohort (``phantom_root``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mrn_engine.config import RunConfig, get_preset
+from mrn_engine.data import file_sha256, find_labels
+from mrn_engine.errors import ConfigError
+from mrn_engine.models import build_model
+from mrn_engine.training.compare import comparison_markdown, variant_config
+from mrn_engine.training.cv import train_bundle
+from mrn_engine.training.evaluate import oof_metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two shared cores: one torch thread is far faster than two oversubscribed ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(**train) -> RunConfig:
+    base = {"folds": 2, "pretrain_epochs": 1, "epochs": 1, "batch_size": 4, "device": "cpu"}
+    return get_preset("cpu-tiny").replace(train={**base, **train})
+
+
+@pytest.fixture(scope="module")
+def bundle(phantom_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle_run") / "bundle"
+    results = train_bundle(phantom_root, out, small_cfg(), progress=False)
+    return out, results
+
+
+def test_bundle_layout(bundle, phantom_root):
+    out, results = bundle
+    labels = find_labels(phantom_root)
+    assert [r.fold for r in results] == [0, 1] and all(r.finished for r in results)
+    cfg = RunConfig.load(out / "config.json")
+    assert cfg == small_cfg()
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["cohort_root"] == str(phantom_root.resolve())
+    assert info["labels"] == labels
+    vals = [c for f in info["folds"] for c in f["val"]]
+    assert sorted(vals) == sorted(labels)
+    for f in info["folds"]:
+        assert set(f["train"]).isdisjoint(f["val"])
+        assert sorted(f["train"] + f["val"]) == sorted(labels)
+        assert sum(labels[c] for c in f["val"]) == len(f["val"]) // 2  # balanced cohort, stratified
+    assert info["weights_provenance"]["format"] == "random-init"
+    assert info["code_version"].startswith("0.")
+    for k in (0, 1):
+        d = out / f"fold_{k}"
+        assert info["weights"][f"fold_{k}"] == file_sha256(d / "model.safetensors")
+        # the student only, loadable by build_model + load_state_dict (strict)
+        from safetensors.torch import load_file
+
+        model = build_model(RunConfig.load(d / "config.json"), pretrained=False)
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        with open(d / "oof.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert sorted(r["case_id"] for r in rows) == sorted(info["folds"][k]["val"])
+        assert all(
+            0.0 <= float(r["p_pd"]) <= 1.0 and int(r["label"]) == labels[r["case_id"]] for r in rows
+        )
+        with open(d / "metrics.csv", newline="") as fh:
+            metrics = list(csv.DictReader(fh))
+        assert [m["stage"] for m in metrics] == ["pretrain", "train"]
+        assert float(metrics[0]["loss_seg"]) > 0 and float(metrics[1]["loss_cls"]) > 0
+        opt = torch.load(d / "optimizer.pt", weights_only=True)
+        assert {g["name"] for g in opt["param_groups"]} >= {"backbone", "head"}
+        assert (d / "checkpoints" / "last.json").is_file()
+
+
+def test_bundle_opens_in_the_predictor(bundle):
+    from mrn_engine.inference import open_bundle
+
+    out, _ = bundle
+    b = open_bundle(out)
+    assert b.folds == [0, 1] and set(b.splits) == {0, 1}
+    m = oof_metrics(out)
+    assert m["n"] == 8 and 0.0 <= m["accuracy"] <= 1.0
+
+
+def test_rerun_refuses_then_resume_keeps_finished_folds(bundle, phantom_root):
+    out, _ = bundle
+    before = file_sha256(out / "fold_0" / "model.safetensors")
+    with pytest.raises(ConfigError, match="already trained"):
+        train_bundle(phantom_root, out, small_cfg(), folds=[0], progress=False)
+    with pytest.raises(ConfigError, match="another configuration"):
+        train_bundle(phantom_root, out, small_cfg(lr_head=0.5), folds=[0], progress=False)
+    train_bundle(phantom_root, out, small_cfg(), folds=[0], resume=True, progress=False)
+    assert file_sha256(out / "fold_0" / "model.safetensors") == before
+
+
+def test_single_fold_cli_stop_and_resume(phantom_root, tmp_path):
+    from mrn_engine.cli import cli
+
+    out = tmp_path / "b"
+    args = [
+        "train",
+        str(phantom_root),
+        "--out",
+        str(out),
+        "--preset",
+        "cpu-tiny",
+        "--folds",
+        "2",
+        "--pretrain-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--fold",
+        "1",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
+    r = CliRunner().invoke(cli, [*args, "--stop-after", "1"])
+    assert r.exit_code == 0, r.output
+    assert "stopped after epoch 1" in r.output
+    assert not (out / "fold_0").exists() and not (out / "fold_1" / "model.safetensors").exists()
+    r = CliRunner().invoke(cli, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "fold 1: done" in r.output
+    assert (out / "fold_1" / "model.safetensors").is_file()
+    rows = (out / "fold_1" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3  # header + epochs 1 (before the stop) and 2 (after resume)
+
+
+def test_loss_decreases_on_phantoms(phantom_root, tmp_path):
+    cfg = small_cfg(folds=2, pretrain_epochs=0, epochs=5, lr_head=2e-3)
+    (res,) = train_bundle(phantom_root, tmp_path / "b", cfg, folds=[0], progress=False)
+    losses = [m["loss"] for m in res.metrics]
+    assert len(losses) == 5
+    assert losses[-1] < losses[0], losses
+    assert res.metrics[-1]["loss_seg"] < res.metrics[0]["loss_seg"]
+
+
+def test_variants_and_table():
+    base = get_preset("cpu-tiny")
+    assert variant_config(base, "seres10").model.arch == "seres10"
+    assert variant_config(base, "seres10-moco").model.use_moco
+    d = variant_config(base, "dinov2-only").model
+    assert d.dinov2_only and not (d.use_ffa or d.use_sfa or d.use_dpt or d.use_moco)
+    with pytest.raises(ConfigError, match="unknown variant"):
+        variant_config(base, "resnet")
+    md = comparison_markdown(
+        [
+            {
+                "variant": "mrn",
+                "oof_accuracy": 0.8,
+                "oof_auc": 0.9,
+                "oof_f1": 0.75,
+                "heldout_accuracy": float("nan"),
+                "heldout_auc": 0.5,
+                "heldout_f1": 0.5,
+            }
+        ]
+    )
+    assert "| MRN | 80.0% | 90.0% | 75.0% | N/A | 50.0% | 50.0% |" in md
+
+
+def test_random_init_layerscale_reset():
+    from mrn_engine.training.objective import MRNObjective
+
+    cfg = get_preset("cpu-tiny")
+    gammas = {n: p for n, p in MRNObjective(cfg).student.named_parameters() if n.endswith(".gamma")}
+    assert len(gammas) >= 8 and all(torch.all(p == 1.0) for p in gammas.values())
+    kept = MRNObjective(cfg.replace(train={"random_init_layerscale": 0.0})).student
+    vit_gamma = dict(kept.named_parameters())["res.patchnizer.vit.blocks.0.ls1.gamma"]
+    assert float(vit_gamma.abs().max()) < 1e-3  # the model's own DINOv2 init (1e-5)
