@@ -231,13 +231,19 @@ def test_segmenter_axis_order_round_trip(fake_bundle, tmp_path):
     seg = NNUNetSegmenter.from_bundle(fake_bundle, device="cpu")
     assert seg.folds == {"NM": [0], "QSM": [0]}
     zyx = [2.0, 0.75, 0.75]
+
     # NM: bright voxels, label by side along nnU-Net's last axis (= NIfTI X): low X = right = 1
-    nm_fn = lambda a: np.where(
-        a > 125, np.where(np.arange(a.shape[2])[None, None, :] < a.shape[2] // 2, 1, 2), 0
-    )  # noqa: E731
+    def nm_fn(a):
+        return np.where(
+            a > 125, np.where(np.arange(a.shape[2])[None, None, :] < a.shape[2] // 2, 1, 2), 0
+        )
+
     # QSM: the image encodes the labels (100 * (mask > 0)) -> give back the ground truth in (Z, Y, X)
     gt_zyx = case.qsm_mask.array.transpose(2, 1, 0)
-    qsm_fn = lambda a: np.where(a > 50, gt_zyx, 0)  # noqa: E731
+
+    def qsm_fn(a):
+        return np.where(a > 50, gt_zyx, 0)
+
     seg._predictors = {"NM": FakePredictor(zyx, nm_fn), "QSM": FakePredictor(zyx, qsm_fn)}
     nm, qsm = seg.predict(case)
     np.testing.assert_array_equal(nm.array, case.nm_mask.array)
