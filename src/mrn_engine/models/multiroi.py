@@ -45,7 +45,11 @@ class MultiRoiClassifier(nn.Module):
         self.slices = dict(roi_cfg.slices)
         self.token_dim = token_dim
         self.head = ClassificationHead(
-            len(ROI_NAMES) * token_dim, cfg.head_hidden, cfg.num_classes, cfg.dropout
+            len(ROI_NAMES) * token_dim,
+            cfg.head_hidden,
+            cfg.num_classes,
+            cfg.dropout,
+            input_norm=cfg.head_input_norm,
         )
         self.weights_provenance: dict = {"backbone": "random-init"}
         self._empty_cache: dict[tuple, torch.Tensor] = {}

@@ -33,7 +33,7 @@ class DemoSize:
 
 
 #: the default demo (measured in docs/results.md) and the ``--quick`` smoke run
-DEFAULT = DemoSize(cases=72, heldout=30, folds=3, pretrain_epochs=1, epochs=12)
+DEFAULT = DemoSize(cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12)
 QUICK = DemoSize(cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1)
 
 

@@ -43,6 +43,7 @@ from mrn_engine.training.checkpoint import (
     set_rng_states,
 )
 from mrn_engine.training.dataset import RoiStackDataset, make_loader
+from mrn_engine.training.head_norm import recalibrate_head_norm
 from mrn_engine.training.optim import build_optimizer
 
 METRIC_FIELDS = (
@@ -291,6 +292,12 @@ def train_fold(
         row: dict[str, Any] = {"epoch": epoch, "stage": stage}
         row.update({k: v / max(n_seen, 1) for k, v in sums.items()})
         row["train_acc"] = n_correct / n_seen if n_seen and stage == "train" else math.nan
+        recalibrate_head_norm(
+            objective.student if hasattr(objective, "student") else objective,
+            train_ds,
+            batch_size=tc.batch_size,
+            device=device,
+        )
         oof = (
             predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp)
             if val_ds is not None and len(val_ds)
