@@ -210,13 +210,16 @@ def test_empty_token_cache_follows_weights():
 
 
 def test_seres10_outputs_and_needs_masks():
-    cfg = small_cfg(arch="seres10")
+    paper = build_model(small_cfg(arch="seres10", seres_widths=(64, 128, 256, 512)))
+    assert paper.token_dim == 512  # the paper's 512-d ROI features
+    cfg = small_cfg(arch="seres10")  # cpu-tiny: a quarter of the widths
     model = build_model(cfg)
-    assert isinstance(model, SERes10) and model.token_dim == 512
+    assert isinstance(model, SERes10) and model.token_dim == 128
     assert model.stems["qsm_bg"][0].in_channels == 5 and model.stems["nm_sn"][0].in_channels == 2
+    assert model.stems["nm_sn"][0].out_channels == 16
     batch = make_batch(cfg)
     out = model(batch["images"], batch["masks"])
-    assert out.logits.shape == (2, 2) and out.patient.shape == (2, 2048) and out.seg_logits is None
+    assert out.logits.shape == (2, 2) and out.patient.shape == (2, 512) and out.seg_logits is None
     compute_losses(out, batch, "train", cfg.model)["total"].backward()
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(InputDataError, match="needs the ROI's nuclei mask"):

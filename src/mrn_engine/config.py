@@ -71,6 +71,8 @@ class ModelConfig:
     lambda_seg: float = 1.0
     lambda_con: float = 0.1
     num_classes: int = 2  #: HC, PD
+    #: SERes10 baseline: channels of its four residual stages (paper: ResNet-10's 64-512)
+    seres_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
 
 
 @dataclass
@@ -206,6 +208,7 @@ def _cpu_tiny() -> RunConfig:
     m.head_input_norm = True  # random-init tokens barely differ between cases: docs/results.md
     m.drop_path = 0.1
     m.moco_bank_size = 128
+    m.seres_widths = (16, 32, 64, 128)  # a quarter of the paper's widths: CPU-sized baseline
     m.moco_momentum = 0.99
     t = cfg.train
     t.pretrain_epochs, t.epochs = 1, 12  # tuned on phantoms: docs/results.md

@@ -30,7 +30,7 @@ from torch import nn
 
 from mrn_engine.config import ModelConfig, RoiConfig
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
-from mrn_engine.errors import InputDataError
+from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.models.multiroi import MultiRoiClassifier
 
 WIDTHS = (64, 128, 256, 512)
@@ -48,24 +48,24 @@ def make_stem(in_channels: int, width: int = WIDTHS[0]) -> nn.Sequential:
 
 
 class SEResNet10Trunk(nn.Module):
-    """MONAI ResNet-10 residual stages with a ChannelSELayer after each block -> (B, 512)."""
+    """MONAI ResNet-10 residual stages with a ChannelSELayer after each block -> (B, widths[-1])."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
         resnet = ResNet(
             block="basic",
             layers=[1, 1, 1, 1],
-            block_inplanes=list(WIDTHS),
+            block_inplanes=list(widths),
             spatial_dims=3,
-            n_input_channels=WIDTHS[0],
+            n_input_channels=widths[0],
             feed_forward=False,
         )
         stages = []
-        for i, width in enumerate(WIDTHS):
+        for i, width in enumerate(widths):
             layer = getattr(resnet, f"layer{i + 1}")
             stages.append(nn.Sequential(layer, ChannelSELayer(3, width, r=SE_REDUCTION)))
         self.stages = nn.Sequential(*stages)
-        self.out_dim = WIDTHS[-1]
+        self.out_dim = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool3d(self.stages(x), 1), 1)
@@ -78,10 +78,15 @@ class SERes10(MultiRoiClassifier):
     needs_masks = True
 
     def __init__(self, cfg: ModelConfig, roi_cfg: RoiConfig) -> None:
-        trunk = SEResNet10Trunk()
+        widths = tuple(cfg.seres_widths)
+        if len(widths) != 4 or min(widths) < 1:
+            raise ConfigError(f"model.seres_widths must be 4 positive widths, got {widths}")
+        trunk = SEResNet10Trunk(widths)
         super().__init__(cfg, roi_cfg, trunk.out_dim)
         self.trunk = trunk
-        self.stems = nn.ModuleDict({n: make_stem(ROI_BY_NAME[n].num_classes) for n in ROI_NAMES})
+        self.stems = nn.ModuleDict(
+            {n: make_stem(ROI_BY_NAME[n].num_classes, widths[0]) for n in ROI_NAMES}
+        )
 
     def roi_input(self, name: str, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, 1 + C-1, S, H, W): image scaled to [-1, 1] + one-hot foreground nucleus channels."""
