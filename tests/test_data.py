@@ -431,10 +431,14 @@ def test_volume_like_checks_shape():
 
 
 def test_engine_imports_without_napari_or_qt():
+    """Every module of mrn_engine imports with napari/Qt/magicgui made unimportable."""
     code = (
-        "import sys; sys.modules['napari']=None; sys.modules['qtpy']=None; "
+        "import sys, pkgutil, importlib; sys.modules['napari']=None; sys.modules['qtpy']=None; "
         "sys.modules['PyQt6']=None; sys.modules['PyQt5']=None; sys.modules['magicgui']=None; "
-        "import mrn_engine, mrn_engine.cli, mrn_engine.data, mrn_engine.rois; "
+        "import mrn_engine; "
+        "mods=[m.name for m in pkgutil.walk_packages(mrn_engine.__path__, 'mrn_engine.') "
+        "]; [importlib.import_module(m) for m in mods]; "
+        "assert len(mods) > 60, len(mods); "
         "bad=[m for m in sys.modules if m.split('.')[0] in ('napari','qtpy','PyQt6','PyQt5','magicgui') "
         "and sys.modules[m] is not None]; assert not bad, bad; print('ok')"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -49,6 +50,8 @@ _register_all()
 
 def main() -> None:
     """Console entry point: engine errors become one clear line and exit code 2."""
+    # a dependency (MONAI/nnU-Net) uses torch.jit.interface, deprecated in torch 2.14: not ours
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
