@@ -133,9 +133,11 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
         "p_pd",
         "p_pd_std",
         "call",
+        "mask_source",
         "error",
     ]
     assert probs["RJPD_003"]["p_pd"] == "" and probs["RJPD_003"]["error"].startswith("RJPD_003")
+    assert probs["RJPD_001"]["mask_source"] == "case"  # the case folder's own masks
     for cid in ("RJPD_001", "RJPD_002"):
         folder = out / cid
         assert sorted(p.name for p in folder.iterdir()) == [
@@ -174,6 +176,7 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
         "p_pd",
         "p_pd_std",
         "call",
+        "mask_source",
         "error",
     ]
     assert not [p for p in out.rglob(".*")]

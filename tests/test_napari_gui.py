@@ -291,3 +291,15 @@ def test_bundle_candidates_env_and_demo_location(tmp_path, monkeypatch, tiny_bun
 def test_affine_helper_matches_reader(tmp_path):
     # the helper used by these tests writes the challenge's LAS orientation
     assert nib.aff2axcodes(challenge_affine()) == ("L", "A", "S")
+
+
+def test_panel_shows_engine_warnings_not_dependency_deprecations(panel):
+    from mrn_engine.errors import MRNWarning
+
+    viewer, widget = panel
+    widget._on_warning(("`torch.jit.interface` is deprecated", FutureWarning, "x.py", 1))
+    widget._on_warning(("old API", DeprecationWarning, "y.py", 2))
+    assert widget.warnings == [] and widget.warning_label.text() == ""
+    widget._on_warning(("RJPD_001: NM mask has no label 2", MRNWarning, "z.py", 3))
+    assert widget.warnings == ["RJPD_001: NM mask has no label 2"]
+    assert "no label 2" in widget.warning_label.text()

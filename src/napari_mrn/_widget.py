@@ -71,6 +71,10 @@ NM_NUCLEI_LAYER = "MRN NM SN"
 BOXES_LAYER = "MRN ROIs"
 
 
+#: warning categories from dependencies that the panel does not show
+IGNORED_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
 class LayerCombo(QComboBox):
     """A combo box listing the viewer's layers of some types (optionally with a "(none)" entry)."""
 
@@ -488,7 +492,13 @@ class MRNDiagnosisWidget(QWidget):
             self._set_status(item.message)
 
     def _on_warning(self, args: tuple) -> None:
-        """Warnings raised during the run (e.g. a missing label in a mask) shown under the status."""
+        """Warnings raised during the run (e.g. a missing label in a mask) shown under the status.
+
+        Deprecation notices of dependencies (e.g. torch.jit in MONAI) are not the user's business.
+        """
+        category = args[1] if len(args) > 1 else None
+        if isinstance(category, type) and issubclass(category, IGNORED_WARNINGS):
+            return
         message = str(args[0]) if args else ""
         if message and message not in self.warnings:
             self.warnings.append(message)

@@ -82,6 +82,7 @@ class CasePrediction:
         for k, p in zip(self.folds, self.p_pd_folds, strict=True):
             row[f"p_pd_fold{k}"] = p
         row.update(p_pd=self.p_pd, p_pd_std=self.p_pd_std, call=self.call)
+        row["mask_source"] = self.mask_source
         return row
 
 

@@ -175,7 +175,7 @@ def predict_cases(
         if error is not None:
             row: dict[str, object] = {"case_id": case.case_id}
             row.update({f"p_pd_fold{k}": "" for k in folds})
-            row.update(p_pd="", p_pd_std="", call="", error=error)
+            row.update(p_pd="", p_pd_std="", call="", mask_source="", error=error)
             result.errors.append({"case_id": case.case_id, "error": error})
         else:
             row = pred.summary()
@@ -193,7 +193,15 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         out / LABEL_CSV,
         columns=("patient_id", "prediction"),
     )
-    cols = ["case_id", *[f"p_pd_fold{k}" for k in folds], "p_pd", "p_pd_std", "call", "error"]
+    cols = [
+        "case_id",
+        *[f"p_pd_fold{k}" for k in folds],
+        "p_pd",
+        "p_pd_std",
+        "call",
+        "mask_source",
+        "error",
+    ]
     write_csv(result.rows, out / PROB_CSV, columns=cols)
     json_rows = []
     for r in result.rows:
@@ -206,6 +214,7 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
                 "p_pd": r["p_pd"] if not r["error"] else None,
                 "p_pd_std": r["p_pd_std"] if not r["error"] else None,
                 "call": r["call"] if not r["error"] else None,
+                "mask_source": r.get("mask_source") or None,
                 "error": r["error"] or None,
             }
         )
