@@ -116,6 +116,12 @@ def test_sample_data_pd_and_hc(make_napari_viewer):
     hc = viewer.layers["QSM [1]"] if "QSM [1]" in viewer.layers else viewer.layers[-3]
     assert hc.metadata["case_id"] == "HC_sample"
     assert not np.array_equal(hc.data, qsm.data)
+    # opening a sample docks the MRN panel once, with the sample's layers chosen
+    from napari_mrn._widget import MRNDiagnosisWidget
+
+    panels = [w for w in viewer.window.dock_widgets.values() if isinstance(w, MRNDiagnosisWidget)]
+    assert len(panels) == 1
+    assert panels[0].nm_combo.currentText() in ("NM", "NM [1]")
 
 
 # ----------------------------------------------------------------------------- the panel

@@ -6,6 +6,7 @@ Both come from :func:`mrn_engine.phantom.make_phantom_case` with a fixed seed, s
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 from mrn_engine.data import Case, Volume
@@ -46,11 +47,37 @@ def sample_case(label: int) -> Case:
     )
 
 
+def open_panel() -> None:
+    """Dock the MRN diagnosis panel in the current viewer unless one is there already.
+
+    Opening a sample case then leaves the user one click (Run) from a diagnosis. Docking is a
+    convenience: if napari cannot do it (no window, headless viewer), the menu still can.
+    """
+    import napari
+
+    from napari_mrn._widget import MRNDiagnosisWidget
+
+    viewer = napari.current_viewer()
+    window = getattr(viewer, "window", None)
+    if window is None or not hasattr(window, "dock_widgets"):
+        return
+    if any(isinstance(w, MRNDiagnosisWidget) for w in window.dock_widgets.values()):
+        return
+    try:
+        window.add_plugin_dock_widget("napari-mrn", "MRN diagnosis")
+    except (KeyError, ValueError, RuntimeError) as e:  # plugin not registered in this viewer
+        warnings.warn(f"napari-mrn: could not open the MRN panel ({e})", stacklevel=2)
+
+
 def pd_case() -> list[LayerDataTuple]:
-    """npe2 sample: a synthetic PD case (NM, QSM, T1 and both masks)."""
-    return case_layers(sample_case(1))
+    """npe2 sample: a synthetic PD case (NM, QSM, T1 and both masks); opens the MRN panel."""
+    layers = case_layers(sample_case(1))
+    open_panel()
+    return layers
 
 
 def hc_case() -> list[LayerDataTuple]:
-    """npe2 sample: a synthetic healthy control case."""
-    return case_layers(sample_case(0))
+    """npe2 sample: a synthetic healthy control case; opens the MRN panel."""
+    layers = case_layers(sample_case(0))
+    open_panel()
+    return layers
