@@ -6,34 +6,11 @@ from pathlib import Path
 
 import click
 
-from mrn_engine.cli.predict import _parse_folds
+from mrn_engine.cli.predict import build_predictor, predictor_options
 
 
 @click.command("ablate-rois")
-@click.argument("cases_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--model",
-    "model",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Model bundle folder.",
-)
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder for the tables (CSV + markdown).",
-)
-@click.option("--folds", default=None, help="Comma-separated fold indices (default: all).")
-@click.option(
-    "--tta/--no-tta", default=False, show_default=True, help="Mirror test-time augmentation."
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
-@click.option(
-    "--ignore-masks", is_flag=True, help="Crop with nnU-Net masks instead of the case's mask files."
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@predictor_options("Output folder for the tables (CSV + markdown).")
 def ablate_rois_cmd(
     cases_dir: Path,
     model: Path,
@@ -46,11 +23,8 @@ def ablate_rois_cmd(
 ) -> None:
     """ROI masking analysis on labelled cases: no masking + the 15 masked ROI subsets."""
     from mrn_engine.analysis import masking_markdown, run_masking_analysis
-    from mrn_engine.inference import MRNPredictor
 
-    predictor = MRNPredictor.from_bundle(
-        model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
-    )
+    predictor = build_predictor(model, folds, tta, device, ignore_masks)
     result = run_masking_analysis(predictor, cases_dir, out, progress=not quiet)
     click.echo(masking_markdown(result.masking))
     click.echo(f"tables written to {out}")

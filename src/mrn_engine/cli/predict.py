@@ -16,35 +16,69 @@ def _parse_folds(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value!r}: give fold indices like 0,1,2") from None
 
 
+def predictor_options(out_help: str):
+    """The options of every command that runs a bundle on case folders (predict, ablate-rois)."""
+
+    def apply(f):
+        for option in reversed(
+            (
+                click.argument(
+                    "cases_dir", type=click.Path(exists=True, file_okay=False, path_type=Path)
+                ),
+                click.option(
+                    "--model",
+                    "model",
+                    required=True,
+                    type=click.Path(exists=True, file_okay=False, path_type=Path),
+                    help="Model bundle folder (output of mrn train / mrn demo).",
+                ),
+                click.option(
+                    "--out",
+                    "out",
+                    required=True,
+                    type=click.Path(file_okay=False, path_type=Path),
+                    help=out_help,
+                ),
+                click.option(
+                    "--folds", default=None, help="Comma-separated fold indices (default: all)."
+                ),
+                click.option(
+                    "--tta/--no-tta",
+                    default=False,
+                    show_default=True,
+                    help="Mirror test-time augmentation.",
+                ),
+                click.option(
+                    "--device",
+                    default="auto",
+                    show_default=True,
+                    help="auto (cuda > mps > cpu), cpu, cuda, mps.",
+                ),
+                click.option(
+                    "--ignore-masks",
+                    is_flag=True,
+                    help="Ignore mask files in the case folders (segment with nnU-Net).",
+                ),
+                click.option("--quiet", is_flag=True, help="No progress bar."),
+            )
+        ):
+            f = option(f)
+        return f
+
+    return apply
+
+
+def build_predictor(model: Path, folds: str | None, tta: bool, device: str, ignore_masks: bool):
+    """``MRNPredictor`` of a bundle from the command-line values."""
+    from mrn_engine.inference import MRNPredictor
+
+    return MRNPredictor.from_bundle(
+        model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
+    )
+
+
 @click.command("predict")
-@click.argument("cases_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--model",
-    "model",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Model bundle folder (output of mrn train / mrn demo).",
-)
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder (per-case NM_pred/QSM_pred/PD_pred.txt + label_predict.csv).",
-)
-@click.option("--folds", default=None, help="Comma-separated fold indices (default: all).")
-@click.option(
-    "--tta/--no-tta", default=False, show_default=True, help="Mirror test-time augmentation."
-)
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (cuda > mps > cpu), cpu, cuda, mps."
-)
-@click.option(
-    "--ignore-masks",
-    is_flag=True,
-    help="Ignore mask files in the case folders (segment with nnU-Net).",
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@predictor_options("Output folder (per-case NM_pred/QSM_pred/PD_pred.txt + label_predict.csv).")
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -56,11 +90,7 @@ def predict_cmd(
     quiet: bool,
 ) -> None:
     """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR."""
-    from mrn_engine.inference import MRNPredictor
-
-    predictor = MRNPredictor.from_bundle(
-        model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
-    )
+    predictor = build_predictor(model, folds, tta, device, ignore_masks)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
     result = predictor.predict_cases(cases_dir, out, progress=not quiet)
