@@ -232,6 +232,9 @@ def test_missing_masks_error_and_segmenter_hook(tmp_path, case):
     seg = Segmenter()
     pred = fake_predictor(segmenter=seg).predict_case(bare)
     assert pred.mask_source == "segmenter" and Segmenter.calls == 1
+    np.testing.assert_array_equal(pred.nm_mask, case.nm_mask.array)  # kept for the viewer
+    np.testing.assert_array_equal(pred.qsm_mask, case.qsm_mask.array)
+    assert fake_predictor().predict_case(case).nm_mask is None  # the case's own: not copied
     assert pred.boxes == fake_predictor().predict_case(case).boxes
     # explicit masks override, and ignore_masks refuses the case's own files
     assert (

@@ -278,6 +278,25 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
     assert len(record["masking_table"]) == 16
     assert record["bundle"]["config"]["preset"] == "cpu-tiny"
     assert record["settings"]["device"] == "cpu"
+
+    # masks made by nnU-Net (case without mask files) are shown and saved beside the DPT output
+    import dataclasses
+
+    seg_pred = dataclasses.replace(
+        pred,
+        mask_source="segmenter",
+        nm_mask=(np.asarray(pred.nm_nuclei) > 0).astype(np.uint8),
+        qsm_mask=np.asarray(pred.nuclei),
+    )
+    widget.result = dataclasses.replace(widget.result, prediction=seg_pred)
+    widget.show_outputs(seg_pred)
+    for name in ("nnU-Net NM mask", "nnU-Net QSM mask"):
+        assert viewer.layers[name].data.shape == qsm.data.shape
+    np.testing.assert_array_equal(
+        viewer.layers["nnU-Net QSM mask"].data, np.asarray(pred.nuclei).transpose(2, 1, 0)[:, ::-1]
+    )
+    names = sorted(p.name for p in widget.save(tmp_path / "results2"))
+    assert "NM_nnunet.nii.gz" in names and "QSM_nnunet.nii.gz" in names
     assert (out / "PD_pred.txt").read_text().strip() == str(pred.call)
 
 

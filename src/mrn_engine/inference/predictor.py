@@ -58,6 +58,8 @@ class CasePrediction:
     seg_source: ``"dpt"`` (model segmentation) or ``"input-masks"`` (model without DPT: the
         masks used for cropping, restricted to the ROIs).
     mask_source: where the cropping masks came from (``"case"``, ``"given"``, ``"segmenter"``).
+    nm_mask, qsm_mask: ``(X, Y, Z)`` uint8 masks the ROIs were cropped with when they came from
+        the segmenter (nnU-Net), else None (the user's own masks are not copied).
     zeroed: ROIs whose input was replaced by zeros (only for checks / ablations).
     """
 
@@ -74,6 +76,8 @@ class CasePrediction:
     label: int | None = None
     seg_source: str = "dpt"
     mask_source: str = "case"
+    nm_mask: np.ndarray | None = None
+    qsm_mask: np.ndarray | None = None
     zeroed: frozenset[str] = frozenset()
 
     def summary(self) -> dict[str, object]:
@@ -94,6 +98,10 @@ def _default_model_factory(cfg: RunConfig) -> nn.Module:
 
 def _volume_array(v: Any) -> np.ndarray:
     return v.array if hasattr(v, "array") else np.asarray(v)
+
+
+def _mask_array(v: Any) -> np.ndarray | None:
+    return None if v is None else np.asarray(_volume_array(v), dtype=np.uint8)
 
 
 class MRNPredictor:
@@ -386,6 +394,8 @@ class MRNPredictor:
             label=getattr(case, "label", None),
             seg_source=seg_source,
             mask_source=mask_source,
+            nm_mask=_mask_array(nm_m) if mask_source == "segmenter" else None,
+            qsm_mask=_mask_array(qsm_m) if mask_source == "segmenter" else None,
             zeroed=zeroed,
         )
 
