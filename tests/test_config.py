@@ -29,3 +29,25 @@ def test_replace_nested_and_unknown_key(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="broken.json"):
         RunConfig.load(tmp_path / "broken.json")
+
+
+def test_roi_slice_policy_default_old_files_and_validation(tmp_path):
+    cfg = get_preset("cpu-tiny")
+    assert cfg.roi.slice_policy == "pad"
+    # a config.json written before the field existed loads with the old behaviour ("pad")
+    old = cfg.to_dict()
+    del old["roi"]["slice_policy"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = RunConfig.load(tmp_path / "old.json")
+    assert back.roi.slice_policy == "pad" and back == cfg
+    # "resample" round-trips through config.json
+    res = cfg.replace(roi={"slice_policy": "resample"})
+    assert RunConfig.load(res.save(tmp_path / "res.json")).roi.slice_policy == "resample"
+    # a bad value is rejected on load with a clear message
+    bad = cfg.to_dict()
+    bad["roi"]["slice_policy"] = "stretch"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(
+        ConfigError, match=r"roi\.slice_policy must be one of 'pad', 'resample', not 'stretch'"
+    ):
+        RunConfig.load(tmp_path / "bad.json")

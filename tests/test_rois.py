@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mrn_engine.config import RoiConfig, get_preset
+from mrn_engine.config import RoiConfig, RunConfig, get_preset
 from mrn_engine.data import ROI_BY_NAME, ROI_NAMES, ROIS, discover_cases, load_case
-from mrn_engine.errors import InputDataError, MRNWarning
+from mrn_engine.errors import ConfigError, InputDataError, MRNWarning
 from mrn_engine.rois import (
     CropBox,
     RoiCache,
@@ -204,6 +204,179 @@ def test_paste_back_all_combines_qsm_rois(case, tmp_path):
     assert back.spacing == pytest.approx(case.spacing)
 
 
+# ----------------------------------------------------------------------------------------------
+# slice policy ("pad" / "resample")
+
+
+def merged_source(case, name: str, box: CropBox) -> np.ndarray:
+    """The box of the ROI's modality mask in merged classes, ``(nx, ny, nz)``."""
+    spec = ROI_BY_NAME[name]
+    src = case.nm_mask.array if spec.modality == "NM" else case.qsm_mask.array
+    lut = np.zeros(256, np.int64)
+    for lab, cls in spec.merge_map().items():
+        lut[lab] = cls
+    return lut[src[box.slices]]
+
+
+def test_slice_policy_resample_count_and_labels(case):
+    # boxes: nm_sn 7 slices, qsm_bg 10, qsm_midbrain 8, qsm_dentate 7 (z 0..6)
+    slices = {"nm_sn": 4, "qsm_bg": 5, "qsm_midbrain": 8, "qsm_dentate": 14}
+    cfg = dataclasses.replace(SMALL, slices=slices, slice_policy="resample")
+    crops = extract_rois(case, cfg)
+    for name, c in crops.items():
+        spec = ROI_BY_NAME[name]
+        assert c.slice_policy == "resample"
+        assert c.image.shape == (slices[name], 32, 32) and c.mask.shape == c.image.shape
+        # no padding slice: every stack slice comes from the box, in z order
+        assert np.all(c.slice_index >= c.box.z0) and np.all(c.slice_index < c.box.z1)
+        assert np.all(np.diff(c.slice_index) >= 0)
+        fg = c.mask.reshape(len(c.mask), -1).any(axis=1)
+        assert fg.sum() >= 2 and np.all(c.image[fg].reshape(fg.sum(), -1).max(axis=1) > 0), name
+        # masks stay integer with only valid merged classes, all of them present
+        assert c.mask.dtype == np.int64
+        assert set(np.unique(c.mask)) == set(range(spec.num_classes)), name
+        # each mask slice holds exactly the classes of its (nearest) source slice
+        src = merged_source(case, name, c.box)
+        for s, z in enumerate(c.slice_index):
+            expected = set(np.unique(src[:, :, z - c.box.z0]).tolist())
+            assert set(np.unique(c.mask[s]).tolist()) == expected, (name, s, z)
+    # shrinking 10 -> 5 takes every other slice; stretching 7 -> 14 repeats each slice twice
+    np.testing.assert_array_equal(crops["qsm_bg"].slice_index, [10, 12, 14, 16, 18])
+    np.testing.assert_array_equal(crops["qsm_dentate"].slice_index, np.arange(14) // 2)
+    np.testing.assert_array_equal(crops["nm_sn"].slice_index, [4, 6, 8, 10])
+    # same count as the box: resample == pad (identity)
+    pad = extract_rois(case, dataclasses.replace(cfg, slice_policy="pad"), rois=("qsm_midbrain",))
+    mid = crops["qsm_midbrain"]
+    np.testing.assert_array_equal(mid.slice_index, np.arange(mid.box.z0, mid.box.z1))
+    np.testing.assert_array_equal(mid.image, pad["qsm_midbrain"].image)
+    np.testing.assert_array_equal(mid.mask, pad["qsm_midbrain"].mask)
+    # the default is unchanged
+    assert SMALL.slice_policy == "pad" and RoiConfig().slice_policy == "pad"
+    assert extract_rois(case, SMALL)["qsm_bg"].slice_policy == "pad"
+
+
+def test_slice_policy_resample_image_is_linear_in_z(case):
+    """With no in-plane resize, a stretched stack slice blends its two source slices linearly."""
+    spec = ROI_BY_NAME["qsm_dentate"]
+    box = roi_box(case.qsm_mask.array, spec.labels, case.spacing, 4.0)
+    assert box.shape[2] == 7
+    cfg = RoiConfig(
+        image_size=max(box.shape[:2]),
+        slices={**SMALL.slices, "qsm_dentate": 14},
+        slice_policy="resample",
+    )
+    c = extract_rois(case, cfg, rois=("qsm_dentate",))["qsm_dentate"]
+    assert c.scale == 1.0
+    (hx, hy), (px, py) = c.resized_hw, c.pad
+    raw = case.qsm.array[box.slices]  # (nx, ny, 7)
+    inner = c.image[:, px : px + hx, py : py + hy]
+    # stack slice s sits at box z (s + 0.5) / 2 - 0.5 (clamped to the box)
+    for s in range(14):
+        zc = min(max((s + 0.5) / 2 - 0.5, 0.0), 6.0)
+        lo = int(np.floor(zc))
+        hi, w = min(lo + 1, 6), zc - lo
+        blend = (1 - w) * raw[:, :, lo] + w * raw[:, :, hi]
+        np.testing.assert_allclose(inner[s], apply_window(blend, c.window), atol=1e-3, err_msg=s)
+
+
+@pytest.mark.parametrize("policy", ["pad", "resample"])
+def test_slice_policy_paste_back_roundtrip(case, policy):
+    """Exact when the stack has at least as many slices as the box (both policies)."""
+    for name in ROI_NAMES:
+        spec = ROI_BY_NAME[name]
+        src = case.nm_mask.array if spec.modality == "NM" else case.qsm_mask.array
+        box = roi_box(src, spec.labels, case.spacing, 4.0)
+        for n in (box.shape[2], 20):
+            cfg = RoiConfig(
+                image_size=max(box.shape[:2]),
+                slices={r: n for r in ROI_NAMES},
+                slice_policy=policy,
+            )
+            crop = extract_rois(case, cfg, rois=(name,))[name]
+            back = paste_back(crop, crop.mask, SHAPE)
+            assert back.dtype == np.uint8 and back.shape == SHAPE
+            expected = np.zeros(SHAPE, np.uint8)
+            expected[box.slices] = roi_labels_only(src, name)[box.slices]
+            np.testing.assert_array_equal(back, expected, err_msg=f"{policy} {name} {n}")
+
+
+def test_slice_policy_paste_back_after_shrinking_z(case):
+    """Fewer stack slices than box slices: "pad" leaves the dropped slices empty, "resample"
+    fills every box slice from its nearest stack slice (approximate, nearest in z)."""
+    slices = {n: 4 for n in ROI_NAMES}  # qsm_bg box has 10 slices
+    results = {}
+    for policy in ("pad", "resample"):
+        cfg = RoiConfig(image_size=64, slices=slices, slice_policy=policy)
+        crops = extract_rois(case, cfg)
+        qsm = paste_back_all(crops, {n: c.mask for n, c in crops.items()}, "QSM")
+        assert qsm.dtype == np.uint8 and set(np.unique(qsm)) <= set(range(17))
+        bg = crops["qsm_bg"]
+        ref = roi_labels_only(case.qsm_mask.array, "qsm_bg")
+        back = paste_back(bg, torch.from_numpy(bg.mask))
+        labelled_z = np.nonzero(ref.reshape(-1, SHAPE[2]).any(axis=0))[0]
+        covered = np.nonzero(back.reshape(-1, SHAPE[2]).any(axis=0))[0]
+        results[policy] = (set(covered.tolist()), dice(back > 0, ref > 0))
+        # nothing outside the box
+        outside = np.ones(SHAPE, bool)
+        outside[bg.box.slices] = False
+        assert not back[outside].any()
+    assert results["pad"][0] == {12, 13, 14, 15}  # central 4 of box z 9..18
+    # stack slices from box z 10, 12, 15, 17; box z 9..18 each take the nearest one: z 16
+    # takes z 17's (unlabelled) slice, so labelled 11..16 come back as 11..15 (nearest in z)
+    assert results["resample"][0] == {11, 12, 13, 14, 15} < set(labelled_z.tolist())
+    assert results["resample"][1] > results["pad"][1] > 0.8
+
+
+def test_slice_policy_rejected(case):
+    msg = r"roi\.slice_policy must be one of 'pad', 'resample', not 'linear'"
+    with pytest.raises(ConfigError, match=msg):
+        RoiConfig(slice_policy="linear")
+    with pytest.raises(ConfigError, match=msg):
+        dataclasses.replace(SMALL, slice_policy="linear")
+    with pytest.raises(ConfigError, match=msg):
+        get_preset("cpu-tiny").replace(roi={"slice_policy": "linear"})
+    with pytest.raises(ConfigError, match=r"roi\.slice_policy .* not None"):
+        RunConfig.from_dict({"roi": {"slice_policy": None}})
+    # set on a built config (bypassing __post_init__): caught when cropping
+    cfg = dataclasses.replace(SMALL)
+    cfg.slice_policy = "Resample"
+    with pytest.raises(ConfigError, match="not 'Resample'"):
+        extract_rois(case, cfg)
+    crop = extract_rois(case, SMALL, rois=("nm_sn",))["nm_sn"]
+    with pytest.raises(InputDataError, match="unknown slice_policy 'zoom'"):
+        paste_back(dataclasses.replace(crop, slice_policy="zoom"), crop.mask)
+
+
+def test_slice_policy_cache_key(tmp_path):
+    import hashlib
+    import json
+
+    from mrn_engine.rois.cache import CACHE_VERSION
+
+    # the default ("pad") leaves the key of caches written before the field unchanged
+    old_roi = {k: v for k, v in dataclasses.asdict(SMALL).items() if k != "slice_policy"}
+    old = json.dumps({"v": CACHE_VERSION, "roi": old_roi}, sort_keys=True)
+    assert config_hash(SMALL) == hashlib.sha256(old.encode()).hexdigest()[:16]
+    resample = dataclasses.replace(SMALL, slice_policy="resample")
+    assert config_hash(resample) != config_hash(SMALL)
+    root = make_cohort(tmp_path / "data", n=1)
+    files = discover_cases(root)[0]
+    cache = RoiCache(tmp_path / "cache")
+    assert cache.path_for(files, resample) != cache.path_for(files, SMALL)
+    first = cache.get_or_compute(files, resample)
+    again = cache.get_or_compute(files, resample)
+    assert (cache.hits, cache.misses) == (1, 1)
+    for name in ROI_NAMES:
+        assert again[name].slice_policy == "resample"
+        np.testing.assert_array_equal(again[name].image, first[name].image)
+        np.testing.assert_array_equal(again[name].slice_index, first[name].slice_index)
+        np.testing.assert_array_equal(
+            paste_back(again[name], again[name].mask), paste_back(first[name], first[name].mask)
+        )
+    assert cache.get_or_compute(files, SMALL)["qsm_bg"].slice_policy == "pad"
+    assert cache.misses == 2
+
+
 def test_missing_roi_labels(case):
     qsm = case.qsm_mask.array.copy()
     qsm[np.isin(qsm, [15, 16])] = 0  # no dentate at all
@@ -361,21 +534,49 @@ def test_montage_png(case, tmp_path):
     assert "STN:" in d["labels"] and "RN:" in d["labels"]
 
 
-def test_cli_rois(tmp_path):
+def test_cli_rois(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from mrn_engine.cli import cli
 
     folder = write_case(tmp_path / "RJPD_004")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     png = tmp_path / "montage.png"
     res = CliRunner().invoke(cli, ["rois", str(folder), "--preset", "cpu-tiny", "--out", str(png)])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith("RJPD_004: grid (60, 60, 20)")
+    assert lines[0].endswith("slice policy pad")
     for name in ROI_NAMES:
         row = next(line for line in lines if line.startswith(name))
         assert "slices" not in row and " pad" in row  # "<S> (z a-b, k pad)"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert lines[-1] == f"montage -> {png.resolve()}"
+    assert not list(work.iterdir())  # --out given: nothing in the current directory
+    # no --out: the montage goes to ./<case_id>_rois.png
+    res = CliRunner().invoke(cli, ["rois", str(folder), "--preset", "cpu-tiny"])
+    assert res.exit_code == 0, res.output
+    default = work / "RJPD_004_rois.png"
+    assert default.is_file() and default.read_bytes()[:4] == b"\x89PNG"
+    assert res.output.splitlines()[-1] == f"montage -> {default.resolve()}"
+    # a config with the resample policy
+    cfg = get_preset("cpu-tiny").replace(roi={"slice_policy": "resample"})
+    cfg_path = cfg.save(tmp_path / "config.json")
+    res = CliRunner().invoke(cli, ["rois", str(folder), "--config", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].endswith("slice policy resample")
+    assert "0 pad)" in res.output
+    # never overwrites an input file
+    nm = folder / "NM.nii.gz"
+    before = nm.read_bytes()
+    for bad in (nm, cfg_path):
+        res = CliRunner().invoke(
+            cli, ["rois", str(folder), "--config", str(cfg_path), "--out", str(bad)]
+        )
+        assert res.exit_code == 2 and "is an input file" in res.output, res.output
+    assert nm.read_bytes() == before
     res = CliRunner().invoke(cli, ["rois", str(tmp_path), "--preset", "cpu-tiny"])
     assert res.exit_code != 0 and isinstance(res.exception, InputDataError)
 

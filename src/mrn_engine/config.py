@@ -28,7 +28,7 @@ class RoiConfig:
     image_size: int = 224  #: square in-plane size; longest side resized to this, then padded
     slices: dict[str, int] = field(
         default_factory=lambda: {"nm_sn": 8, "qsm_bg": 16, "qsm_midbrain": 8, "qsm_dentate": 8}
-    )  #: fixed number of axial slices per ROI (centre-cropped / zero-padded)
+    )  #: fixed number of axial slices per ROI (how: ``slice_policy``)
     margin_mm: float = 4.0  #: margin around the union of the ROI's labels, in millimetres
     nm_clip_percentiles: tuple[float, float] = (0.5, 99.5)  #: robust NM window (whole volume)
     qsm_clip_percentiles: tuple[float, float] = (0.5, 99.5)  #: robust signed QSM window (brain)
@@ -36,6 +36,26 @@ class RoiConfig:
     #: <0.1% of voxels and lie beyond whole-volume percentiles; unscaled, they would saturate
     nm_window_scale: float = 3.0
     qsm_window_scale: float = 2.0
+    #: how a box's z-range becomes ``slices[name]`` stack slices (docs/data.md, step 3):
+    #: "pad" keeps native slices (the central ones if too many, zero slices if too few);
+    #: "resample" resamples the box's slices along z to exactly that count (linear for the
+    #: image, nearest for the mask; predictions are pasted back with nearest)
+    slice_policy: str = "pad"
+
+    #: allowed ``slice_policy`` values (a class constant, not a field)
+    SLICE_POLICIES = ("pad", "resample")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> RoiConfig:
+        """Raise ``ConfigError`` for an unknown ``slice_policy``; returns ``self``."""
+        if not isinstance(self.slice_policy, str) or self.slice_policy not in self.SLICE_POLICIES:
+            raise ConfigError(
+                f"roi.slice_policy must be one of "
+                f"{', '.join(repr(p) for p in self.SLICE_POLICIES)}, not {self.slice_policy!r}"
+            )
+        return self
 
 
 @dataclass

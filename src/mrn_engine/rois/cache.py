@@ -1,8 +1,10 @@
 """On-disk cache of preprocessed ROI crops (``.npz``, no pickles), keyed by case inputs + config.
 
 The key of a case is a hash of its input files (path, size, mtime) and of the ``RoiConfig``
-(JSON), so changing a file or a preprocessing setting recomputes. Files are written atomically;
-an unreadable cache file is recomputed with a warning.
+(JSON), so changing a file or a preprocessing setting recomputes. Fields added after the first
+release (``slice_policy``) enter the hash only when they differ from their default, so caches
+written before them stay valid. Files are written atomically; an unreadable cache file is
+recomputed with a warning.
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "mrn") / "rois"
 
 
+#: ``RoiConfig`` fields added later -> the value that leaves the hash unchanged (their default,
+#: i.e. the behaviour before the field existed)
+_HASH_OMIT_IF = {"slice_policy": "pad"}
+
+
 def config_hash(cfg: RoiConfig | RunConfig) -> str:
     """Short hash of the preprocessing settings (and the cache version)."""
     rc = cfg.roi if isinstance(cfg, RunConfig) else cfg
-    text = json.dumps({"v": CACHE_VERSION, "roi": asdict(rc)}, sort_keys=True)
+    roi = {k: v for k, v in asdict(rc).items() if _HASH_OMIT_IF.get(k, object()) != v}
+    text = json.dumps({"v": CACHE_VERSION, "roi": roi}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -75,6 +83,7 @@ def crops_to_arrays(crops: dict[str, RoiCrop]) -> dict[str, np.ndarray]:
             "volume_shape": list(c.volume_shape),
             "case_id": c.case_id,
             "has_mask": c.mask is not None,
+            "slice_policy": c.slice_policy,
         }
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
@@ -99,6 +108,7 @@ def crops_from_arrays(data) -> dict[str, RoiCrop]:
             spacing=tuple(m["spacing"]),
             volume_shape=tuple(m["volume_shape"]),
             case_id=m["case_id"],
+            slice_policy=m.get("slice_policy", "pad"),  # absent in files written before it
         )
     return out
 

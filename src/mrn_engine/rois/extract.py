@@ -7,17 +7,26 @@ Per ROI (``ROIS`` in :mod:`mrn_engine.data.labels`):
    0.67 mm in-plane voxels), clipped to the volume;
 2. intensities mapped to ``[0, 255]`` with the modality's robust whole-volume window
    (:mod:`mrn_engine.rois.intensity`);
-3. slices: a fixed count ``S = RoiConfig.slices[name]``. A box with more slices keeps the
-   central ``S`` (the extra ones are margin or thin nucleus tails); a box with fewer is
-   centred in the stack and padded with all-zero slices (no data invented);
-   ``RoiCrop.slice_index`` records the source z of each stack slice (-1 = padding);
+3. slices: a fixed count ``S = RoiConfig.slices[name]``, by ``RoiConfig.slice_policy``:
+
+   - ``"pad"`` (default): a box with more slices keeps the central ``S`` (the extra ones are
+     margin or thin nucleus tails); a box with fewer is centred in the stack and padded with
+     all-zero slices (no data invented);
+   - ``"resample"``: the box's ``n`` slices are resampled along z to exactly ``S``, slice
+     centres spread evenly over the box (``align_corners=False``): linear for the image
+     (antialiased when shrinking, like in-plane), nearest for the mask;
+
+   ``RoiCrop.slice_index`` records the source z of each stack slice (-1 = padding; for
+   ``"resample"`` the nearest source slice, the one the mask slice was taken from);
 4. in-plane: the longest side of the box resized to ``image_size`` (voxel aspect kept),
    bilinear for the image and nearest for the mask (``torch.nn.functional.interpolate``),
    then zero-padded to a centred square;
 5. the mask: left/right merged with ``RoiSpec.merge_map()`` (0 = background).
 
 ``paste_back`` inverts 3-5 for predicted classes and restores left/right from the subject's
-midline.
+midline. For ``"resample"`` every source slice of the box takes the nearest stack slice
+(nearest resampling back along z): exact when ``S >= n``, an approximation when z was
+shrunk (``S < n``).
 """
 
 from __future__ import annotations
@@ -53,7 +62,8 @@ class RoiCrop:
     box : CropBox
         Source voxel box.
     slice_index : np.ndarray
-        ``(S,)`` int64 source z of each stack slice; -1 for zero-padding slices.
+        ``(S,)`` int64 source z of each stack slice; -1 for zero-padding slices. With
+        ``slice_policy == "resample"``: the nearest source slice of each stack slice.
     resized_hw : tuple[int, int]
         Size of the resized box in the stack, before padding.
     pad : tuple[int, int]
@@ -69,6 +79,9 @@ class RoiCrop:
     volume_shape : tuple[int, int, int]
         Source grid shape.
     case_id : str
+    slice_policy : str
+        ``RoiConfig.slice_policy`` the stack was made with (``"pad"`` or ``"resample"``);
+        decides how :func:`paste_back` maps stack slices to source z.
     """
 
     name: str
@@ -85,6 +98,7 @@ class RoiCrop:
     volume_shape: tuple[int, int, int] = (0, 0, 0)
     case_id: str = ""
     meta: dict = field(default_factory=dict)
+    slice_policy: str = "pad"
 
     @property
     def spec(self) -> RoiSpec:
@@ -117,7 +131,7 @@ def _resize(stack: np.ndarray, size: tuple[int, int], *, nearest: bool) -> np.nd
 
 
 def _slice_plan(z0: int, z1: int, n: int) -> np.ndarray:
-    """Source z per stack slice: centred; -1 = padding."""
+    """``"pad"`` policy: source z per stack slice, centred; -1 = padding."""
     nz = z1 - z0
     out = np.full(n, -1, dtype=np.int64)
     if nz >= n:
@@ -127,6 +141,47 @@ def _slice_plan(z0: int, z1: int, n: int) -> np.ndarray:
         before = (n - nz) // 2
         out[before : before + nz] = np.arange(z0, z1)
     return out
+
+
+def _resample_plan(z0: int, z1: int, n: int) -> np.ndarray:
+    """``"resample"`` policy: nearest source z per stack slice.
+
+    Stack slice ``s`` is centred at box z ``(s + 0.5) * nz / n - 0.5`` (``align_corners=False``,
+    as ``torch.nn.functional.interpolate``); its nearest slice is ``floor((s + 0.5) * nz / n)``
+    (``"nearest-exact"``).
+    """
+    nz = z1 - z0
+    idx = np.floor((np.arange(n) + 0.5) * nz / n).astype(np.int64)
+    return z0 + np.minimum(idx, nz - 1)
+
+
+def _stack_to_source(crop: RoiCrop) -> tuple[np.ndarray, np.ndarray]:
+    """``(stack slices, source z)`` pairs that paste-back writes.
+
+    ``"pad"``: every non-padding stack slice to its own source z. ``"resample"``: every source
+    slice of the box from its nearest stack slice (inverse of :func:`_resample_plan`: exact
+    when the stack has at least as many slices as the box).
+    """
+    if crop.slice_policy == "resample":
+        z0, z1 = crop.box.z0, crop.box.z1
+        n = len(crop.slice_index)
+        zs = np.arange(z0, z1, dtype=np.int64)
+        ss = np.minimum(np.floor((zs - z0 + 0.5) * n / (z1 - z0)).astype(np.int64), n - 1)
+        return ss, zs
+    ss = np.nonzero(crop.slice_index >= 0)[0]
+    return ss, crop.slice_index[ss]
+
+
+def _resample_z(raw: np.ndarray, n: int) -> np.ndarray:
+    """Linear resampling of ``(nz, h, w)`` to ``(n, h, w)`` along axis 0 (antialiased when shrinking)."""
+    nz = raw.shape[0]
+    if nz == n:
+        return np.asarray(raw, dtype=np.float32).copy()
+    t = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).reshape(1, 1, nz, -1)
+    out = F.interpolate(
+        t, size=(n, t.shape[-1]), mode="bilinear", align_corners=False, antialias=n < nz
+    )
+    return out[0, 0].reshape(n, *raw.shape[1:]).numpy()
 
 
 def _midline(mask: np.ndarray, box: CropBox, spec: RoiSpec, volume_x: int) -> float:
@@ -158,7 +213,12 @@ def crop_roi(
     """Cut one ROI stack from a raw image (and source-label mask) given its box."""
     size = int(cfg.image_size)
     n_slices = int(cfg.slices[spec.name])
-    plan = _slice_plan(box.z0, box.z1, n_slices)
+    policy = cfg.check().slice_policy
+    resample = policy == "resample"
+    if resample:
+        plan = _resample_plan(box.z0, box.z1, n_slices)
+    else:
+        plan = _slice_plan(box.z0, box.z1, n_slices)
     nx, ny, _ = box.shape
     scale = size / max(nx, ny)
     hx = min(size, max(1, int(round(nx * scale))))
@@ -167,8 +227,12 @@ def crop_roi(
     valid = plan >= 0
     zs = plan[valid]
 
-    raw = image[box.x0 : box.x1, box.y0 : box.y1][:, :, zs]  # (nx, ny, n)
-    slices = apply_window(np.moveaxis(raw, 2, 0), window)  # (n, nx, ny)
+    if resample:  # linear in z over the whole box (raw intensities), then the window
+        raw = np.moveaxis(image[box.slices], 2, 0)  # (nz, nx, ny)
+        slices = apply_window(_resample_z(raw, n_slices), window)  # (n, nx, ny)
+    else:
+        raw = image[box.x0 : box.x1, box.y0 : box.y1][:, :, zs]  # (nx, ny, n)
+        slices = apply_window(np.moveaxis(raw, 2, 0), window)  # (n, nx, ny)
     out = np.zeros((n_slices, size, size), np.float32)
     out[valid, px : px + hx, py : py + hy] = np.clip(
         _resize(slices, (hx, hy), nearest=False), 0, 255
@@ -197,6 +261,7 @@ def crop_roi(
         spacing=tuple(float(s) for s in spacing),
         volume_shape=tuple(int(s) for s in image.shape),
         case_id=case_id,
+        slice_policy=policy,
     )
 
 
@@ -259,7 +324,7 @@ def extract_rois(
     case : Case
         Loaded case (NM, QSM and, unless given here, its masks).
     cfg : RoiConfig or RunConfig
-        Image size, slices per ROI, margin, percentile windows.
+        Image size, slices per ROI and slice policy, margin, percentile windows.
     nm_mask, qsm_mask : Volume or array, optional
         Masks in challenge labels on the case grid (e.g. nnU-Net predictions); override the
         case's own masks.
@@ -343,7 +408,9 @@ def paste_back(
     np.ndarray
         ``(X, Y, Z)`` uint8 in the challenge's label values: each merged class becomes its
         right label where ``x < midline_x`` (lower x = subject right) and its left label
-        elsewhere. Voxels outside the box or on padding slices are 0.
+        elsewhere. Voxels outside the box or on padding slices are 0. For a ``"resample"``
+        crop every box slice takes its nearest stack slice (exact when the stack has at least
+        as many slices as the box, nearest-neighbour in z otherwise).
     """
     if isinstance(classes, torch.Tensor):
         classes = classes.detach().cpu().numpy()
@@ -364,14 +431,16 @@ def paste_back(
             f"{crop.name}: class values must lie in 0..{spec.num_classes - 1}, "
             f"found {classes.min()}..{classes.max()}"
         )
+    if crop.slice_policy not in RoiConfig.SLICE_POLICIES:
+        raise InputDataError(f"{crop.name}: unknown slice_policy {crop.slice_policy!r}")
     out = np.zeros(shape, np.uint8)
-    valid = crop.slice_index >= 0
-    if not valid.any():
+    stack_idx, source_z = _stack_to_source(crop)
+    if not len(stack_idx):
         return out
     hx, hy = crop.resized_hw
     px, py = crop.pad
     nx, ny, _ = box.shape
-    sub = classes[valid, px : px + hx, py : py + hy].astype(np.float32)
+    sub = classes[stack_idx, px : px + hx, py : py + hy].astype(np.float32)
     back = np.rint(_resize(sub, (nx, ny), nearest=True)).astype(np.int64)  # (n, nx, ny)
     right = np.zeros(spec.num_classes, np.uint8)
     left = np.zeros(spec.num_classes, np.uint8)
@@ -380,7 +449,7 @@ def paste_back(
         left[i + 1] = group[-1]
     is_right = (np.arange(box.x0, box.x1) < crop.midline_x)[None, :, None]
     labels = np.where(is_right, right[back], left[back])  # (n, nx, ny)
-    out[box.x0 : box.x1, box.y0 : box.y1, crop.slice_index[valid]] = np.moveaxis(labels, 0, 2)
+    out[box.x0 : box.x1, box.y0 : box.y1, source_z] = np.moveaxis(labels, 0, 2)
     return out
 
 
