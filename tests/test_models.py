@@ -12,8 +12,10 @@ from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import ConfigError, InputDataError, WeightsError
 from mrn_engine.models import (
     MRN,
+    MSupMoCo,
     SERes10,
     build_model,
+    build_training_wrapper,
     compute_losses,
     load_model,
     save_model,
@@ -87,22 +89,30 @@ ABLATIONS = {
     "ffa1-sfa1": {"ffa_depth": 1, "sfa_depth": 1},
     "ffa4-sfa3": {"ffa_depth": 4, "sfa_depth": 3},
     "dinov2-only": {"dinov2_only": True},
+    "no-moco (mSupMoCo off)": {"use_moco": False},
 }
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_ablation_shapes_and_gradient_flow(name):
+    """Every ablation, through the training wrapper (mSupMoCo or the plain step) and the full loss."""
     cfg = small_cfg(**ABLATIONS[name])
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch = make_batch(cfg)
-    out = model(batch["images"])
+    wrapper = build_training_wrapper(model, cfg)
+    assert isinstance(wrapper, MSupMoCo) == cfg.model.use_moco
+    batch = make_batch(cfg)  # labels 0, 1: each anchor has a positive and a negative key
+    out = wrapper.step(batch)
     with_seg = cfg.model.use_dpt and not cfg.model.dinov2_only
     check_output(model, cfg, out, 2, with_seg)
     losses = compute_losses(out, batch, "train", cfg.model)
     assert (losses["seg"] > 0) == with_seg
+    assert (losses["con"] > 0) == cfg.model.use_moco
     losses["total"].backward()
     assert_all_grads(model)
+    if cfg.model.use_moco:
+        assert all(p.grad.abs().sum() > 0 for p in wrapper.projection.parameters())
+        assert all(p.grad is None for p in wrapper.teacher.parameters())
 
 
 def test_dpt_matches_slice_size_not_multiple_of_patch():
@@ -142,12 +152,44 @@ def test_pretrained_presets_build_and_forward(preset, dim):
     check_output(model, cfg, out, 1, True)
 
 
-def test_vits_backward():
-    cfg = small_cfg("vits", image=28)
+@pytest.mark.parametrize("preset", ["vits", "paper-vitb"])
+def test_pretrained_preset_backward(preset):
+    """Gradient flow through the ViT-S and the paper's ViT-B presets (tiny slices, batch 1)."""
+    cfg = small_cfg(preset, image=28)
+    torch.manual_seed(0)
     model = build_model(cfg)
     batch = make_batch(cfg, batch=1)
     compute_losses(model(batch["images"]), batch, "train", cfg.model)["total"].backward()
     assert_all_grads(model)
+
+
+#: DPT reassemble channels (shallow to deep) and fusion width per preset (docs/model.md)
+DPT_CHANNELS = {
+    "paper-vitb": (768, (96, 192, 384, 768), 256),
+    "vits": (384, (48, 96, 192, 384), 128),
+    "cpu-tiny": (64, (16, 32, 64, 64), 32),
+}
+
+
+@pytest.mark.parametrize("preset", list(DPT_CHANNELS))
+def test_dpt_channels_per_preset(preset):
+    dim, channels, fusion = DPT_CHANNELS[preset]
+    cfg = small_cfg(preset)
+    assert tuple(cfg.model.dpt_channels) == channels and cfg.model.dpt_fusion == fusion
+    with torch.device("meta"):  # structure only: no weight initialisation
+        dpt = build_model(cfg, pretrained=False).res.dpt
+    assert [tuple(c.weight.shape) for c in dpt.project] == [(c, dim, 1, 1) for c in channels]
+    # reassemble: 4x, 2x up-sampling, 1x, 1/2x down-sampling of the patch grid
+    strides = [r.stride if not isinstance(r, torch.nn.Identity) else None for r in dpt.resample]
+    assert strides == [(4, 4), (2, 2), None, (2, 2)]
+    assert isinstance(dpt.resample[0], torch.nn.ConvTranspose2d)
+    assert isinstance(dpt.resample[3], torch.nn.Conv2d)
+    assert [(c.in_channels, c.out_channels) for c in dpt.layer_rn] == [
+        (c, fusion) for c in channels
+    ]
+    for block in dpt.fusion:
+        assert block.unit.conv1.in_channels == block.out_conv.out_channels == fusion
+    assert dpt.trunk[0].in_channels == fusion
 
 
 def test_pretrained_preset_without_weights_refused():
@@ -166,6 +208,159 @@ def test_register_tokens_dropped_from_patch_tokens():
     full = model.res.patchnizer.vit.forward_features(model.res.patchnizer.normalise(slices))
     assert torch.allclose(tokens.slice_tokens, full[:, 0])
     assert torch.allclose(tokens.patch_tokens, full[:, 5:])
+
+
+def test_slice_position_embedding_makes_roi_token_order_aware():
+    """Eq. 3: shuffling an ROI's slices changes its token; without slice positions it cannot."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = make_batch(cfg, batch=1)["images"]
+    shuffled = dict(images, qsm_bg=images["qsm_bg"][:, [2, 0, 1]])
+    with torch.no_grad():
+        ordered = model.encode_rois(images)
+        moved = model.encode_rois(shuffled)
+        assert (ordered["qsm_bg"] - moved["qsm_bg"]).abs().max() > 1e-3
+        model.res.slice_pos.zero_()
+        ordered0 = model.encode_rois(images)["qsm_bg"]
+        moved0 = model.encode_rois(shuffled)["qsm_bg"]
+    assert (ordered0 - ordered["qsm_bg"]).abs().max() > 1e-3  # the embedding was in use
+    torch.testing.assert_close(moved0, ordered0, atol=1e-5, rtol=0)  # then a set of slices
+
+
+def _block_io(ffa, x, block, perturb_slice=None):
+    """Run ``ffa`` on ``x`` (B, S, T, D); return ``block``'s input and output as (B, S, T, D).
+
+    ``perturb_slice=j`` adds fixed noise to slice j of that block's input (inside the FFA).
+    """
+    b, s, t, d = x.shape
+    seen = {}
+
+    def pre(_module, args):
+        inp = args[0]
+        if perturb_slice is not None:
+            noise = torch.randn(t, d, generator=torch.Generator().manual_seed(5))
+            view = inp.reshape(b, s, t, d).clone()
+            view[:, perturb_slice] += noise
+            inp = view.reshape(inp.shape)
+        seen["in"] = inp.reshape(b, s, t, d)
+        return (inp, *args[1:])
+
+    def post(_module, _args, out):
+        seen["out"] = out.reshape(b, s, t, d)
+
+    hooks = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            ffa(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["in"], seen["out"]
+
+
+def test_ffa_local_blocks_keep_slices_apart_global_blocks_mix_them():
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    ffa = build_model(cfg).res.ffa.eval()
+    assert ffa.depth == cfg.model.ffa_depth == 2
+    x = torch.randn(1, 3, 5, 64, generator=torch.Generator().manual_seed(0))
+    j, others = 1, [0, 2]
+    for i in range(ffa.depth):
+        for kind, block in (("global", ffa.global_blocks[i]), ("local", ffa.local_blocks[i])):
+            base_in, base_out = _block_io(ffa, x, block)
+            new_in, new_out = _block_io(ffa, x, block, perturb_slice=j)
+            torch.testing.assert_close(new_in[:, others], base_in[:, others], atol=0, rtol=0)
+            assert (new_out[:, j] - base_out[:, j]).abs().max() > 1e-2, (kind, i)
+            for k in others:
+                change = (new_out[:, k] - base_out[:, k]).abs().max()
+                if kind == "local":  # attention within each slice only
+                    assert change < 1e-6, (kind, i, k, change)
+                else:  # attention over all tokens of all slices
+                    assert change > 1e-5, (kind, i, k, change)
+    # the FFA output is the last local block's, and layers alternate global -> local
+    with torch.no_grad():
+        out = ffa(x)
+        assert torch.equal(out.tokens, out.local_outputs[-1])
+        b, s, t, d = x.shape
+        local0 = ffa.local_blocks[0](out.global_outputs[0].reshape(b * s, t, d))
+        torch.testing.assert_close(local0.reshape(b, s, t, d), out.local_outputs[0])
+        global1 = ffa.global_blocks[1](out.local_outputs[0].reshape(b, s * t, d))
+        torch.testing.assert_close(global1.reshape(b, s, t, d), out.global_outputs[1])
+
+
+def _dpt_inputs(model, images):
+    """The FFA outputs and DPT token sets of the first ROI (nm_sn), and the model output."""
+    seen: dict = {}
+
+    def keep_ffa(_module, _args, out) -> None:
+        seen.setdefault("ffa", out)
+
+    def keep_sets(_module, args) -> None:
+        seen.setdefault("sets", args[0])
+
+    hooks = [
+        model.res.ffa.register_forward_hook(keep_ffa),
+        model.res.dpt.register_forward_pre_hook(keep_sets),
+    ]
+    try:
+        with torch.no_grad():
+            out = model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["ffa"], seen["sets"], out
+
+
+def test_dpt_local_vs_global_token_source():
+    """Paper Fig. 3: "local" = last FFA local attention, "global" = last FFA global attention."""
+    torch.manual_seed(0)
+    local = build_model(small_cfg(dpt_features="local")).eval()
+    with torch.no_grad():  # LayerScale 1 (not the 0.01 init): the local blocks visibly act
+        for block in local.res.ffa.local_blocks:
+            block.ls1.gamma.fill_(1.0)
+            block.ls2.gamma.fill_(1.0)
+    glob = build_model(small_cfg(dpt_features="global")).eval()
+    glob.load_state_dict(local.state_dict())  # same weights, only the DPT's input differs
+    images = make_batch(small_cfg(), batch=1)["images"]
+    ffa_l, sets_l, out_l = _dpt_inputs(local, images)
+    ffa_g, sets_g, out_g = _dpt_inputs(glob, images)
+    b, s = images["nm_sn"].shape[:2]
+    t, d = ffa_l.local_outputs[-1].shape[2:]
+
+    def patches(tokens):
+        return tokens.reshape(b * s, t, d)[:, 1:]
+
+    assert len(sets_l) == len(sets_g) == 4
+    assert torch.equal(sets_l[-1], patches(ffa_l.local_outputs[-1]))
+    assert torch.equal(sets_g[-1], patches(ffa_g.global_outputs[-1]))
+    assert not torch.allclose(sets_l[-1], sets_g[-1])
+    for a, g in zip(sets_l[:-1], sets_g[:-1], strict=True):
+        assert torch.equal(a, g)
+    assert torch.equal(sets_l[-2], patches(ffa_l.global_outputs[-2]))
+    for n in ROI_NAMES:
+        assert torch.equal(out_l.roi_tokens[n], out_g.roi_tokens[n])
+        assert (out_l.seg_logits[n] - out_g.seg_logits[n]).abs().max() > 1e-4, n
+
+
+def test_sfa_roi_token_is_a_learned_parameter_in_use():
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    roi_token = model.res.sfa.roi_token
+    assert isinstance(roi_token, torch.nn.Parameter) and roi_token.requires_grad
+    assert dict(model.named_parameters())["res.sfa.roi_token"] is roi_token
+    assert any(p is roi_token for p in model.lr_groups()["backbone"])  # optimised
+    batch = make_batch(cfg)
+    compute_losses(model(batch["images"]), batch, "train", cfg.model)["total"].backward()
+    assert roi_token.grad is not None and roi_token.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        before = model.encode_rois(batch["images"])
+        roi_token.copy_(torch.randn(roi_token.shape, generator=torch.Generator().manual_seed(1)))
+        after = model.encode_rois(batch["images"])
+    for n in ROI_NAMES:
+        assert (before[n] - after[n]).abs().max() > 1e-2, n
 
 
 @pytest.mark.parametrize("arch", ["mrn", "seres10"])

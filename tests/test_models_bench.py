@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -19,6 +21,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: the two ratios the issue asks for: full MRN forward / bare DINOv2 forward over the same
+#: slices, and the 16-subset masking analysis / one plain forward
+RATIOS = {
+    "forward_over_dinov2": ("forward_s", "dinov2_s"),
+    "masking16_over_forward": ("masking16_s", "forward_s"),
+}
+
+TINY_ROI = {
+    "image_size": 28,
+    "slices": {"nm_sn": 2, "qsm_bg": 2, "qsm_midbrain": 2, "qsm_dentate": 2},
+}
 
 
 @pytest.mark.slow  # ~50 s on the loaded shared VM (profiled training step)
@@ -40,6 +55,9 @@ def test_bench_model_figures():
     ):
         assert result[key] > 0, key
     assert result["forward_over_dinov2"] == result["forward_s"] / result["dinov2_s"]
+    assert result["masking16_over_forward"] == result["masking16_s"] / result["forward_s"]
+    for key in RATIOS:
+        assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["slices"] == 8 and result["batch"] == 2
     assert 0.7 < result["params_M"] < 0.8  # the tiny MRN (~0.75 M parameters)
     assert "| forward_s |" in format_result(result)
@@ -80,3 +98,40 @@ def test_bench_cli_registered(tmp_path):
     data = json.loads(out.read_text())
     assert data["arch"] == "seres10" and "train_step_s" not in data and data["forward_s"] > 0
     assert data["forward_GFLOP"] > 0 and "dinov2_GFLOP" not in data
+
+
+def test_bench_cli_mrn_prints_both_ratios(tmp_path):
+    """``mrn bench model`` for MRN prints (and writes) both ratios, finite and positive."""
+    from mrn_engine.cli import cli
+
+    cfg_path = get_preset("cpu-tiny").replace(roi=TINY_ROI).save(tmp_path / "config.json")
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "model",
+            "--config",
+            str(cfg_path),
+            "--arch",
+            "mrn",
+            "--repeats",
+            "1",
+            "--no-train",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["arch"] == "mrn" and "train_step_s" not in data
+    for key, (num, den) in RATIOS.items():
+        assert math.isfinite(data[key]) and data[key] > 0, key
+        assert data[key] == pytest.approx(data[num] / data[den]), key
+        printed = re.search(rf"^\| {key} \| ([^|]+) \|$", res.stdout, re.MULTILINE)
+        assert printed, f"{key} missing from the printed table:\n{res.stdout}"
+        value = float(printed[1])
+        assert math.isfinite(value) and value > 0
+        assert value == pytest.approx(data[key], abs=5e-4)  # printed with 3 decimals

@@ -163,13 +163,31 @@ def test_step_fills_banks_and_trains_student_only():
 
 
 def test_plain_step_without_moco():
+    """mSupMoCo off (paper Table 2/8): no teacher, projection or bank; gradients still reach
+    every student parameter through the classification + segmentation loss."""
     cfg = tiny_run(use_moco=False)
-    wrapper = build_training_wrapper(build_model(cfg), cfg)
+    model = build_model(cfg)
+    wrapper = build_training_wrapper(model, cfg)
     assert isinstance(wrapper, PlainStep)
+    assert [id(p) for p in wrapper.parameters()] == [id(p) for p in model.parameters()]
+    assert len(list(wrapper.buffers())) == len(list(model.buffers()))  # no memory bank
     batch = make_batch(cfg)
     out = wrapper.step(batch)
     assert out.contrastive is None
-    assert compute_losses(out, batch, "train", cfg.model)["con"].item() == 0.0
+    losses = compute_losses(out, batch, "train", cfg.model)
+    assert losses["con"].item() == 0.0
+    torch.testing.assert_close(
+        losses["total"], losses["cls"] + cfg.model.lambda_seg * losses["seg"]
+    )
+    losses["total"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.res.patchnizer.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    groups = {g["name"]: g["params"] for g in param_groups(wrapper, cfg.train)}
+    assert sorted(id(p) for g in groups.values() for p in g) == sorted(
+        id(p) for p in model.parameters() if p.requires_grad
+    )
 
 
 def test_weighted_seg_loss_equals_hand_value():

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from mrn_engine.config import get_preset
 from mrn_engine.errors import WeightsError
-from mrn_engine.models import build_model, read_state_dict
+from mrn_engine.models import build_model, load_model, read_state_dict, save_model
 from mrn_engine.models.backbone import TINY_BASE, create_vit
 
 SOURCE_SIZE = 70  # 5 x 5 patch grid in the "pretrained" file (like DINOv2's 518 -> 37 x 37)
@@ -55,6 +58,43 @@ def to_meta(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return meta
 
 
+def to_transformers(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """timm keys -> Hugging Face ``transformers`` Dinov2WithRegistersModel keys (unsupported)."""
+    dim = state["pos_embed"].shape[-1]
+    hf = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": torch.zeros(1, dim),
+        "embeddings.register_tokens": state["reg_token"],
+        "embeddings.position_embeddings": torch.cat(
+            [torch.zeros(1, 1, dim), state["pos_embed"]], dim=1
+        ),
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    renames = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.proj": "attention.output.dense",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    for key, value in state.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)", key)
+        if not m:
+            continue
+        layer, module, kind = f"encoder.layer.{m[1]}", m[2], m[3]
+        if module == "attn.qkv":
+            for name, part in zip(("query", "key", "value"), value.chunk(3), strict=True):
+                hf[f"{layer}.attention.attention.{name}.{kind}"] = part.clone()
+        elif module in ("ls1", "ls2"):
+            hf[f"{layer}.layer_scale{module[-1]}.lambda1"] = value
+        else:
+            hf[f"{layer}.{renames[module]}.{kind}"] = value
+    return {f"{prefix}{k}": v.contiguous() for k, v in hf.items()}
+
+
 def tiny_cfg(path):
     cfg = get_preset("cpu-tiny").replace(roi={"image_size": TARGET_SIZE})
     return cfg.replace(model={"backbone_weights": str(path)})
@@ -95,6 +135,47 @@ def test_meta_pth_loads_and_converts(tmp_path):
     model = build_model(tiny_cfg(path))
     assert_loaded(model, state)
     assert model.weights_provenance["format"] == "meta-dinov2"
+
+
+def test_weights_sha256_recorded_through_save_and_load(tmp_path):
+    """A model built from a real .safetensors backbone file keeps that file's sha256 in the
+    saved model's metadata, and load_model restores it (it builds with pretrained=False)."""
+    state = source_state()
+    weights = tmp_path / "dinov2_tiny.safetensors"
+    save_file(state, str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    cfg = tiny_cfg(weights)
+    model = build_model(cfg)
+    path = save_model(model, tmp_path / "fold_0" / "model.safetensors", cfg)
+    with safe_open(str(path), framework="pt") as fh:
+        recorded = json.loads(fh.metadata()["weights_provenance"])
+    assert recorded["sha256"] == digest and recorded["format"] == "timm"
+    assert recorded["path"] == str(weights.resolve())
+    weights.unlink()  # loading a trained model never needs the backbone file again
+    loaded, loaded_cfg = load_model(path)
+    assert loaded.weights_provenance["sha256"] == digest
+    assert loaded_cfg.model.backbone_weights == str(weights)
+    assert_loaded(loaded, state)  # the saved backbone is the file's, resampled
+
+
+@pytest.mark.parametrize(
+    "prefix,suffix", [("", ".safetensors"), ("dinov2.", ".safetensors"), ("", ".pth")]
+)
+def test_transformers_layout_is_refused_clearly(tmp_path, prefix, suffix):
+    """HF ``transformers`` DINOv2 files (embeddings.*, encoder.layer.*) are not supported."""
+    hf = to_transformers(source_state(), prefix)
+    assert f"{prefix}encoder.layer.3.attention.attention.value.weight" in hf
+    path = tmp_path / f"hf_dinov2{suffix}"
+    if suffix == ".pth":
+        torch.save(hf, path)
+    else:
+        save_file(hf, str(path))
+    with pytest.raises(
+        WeightsError,
+        match=rf"{re.escape(str(path.resolve()))}: Hugging Face transformers-layout DINOv2 "
+        r"weights .* not supported; use the timm-layout \.safetensors .* or Meta's",
+    ):
+        build_model(tiny_cfg(path))
 
 
 def test_pretrained_vits_preset_with_weights_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -146,6 +147,36 @@ def test_loss_decreases_on_phantoms(phantom_root, tmp_path):
     assert len(losses) == 5
     assert losses[-1] < losses[0], losses
     assert res.metrics[-1]["loss_seg"] < res.metrics[0]["loss_seg"]
+
+
+def test_backbone_weights_sha256_in_bundle_checkpoints_and_model(bundle, phantom_root, tmp_path):
+    """Training from a real .safetensors backbone file records that file (path, sha256) in
+    bundle.json, in the epoch checkpoint's state.json and in the fold's model.safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from test_models_weights import source_state
+
+    weights = tmp_path / "dinov2_tiny.safetensors"
+    save_file(source_state(), str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    cfg = small_cfg(pretrain_epochs=0, epochs=1).replace(model={"backbone_weights": str(weights)})
+    out = tmp_path / "b"
+    cache = bundle[0].parent / "roi_cache"  # the ROIs the bundle fixture cached (same ROI config)
+    assert cache.is_dir()
+    (res,) = train_bundle(phantom_root, out, cfg, folds=[0], cache_dir=cache, progress=False)
+    assert res.finished
+    expected = {
+        "backbone": "tiny",
+        "path": str(weights.resolve()),
+        "sha256": digest,
+        "format": "timm",
+    }
+    assert json.loads((out / "bundle.json").read_text())["weights_provenance"] == expected
+    state = json.loads((out / "fold_0" / "checkpoints" / "epoch_0001" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["weights_provenance"] == expected
+    with safe_open(str(out / "fold_0" / "model.safetensors"), framework="pt") as fh:
+        assert json.loads(fh.metadata()["weights_provenance"]) == expected
 
 
 def test_variants_and_table():

@@ -11,12 +11,17 @@
 Both go through timm's own ``checkpoint_filter_fn``, which converts Meta's key names and
 resamples the position embedding to the slice grid (e.g. 37 x 37 -> 16 x 16 for 224-pixel
 slices). Every failure is a :class:`WeightsError` that names the file and the problem.
+
+Hugging Face ``transformers``-layout DINOv2 files (``facebook/dinov2-with-registers-*``: keys
+``embeddings.*``, ``encoder.layer.N.*``, ``layernorm.*``, possibly under a ``dinov2.`` prefix)
+are *not* supported: they are recognised and refused with a message saying so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +32,11 @@ from mrn_engine.errors import WeightsError
 
 #: keys a classifier checkpoint may carry that our head-less backbone does not have
 _IGNORED_PREFIXES = ("head.", "fc_norm.")
+
+#: keys only Hugging Face ``transformers`` DINOv2 checkpoints have (optionally under a prefix)
+_TRANSFORMERS_KEY = re.compile(
+    r"(^|\.)(encoder\.layer\.\d+\.|embeddings\.(patch_embeddings|position_embeddings|cls_token))"
+)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -69,7 +79,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def weights_format(state: dict[str, torch.Tensor]) -> str:
-    """``"meta-dinov2"`` (original Meta keys) or ``"timm"``."""
+    """``"meta-dinov2"`` (original Meta keys), ``"hf-transformers"`` (unsupported) or ``"timm"``."""
+    if any(_TRANSFORMERS_KEY.search(k) for k in state):
+        return "hf-transformers"
     return "meta-dinov2" if "mask_token" in state or "register_tokens" in state else "timm"
 
 
@@ -82,11 +94,20 @@ def load_backbone_weights(vit: nn.Module, path: str | os.PathLike, name: str = "
 
     Raises
     ------
-    WeightsError: unreadable file, weights of another model (the shapes are named) or missing keys.
+    WeightsError: unreadable file, a Hugging Face transformers-layout file (unsupported), weights
+        of another model (the shapes are named) or missing keys.
     """
     path = Path(path).expanduser().resolve()
     raw = read_state_dict(path)
     fmt = weights_format(raw)
+    if fmt == "hf-transformers":
+        example = next(k for k in raw if _TRANSFORMERS_KEY.search(k))
+        raise WeightsError(
+            f"{path}: Hugging Face transformers-layout DINOv2 weights (keys 'embeddings.*', "
+            f"'encoder.layer.*', e.g. {example!r}) are not supported; use the timm-layout "
+            ".safetensors (model.safetensors of timm/vit_base_patch14_reg4_dinov2.lvd142m, keys "
+            "'blocks.N.*') or Meta's original dinov2_vit*14_reg4_pretrain.pth"
+        )
     try:
         state = checkpoint_filter_fn(dict(raw), vit)
     except Exception as e:  # noqa: BLE001 - timm's conversion fails on foreign tensors

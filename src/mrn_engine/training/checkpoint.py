@@ -3,7 +3,7 @@
 Layout of a fold's checkpoint folder::
 
     checkpoints/epoch_0003/state.safetensors   # objective state_dict (student, teacher, banks)
-    checkpoints/epoch_0003/state.json          # config, epoch, rng states (lists), metrics
+    checkpoints/epoch_0003/state.json          # config, epoch, rng states (lists), metrics, weights provenance
     checkpoints/epoch_0003/optimizer.pt        # optimiser state_dict (load: weights_only=True)
     checkpoints/last.json                      # pointer to the newest complete epoch (written last)
 

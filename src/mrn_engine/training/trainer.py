@@ -240,6 +240,12 @@ def train_fold(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.json")
     writer = _tensorboard(out_dir)
+    # which backbone weights file (and its sha256) the student started from, in every checkpoint
+    provenance = getattr(
+        objective.student if hasattr(objective, "student") else objective,
+        "weights_provenance",
+        None,
+    )
 
     last = start - 1
     for epoch in range(start, total + 1):
@@ -319,7 +325,12 @@ def train_fold(
             epoch,
             objective.state_dict(),
             optimizer.state_dict(),
-            {"config": cfg.to_dict(), "fold": fold, "metrics": rows},
+            {
+                "config": cfg.to_dict(),
+                "fold": fold,
+                "metrics": rows,
+                "weights_provenance": provenance,
+            },
         )
         last = epoch
         if progress:
