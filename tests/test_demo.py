@@ -12,10 +12,25 @@ import pytest
 from click.testing import CliRunner
 
 
+@pytest.fixture
+def demo_cache(tmp_path, monkeypatch):
+    """``$MRN_CACHE_DIR`` in ``tmp_path`` (for the demo-bundle record), with the user's phantom
+    atlas cache linked in so that the phantom generator does not rebuild it."""
+    from mrn_engine.phantom.atlas import cache_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for atlas in cache_dir().glob("phantom_atlas_*.npz"):
+        (cache / atlas.name).symlink_to(atlas)
+    monkeypatch.setenv("MRN_CACHE_DIR", str(cache))
+    return cache
+
+
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path):
+def test_demo_quick_end_to_end(tmp_path, demo_cache):
     from mrn_engine.cli import cli
     from mrn_engine.inference import open_bundle
+    from mrn_engine.inference.bundle import last_demo_bundle
 
     out = tmp_path / "demo"
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--threads", "1", "--quiet"])
@@ -28,6 +43,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert 0.5 <= summary["oracle"]["population"] <= 1.0
     bundle = open_bundle(out / "bundle")
     assert bundle.folds == [0, 1]
+    # the bundle's place is recorded for napari-mrn (which offers it first)
+    record = demo_cache / "last_demo_bundle.json"
+    assert json.loads(record.read_text())["bundle"] == str((out / "bundle").resolve())
+    assert summary["bundle_record"] == str(record)
+    assert last_demo_bundle() == (out / "bundle").resolve()
+    assert "offered first by napari-mrn" in r.output
     assert (out / "report.html").stat().st_size > 1000
     assert (out / "bundle" / "ablation" / "masking_table.csv").is_file()
     assert len((out / "bundle" / "ablation" / "masking_table.csv").read_text().splitlines()) == 17

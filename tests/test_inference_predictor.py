@@ -213,6 +213,70 @@ def test_masked_prediction_equals_zeroed_input_without_backbone_pass(case):
         predictor.masked_prediction(pred, {"putamen"})
 
 
+def _count_empty_token_calls(predictor) -> dict[str, int]:
+    """Spy on the model's empty-ROI encoder pass (``empty_token``)."""
+    calls = {"n": 0}
+    empty = predictor.model.empty_token
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return empty(*a, **k)
+
+    predictor.model.empty_token = counting
+    return calls
+
+
+def test_warm_masking_caches_empty_roi_tokens_during_predict_case(case):
+    cold = fake_predictor()
+    cold_calls = _count_empty_token_calls(cold)
+    ref = cold.predict_case(case)
+    assert cold_calls["n"] == 0 and not cold.masking_cache_ready()
+    expect = cold.masked_prediction(ref, {"qsm_bg"})
+    assert cold_calls["n"] == 2 * len(ROI_NAMES)  # computed lazily, at the first masking
+
+    warm = fake_predictor()
+    calls = _count_empty_token_calls(warm)
+    seen = []
+    pred = warm.predict_case(case, warm_masking=True, progress=lambda f, m: seen.append(f))
+    assert calls["n"] == 2 * len(ROI_NAMES) and warm.masking_cache_ready()
+    assert len(seen) == len(warm.folds) + 2  # same progress reports as without warming
+    assert pred.p_pd_folds == pytest.approx(ref.p_pd_folds, abs=1e-7)
+    backbone = warm.model.backbone_calls
+    m = warm.masked_prediction(pred, {"qsm_bg"})
+    warm.masking_table(pred)
+    assert calls["n"] == 2 * len(ROI_NAMES) and warm.model.backbone_calls == backbone
+    assert m["p_pd_folds"] == pytest.approx(expect["p_pd_folds"], abs=1e-7)
+
+    later = fake_predictor()
+    later_calls = _count_empty_token_calls(later)
+    assert later.warm_masking_cache() is True and later.masking_cache_ready()
+    assert later_calls["n"] == 2 * len(ROI_NAMES)
+    assert later.warm_masking_cache() is True and later_calls["n"] == 2 * len(ROI_NAMES)
+
+
+class NoMaskingModel(nn.Module):
+    """A classifier without ``classify_tokens`` / ``empty_token`` (e.g. a plain baseline)."""
+
+    needs_masks = False
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.inner = FakeMRN(seed)
+
+    def forward(self, rois):
+        return self.inner(rois)
+
+
+def test_warm_masking_is_a_no_op_for_models_that_cannot_mask(case):
+    states = {k: NoMaskingModel(k).state_dict() for k in (0, 1)}
+    predictor = MRNPredictor(NoMaskingModel(99), states, CFG, device="cpu")
+    assert not predictor.can_mask and predictor.warm_masking_cache() is False
+    pred = predictor.predict_case(case, warm_masking=True)  # nothing to warm, no error
+    assert pred.p_pd_folds == pytest.approx([_manual_p(case, k, False) for k in (0, 1)], abs=1e-6)
+    with pytest.raises(InputDataError, match="cannot classify ROI tokens"):
+        predictor.masked_prediction(pred, {"nm_sn"})
+
+
 def test_missing_masks_error_and_segmenter_hook(tmp_path, case):
     bare = load_case(write_case(tmp_path / "RJPD_007", seed=7, masks=False))
     with pytest.raises(

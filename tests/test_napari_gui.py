@@ -8,6 +8,8 @@ it is enough to drive the panel end to end (run, layers, masking, saving) on a C
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +71,25 @@ def panel(make_napari_viewer, tmp_path, monkeypatch):
 
 def wait_done(qtbot, widget) -> None:
     qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+def result_controls(widget) -> list:
+    """The widgets that use the shown result's predictor: ROI checkboxes, table, Save."""
+    return [*widget.roi_checks.values(), widget.table_button, widget.save_button]
+
+
+def count_encoder_calls(monkeypatch, predictor) -> dict[str, int]:
+    """Spy on the model's ROI encoder (``_encode``: the backbone pass of ``forward`` and of
+    ``empty_token``); the classification head (``classify_tokens``) does not go through it."""
+    calls = {"n": 0}
+    encode = predictor.model._encode
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(predictor.model, "_encode", counting)
+    return calls
 
 
 # ----------------------------------------------------------------------------- reading / writing
@@ -166,6 +187,7 @@ def test_cancel_stops_the_run_inside_the_predictor(panel, qtbot, tmp_path, tiny_
     assert not any("P(PD)" in r.message for r in reports)
     assert widget.result is None and "MRN nuclei" not in viewer.layers
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert not any(w.isEnabled() for w in result_controls(widget))  # nothing to mask or save
 
 
 def test_engine_error_is_shown_in_the_panel(panel, qtbot, tmp_path, tiny_bundle):
@@ -182,12 +204,14 @@ def test_engine_error_is_shown_in_the_panel(panel, qtbot, tmp_path, tiny_bundle)
     assert "missing label(s) 2 (caudate_L)" in text and "Traceback" not in text
     assert widget.result is None and "MRN nuclei" not in viewer.layers
     assert widget.run_button.isEnabled()
+    assert not any(w.isEnabled() for w in result_controls(widget))
 
 
-def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
-    from qtpy.QtCore import QTimer
+def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatch):
+    from qtpy.QtCore import Qt, QTimer
 
-    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.inference import MRNPredictor, write_case_outputs
+    from napari_mrn._layers import ROI_COLOURS
 
     viewer, widget = panel
     viewer.open_sample("napari-mrn", "mrn_pd_case")
@@ -202,13 +226,25 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(20)
+    model_threads: list[threading.Thread] = []  # where the model really runs
+    real_predict_case = MRNPredictor.predict_case
+
+    def spy_predict_case(self, *args, **kwargs):
+        model_threads.append(threading.current_thread())
+        return real_predict_case(self, *args, **kwargs)
+
+    monkeypatch.setattr(MRNPredictor, "predict_case", spy_predict_case)
     worker = widget.run()
     worker.yielded.connect(reports.append)
     wait_done(qtbot, widget)
     timer.stop()
+    monkeypatch.setattr(MRNPredictor, "predict_case", real_predict_case)
+    # the viewer stays responsive: the model runs off the GUI thread while the event loop ticks
+    # (structural checks, not a timing bound; the tick gaps are printed for information)
     max_gap = max(np.diff(ticks)) if len(ticks) > 1 else float("inf")
     print(f"run: {len(ticks)} GUI ticks, longest event-loop gap {max_gap:.2f} s")
-    assert max_gap < 2.0  # the viewer stays responsive while the model runs
+    assert model_threads and all(t is not threading.main_thread() for t in model_threads)
+    assert len(ticks) >= 3
     assert widget.result is not None, widget.status.text()
     assert widget.progress.value() == 1000 and len(reports) >= 3
     # the last bundle is remembered
@@ -234,6 +270,25 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
         assert sorted(int(d[0, 0]) for d in rects) == list(range(box.z0, box.z1))
         assert rects[0][:, 2].min() == pytest.approx(box.x0 - 0.5)
         assert rects[0][:, 1].max() == pytest.approx(300 - box.y0 - 0.5)
+    # the names: one per box and slice, large, in the ROI's colour; NM-SN's inside its box
+    # (lower left) so that it does not sit on the midbrain box's edge and label
+    names = viewer.layers["MRN ROI labels"]
+    assert len(names.data) == len(boxes.data) and list(names.features["roi"]) == list(
+        boxes.features["roi"]
+    )
+    np.testing.assert_allclose(names.scale, qsm.scale)
+    assert names.text.size >= 12 and names.text.visible
+    for roi, colour in zip(names.features["roi"], names.text.color.array, strict=True):
+        np.testing.assert_allclose(colour, (*ROI_COLOURS[roi], 1.0))
+    sn = names.data[list(names.features["roi"]).index("nm_sn")]
+    sn_rect = next(
+        d for d, r in zip(boxes.data, boxes.features["roi"], strict=True) if r == "nm_sn"
+    )
+    assert sn_rect[:, 1].min() < sn[1] < sn_rect[:, 1].max()
+    boxes.visible = False  # hiding the boxes hides their names
+    assert not names.visible
+    boxes.visible = True
+    assert names.visible
 
     # the panel shows the predictor's numbers
     probs = widget.probabilities
@@ -243,27 +298,71 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
     assert f"{pred.p_pd:.3f}" in widget.result_label.text()
     assert len(widget.chart.bars) == 3  # two folds + ensemble
 
-    # ROI masking: unticking updates at once from the predictor's masked prediction
+    # ROI masking: the run cached every fold's empty-ROI tokens in the worker, so toggling an
+    # ROI runs only the classification head: no backbone / ROI-encoder pass on the GUI thread
     predictor: MRNPredictor = widget.result.predictor
+    assert predictor.masking_cache_ready()
+    encoder_calls = count_encoder_calls(monkeypatch, predictor)
+    shown = {}
+    for name, box in widget.roi_checks.items():
+        box.setChecked(False)
+        assert encoder_calls["n"] == 0, name
+        assert widget.probabilities.masked == {name}
+        shown[frozenset({name})] = widget.probabilities
+        box.setChecked(True)
+        assert widget.probabilities.p_pd == pytest.approx(pred.p_pd)
     widget.roi_checks["nm_sn"].setChecked(False)
     widget.roi_checks["qsm_dentate"].setChecked(False)
-    expect = predictor.masked_prediction(pred, {"nm_sn", "qsm_dentate"})
-    assert widget.probabilities.masked == {"nm_sn", "qsm_dentate"}
-    assert widget.probabilities.p_pd == pytest.approx(expect["p_pd"])
-    assert widget.probabilities.p_pd_folds == pytest.approx(expect["p_pd_folds"])
+    pair = frozenset({"nm_sn", "qsm_dentate"})
+    shown[pair] = widget.probabilities
+    assert widget.probabilities.masked == pair
     assert "masked: NM-SN, QSM dentate" in widget.result_label.text()
-    widget.roi_checks["nm_sn"].setChecked(True)
-    widget.roi_checks["qsm_dentate"].setChecked(True)
-    assert widget.probabilities.p_pd == pytest.approx(pred.p_pd)
 
-    # the 16-subset table agrees with the masked prediction
+    # the 16-subset table: head passes only too
     dialog = widget.show_masking_table()
     assert dialog.table.rowCount() == 16
     rows = widget.masking_table()
-    row = next(r for r in rows if r["masked"] == ["nm_sn", "qsm_dentate"])
-    assert row["p_pd"] == pytest.approx(expect["p_pd"])
-    assert rows[0]["masked"] == [] and rows[0]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-5)
+    assert encoder_calls["n"] == 0
     dialog.close()
+
+    # what the panel shows = the engine's prediction with those ROIs' input volumes replaced
+    # by zeros, recomputed here with full forward passes (independent of the token cache)
+    case = widget.result.case
+    for masked, probs in shown.items():
+        ref = predictor.predict_case(case, zero_rois=masked)
+        assert probs.p_pd_folds == pytest.approx(ref.p_pd_folds, abs=1e-5), masked
+        assert probs.p_pd == pytest.approx(ref.p_pd, abs=1e-5), masked
+    assert encoder_calls["n"] == len(shown) * len(predictor.folds)  # the check's own passes
+    row = next(r for r in rows if r["masked"] == ["nm_sn", "qsm_dentate"])
+    assert row["p_pd"] == pytest.approx(shown[pair].p_pd, abs=1e-6)
+    assert rows[0]["masked"] == [] and rows[0]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-5)
+
+    # during a run the result controls are disabled (the worker swaps the predictor's fold
+    # weights): a click on an ROI box does nothing; Cancel gives them back, result unchanged
+    first = widget.result
+    assert all(w.isEnabled() for w in result_controls(widget))
+    during = []
+
+    def on_report(item):
+        during.append([w.isEnabled() for w in result_controls(widget)])
+        if "fold 0 P(PD)" in item.message:  # mid-run: one fold done, the next one loading
+            qtbot.mouseClick(widget.roi_checks["qsm_bg"], Qt.MouseButton.LeftButton)
+            during.append(widget.roi_checks["qsm_bg"].isChecked())
+            widget.cancel()
+
+    worker = widget.run()
+    assert not any(w.isEnabled() for w in result_controls(widget))
+    worker.yielded.connect(on_report)
+    wait_done(qtbot, widget)
+    assert widget.status.text() == "Cancelled."
+    assert during and during[-1] is True  # the click did not untick QSM basal ganglia
+    assert all(not any(states) for states in during[:-1])
+    assert all(w.isEnabled() for w in result_controls(widget))
+    assert widget.result is first and widget.probabilities.masked == pair
+    assert widget.probabilities.p_pd == pytest.approx(shown[pair].p_pd)
+    widget.roi_checks["nm_sn"].setChecked(True)
+    widget.roi_checks["qsm_dentate"].setChecked(True)
+    assert widget.probabilities.p_pd == pytest.approx(pred.p_pd)
 
     # saving: masks in the source geometry + JSON with probabilities, table and bundle
     written = widget.save(tmp_path / "results")
@@ -297,13 +396,17 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle):
     )
     names = sorted(p.name for p in widget.save(tmp_path / "results2"))
     assert "NM_nnunet.nii.gz" in names and "QSM_nnunet.nii.gz" in names
-    assert (out / "PD_pred.txt").read_text().strip() == str(pred.call)
+    # PD_pred.txt: the engine's writer, byte for byte what `mrn predict` writes for this case
+    cli = write_case_outputs(pred, widget.result.case, tmp_path / "cli")
+    assert (out / "PD_pred.txt").read_bytes() == (cli / "PD_pred.txt").read_bytes()
+    assert (out / "PD_pred.txt").read_text() == str(pred.call)
 
 
 def test_bundle_candidates_env_and_demo_location(tmp_path, monkeypatch, tiny_bundle):
     from napari_mrn._bundles import candidate_bundles, is_bundle
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MRN_CACHE_DIR", str(tmp_path / "cache"))  # no recorded demo bundle
     monkeypatch.delenv("MRN_BUNDLE", raising=False)
     assert candidate_bundles() == [] or all(p != tmp_path for p in candidate_bundles())
     demo = make_tiny_bundle(tmp_path / "mrn_demo" / "bundle", folds=1)
@@ -311,6 +414,51 @@ def test_bundle_candidates_env_and_demo_location(tmp_path, monkeypatch, tiny_bun
     assert candidate_bundles()[0] == demo.resolve()
     monkeypatch.setenv("MRN_BUNDLE", str(tiny_bundle))
     assert candidate_bundles()[:2] == [tiny_bundle.resolve(), demo.resolve()]
+
+
+def test_panel_offers_the_recorded_demo_bundle_first(
+    make_napari_viewer, tmp_path, monkeypatch, tiny_bundle
+):
+    """`mrn demo` records its bundle in $MRN_CACHE_DIR; the panel offers it before the
+    ./mrn_demo and ~/mrn_demo fallbacks, and ignores a record whose folder is gone."""
+    from qtpy.QtCore import QSettings
+
+    from mrn_engine.inference.bundle import demo_record_path, last_demo_bundle, record_demo_bundle
+    from napari_mrn._bundles import candidate_bundles
+    from napari_mrn._widget import MRNDiagnosisWidget
+
+    monkeypatch.setenv("MRN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MRN_BUNDLE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    fallback = make_tiny_bundle(tmp_path / "mrn_demo" / "bundle", folds=1).resolve()
+    viewer = make_napari_viewer()
+
+    def new_panel(name: str) -> MRNDiagnosisWidget:
+        settings = QSettings(str(tmp_path / f"{name}.ini"), QSettings.Format.IniFormat)
+        return MRNDiagnosisWidget(viewer, settings=settings)
+
+    def offered(widget) -> list[str]:
+        return [widget.bundle_combo.itemText(i) for i in range(widget.bundle_combo.count())]
+
+    assert last_demo_bundle() is None  # no record yet: the ./mrn_demo fallback
+    assert new_panel("a").bundle_path() == str(fallback)
+    record = record_demo_bundle(tiny_bundle)
+    assert record == demo_record_path() == tmp_path / "cache" / "last_demo_bundle.json"
+    assert json.loads(record.read_text())["bundle"] == str(tiny_bundle.resolve())
+    assert last_demo_bundle() == tiny_bundle.resolve()
+    panel = new_panel("b")
+    assert panel.bundle_path() == str(tiny_bundle.resolve())  # preselected
+    assert offered(panel) == [str(tiny_bundle.resolve()), str(fallback)]
+    assert panel.folds_spin.maximum() == 2  # the recorded bundle's folds
+    # a stale record (its folder deleted) is ignored
+    gone = make_tiny_bundle(tmp_path / "old" / "bundle", folds=1)
+    record_demo_bundle(gone)
+    shutil.rmtree(gone)
+    assert last_demo_bundle() is None
+    assert offered(new_panel("c")) == [str(fallback)]
+    # so is a damaged one
+    record.write_text("{not json")
+    assert last_demo_bundle() is None and candidate_bundles() == [fallback]
 
 
 def test_affine_helper_matches_reader(tmp_path):

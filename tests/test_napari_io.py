@@ -13,7 +13,7 @@ from mrn_engine.data import load_volume
 from mrn_engine.data.labels import NM_LABELS, QSM_LABELS
 from mrn_engine.errors import InputDataError
 from napari_mrn._display import DisplayMapping
-from napari_mrn._layers import label_colour, roi_boxes_layer
+from napari_mrn._layers import label_colour, roi_boxes_layer, roi_labels_layer
 from napari_mrn._reader import napari_get_reader, read_case_folder
 from napari_mrn._writer import layer_to_volume, write_labels
 
@@ -213,6 +213,75 @@ def test_roi_boxes_one_rectangle_per_slice_enclosing_the_box():
         25 + 0.5
     )
     assert rect[:, 2].min() == pytest.approx(5 - 0.5) and rect[:, 2].max() == pytest.approx(8 + 0.5)
+
+
+def test_roi_labels_readable_in_roi_colour_and_nested_labels_apart():
+    from mrn_engine.rois import CropBox
+    from napari_mrn._layers import ROI_COLOURS
+
+    m = DisplayMapping(challenge_affine(), SHAPE)
+    # like the real ROIs: the NM-SN box nested in the midbrain box, just below its top edge
+    boxes = {
+        "qsm_midbrain": CropBox(x0=5, x1=30, y0=4, y1=30, z0=3, z1=5),
+        "nm_sn": CropBox(x0=8, x1=27, y0=6, y1=27, z0=3, z1=5),
+    }
+    points, kw, kind = roi_labels_layer(boxes, m)
+    assert kind == "points" and points.shape == (4, 3)  # one label per ROI and slice
+    assert list(kw["features"]["title"]) == ["QSM midbrain"] * 2 + ["NM-SN"] * 2
+    text = kw["text"]
+    assert text["size"] >= 12 and text["anchor"] == "upper_left"  # text grows up-right
+    np.testing.assert_allclose(text["color"][0], (*ROI_COLOURS["qsm_midbrain"], 1.0))
+    np.testing.assert_allclose(text["color"][2], (*ROI_COLOURS["nm_sn"], 1.0))
+    rects, _, _ = roi_boxes_layer(boxes, m)
+    (mid_r0, mid_r1), (sn_r0, sn_r1) = (
+        (rects[i][:, 1].min(), rects[i][:, 1].max()) for i in (0, 2)
+    )
+    mid, sn = points[0], points[2]
+    assert mid[1] < mid_r0  # above the midbrain box (outside it)
+    assert mid[2] == pytest.approx(rects[0][:, 2].min())  # at its left edge
+    # NM-SN: inside its own box, at the lower-left corner, far from the midbrain's top edge
+    assert sn_r0 < sn[1] < sn_r1 and sn[1] > (sn_r0 + sn_r1) / 2
+    assert rects[2][:, 2].min() < sn[2] < rects[2][:, 2].max()
+    assert sorted(int(p[0]) for p in points) == [3, 3, 4, 4]
+    assert kw["size"] == 0  # the points themselves are invisible
+
+
+def test_panel_pd_pred_is_byte_identical_to_the_cli_submission(tmp_path):
+    """The panel's *Save results* writes PD_pred.txt through the engine's own writer."""
+    from types import SimpleNamespace
+
+    from mrn_engine.data import Volume
+    from mrn_engine.inference.submission import write_case_outputs, write_pd_pred
+    from napari_mrn._run import as_probabilities, save_results
+
+    ref = Volume(np.zeros(SHAPE, np.float32), challenge_affine())
+    case = SimpleNamespace(nm=ref, qsm=ref, files=None)
+    for call, p in ((1, 0.8), (0, 0.3)):
+        pred = SimpleNamespace(
+            case_id=f"RJPD_00{call}",
+            p_pd_folds=[p, p],
+            p_pd=p,
+            p_pd_std=0.0,
+            call=call,
+            boxes={},
+            nuclei=np.zeros(SHAPE, np.uint8),
+            nm_nuclei=np.zeros(SHAPE, np.uint8),
+        )
+        written = save_results(
+            tmp_path / "panel",
+            prediction=pred,
+            probabilities=as_probabilities(pred),
+            masking_table=[],
+            bundle=None,
+            volumes={},
+        )
+        panel = tmp_path / "panel" / pred.case_id / "PD_pred.txt"
+        assert panel in written
+        cli = write_case_outputs(pred, case, tmp_path / "cli") / "PD_pred.txt"
+        assert panel.read_bytes() == cli.read_bytes() == str(call).encode()
+        assert write_pd_pred(tmp_path / "direct", call).read_bytes() == panel.read_bytes()
+    with pytest.raises(InputDataError, match="must be 0"):
+        write_pd_pred(tmp_path, 2)
 
 
 # ----------------------------------------------------------------------------- run helpers

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: where ``mrn demo`` writes its bundle by default (relative to the working directory, then home)
+from mrn_engine.inference import last_demo_bundle
+
+#: where ``mrn demo`` writes its bundle when run with ``--out mrn_demo`` (relative to the
+#: working directory, then home); the fallbacks after the bundle ``mrn demo`` recorded
 DEMO_BUNDLE_LOCATIONS: tuple[str, ...] = ("./mrn_demo/bundle", "~/mrn_demo/bundle")
 
 
@@ -22,8 +25,11 @@ def bundle_folds(path: str | os.PathLike) -> int:
 
 
 def candidate_bundles(last: str | None = None) -> list[Path]:
-    """Existing bundles to offer, best first: ``$MRN_BUNDLE``, the last used, the demo bundles."""
-    raw = [os.environ.get("MRN_BUNDLE"), last, *DEMO_BUNDLE_LOCATIONS]
+    """Existing bundles to offer, best first: ``$MRN_BUNDLE``, the last used, the bundle the
+    last ``mrn demo`` recorded (``$MRN_CACHE_DIR/last_demo_bundle.json``), then
+    ``./mrn_demo/bundle`` and ``~/mrn_demo/bundle``. Stale entries (folders gone) are skipped."""
+    demo = last_demo_bundle()
+    raw = [os.environ.get("MRN_BUNDLE"), last, demo, *DEMO_BUNDLE_LOCATIONS]
     out: list[Path] = []
     for item in raw:
         if not item:

@@ -112,6 +112,27 @@ def box_corners(box: Any) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+#: font size of the ROI labels (screen points)
+ROI_LABEL_SIZE = 14
+#: ROIs whose label sits inside the box at its lower-left corner. NM-SN's box lies inside the
+#: QSM midbrain box, just below that box's top edge: a label above it would sit on the midbrain
+#: box's edge and label. The other labels sit just above their box's upper-left corner.
+LABEL_INSIDE_LOWER_LEFT: frozenset[str] = frozenset({"nm_sn"})
+
+
+def _display_rect(box: Any, mapping: DisplayMapping) -> tuple[range, float, float, float, float]:
+    """Display slices and the rectangle ``(r0, r1, c0, c1)`` enclosing a box's whole voxels."""
+    lo, hi = box_corners(box)
+    corners = mapping.index_to_display(np.stack([lo, hi]))
+    dlo, dhi = corners.min(axis=0), corners.max(axis=0)
+    slices = range(int(round(dlo[0])), int(round(dhi[0])) + 1)
+    return slices, dlo[1] - 0.5, dhi[1] + 0.5, dlo[2] - 0.5, dhi[2] + 0.5
+
+
+def _title(roi: str) -> str:
+    return ROI_BY_NAME[roi].title if roi in ROI_BY_NAME else roi
+
+
 def roi_boxes_layer(
     boxes: Mapping[str, Any],
     mapping: DisplayMapping,
@@ -121,18 +142,16 @@ def roi_boxes_layer(
     """A Shapes layer tuple with one rectangle per ROI and per axial slice it spans.
 
     Rectangles enclose whole voxels (edges half a voxel outside the extreme voxel centres).
-    ``features`` carries ``roi`` (machine name) and ``title``; the text shows the title.
+    ``features`` carries ``roi`` (machine name) and ``title``; the names are drawn by
+    :func:`roi_labels_layer`.
     """
     shapes, rois, titles, colours = [], [], [], []
     for roi, box in boxes.items():
-        lo, hi = box_corners(box)
-        corners = mapping.index_to_display(np.stack([lo, hi]))
-        dlo, dhi = corners.min(axis=0), corners.max(axis=0)
-        r0, r1, c0, c1 = dlo[1] - 0.5, dhi[1] + 0.5, dlo[2] - 0.5, dhi[2] + 0.5
-        for s in range(int(round(dlo[0])), int(round(dhi[0])) + 1):
+        slices, r0, r1, c0, c1 = _display_rect(box, mapping)
+        for s in slices:
             shapes.append(np.array([[s, r0, c0], [s, r0, c1], [s, r1, c1], [s, r1, c0]]))
             rois.append(roi)
-            titles.append(ROI_BY_NAME[roi].title if roi in ROI_BY_NAME else roi)
+            titles.append(_title(roi))
             colours.append((*ROI_COLOURS.get(roi, (1.0, 1.0, 0.0)), 1.0))
     features = pd.DataFrame({"roi": rois, "title": titles})
     kwargs: dict[str, Any] = {
@@ -144,13 +163,47 @@ def roi_boxes_layer(
         "edge_width": 1.5,
         "axis_labels": AXIS_LABELS,
         "edge_color": np.array(colours).reshape(-1, 4),
-        "text": {
-            "string": "{title}",
-            "anchor": "upper_left",
-            "size": 9,
-            "color": "white",
-            "translation": [0, -2.0, 0],
-        },
         "metadata": {**mapping.to_metadata(), "mrn_kind": "roi_boxes", **(metadata or {})},
     }
     return shapes, kwargs, "shapes"
+
+
+def roi_labels_layer(
+    boxes: Mapping[str, Any],
+    mapping: DisplayMapping,
+    name: str = "MRN ROI labels",
+    metadata: Mapping[str, Any] | None = None,
+) -> LayerDataTuple:
+    """A Points layer tuple of the ROI names: one invisible point per ROI and slice, its text
+    in the ROI's colour (size :data:`ROI_LABEL_SIZE`).
+
+    The text grows up and to the right from its point (anchor ``upper_left``). Points sit one
+    row above the box's upper-left corner, or, for :data:`LABEL_INSIDE_LOWER_LEFT`, one row
+    above the bottom edge inside the box, so that labels of nested boxes do not collide.
+    """
+    points, rois, titles, colours = [], [], [], []
+    for roi, box in boxes.items():
+        slices, r0, r1, c0, _ = _display_rect(box, mapping)
+        row, col = (r1 - 1.0, c0 + 1.0) if roi in LABEL_INSIDE_LOWER_LEFT else (r0 - 1.0, c0)
+        for s in slices:
+            points.append((s, row, col))
+            rois.append(roi)
+            titles.append(_title(roi))
+            colours.append((*ROI_COLOURS.get(roi, (1.0, 1.0, 0.0)), 1.0))
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "scale": mapping.scale,
+        "features": pd.DataFrame({"roi": rois, "title": titles}),
+        "size": 0.0,
+        "face_color": "transparent",
+        "border_width": 0.0,
+        "axis_labels": AXIS_LABELS,
+        "text": {
+            "string": "{title}",
+            "anchor": "upper_left",
+            "size": ROI_LABEL_SIZE,
+            "color": np.array(colours).reshape(-1, 4),
+        },
+        "metadata": {**mapping.to_metadata(), "mrn_kind": "roi_labels", **(metadata or {})},
+    }
+    return np.array(points, dtype=float).reshape(-1, 3), kwargs, "points"

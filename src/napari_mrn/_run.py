@@ -22,6 +22,7 @@ from mrn_engine.config import atomic_write_text
 from mrn_engine.data import Case, Volume, save_volume
 from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import InputDataError, MRNError
+from mrn_engine.inference import write_pd_pred
 from napari_mrn._display import DisplayMapping
 from napari_mrn._writer import layer_to_volume
 
@@ -154,7 +155,9 @@ def prediction_steps(
     """Generator run in a worker thread: yields :class:`Progress`, returns a :class:`RunResult`.
 
     The predictor's own progress callback is pumped through a queue (``predict_case`` runs in
-    a helper thread) so that every report becomes a ``yielded`` signal. Setting ``cancel``
+    a helper thread) so that every report becomes a ``yielded`` signal. The predictor also
+    caches every fold's empty-ROI tokens (``warm_masking``), so that ROI masking afterwards
+    needs no backbone pass on the GUI thread. Setting ``cancel``
     makes the next progress callback raise :class:`RunCancelled`, which ends the run.
     """
     t0 = time.perf_counter()
@@ -173,7 +176,11 @@ def prediction_steps(
 
     def target() -> None:
         try:
-            outcome["prediction"] = predictor.predict_case(case, progress=callback)
+            # warm_masking: each fold's empty-ROI tokens are computed here, in the worker, so
+            # that an ROI toggle in the panel runs only the classification head
+            outcome["prediction"] = predictor.predict_case(
+                case, progress=callback, warm_masking=True
+            )
         except BaseException as e:  # handed to the worker thread below
             outcome["error"] = e
         finally:
@@ -343,7 +350,8 @@ def save_results(
     """Write ``folder/<case_id>/``: masks as NIfTI (``QSM_pred.nii.gz`` ...), ``PD_pred.txt`` and
     ``mrn_result.json`` (probabilities, masking table, bundle identity, config, settings).
 
-    Every file is written atomically; nothing is written over an input file.
+    Every file is written atomically; nothing is written over an input file. ``PD_pred.txt``
+    is written by the engine's own writer (byte-identical to the CLI's submission file).
     """
     case_id = str(getattr(prediction, "case_id", "case"))
     out_dir = Path(folder) / case_id
@@ -360,8 +368,7 @@ def save_results(
         "files": [p.name for p in written],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    pd_txt = out_dir / "PD_pred.txt"
-    atomic_write_text(pd_txt, f"{full.call}\n")
+    pd_txt = write_pd_pred(out_dir, full.call)  # the engine's writer: same bytes as `mrn predict`
     js = out_dir / "mrn_result.json"
     atomic_write_text(js, json.dumps(_jsonable(record), indent=2))
     return [*written, pd_txt, js]

@@ -6,6 +6,10 @@ chart), ROI masking (one checkbox per ROI, masking table) and Save.
 
 The run happens in a ``napari.qt.threading`` generator worker (:func:`_run.prediction_steps`);
 the viewer stays responsive and Cancel stops the run at the predictor's next progress report.
+While a run is in progress the result controls (ROI checkboxes, masking table, Save) are
+disabled: the worker is using the predictor (it swaps fold weights), so nothing else may.
+The run also caches every fold's empty-ROI tokens, so an ROI toggle afterwards runs only the
+classification head.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from mrn_engine.errors import MRNError
 from napari_mrn._bundles import bundle_folds, candidate_bundles
 from napari_mrn._chart import ProbabilityChart
 from napari_mrn._compat import guard_triton
-from napari_mrn._layers import ROI_COLOURS, labels_layer, roi_boxes_layer
+from napari_mrn._layers import ROI_COLOURS, labels_layer, roi_boxes_layer, roi_labels_layer
 from napari_mrn._run import (
     Probabilities,
     Progress,
@@ -69,6 +73,7 @@ SETTINGS_LAST_BUNDLE = "bundle/last"
 NUCLEI_LAYER = "MRN nuclei"
 NM_NUCLEI_LAYER = "MRN NM SN"
 BOXES_LAYER = "MRN ROIs"
+BOX_LABELS_LAYER = "MRN ROI labels"
 
 
 #: warning categories from dependencies that the panel does not show
@@ -191,7 +196,7 @@ class MRNDiagnosisWidget(QWidget):
         self.worker: Any = None
         self._cancel = threading.Event()
         self._predictor: Any = None
-        self._predictor_key: tuple | None = None
+        self._predictor_made_for: tuple | None = None
         self.result: RunResult | None = None
         self.probabilities: Probabilities | None = None
         self._grids: dict[str, Any] = {}
@@ -417,22 +422,33 @@ class MRNDiagnosisWidget(QWidget):
         n = self.folds_spin.value()
         return None if n == 0 else list(range(n))
 
-    def _get_predictor(self) -> Any:
-        """Create (or reuse) the predictor for the current settings; runs in the worker thread."""
-        from mrn_engine.inference import MRNPredictor
-
-        key = (
+    def _predictor_key(self) -> tuple:
+        """The model settings of the panel (read on the GUI thread when Run is pressed)."""
+        return (
             self.bundle_path(),
             self.device(),
             tuple(self._folds() or ()),
             self.tta_check.isChecked(),
         )
-        if self._predictor is None or self._predictor_key != key:
-            self._predictor = MRNPredictor.from_bundle(
-                key[0], device=key[1], folds=self._folds(), tta=key[3]
-            )
-            self._predictor_key = key
-        return self._predictor
+
+    def _predictor_factory(self, key: tuple) -> Any:
+        """A callable for the worker thread: create (or reuse) the predictor for ``key``.
+
+        It touches no widget: the settings were read on the GUI thread by :meth:`run`.
+        """
+
+        def get() -> Any:
+            from mrn_engine.inference import MRNPredictor
+
+            if self._predictor is None or self._predictor_made_for != key:
+                bundle, device, folds, tta = key
+                self._predictor = MRNPredictor.from_bundle(
+                    bundle, device=device, folds=list(folds) or None, tta=tta
+                )
+                self._predictor_made_for = key
+            return self._predictor
+
+        return get
 
     # ------------------------------------------------------------------ running
     def run(self) -> Any:
@@ -466,10 +482,13 @@ class MRNDiagnosisWidget(QWidget):
         }
         worker = thread_worker(
             prediction_steps, start_thread=False, connect=connect, worker_class=GeneratorWorker
-        )(self._get_predictor, case, self._cancel)
+        )(self._predictor_factory(self._predictor_key()), case, self._cancel)
         self.worker = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        # the worker uses (and may replace) the predictor of the shown result: no masking
+        # toggle, table or save until it is done (see _on_finished)
+        self._set_result_enabled(False)
         self.progress.setValue(0)
         self.warnings.clear()
         self.warning_label.setVisible(False)
@@ -516,8 +535,12 @@ class MRNDiagnosisWidget(QWidget):
             self._set_status(f"Run failed: {type(exc).__name__}: {exc}", error=True)
 
     def _on_finished(self) -> None:
+        """The run ended (result, Cancel or error): the result shown, if any, is usable again."""
         self.worker = None
         self.cancel_button.setEnabled(False)
+        self._set_result_enabled(self.result is not None)
+        if self.result is not None:  # show what the (unchanged) checkboxes say
+            self._masking_changed()
         self._validate_inputs()
 
     def _on_returned(self, result: RunResult) -> None:
@@ -530,7 +553,6 @@ class MRNDiagnosisWidget(QWidget):
             box.setChecked(True)
             box.blockSignals(False)
         self._show_probabilities(as_probabilities(pred))
-        self._set_result_enabled(True)
         self._set_status(f"{pred.case_id}: done in {result.seconds:.1f} s.")
 
     # ------------------------------------------------------------------ outputs
@@ -555,9 +577,17 @@ class MRNDiagnosisWidget(QWidget):
             self._put_layer(data, kwargs, "labels")
         boxes = getattr(pred, "boxes", None) or {}
         if boxes:
-            data, kwargs, _ = roi_boxes_layer(boxes, qmap, BOXES_LAYER, {"case_id": pred.case_id})
+            meta = {"case_id": pred.case_id}
+            data, kwargs, _ = roi_boxes_layer(boxes, qmap, BOXES_LAYER, meta)
             kwargs["translate"] = tuple(qsm_layer.translate)
-            self._put_layer(data, kwargs, "shapes")
+            box_layer = self._put_layer(data, kwargs, "shapes")
+            data, kwargs, _ = roi_labels_layer(boxes, qmap, BOX_LABELS_LAYER, meta)
+            kwargs["translate"] = tuple(qsm_layer.translate)
+            label_layer = self._put_layer(data, kwargs, "points")
+            # hiding the boxes hides their names too
+            box_layer.events.visible.connect(
+                lambda _e: setattr(label_layer, "visible", box_layer.visible)
+            )
         self.viewer.layers.selection.active = self.viewer.layers[NUCLEI_LAYER]
 
     def _mask_outputs(self, pred: Any, qmap: Any, nmap: Any) -> list[tuple]:
@@ -602,8 +632,9 @@ class MRNDiagnosisWidget(QWidget):
         return {n for n, box in self.roi_checks.items() if not box.isChecked()}
 
     def _masking_changed(self, *_: Any) -> None:
-        if self.result is None:
-            return
+        """Probabilities with the unticked ROIs masked: the predictor's head on cached tokens."""
+        if self.result is None or self.worker is not None:
+            return  # during a run the worker owns the predictor (the boxes are disabled too)
         masked = self.masked_rois()
         pred = self.result.prediction
         if masked:
@@ -630,7 +661,7 @@ class MRNDiagnosisWidget(QWidget):
 
     def masking_table(self) -> list[dict[str, Any]]:
         """Display rows of the predictor's 16-subset masking table for the last run."""
-        if self.result is None:
+        if self.result is None or self.worker is not None:
             return []
         return masking_rows(self.result.predictor.masking_table(self.result.prediction))
 
@@ -648,6 +679,8 @@ class MRNDiagnosisWidget(QWidget):
         """Save masks (NIfTI, source geometry), ``PD_pred.txt`` and ``mrn_result.json``."""
         if self.result is None or self.probabilities is None:
             raise RuntimeError("nothing to save: run a prediction first")
+        if self.worker is not None:
+            raise RuntimeError("a run is in progress: save when it is done")
         settings = {
             "device": self.device(),
             "folds": self._folds(),

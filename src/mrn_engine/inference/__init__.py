@@ -1,6 +1,13 @@
 """Inference: model bundles, the fold-ensemble + TTA predictor, ROI masking, submission writer."""
 
-from mrn_engine.inference.bundle import ModelBundle, open_bundle, read_oof
+from mrn_engine.inference.bundle import (
+    ModelBundle,
+    demo_record_path,
+    last_demo_bundle,
+    open_bundle,
+    read_oof,
+    record_demo_bundle,
+)
 from mrn_engine.inference.device import resolve_device
 from mrn_engine.inference.predictor import CasePrediction, MRNPredictor, Segmenter
 from mrn_engine.inference.submission import (
@@ -8,6 +15,7 @@ from mrn_engine.inference.submission import (
     iter_predictions,
     predict_cases,
     write_case_outputs,
+    write_pd_pred,
 )
 
 __all__ = [
@@ -15,6 +23,9 @@ __all__ = [
     "MRNPredictor",
     "ModelBundle",
     "Segmenter",
+    "demo_record_path",
+    "last_demo_bundle",
+    "record_demo_bundle",
     "SubmissionResult",
     "iter_predictions",
     "open_bundle",
@@ -22,4 +33,5 @@ __all__ = [
     "read_oof",
     "resolve_device",
     "write_case_outputs",
+    "write_pd_pred",
 ]

@@ -6,6 +6,10 @@ Layout (docs/architecture.md)::
     BUNDLE/bundle.json        folds -> {train, val} case ids, provenance
     BUNDLE/fold_k/model.safetensors, metrics.csv, oof.csv (case_id,label,p_pd)
     BUNDLE/nnunet/            optional nnU-Net NM/QSM models
+
+``mrn demo`` records where its bundle went in ``$MRN_CACHE_DIR/last_demo_bundle.json``
+(default ``~/.cache/mrn``): :func:`record_demo_bundle` / :func:`last_demo_bundle`, read by
+napari-mrn to offer that bundle without asking.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mrn_engine.config import RunConfig
+from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import InputDataError, WeightsError
 
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+#: file name of the demo-bundle record in the engine's cache folder
+DEMO_BUNDLE_RECORD = "last_demo_bundle.json"
 
 
 @dataclass
@@ -140,3 +148,39 @@ def read_oof(bundle: ModelBundle) -> dict[int, list[dict[str, object]]]:
         except ValueError as e:
             raise InputDataError(f"{p}: bad label or probability ({e})") from e
     return out
+
+
+# ----------------------------------------------------------------------------- demo bundle record
+def demo_record_path() -> Path:
+    """``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn/last_demo_bundle.json``)."""
+    from mrn_engine.phantom.atlas import cache_dir
+
+    return cache_dir() / DEMO_BUNDLE_RECORD
+
+
+def record_demo_bundle(bundle: str | os.PathLike) -> Path:
+    """Record ``bundle`` (absolute path) as the last demo bundle; returns the record file.
+
+    Written atomically. Raises ``OSError`` when the cache folder is not writable.
+    """
+    record = {
+        "bundle": str(Path(bundle).expanduser().resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = demo_record_path()
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def last_demo_bundle() -> Path | None:
+    """The bundle recorded by the last ``mrn demo``, or None when there is no usable record.
+
+    A record whose folder was deleted (or no longer holds ``config.json``), an unreadable or
+    malformed record: all None, never an error.
+    """
+    try:
+        record = json.loads(demo_record_path().read_text())
+        path = Path(record["bundle"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if (path / "config.json").is_file() else None

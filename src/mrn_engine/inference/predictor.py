@@ -311,6 +311,7 @@ class MRNPredictor:
         qsm_mask: Any = None,
         progress: ProgressFn | None = None,
         zero_rois: Iterable[str] = (),
+        warm_masking: bool = False,
     ) -> CasePrediction:
         """Predict one case with every fold (and TTA if on).
 
@@ -320,6 +321,9 @@ class MRNPredictor:
         nm_mask, qsm_mask: masks (Volumes) to crop with, overriding the case's mask files.
         progress: ``callback(fraction, message)`` after each step.
         zero_rois: ROI names whose input is replaced by an all-zero volume (masking check).
+        warm_masking: also compute each fold's empty-ROI tokens while that fold is loaded
+            (see :meth:`warm_masking_cache`), so that later :meth:`masked_prediction` /
+            :meth:`masking_table` calls are head passes only (what an interactive viewer wants).
 
         Raises
         ------
@@ -349,6 +353,8 @@ class MRNPredictor:
         for i, k in enumerate(self.folds):
             self._load_fold(k)
             probs, toks, seg = self._forward(images, masks)
+            if warm_masking and toks and self.can_mask:
+                self._empty_tokens(k)  # fold k is loaded: no extra weight swap
             p_folds.append(float(probs.mean()))
             tokens.append(toks)
             if seg is not None:
@@ -399,13 +405,38 @@ class MRNPredictor:
             zeroed=zeroed,
         )
 
+    @property
+    def can_mask(self) -> bool:
+        """Whether the model supports ROI masking from tokens (``classify_tokens`` + ``empty_token``)."""
+        return hasattr(self.model, "classify_tokens") and hasattr(self.model, "empty_token")
+
+    def warm_masking_cache(self, progress: ProgressFn | None = None) -> bool:
+        """Compute every fold's empty-ROI tokens now (one ROI-encoder pass per ROI and fold).
+
+        They are cached, so :meth:`masked_prediction` and :meth:`masking_table` afterwards run
+        only the classification head, never the backbone. ``predict_case(..., warm_masking=True)``
+        does the same while each fold is loaded. Returns False (and does nothing) for models
+        that cannot mask ROIs.
+        """
+        if not self.can_mask:
+            return False
+        for i, k in enumerate(self.folds):
+            self._empty_tokens(k)
+            if progress:
+                progress((i + 1) / len(self.folds), f"ROI masking: fold {k} ready")
+        return True
+
+    def masking_cache_ready(self) -> bool:
+        """True when every fold's empty-ROI tokens are cached (masking needs no backbone pass)."""
+        return all(k in self._empty for k in self.folds)
+
     def _masked_probs(self, pred: CasePrediction, subsets: list[frozenset[str]]) -> np.ndarray:
         """P(PD) per subset and fold, ``(n_subsets, n_folds)``, from the cached tokens only."""
         if not pred.roi_tokens or not pred.roi_tokens[0]:
             raise InputDataError(
                 f"{pred.case_id}: the model gives no ROI tokens; masking needs MRN"
             )
-        if not hasattr(self.model, "classify_tokens") or not hasattr(self.model, "empty_token"):
+        if not self.can_mask:
             raise InputDataError(
                 f"{pred.case_id}: model {type(self.model).__name__} cannot classify ROI tokens"
             )

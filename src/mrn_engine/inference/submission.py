@@ -56,6 +56,19 @@ class SubmissionResult:
         return len(self.rows) - len(self.errors)
 
 
+def write_pd_pred(folder: str | os.PathLike, call: int) -> Path:
+    """Write ``folder/PD_pred.txt``: the call, ``0`` (HC) or ``1`` (PD), no newline (atomic).
+
+    The one writer of this file: the CLI's submission and napari-mrn's *Save results* both use it.
+    """
+    value = int(call)
+    if value not in (0, 1):
+        raise InputDataError(f"{PD_PRED}: the call must be 0 (HC) or 1 (PD), got {call!r}")
+    path = Path(folder) / PD_PRED
+    atomic_write_text(path, str(value))
+    return path
+
+
 def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path:
     """Write one case's ``NM_pred.nii.gz``, ``QSM_pred.nii.gz`` and ``PD_pred.txt``.
 
@@ -76,7 +89,7 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
     try:
         save_volume(case.nm.like(pred.nm_nuclei.astype("uint8"), kind="mask"), tmp / NM_PRED)
         save_volume(case.qsm.like(pred.nuclei.astype("uint8"), kind="mask"), tmp / QSM_PRED)
-        atomic_write_text(tmp / PD_PRED, str(int(pred.call)))
+        write_pd_pred(tmp, pred.call)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{pred.case_id}.", suffix=".old"))

@@ -2,7 +2,9 @@
 
 1. generate a labelled phantom cohort (``DIR/cohort``) and a separate held-out one
    (``DIR/heldout``, other seed; its labels are used only for scoring);
-2. train the ``cpu-tiny`` k-fold ensemble into ``DIR/bundle`` (a bundle napari-mrn opens);
+2. train the ``cpu-tiny`` k-fold ensemble into ``DIR/bundle`` (a bundle napari-mrn opens) and
+   record its path in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so
+   the napari panel offers it wherever ``DIR`` is;
 3. score the fold ensemble on the held-out cases with ``MRNPredictor`` and run the ROI-masking
    analysis (``DIR/bundle/ablation``);
 4. write the HTML report (``DIR/report.html``) and ``DIR/demo_summary.json``.
@@ -48,6 +50,17 @@ def demo_config(size: DemoSize, seed: int = 1, preset: str = "cpu-tiny") -> RunC
             "device": "cpu",
         }
     )
+
+
+def _record_bundle(bundle: Path, log) -> Path | None:
+    """Record the demo bundle for napari-mrn; a cache folder that cannot be written is a note."""
+    from mrn_engine.inference.bundle import record_demo_bundle
+
+    try:
+        return record_demo_bundle(bundle)
+    except OSError as e:
+        log(f"note: could not record the demo bundle for napari-mrn ({e})")
+        return None
 
 
 def run_demo(
@@ -97,6 +110,7 @@ def run_demo(
         out / "cohort", bundle, cfg, cache_dir=out / "roi_cache", resume=True, progress=progress
     )
     times["training"] = time.perf_counter() - t1
+    record = _record_bundle(bundle, log)
 
     log("[3/4] held-out evaluation (fold ensemble) and ROI-masking analysis")
     t2 = time.perf_counter()
@@ -112,6 +126,7 @@ def run_demo(
     summary = {
         "out": str(out),
         "bundle": str(bundle),
+        "bundle_record": str(record) if record is not None else None,
         "report": str(report),
         "cohort": str(out / "cohort"),
         "heldout_cases": str(out / "heldout"),
@@ -133,7 +148,8 @@ def run_demo(
         f"oracle ceiling {summary['oracle']['heldout_empirical']:.3f} on these cases "
         f"({summary['oracle']['population']:.3f} population); chance 0.5\n"
         f"out-of-fold accuracy {oof['accuracy']:.3f} (AUC {oof['auc']:.3f}, n={oof['n']})\n"
-        f"bundle:  {bundle}\nreport:  {report}\nmasking: {bundle / 'ablation'}\n"
+        f"bundle:  {bundle}{' (offered first by napari-mrn)' if record else ''}\n"
+        f"report:  {report}\nmasking: {bundle / 'ablation'}\n"
         f"summary: {out / 'demo_summary.json'}\ntime:    {times['total']:.0f} s"
     )
     return summary
