@@ -45,6 +45,27 @@ def weighted_seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return ((weights * ce).sum(dim=1) / weights.sum(dim=1)).mean()
 
 
+def loss_terms(cfg: ModelConfig, stage: str = "train") -> tuple[str, ...]:
+    """The terms of ``total`` (:func:`compute_losses`) that can carry a gradient for a model.
+
+    ``"cls"`` in stage ``"train"``; ``"seg"`` when the network has a segmentation head (MRN
+    with ``use_dpt``, not ``dinov2_only``; SERes10 has none) and ``lambda_seg != 0``;
+    ``"con"`` with mSupMoCo (``use_moco``) and ``lambda_con != 0``. An empty tuple means the
+    stage has nothing to learn: its ``total`` is identically 0 and an optimiser step only
+    applies weight decay (e.g. the ``"pretrain"`` stage of SERes10 or DINOv2-only without
+    mSupMoCo), so such a stage must be skipped (``train.pretrain_epochs = 0``).
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"unknown training stage {stage!r}; choose one of {STAGES}")
+    terms = ["cls"] if stage == "train" else []
+    has_seg = cfg.arch == "mrn" and cfg.use_dpt and not cfg.dinov2_only
+    if has_seg and cfg.lambda_seg != 0:
+        terms.append("seg")
+    if cfg.use_moco and cfg.lambda_con != 0:
+        terms.append("con")
+    return tuple(terms)
+
+
 def compute_losses(
     output: MRNOutput, batch: Mapping, stage: str = "train", cfg: ModelConfig | None = None
 ) -> dict[str, torch.Tensor]:

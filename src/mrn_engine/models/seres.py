@@ -7,7 +7,9 @@ MONAI has no predefined SE-ResNet-10. ``monai.networks.nets.SENet`` with
 whereas the paper's SERes10 gives 512-d ROI features, which is what *basic* blocks give. So
 the shared backbone is MONAI's ResNet-10 (``ResNet(block="basic", layers=[1, 1, 1, 1])``,
 its ``layer1``-``layer4`` + global average pool) with a MONAI ``ChannelSELayer``
-(squeeze-and-excitation, reduction 16) after each of its four residual blocks.
+(squeeze-and-excitation, reduction 16) in each of its four residual blocks, placed as in the
+canonical SE-ResNet (Hu et al.): on the residual branch, after the block's second BN and
+before the identity/downsample shortcut is added (:class:`SEBasicBlock`).
 
 Each ROI has its own input stem (paper: "separate input stems" for the different input
 channels): the ROI image plus one one-hot channel per nucleus class of its mask (the
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer
 from monai.networks.nets import ResNet
+from monai.networks.nets.resnet import ResNetBlock
 from torch import nn
 
 from mrn_engine.config import ModelConfig, RoiConfig
@@ -47,8 +50,30 @@ def make_stem(in_channels: int, width: int = WIDTHS[0]) -> nn.Sequential:
     )
 
 
+class SEBasicBlock(nn.Module):
+    """A MONAI basic ``ResNetBlock`` with squeeze-and-excitation on its residual branch.
+
+    ``relu(se(bn2(conv2(relu(bn1(conv1(x)))))) + shortcut(x))``: the canonical SE-ResNet
+    placement (the SE recalibrates the residual before the sum), which MONAI's
+    ``ResNetBlock.forward`` cannot express, so its layers are reused with this forward.
+    """
+
+    def __init__(self, block: ResNetBlock, se: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.se = se
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        out = b.bn2(b.conv2(b.act(b.bn1(b.conv1(x)))))
+        out = self.se(out)
+        shortcut = b.downsample(x) if b.downsample is not None else x
+        return b.act(out + shortcut)
+
+
 class SEResNet10Trunk(nn.Module):
-    """MONAI ResNet-10 residual stages with a ChannelSELayer after each block -> (B, widths[-1])."""
+    """MONAI ResNet-10 residual stages, SE in each basic block (:class:`SEBasicBlock`)
+    -> (B, widths[-1])."""
 
     def __init__(self, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
@@ -62,8 +87,8 @@ class SEResNet10Trunk(nn.Module):
         )
         stages = []
         for i, width in enumerate(widths):
-            layer = getattr(resnet, f"layer{i + 1}")
-            stages.append(nn.Sequential(layer, ChannelSELayer(3, width, r=SE_REDUCTION)))
+            (block,) = getattr(resnet, f"layer{i + 1}")  # layers=[1, 1, 1, 1]: one block each
+            stages.append(SEBasicBlock(block, ChannelSELayer(3, width, r=SE_REDUCTION)))
         self.stages = nn.Sequential(*stages)
         self.out_dim = widths[-1]
 
@@ -119,5 +144,8 @@ class SERes10(MultiRoiClassifier):
         return tokens, None
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Everything is trained from scratch: all parameters in the ``head`` group (lr_head)."""
+        """Everything is trained from scratch: all parameters in the ``head`` group (lr_head).
+
+        There is no pretrained backbone for the low ``lr_backbone`` to protect (training/optim.py).
+        """
         return {"backbone": [], "head": [p for p in self.parameters() if p.requires_grad]}

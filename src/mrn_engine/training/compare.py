@@ -9,6 +9,13 @@ Variants (each a change of the base configuration's model section):
 
 The folds depend only on the labels, ``train.folds`` and ``train.cv_seed``, so every variant
 is trained and scored on the same splits.
+
+The pretraining stage optimises segmentation + contrastive losses only (Eq. 12 without ``cls``).
+A variant with neither a segmentation head nor mSupMoCo (``seres10``, ``dinov2-only``) has no
+pretraining objective: its pretraining loss is identically 0, so those epochs would only apply
+weight decay. :func:`variant_config` sets ``train.pretrain_epochs = 0`` for such a variant; the
+saved ``config.json`` of its bundle, ``comparison.csv`` (``pretrain_epochs`` column) and the note
+of ``comparison.md`` record it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError
+from mrn_engine.models.losses import loss_terms
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "mrn": {},
@@ -45,6 +55,8 @@ TITLES = {
 }
 COLUMNS = (
     "variant",
+    "pretrain_epochs",
+    "epochs",
     "oof_accuracy",
     "oof_auc",
     "oof_f1",
@@ -57,10 +69,27 @@ COLUMNS = (
 
 
 def variant_config(base: RunConfig, variant: str) -> RunConfig:
-    """The configuration of one variant."""
+    """The configuration of one variant: ``base`` with the variant's model section.
+
+    A variant whose pretraining stage has no loss term (no segmentation head and no mSupMoCo,
+    see :func:`~mrn_engine.models.losses.loss_terms`) gets ``train.pretrain_epochs = 0``: it is
+    trained for ``train.epochs`` full-loss epochs only.
+    """
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    return base.replace(model=dict(VARIANTS[variant]))
+    cfg = base.replace(model=dict(VARIANTS[variant]))
+    if cfg.train.pretrain_epochs and not loss_terms(cfg.model, "pretrain"):
+        cfg = cfg.replace(train={"pretrain_epochs": 0})
+    return cfg
+
+
+def skipped_pretraining(base: RunConfig, variants: Sequence[str]) -> list[str]:
+    """The variants whose pretraining stage :func:`variant_config` skips."""
+    return [
+        v
+        for v in variants
+        if base.train.pretrain_epochs and variant_config(base, v).train.pretrain_epochs == 0
+    ]
 
 
 def _pct(v: Any) -> str:
@@ -108,12 +137,19 @@ def compare_variants(
     rows: list[dict[str, Any]] = []
     for v, cfg in cfgs.items():
         bundle = out / v
+        if progress and v in skipped_pretraining(base, [v]):
+            tqdm.write(
+                f"{v}: no pretraining objective (no segmentation head, no mSupMoCo): "
+                f"pretraining stage skipped (train.pretrain_epochs = 0, {cfg.train.epochs} epochs)"
+            )
         train_bundle(
             cases_root, bundle, cfg, cache_dir=out / "roi_cache", resume=resume, progress=progress
         )
         oof = oof_metrics(bundle)
         row: dict[str, Any] = {
             "variant": v,
+            "pretrain_epochs": cfg.train.pretrain_epochs,
+            "epochs": cfg.train.epochs,
             "oof_accuracy": oof["accuracy"],
             "oof_auc": oof["auc"],
             "oof_f1": oof["f1"],
@@ -152,4 +188,12 @@ def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig)
             {"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}
         )
     )
+    skipped = skipped_pretraining(base, [r["variant"] for r in rows if r["variant"] in VARIANTS])
+    if skipped:
+        note += (
+            "\n\nNo pretraining objective (no segmentation head, no mSupMoCo), pretraining "
+            f"stage skipped (0+{t.epochs} epochs): "
+            + ", ".join(TITLES.get(v, v) for v in skipped)
+            + "."
+        )
     atomic_write_text(out / "comparison.md", comparison_markdown(rows, note))

@@ -4,15 +4,17 @@
 ids, cohort root, weights provenance, sha256 of each fold's weights, created time, code
 version) and ``fold_k/`` per fold (``model.safetensors``, ``config.json``, ``metrics.csv``,
 ``oof.csv``, ``optimizer.pt``, ``checkpoints/``). Each fold can be trained alone (``folds=[k]``)
-so folds can run in parallel processes on one bundle.
+so folds can run in parallel processes on one bundle: every read-modify-write of
+``bundle.json`` holds an exclusive lock on ``BUNDLE/.bundle.lock`` (:func:`bundle_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,13 +25,43 @@ from tqdm.auto import tqdm
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, file_sha256, find_labels
 from mrn_engine.errors import ConfigError, InputDataError
+from mrn_engine.models.losses import loss_terms
 from mrn_engine.rois import RoiCache
 from mrn_engine.training.augment import RoiAugmenter
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
 from mrn_engine.training.trainer import FoldResult, epoch_seed, seed_everything, train_fold
 
+try:  # POSIX advisory file locks; absent on Windows
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 BUNDLE_FORMAT = 1
+#: lock file beside ``bundle.json`` (parallel ``--fold`` processes)
+LOCK_NAME = ".bundle.lock"
+
+
+@contextlib.contextmanager
+def bundle_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on ``out/.bundle.lock`` (``fcntl.flock``).
+
+    Parallel ``mrn train --fold k`` processes on one bundle read, modify and rewrite
+    ``bundle.json``; the lock makes each read-modify-write atomic with respect to the others
+    (the write itself stays an atomic replace). Where ``fcntl`` is missing (Windows) there is
+    no lock: folds then have to be trained in one process or one after another.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(out / LOCK_NAME, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass
@@ -124,6 +156,13 @@ def prepare_bundle(
     folds = make_folds(cohort.labels, cfg.train.folds, cfg.train.cv_seed)
     warn_split_duplicates(folds, cohort.duplicates)
     info = _bundle_info(cohort, folds, cfg, provenance)
+    with bundle_lock(out):  # check-or-create, atomic with respect to parallel folds
+        return _check_or_create_bundle(out, info, cfg, folds)
+
+
+def _check_or_create_bundle(
+    out: Path, info: dict, cfg: RunConfig, folds: list[Fold]
+) -> tuple[Path, list[Fold]]:
     if (out / "bundle.json").is_file():
         old = json.loads((out / "bundle.json").read_text())
         old_cfg = (
@@ -148,15 +187,20 @@ def _json(x: Any) -> Any:
 
 
 def update_bundle_weights(out: str | os.PathLike) -> dict:
-    """Record the sha256 of every fold's ``model.safetensors`` in ``bundle.json``."""
+    """Record the sha256 of every fold's ``model.safetensors`` in ``bundle.json``.
+
+    Read, update and atomic rewrite happen under :func:`bundle_lock`, so a fold finished by a
+    parallel process is never dropped by a concurrent update.
+    """
     out = Path(out)
-    info = json.loads((out / "bundle.json").read_text())
-    info["weights"] = {
-        d.name: file_sha256(d / "model.safetensors")
-        for d in sorted(out.glob("fold_*"))
-        if (d / "model.safetensors").is_file()
-    }
-    atomic_write_text(out / "bundle.json", json.dumps(info, indent=2))
+    with bundle_lock(out):
+        info = json.loads((out / "bundle.json").read_text())
+        info["weights"] = {
+            d.name: file_sha256(d / "model.safetensors")
+            for d in sorted(out.glob("fold_*"))
+            if (d / "model.safetensors").is_file()
+        }
+        atomic_write_text(out / "bundle.json", json.dumps(info, indent=2))
     return info
 
 
@@ -166,6 +210,21 @@ def cache_rois(
     """Fill the ROI cache for all labelled cases (once, before the folds)."""
     for cid in tqdm(sorted(cohort.files), desc="ROI crops", unit="case", disable=not progress):
         cache.get_or_compute(cohort.files[cid], cfg.roi)
+
+
+def check_stages(cfg: RunConfig) -> None:
+    """``ConfigError`` if a scheduled training stage has no loss term (nothing to learn).
+
+    The pretraining stage optimises segmentation + contrastive losses only; a model with no
+    segmentation head and no mSupMoCo (SERes10, DINOv2-only) has an identically zero
+    pretraining loss, and ``train.pretrain_epochs`` of it would only apply weight decay.
+    """
+    if cfg.train.pretrain_epochs > 0 and not loss_terms(cfg.model, "pretrain"):
+        raise ConfigError(
+            f"train.pretrain_epochs={cfg.train.pretrain_epochs} but this model has no pretraining "
+            "objective (no segmentation head and no mSupMoCo: its pretraining loss is 0); set "
+            "train.pretrain_epochs=0 (CLI: --pretrain-epochs 0), as mrn compare does for it"
+        )
 
 
 def train_bundle(
@@ -196,6 +255,7 @@ def train_bundle(
     bad = [k for k in wanted if not 0 <= k < cfg.train.folds]
     if bad:
         raise ConfigError(f"fold {bad[0]}: folds are numbered 0..{cfg.train.folds - 1}")
+    check_stages(cfg)
     seed_everything(epoch_seed(cfg.train.seed, 0, 0))
     provenance = dict(getattr(MRNObjective(cfg).student, "weights_provenance", {}))
     out, all_folds = prepare_bundle(out, cohort, cfg, provenance)

@@ -1,10 +1,20 @@
 """AdamW with the paper's parameter groups (4.1.2).
 
-* DINOv2 backbone, FFA, SFA (and the SERes10 backbone/stems): ``lr_backbone``, ``wd_backbone``.
-* DPT, classification head, contrastive projection head: ``lr_head``, ``wd_head``.
+* MRN: DINOv2 backbone, slice position embedding, FFA, SFA: ``lr_backbone``, ``wd_backbone``.
+* MRN: DPT, classification head, contrastive projection head: ``lr_head``, ``wd_head``.
+* SERes10 (paper 4.2 baseline): *every* parameter (stems, SE-ResNet-10 trunk, head, projection
+  head) is in the head group (``lr_head``, ``wd_head``; ``SERes10.lr_groups``). It has no
+  pretrained backbone: the paper's low backbone rate exists to fine-tune pretrained DINOv2
+  weights gently, and a CNN trained from scratch at it would barely move, so the whole network
+  is trained at the head rate (our choice; the paper gives no SERes10 learning rates).
 
-Biases, normalisation weights and learned embeddings/tokens (1-D tensors, ``*_token``,
-``pos_embed``) get no weight decay (the usual ViT practice; not stated by the paper).
+The split comes from the model's ``lr_groups()`` (``MRNObjective`` -> mSupMoCo wrapper -> MRN /
+SERes10); parameter names are only the fallback for modules without it.
+
+Biases, normalisation weights and learned embeddings/tokens (1-D tensors, ``*_token`` such as
+DINOv2's ``cls_token``/``reg_token`` and SFA's ``roi_token``, ``pos_embed`` and MRN's slice
+position embedding ``slice_pos``) get no weight decay (the usual ViT practice; not stated by
+the paper).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from mrn_engine.config import TrainConfig
 #: module names (any component of a parameter's dotted name) trained at the backbone rate
 BACKBONE_MODULES = frozenset({"backbone", "ffa", "sfa", "stems", "stem", "encoder"})
 #: name fragments of parameters that never get weight decay
-NO_DECAY_FRAGMENTS = ("pos_embed", "cls_token", "reg_token", "mask_token", "embedding")
+NO_DECAY_FRAGMENTS = ("pos_embed", "slice_pos", "embedding")
 
 
 def is_backbone_param(name: str, backbone_modules: Iterable[str] = BACKBONE_MODULES) -> bool:
@@ -29,8 +39,13 @@ def is_backbone_param(name: str, backbone_modules: Iterable[str] = BACKBONE_MODU
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norm scales and embeddings: excluded from weight decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(f in name for f in NO_DECAY_FRAGMENTS)
+    """Biases, norm scales, learned tokens (``*_token``) and embeddings: no weight decay."""
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or name.rsplit(".", 1)[-1].endswith("_token")
+        or any(f in name for f in NO_DECAY_FRAGMENTS)
+    )
 
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mrn_engine.config import RunConfig, atomic_write_text
+from mrn_engine.config import ModelConfig, RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.models.losses import loss_terms
 from mrn_engine.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -210,6 +211,17 @@ def train_fold(
     """
     out_dir = Path(out_dir)
     tc = cfg.train
+    # a stage whose loss has no term (e.g. SERes10's pretraining) would only apply weight decay
+    model_cfg = getattr(getattr(objective, "cfg", None), "model", None)
+    if (
+        tc.pretrain_epochs > 0
+        and isinstance(model_cfg, ModelConfig)
+        and not loss_terms(model_cfg, "pretrain")
+    ):
+        raise ConfigError(
+            f"train.pretrain_epochs={tc.pretrain_epochs} but the model has no pretraining "
+            "objective (no segmentation head and no mSupMoCo); set train.pretrain_epochs=0"
+        )
     ckpt_dir = out_dir / "checkpoints"
     device = resolve_device(tc.device)
     objective.to(device)
