@@ -5,8 +5,9 @@ Run (needs a display; on a server wrap it in ``xvfb-run -a -s "-screen 0 1920x12
     python -m napari_mrn.screenshots --bundle mrn_demo/bundle --out docs/img
 
 Writes ``napari_sample.png`` (the sample case as opened), ``napari_run.png`` (after Run),
-``napari_masked.png`` (NM-SN unticked) and ``napari_masking_table.png`` (the 16-subset
-table), and prints what was shown (bundle, case, device, probabilities, run time) as JSON.
+``napari_masked.png`` (NM-SN unticked), ``napari_dentate.png`` (the dentate box's slice) and
+``napari_masking_table.png`` (the 16-subset table), and prints what was shown (bundle, case,
+device, probabilities, run time) as JSON.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ def make_screenshots(
     widget.roi_checks["nm_sn"].setChecked(False)
     shot("napari_masked.png")
     masked = widget.probabilities.to_dict()
+    widget.roi_checks["nm_sn"].setChecked(True)
+    _show_roi_slice(viewer, widget, "qsm_dentate")  # the posterior fossa: the dentate box
+    shot("napari_dentate.png")
     dialog = widget.show_masking_table()
     _settle(app, 0.6)
     table_path = out / "napari_masking_table.png"
