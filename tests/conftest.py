@@ -20,3 +20,14 @@ def phantom_root(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom_cohort")
     generate_cohort(out, n=TEST_COHORT_SIZE, seed=123, workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two shared cores: one torch thread is far faster than two oversubscribed ones."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -63,6 +63,16 @@ def test_bench_model_figures():
     assert "| forward_s |" in format_result(result)
 
 
+def run_bench_cli(cfg_path, out, *extra: str):
+    """``mrn bench model`` on one config, one repeat, no training step; (result, JSON)."""
+    from mrn_engine.cli import cli
+
+    args = ["bench", "model", "--config", str(cfg_path), *extra, "--repeats", "1", "--no-train"]
+    res = CliRunner().invoke(cli, [*args, "--threads", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    return res, json.loads(out.read_text())
+
+
 def test_bench_cli_registered(tmp_path):
     from mrn_engine.cli import cli
 
@@ -76,56 +86,16 @@ def test_bench_cli_registered(tmp_path):
         },
         model={"arch": "seres10"},
     )
-    cfg_path = cfg.save(tmp_path / "config.json")
-    out = tmp_path / "bench.json"
-    res = runner.invoke(
-        cli,
-        [
-            "bench",
-            "model",
-            "--config",
-            str(cfg_path),
-            "--repeats",
-            "1",
-            "--no-train",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    data = json.loads(out.read_text())
+    res, data = run_bench_cli(cfg.save(tmp_path / "config.json"), tmp_path / "bench.json")
     assert data["arch"] == "seres10" and "train_step_s" not in data and data["forward_s"] > 0
     assert data["forward_GFLOP"] > 0 and "dinov2_GFLOP" not in data
 
 
 def test_bench_cli_mrn_prints_both_ratios(tmp_path):
     """``mrn bench model`` for MRN prints (and writes) both ratios, finite and positive."""
-    from mrn_engine.cli import cli
 
     cfg_path = get_preset("cpu-tiny").replace(roi=TINY_ROI).save(tmp_path / "config.json")
-    out = tmp_path / "bench.json"
-    res = CliRunner().invoke(
-        cli,
-        [
-            "bench",
-            "model",
-            "--config",
-            str(cfg_path),
-            "--arch",
-            "mrn",
-            "--repeats",
-            "1",
-            "--no-train",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    data = json.loads(out.read_text())
+    res, data = run_bench_cli(cfg_path, tmp_path / "bench.json", "--arch", "mrn")
     assert data["arch"] == "mrn" and "train_step_s" not in data
     for key, (num, den) in RATIOS.items():
         assert math.isfinite(data[key]) and data[key] > 0, key

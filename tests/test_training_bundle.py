@@ -18,14 +18,7 @@ from mrn_engine.training.compare import comparison_markdown, variant_config
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.training.evaluate import oof_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one torch thread is far faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**train) -> RunConfig:

@@ -34,14 +34,7 @@ from mrn_engine.training.objective import MRNObjective
 from mrn_engine.training.optim import build_optimizer
 from mrn_engine.training.trainer import train_fold
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one torch thread is far faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL_SLICES = {"nm_sn": 2, "qsm_bg": 3, "qsm_midbrain": 2, "qsm_dentate": 2}
