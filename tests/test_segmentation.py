@@ -388,3 +388,20 @@ def test_splits_follow_the_exported_cases(tmp_path):
     assert not (tmp_path / "splits_final.json").exists()  # nnU-Net makes its 5-fold split
     with pytest.raises(InputDataError, match="at least 2"):
         _write_splits(tmp_path, ["a"], seed=1)
+
+
+def test_seed_everything_repeats_the_training_rngs():
+    """nnU-Net draws its sampling and augmentation from python/numpy/torch's global RNGs."""
+    import random
+
+    import torch
+
+    from mrn_engine.segmentation.train import seed_everything
+
+    def draws(seed, fold):
+        seed_everything(seed, fold)
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    assert draws(12345, 0) == draws(12345, 0)
+    assert draws(12345, 0) != draws(12345, 1) != draws(12345, "all")
+    assert draws(12345, 0) != draws(7, 0)

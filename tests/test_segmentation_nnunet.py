@@ -252,58 +252,63 @@ def test_real_nnunet_inference_keeps_alignment(seg_bundle):
     assert not (mask.array == 1).any()
 
 
-def _easy_case(folder: Path, seed: int, shape=(64, 64, 16)) -> None:
-    """A small case whose nuclei are bright, well separated ellipsoids (each label its own
-    intensity), so a tiny nnU-Net can learn them in a few hundred CPU iterations."""
+#: the easy cases' QSM nuclei: (right label, QSM value), rows from anterior to posterior
+EASY_QSM = ((1, 60.0), (11, 140.0), (15, 105.0))  # caudate, SN, dentate
+
+
+def _easy_case(folder: Path, seed: int, shape=(32, 48, 12)) -> None:
+    """A small case laid out like the anatomy: caudate, SN and dentate pairs from anterior to
+    posterior, right nuclei at low X (LAS grid, as the challenge), bright on a noisy background;
+    the NM SN on the QSM SN (the other 10 QSM labels are absent)."""
     rng = np.random.default_rng(seed)
     affine = np.diag([-1.0, 1.0, 2.0, 1.0])
     x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     qsm_mask = np.zeros(shape, np.uint8)
-    nm_mask = np.zeros(shape, np.uint8)
-    for k in range(16):
-        cx, cy = 8 + 16 * (k % 4) + rng.integers(-2, 3), 8 + 16 * (k // 4) + rng.integers(-2, 3)
-        cz = 8 + rng.integers(-2, 3)
-        qsm_mask[((x - cx) ** 2 + (y - cy) ** 2) / 16 + (z - cz) ** 2 / 4 <= 1] = k + 1
-    for k, cx in enumerate((20, 44)):
-        cx, cy, cz = cx + rng.integers(-2, 3), 32 + rng.integers(-2, 3), 8 + rng.integers(-2, 3)
-        nm_mask[((x - cx) ** 2 + (y - cy) ** 2) / 25 + (z - cz) ** 2 / 4 <= 1] = k + 1
-    qsm = qsm_mask * 15.0 + rng.normal(0, 3, shape)
-    nm = nm_mask * 400.0 + 200 + rng.normal(0, 20, shape)
+    qsm = np.zeros(shape)
+    for row, (label, value) in enumerate(EASY_QSM):
+        for side, cx in enumerate((9, 23)):  # side 0 = right (odd label), 1 = left
+            cx, cy = cx + rng.integers(-2, 3), 40 - 16 * row + rng.integers(-1, 2)
+            cz = 6 + rng.integers(-1, 2)
+            blob = ((x - cx) ** 2 + (y - cy) ** 2) / 20 + (z - cz) ** 2 / 4 <= 1
+            qsm_mask[blob], qsm[blob] = label + side, value
+    nm_mask = np.where(qsm_mask == 11, 1, 0) + np.where(qsm_mask == 12, 2, 0)
+    qsm += rng.normal(0, 5, shape)
+    nm = (nm_mask > 0) * 400.0 + 200 + rng.normal(0, 20, shape)
     folder.mkdir(parents=True)
     for name, arr in (("NM", nm), ("QSM", qsm), ("NM_mask", nm_mask), ("QSM_mask", qsm_mask)):
         dtype = np.uint8 if "mask" in name else np.float32
         nib.save(nib.Nifti1Image(arr.astype(dtype), affine), folder / f"{name}.nii.gz")
 
 
-def test_tiny_nm_model_learns_to_segment_unseen_cases(tmp_path):
-    """400 CPU iterations of the tiny NM model on 4 easy cases: SN right/left found on unseen
-    cases (Dice > 0.8 per label). The phantoms' real-sized SN needs far longer training
-    (docs/segmentation.md)."""
-    for i in range(6):
-        _easy_case(tmp_path / ("train" if i < 4 else "unseen") / f"RJPD_{i:03d}", seed=i)
+def _train(cases: Path, ws: Path, bundle: Path, modality: str, epochs: int) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cfg = SegTrainConfig(
-            tiny=True,
-            epochs=40,
-            iters_per_epoch=10,
-            val_iters_per_epoch=1,
-            device="cpu",
+            tiny=True, epochs=epochs, iters_per_epoch=20, val_iters_per_epoch=1, device="cpu",
             folds=(0,),
-        )
-        train_segmentation(
-            tmp_path / "train", tmp_path / "ws", modality="nm", cfg=cfg,
-            bundle=tmp_path / "bundle", progress=False,
         )  # fmt: skip
+        train_segmentation(cases, ws, modality=modality, cfg=cfg, bundle=bundle, progress=False)
     finally:
         torch.set_num_threads(threads)
-    nm_model = tmp_path / "bundle" / "nnunet" / "NM"
-    seg = NNUNetSegmenter({"NM": nm_model}, device="cpu", use_mirroring=False)
+
+
+def test_tiny_nm_model_learns_to_segment_unseen_cases(tmp_path):
+    """400 CPU iterations of the tiny NM model (seeded, so the run repeats itself) on 4 easy
+    cases: SN right and left found on 2 unseen cases (Dice > 0.8 per label, measured 0.99),
+    no other label. The 17-class QSM model does not learn reliably in a CI-sized CPU schedule
+    (1500-3000 iterations on the same cases: from Dice 0.99 on 4 of 6 labels to under 0.5 on
+    2 of 6, depending on the run; docs/segmentation.md), so it is not asserted here."""
+    for i in range(6):
+        _easy_case(tmp_path / ("train" if i < 4 else "unseen") / f"RJPD_{i:03d}", seed=i)
+    bundle = tmp_path / "bundle"
+    _train(tmp_path / "train", tmp_path / "ws", bundle, "nm", epochs=20)
+    seg = NNUNetSegmenter({"NM": bundle / "nnunet" / "NM"}, device="cpu", use_mirroring=False)
     for folder in sorted((tmp_path / "unseen").iterdir()):
         case = load_case(folder)
         pred = seg.predict_volume(case.nm, "NM")
         assert pred.shape == case.nm.shape
         np.testing.assert_allclose(pred.affine, case.nm.affine)
+        assert set(np.unique(pred.array).tolist()) <= {0, 1, 2}
         for label in (1, 2):
             assert dice(pred.array == label, case.nm_mask.array == label) > 0.8, (folder, label)

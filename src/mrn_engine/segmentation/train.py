@@ -55,7 +55,7 @@ class SegTrainConfig:
     max_patch: tuple[int, int, int] = (16, 64, 64)  #: tiny: patch cap, nnU-Net order (Z, Y, X)
     num_processes: int = 0  #: nnU-Net worker processes; 0 = in this process (threads)
     threads: int | None = None  #: torch CPU threads during training (None = unchanged)
-    seed: int = 12345
+    seed: int = 12345  #: cross-validation split and training RNGs (python, numpy, torch)
     specs: dict[str, DatasetSpec] = field(default_factory=default_specs)
 
 
@@ -202,6 +202,25 @@ def _quiet(enabled: bool) -> Iterator[None]:
         yield
 
 
+def seed_everything(seed: int, fold: int | str) -> None:
+    """Seed python, numpy and torch for one fold's training.
+
+    nnU-Net does not seed: its sampling and augmentation draw from these global RNGs (in this
+    process when ``num_processes`` is 0), so a CPU run with the same seed, data and thread count
+    repeats itself. With augmentation workers or on a GPU it is only statistically repeatable.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    fold_offset = 0 if fold == "all" else int(fold) + 1
+    value = (int(seed) * 1000 + fold_offset) % (2**32)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
 def train_fold(
     spec: DatasetSpec, cfg: SegTrainConfig, fold: int | str, progress: bool = True
 ) -> Path:
@@ -220,6 +239,7 @@ def train_fold(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        seed_everything(cfg.seed, fold)
         with _quiet(not progress):
             trainer = nnUNetTrainerMRN(
                 plans=plans,
