@@ -359,7 +359,7 @@ def train_fold(
     )
     if finished:
         oof = (
-            predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device)
+            predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp)
             if val_ds is not None and len(val_ds)
             else []
         )
