@@ -25,12 +25,17 @@ from tqdm.auto import tqdm
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, file_sha256, find_labels
 from mrn_engine.errors import ConfigError, InputDataError
-from mrn_engine.models.losses import loss_terms
 from mrn_engine.rois import RoiCache
 from mrn_engine.training.augment import RoiAugmenter
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
-from mrn_engine.training.trainer import FoldResult, epoch_seed, seed_everything, train_fold
+from mrn_engine.training.trainer import (
+    FoldResult,
+    check_stages,
+    epoch_seed,
+    seed_everything,
+    train_fold,
+)
 
 try:  # POSIX advisory file locks; absent on Windows
     import fcntl
@@ -210,21 +215,6 @@ def cache_rois(
     """Fill the ROI cache for all labelled cases (once, before the folds)."""
     for cid in tqdm(sorted(cohort.files), desc="ROI crops", unit="case", disable=not progress):
         cache.get_or_compute(cohort.files[cid], cfg.roi)
-
-
-def check_stages(cfg: RunConfig) -> None:
-    """``ConfigError`` if a scheduled training stage has no loss term (nothing to learn).
-
-    The pretraining stage optimises segmentation + contrastive losses only; a model with no
-    segmentation head and no mSupMoCo (SERes10, DINOv2-only) has an identically zero
-    pretraining loss, and ``train.pretrain_epochs`` of it would only apply weight decay.
-    """
-    if cfg.train.pretrain_epochs > 0 and not loss_terms(cfg.model, "pretrain"):
-        raise ConfigError(
-            f"train.pretrain_epochs={cfg.train.pretrain_epochs} but this model has no pretraining "
-            "objective (no segmentation head and no mSupMoCo: its pretraining loss is 0); set "
-            "train.pretrain_epochs=0 (CLI: --pretrain-epochs 0), as mrn compare does for it"
-        )
 
 
 def train_bundle(

@@ -186,6 +186,23 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: cfg.get(k) for k in ("roi", "model")}))
 
 
+def check_stages(cfg: RunConfig, model_cfg: ModelConfig | None = None) -> None:
+    """``ConfigError`` if a scheduled training stage has no loss term (nothing to learn).
+
+    The pretraining stage optimises segmentation + contrastive losses only; a model with no
+    segmentation head and no mSupMoCo (SERes10, DINOv2-only) has an identically zero
+    pretraining loss, and ``train.pretrain_epochs`` of it would only apply weight decay.
+    ``model_cfg`` defaults to ``cfg.model``.
+    """
+    model_cfg = model_cfg or cfg.model
+    if cfg.train.pretrain_epochs > 0 and not loss_terms(model_cfg, "pretrain"):
+        raise ConfigError(
+            f"train.pretrain_epochs={cfg.train.pretrain_epochs} but this model has no pretraining "
+            "objective (no segmentation head and no mSupMoCo: its pretraining loss is 0); set "
+            "train.pretrain_epochs=0 (CLI: --pretrain-epochs 0), as mrn compare does for it"
+        )
+
+
 def train_fold(
     objective: nn.Module,
     train_ds: RoiStackDataset,
@@ -211,17 +228,9 @@ def train_fold(
     """
     out_dir = Path(out_dir)
     tc = cfg.train
-    # a stage whose loss has no term (e.g. SERes10's pretraining) would only apply weight decay
     model_cfg = getattr(getattr(objective, "cfg", None), "model", None)
-    if (
-        tc.pretrain_epochs > 0
-        and isinstance(model_cfg, ModelConfig)
-        and not loss_terms(model_cfg, "pretrain")
-    ):
-        raise ConfigError(
-            f"train.pretrain_epochs={tc.pretrain_epochs} but the model has no pretraining "
-            "objective (no segmentation head and no mSupMoCo); set train.pretrain_epochs=0"
-        )
+    if isinstance(model_cfg, ModelConfig):  # the objective's own model (stand-ins have none)
+        check_stages(cfg, model_cfg)
     ckpt_dir = out_dir / "checkpoints"
     device = resolve_device(tc.device)
     objective.to(device)
