@@ -83,15 +83,6 @@ def variant_config(base: RunConfig, variant: str) -> RunConfig:
     return cfg
 
 
-def skipped_pretraining(base: RunConfig, variants: Sequence[str]) -> list[str]:
-    """The variants whose pretraining stage :func:`variant_config` skips."""
-    return [
-        v
-        for v in variants
-        if base.train.pretrain_epochs and variant_config(base, v).train.pretrain_epochs == 0
-    ]
-
-
 def _pct(v: Any) -> str:
     try:
         f = float(v)
@@ -137,7 +128,7 @@ def compare_variants(
     rows: list[dict[str, Any]] = []
     for v, cfg in cfgs.items():
         bundle = out / v
-        if progress and v in skipped_pretraining(base, [v]):
+        if progress and base.train.pretrain_epochs and not cfg.train.pretrain_epochs:
             tqdm.write(
                 f"{v}: no pretraining objective (no segmentation head, no mSupMoCo): "
                 f"pretraining stage skipped (train.pretrain_epochs = 0, {cfg.train.epochs} epochs)"
@@ -188,7 +179,7 @@ def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig)
             {"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}
         )
     )
-    skipped = skipped_pretraining(base, [r["variant"] for r in rows if r["variant"] in VARIANTS])
+    skipped = [r["variant"] for r in rows if t.pretrain_epochs and r["pretrain_epochs"] == 0]
     if skipped:
         note += (
             "\n\nNo pretraining objective (no segmentation head, no mSupMoCo), pretraining "
