@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mrn_engine.data.labels import ROI_NAMES
+from napari_engine_adapter import new_engine_api  # noqa: F401  (temporary, see its docstring)
 from napari_mrn._compat import guard_triton
 from test_napari_io import challenge_affine, write_case
 
@@ -75,7 +76,9 @@ def wait_done(qtbot, widget) -> None:
 
 def result_controls(widget) -> list:
     """The widgets that use the shown result's predictor: ROI checkboxes, table, Save."""
-    return [*widget.roi_checks.values(), widget.table_button, widget.save_button]
+    controls = widget.results.controls()
+    assert len(controls) == len(ROI_NAMES) + 2
+    return controls
 
 
 def count_encoder_calls(monkeypatch, predictor) -> dict[str, int]:
@@ -142,7 +145,7 @@ def test_sample_data_pd_and_hc(make_napari_viewer):
 
     panels = [w for w in viewer.window.dock_widgets.values() if isinstance(w, MRNDiagnosisWidget)]
     assert len(panels) == 1
-    assert panels[0].nm_combo.currentText() in ("NM", "NM [1]")
+    assert panels[0].inputs.nm_combo.currentText() in ("NM", "NM [1]")
 
 
 # ----------------------------------------------------------------------------- the panel
@@ -153,22 +156,22 @@ def test_mismatched_grids_are_a_message_not_a_traceback(panel, tmp_path, tiny_bu
     other = write_case(tmp_path / "other", "RJPD_901", shape=(40, 36, 10))
     viewer.open(str(other / "QSM.nii.gz"), plugin="napari-mrn")  # layer "QSM [1]": 10 slices
     widget.set_bundle(tiny_bundle)
-    widget.qsm_combo.set_layer(viewer.layers[-1])
-    msg = widget.input_message.text()
+    widget.inputs.qsm_combo.set_layer(viewer.layers[-1])
+    msg = widget.inputs.message.text()
     assert "not on the grid of layer" in msg and "40x36x10" in msg and "40x36x12" in msg
     assert not widget.run_button.isEnabled()
     assert widget.run() is None
     assert "not on the grid" in widget.status.text()
     # choosing the matching QSM again clears the message
-    widget.qsm_combo.set_layer(viewer.layers["QSM"])
-    assert widget.input_message.text() == "" and widget.run_button.isEnabled()
+    widget.inputs.qsm_combo.set_layer(viewer.layers["QSM"])
+    assert widget.inputs.message.text() == "" and widget.run_button.isEnabled()
 
 
 def test_cancel_stops_the_run_inside_the_predictor(panel, qtbot, tmp_path, tiny_bundle):
     viewer, widget = panel
     viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
     widget.set_bundle(tiny_bundle)
-    widget.device_combo.setCurrentText("cpu")
+    widget.model.device_combo.setCurrentText("cpu")
     worker = widget.run()
     assert worker is not None, widget.status.text()
     assert widget.cancel_button.isEnabled() and not widget.run_button.isEnabled()
@@ -179,13 +182,13 @@ def test_cancel_stops_the_run_inside_the_predictor(panel, qtbot, tmp_path, tiny_
         if "masks and ROI crops" in item.message:
             widget.cancel()
 
-    worker.yielded.connect(on_report)
+    worker.progress.connect(on_report)
     wait_done(qtbot, widget)
     assert widget.status.text() == "Cancelled."
     assert any("masks and ROI crops" in r.message for r in reports)
     # stopped at the predictor's next report: no fold finished after the cancel, no result
     assert not any("P(PD)" in r.message for r in reports)
-    assert widget.result is None and "MRN nuclei" not in viewer.layers
+    assert widget.session.result is None and "MRN nuclei" not in viewer.layers
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
     assert not any(w.isEnabled() for w in result_controls(widget))  # nothing to mask or save
 
@@ -196,13 +199,13 @@ def test_engine_error_is_shown_in_the_panel(panel, qtbot, tmp_path, tiny_bundle)
     folder = write_case(tmp_path, drop_labels=(2,))
     viewer.open(str(folder), plugin="napari-mrn")
     widget.set_bundle(tiny_bundle)
-    widget.device_combo.setCurrentText("cpu")
+    widget.model.device_combo.setCurrentText("cpu")
     assert widget.run() is not None
     wait_done(qtbot, widget)
     text = widget.status.text()
     assert text.startswith(str(folder / "QSM_mask.nii.gz")), text  # names the file
     assert "missing label(s) 2 (caudate_L)" in text and "Traceback" not in text
-    assert widget.result is None and "MRN nuclei" not in viewer.layers
+    assert widget.session.result is None and "MRN nuclei" not in viewer.layers
     assert widget.run_button.isEnabled()
     assert not any(w.isEnabled() for w in result_controls(widget))
 
@@ -212,15 +215,22 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
 
     from mrn_engine.inference import MRNPredictor, write_case_outputs
     from napari_mrn._layers import ROI_COLOURS
+    from napari_mrn._session import Progress
 
     viewer, widget = panel
     viewer.open_sample("napari-mrn", "mrn_pd_case")
-    assert widget.nm_combo.currentText() == "NM" and widget.qsm_combo.currentText() == "QSM"
-    assert widget.qsm_mask_combo.currentText() == "QSM_mask"
+    assert (
+        widget.inputs.nm_combo.currentText() == "NM"
+        and widget.inputs.qsm_combo.currentText() == "QSM"
+    )
+    assert widget.inputs.qsm_mask_combo.currentText() == "QSM_mask"
     widget.set_bundle(tiny_bundle)
-    assert widget.folds_spin.maximum() == 2
-    widget.device_combo.setCurrentText("cpu")
-    assert widget.device_warning.isVisibleTo(widget) and "CPU" in widget.device_warning.text()
+    assert widget.model.folds_spin.maximum() == 2
+    widget.model.device_combo.setCurrentText("cpu")
+    assert (
+        widget.model.device_warning.isVisibleTo(widget)
+        and "CPU" in widget.model.device_warning.text()
+    )
     reports = []
     ticks: list[float] = []  # GUI event-loop heartbeats during the run (responsiveness)
     timer = QTimer()
@@ -235,7 +245,7 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
 
     monkeypatch.setattr(MRNPredictor, "predict_case", spy_predict_case)
     worker = widget.run()
-    worker.yielded.connect(reports.append)
+    worker.progress.connect(reports.append)
     wait_done(qtbot, widget)
     timer.stop()
     monkeypatch.setattr(MRNPredictor, "predict_case", real_predict_case)
@@ -245,12 +255,19 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     print(f"run: {len(ticks)} GUI ticks, longest event-loop gap {max_gap:.2f} s")
     assert model_threads and all(t is not threading.main_thread() for t in model_threads)
     assert len(ticks) >= 3
-    assert widget.result is not None, widget.status.text()
+    assert widget.session.result is not None, widget.status.text()
     assert widget.progress.value() == 1000 and len(reports) >= 3
+    # typed progress signals: Progress records, fractions rising to 1 (the first report may
+    # come before this test connected its slot)
+    assert all(isinstance(r, Progress) for r in reports)
+    fractions = [r.fraction for r in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("fold 1 P(PD)" in r.message for r in reports)
     # the last bundle is remembered
-    assert widget.settings.value("bundle/last") == str(tiny_bundle)
+    assert widget.model.settings.value("bundle/last") == str(tiny_bundle)
 
-    pred = widget.result.prediction
+    pred = widget.session.result.prediction
+    full = pred.probabilities
     qsm = viewer.layers["QSM"]
     nuclei = viewer.layers["MRN nuclei"]
     assert nuclei.data.shape == qsm.data.shape
@@ -291,78 +308,77 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     assert names.visible
 
     # the panel shows the predictor's numbers
-    probs = widget.probabilities
-    assert probs.p_pd == pytest.approx(pred.p_pd) and probs.p_pd_folds == pytest.approx(
-        pred.p_pd_folds
-    )
-    assert f"{pred.p_pd:.3f}" in widget.result_label.text()
-    assert len(widget.chart.bars) == 3  # two folds + ensemble
+    probs = widget.session.probabilities
+    assert probs == full
+    assert f"{full.p_pd:.3f}" in widget.results.label.text()
+    assert len(widget.results.chart.bars) == 3  # two folds + ensemble
 
     # ROI masking: the run cached every fold's empty-ROI tokens in the worker, so toggling an
     # ROI runs only the classification head: no backbone / ROI-encoder pass on the GUI thread
-    predictor: MRNPredictor = widget.result.predictor
+    predictor: MRNPredictor = widget.session.result.predictor
     assert predictor.masking_cache_ready()
     encoder_calls = count_encoder_calls(monkeypatch, predictor)
     shown = {}
-    for name, box in widget.roi_checks.items():
+    for name, box in widget.results.roi_checks.items():
         box.setChecked(False)
         assert encoder_calls["n"] == 0, name
-        assert widget.probabilities.masked == {name}
-        shown[frozenset({name})] = widget.probabilities
+        assert widget.session.probabilities.masked == {name}
+        shown[frozenset({name})] = widget.session.probabilities
         box.setChecked(True)
-        assert widget.probabilities.p_pd == pytest.approx(pred.p_pd)
-    widget.roi_checks["nm_sn"].setChecked(False)
-    widget.roi_checks["qsm_dentate"].setChecked(False)
+        assert widget.session.probabilities == full
+    widget.results.roi_checks["nm_sn"].setChecked(False)
+    widget.results.roi_checks["qsm_dentate"].setChecked(False)
     pair = frozenset({"nm_sn", "qsm_dentate"})
-    shown[pair] = widget.probabilities
-    assert widget.probabilities.masked == pair
-    assert "masked: NM-SN, QSM dentate" in widget.result_label.text()
+    shown[pair] = widget.session.probabilities
+    assert widget.session.probabilities.masked == pair
+    assert "masked: NM-SN, QSM dentate" in widget.results.label.text()
 
     # the 16-subset table: head passes only too
     dialog = widget.show_masking_table()
     assert dialog.table.rowCount() == 16
-    rows = widget.masking_table()
+    rows = widget.session.masking_table()
     assert encoder_calls["n"] == 0
     dialog.close()
 
     # what the panel shows = the engine's prediction with those ROIs' input volumes replaced
     # by zeros, recomputed here with full forward passes (independent of the token cache)
-    case = widget.result.case
+    case = widget.session.result.case
     for masked, probs in shown.items():
         ref = predictor.predict_case(case, zero_rois=masked)
-        assert probs.p_pd_folds == pytest.approx(ref.p_pd_folds, abs=1e-5), masked
-        assert probs.p_pd == pytest.approx(ref.p_pd, abs=1e-5), masked
+        assert probs.p_pd_folds == pytest.approx(ref.probabilities.p_pd_folds, abs=1e-5), masked
+        assert probs.p_pd == pytest.approx(ref.probabilities.p_pd, abs=1e-5), masked
     assert encoder_calls["n"] == len(shown) * len(predictor.folds)  # the check's own passes
-    row = next(r for r in rows if r["masked"] == ["nm_sn", "qsm_dentate"])
-    assert row["p_pd"] == pytest.approx(shown[pair].p_pd, abs=1e-6)
-    assert rows[0]["masked"] == [] and rows[0]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-5)
+    row = next(r for r in rows if r.masked == pair)
+    assert row.p_pd == pytest.approx(shown[pair].p_pd, abs=1e-6)
+    assert rows[0].masked == frozenset() and rows[0].p_pd == pytest.approx(full.p_pd, abs=1e-5)
+    assert [dialog.table.item(i, 1).text() for i in range(16)] == [f"{r.p_pd:.3f}" for r in rows]
 
     # during a run the result controls are disabled (the worker swaps the predictor's fold
     # weights): a click on an ROI box does nothing; Cancel gives them back, result unchanged
-    first = widget.result
+    first = widget.session.result
     assert all(w.isEnabled() for w in result_controls(widget))
     during = []
 
     def on_report(item):
         during.append([w.isEnabled() for w in result_controls(widget)])
         if "fold 0 P(PD)" in item.message:  # mid-run: one fold done, the next one loading
-            qtbot.mouseClick(widget.roi_checks["qsm_bg"], Qt.MouseButton.LeftButton)
-            during.append(widget.roi_checks["qsm_bg"].isChecked())
+            qtbot.mouseClick(widget.results.roi_checks["qsm_bg"], Qt.MouseButton.LeftButton)
+            during.append(widget.results.roi_checks["qsm_bg"].isChecked())
             widget.cancel()
 
     worker = widget.run()
     assert not any(w.isEnabled() for w in result_controls(widget))
-    worker.yielded.connect(on_report)
+    worker.progress.connect(on_report)
     wait_done(qtbot, widget)
     assert widget.status.text() == "Cancelled."
     assert during and during[-1] is True  # the click did not untick QSM basal ganglia
     assert all(not any(states) for states in during[:-1])
     assert all(w.isEnabled() for w in result_controls(widget))
-    assert widget.result is first and widget.probabilities.masked == pair
-    assert widget.probabilities.p_pd == pytest.approx(shown[pair].p_pd)
-    widget.roi_checks["nm_sn"].setChecked(True)
-    widget.roi_checks["qsm_dentate"].setChecked(True)
-    assert widget.probabilities.p_pd == pytest.approx(pred.p_pd)
+    assert widget.session.result is first and widget.session.probabilities.masked == pair
+    assert widget.session.probabilities.p_pd == pytest.approx(shown[pair].p_pd)
+    widget.results.roi_checks["nm_sn"].setChecked(True)
+    widget.results.roi_checks["qsm_dentate"].setChecked(True)
+    assert widget.session.probabilities == full
 
     # saving: masks in the source geometry + JSON with probabilities, table and bundle
     written = widget.save(tmp_path / "results")
@@ -373,7 +389,8 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     np.testing.assert_allclose(img.affine, qsm.metadata["affine"], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(img.dataobj), pred.nuclei)
     record = json.loads((out / "mrn_result.json").read_text())
-    assert record["prediction"]["p_pd"] == pytest.approx(pred.p_pd)
+    assert record["prediction"]["p_pd"] == pytest.approx(full.p_pd)
+    assert record["shown"]["masked"] == [] and record["masking_table"][0]["masked"] == []
     assert len(record["masking_table"]) == 16
     assert record["bundle"]["config"]["preset"] == "cpu-tiny"
     assert record["settings"]["device"] == "cpu"
@@ -387,8 +404,8 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
         nm_mask=(np.asarray(pred.nm_nuclei) > 0).astype(np.uint8),
         qsm_mask=np.asarray(pred.nuclei),
     )
-    widget.result = dataclasses.replace(widget.result, prediction=seg_pred)
-    widget.show_outputs(seg_pred)
+    widget.session.accept(dataclasses.replace(widget.session.result, prediction=seg_pred))
+    widget.show_outputs()
     for name in ("nnU-Net NM mask", "nnU-Net QSM mask"):
         assert viewer.layers[name].data.shape == qsm.data.shape
     np.testing.assert_array_equal(
@@ -397,9 +414,9 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     names = sorted(p.name for p in widget.save(tmp_path / "results2"))
     assert "NM_nnunet.nii.gz" in names and "QSM_nnunet.nii.gz" in names
     # PD_pred.txt: the engine's writer, byte for byte what `mrn predict` writes for this case
-    cli = write_case_outputs(pred, widget.result.case, tmp_path / "cli")
+    cli = write_case_outputs(pred, widget.session.result.case, tmp_path / "cli")
     assert (out / "PD_pred.txt").read_bytes() == (cli / "PD_pred.txt").read_bytes()
-    assert (out / "PD_pred.txt").read_text() == str(pred.call)
+    assert (out / "PD_pred.txt").read_text() == str(full.call)
 
 
 def test_bundle_candidates_env_and_demo_location(tmp_path, monkeypatch, tiny_bundle):
@@ -438,18 +455,20 @@ def test_panel_offers_the_recorded_demo_bundle_first(
         return MRNDiagnosisWidget(viewer, settings=settings)
 
     def offered(widget) -> list[str]:
-        return [widget.bundle_combo.itemText(i) for i in range(widget.bundle_combo.count())]
+        return [
+            widget.model.bundle_combo.itemText(i) for i in range(widget.model.bundle_combo.count())
+        ]
 
     assert last_demo_bundle() is None  # no record yet: the ./mrn_demo fallback
-    assert new_panel("a").bundle_path() == str(fallback)
+    assert new_panel("a").model.bundle_path() == str(fallback)
     record = record_demo_bundle(tiny_bundle)
     assert record == demo_record_path() == tmp_path / "cache" / "last_demo_bundle.json"
     assert json.loads(record.read_text())["bundle"] == str(tiny_bundle.resolve())
     assert last_demo_bundle() == tiny_bundle.resolve()
     panel = new_panel("b")
-    assert panel.bundle_path() == str(tiny_bundle.resolve())  # preselected
+    assert panel.model.bundle_path() == str(tiny_bundle.resolve())  # preselected
     assert offered(panel) == [str(tiny_bundle.resolve()), str(fallback)]
-    assert panel.folds_spin.maximum() == 2  # the recorded bundle's folds
+    assert panel.model.folds_spin.maximum() == 2  # the recorded bundle's folds
     # a stale record (its folder deleted) is ignored
     gone = make_tiny_bundle(tmp_path / "old" / "bundle", folds=1)
     record_demo_bundle(gone)

@@ -246,70 +246,11 @@ def test_roi_labels_readable_in_roi_colour_and_nested_labels_apart():
     assert kw["size"] == 0  # the points themselves are invisible
 
 
-def test_panel_pd_pred_is_byte_identical_to_the_cli_submission(tmp_path):
-    """The panel's *Save results* writes PD_pred.txt through the engine's own writer."""
-    from types import SimpleNamespace
+def test_pd_pred_writer_refuses_a_call_other_than_0_or_1(tmp_path):
+    """The engine's one PD_pred.txt writer (used by the panel's Save) takes 0 or 1 only."""
+    from mrn_engine.inference import write_pd_pred
 
-    from mrn_engine.data import Volume
-    from mrn_engine.inference.submission import write_case_outputs, write_pd_pred
-    from napari_mrn._run import as_probabilities, save_results
-
-    ref = Volume(np.zeros(SHAPE, np.float32), challenge_affine())
-    case = SimpleNamespace(nm=ref, qsm=ref, files=None)
-    for call, p in ((1, 0.8), (0, 0.3)):
-        pred = SimpleNamespace(
-            case_id=f"RJPD_00{call}",
-            p_pd_folds=[p, p],
-            p_pd=p,
-            p_pd_std=0.0,
-            call=call,
-            boxes={},
-            nuclei=np.zeros(SHAPE, np.uint8),
-            nm_nuclei=np.zeros(SHAPE, np.uint8),
-        )
-        written = save_results(
-            tmp_path / "panel",
-            prediction=pred,
-            probabilities=as_probabilities(pred),
-            masking_table=[],
-            bundle=None,
-            volumes={},
-        )
-        panel = tmp_path / "panel" / pred.case_id / "PD_pred.txt"
-        assert panel in written
-        cli = write_case_outputs(pred, case, tmp_path / "cli") / "PD_pred.txt"
-        assert panel.read_bytes() == cli.read_bytes() == str(call).encode()
-        assert write_pd_pred(tmp_path / "direct", call).read_bytes() == panel.read_bytes()
+    assert write_pd_pred(tmp_path, 1).read_bytes() == b"1"
     with pytest.raises(InputDataError, match="must be 0"):
-        write_pd_pred(tmp_path, 2)
-
-
-# ----------------------------------------------------------------------------- run helpers
-def test_parse_progress_shapes():
-    from napari_mrn._run import parse_progress
-
-    assert parse_progress(0.25, "fold 0").fraction == 0.25  # the predictor's (fraction, message)
-    assert parse_progress(0.25, "fold 0").message == "fold 0"
-    assert parse_progress(3, 4).fraction == 0.75
-    assert parse_progress(done=1, total=4, message="x").fraction == 0.25
-    assert parse_progress("loading").fraction is None
-
-
-def test_probabilities_from_prediction_and_masking_rows():
-    from napari_mrn._run import as_probabilities, masked_set, masking_rows
-
-    p = as_probabilities({"p_pd_folds": [0.2, 0.6], "p_pd": 0.4, "p_pd_std": 0.2, "call": 0})
-    assert (p.p_pd, p.call, p.label, p.masked) == (0.4, 0, "HC", frozenset())
-    q = as_probabilities({"p_pd_folds": [0.7, 0.9], "masked": ["nm_sn"]})
-    assert q.p_pd == pytest.approx(0.8) and q.p_pd_std == pytest.approx(0.1) and q.call == 1
-    assert masked_set("NM+QSM3") == {"nm_sn", "qsm_dentate"} and masked_set("none") == set()
-    with pytest.raises(ValueError, match="unknown ROI subset"):
-        masked_set("XYZ")
-    rows = masking_rows(
-        [
-            {"masked": "QSM1+QSM2", "p_pd_folds": [0.5, 0.5]},
-            {"masked": "none", "p_pd_folds": [0.9, 0.7]},
-        ]
-    )
-    assert [r["masked"] for r in rows] == [[], ["qsm_bg", "qsm_midbrain"]]
-    assert rows[0]["p_pd"] == pytest.approx(0.8)
+        write_pd_pred(tmp_path / "two", 2)
+    assert not (tmp_path / "two").exists()

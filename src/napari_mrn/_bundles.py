@@ -1,27 +1,33 @@
-"""Where model bundles are looked for: ``MRN_BUNDLE``, the last one used, and ``mrn demo``'s output."""
+"""Where model bundles are looked for: ``MRN_BUNDLE``, the last one used, and ``mrn demo``'s output.
+
+What a bundle folder holds is the engine's business (``open_bundle``); this module only
+decides which folders to offer.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from mrn_engine.inference import last_demo_bundle
+from mrn_engine.errors import MRNError
+from mrn_engine.inference import last_demo_bundle, open_bundle
 
 #: where ``mrn demo`` writes its bundle when run with ``--out mrn_demo`` (relative to the
 #: working directory, then home); the fallbacks after the bundle ``mrn demo`` recorded
 DEMO_BUNDLE_LOCATIONS: tuple[str, ...] = ("./mrn_demo/bundle", "~/mrn_demo/bundle")
 
 
-def is_bundle(path: str | os.PathLike) -> bool:
-    """True when ``path`` looks like a model bundle (``config.json`` + a ``fold_*`` folder)."""
-    p = Path(path).expanduser()
-    return (p / "config.json").is_file() and any(p.glob("fold_*/model.safetensors"))
-
-
 def bundle_folds(path: str | os.PathLike) -> int:
-    """Number of folds with weights in a bundle (0 if it is not one)."""
-    p = Path(path).expanduser()
-    return len(list(p.glob("fold_*/model.safetensors"))) if p.is_dir() else 0
+    """Number of folds with weights in a bundle (0 if the folder is not a usable bundle)."""
+    try:
+        return len(open_bundle(Path(path).expanduser()).folds)
+    except MRNError:
+        return 0
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a model bundle the engine can open."""
+    return bundle_folds(path) > 0
 
 
 def candidate_bundles(last: str | None = None) -> list[Path]:
@@ -35,6 +41,6 @@ def candidate_bundles(last: str | None = None) -> list[Path]:
         if not item:
             continue
         p = Path(item).expanduser().resolve()
-        if is_bundle(p) and p not in out:
+        if p not in out and is_bundle(p):
             out.append(p)
     return out

@@ -90,10 +90,6 @@ class DisplayMapping:
             out[..., int(dst_axis)] = v
         return out
 
-    def layer_kwargs(self) -> dict:
-        """``scale`` (and nothing that would move the layers apart) for napari layers."""
-        return {"scale": self.scale}
-
     def to_metadata(self) -> dict:
         """What a layer keeps so the writer can restore the source geometry."""
         return {"affine": np.array(self.affine, dtype=float), "source_shape": tuple(self.shape)}

@@ -40,7 +40,7 @@ def _settle(app, seconds: float = 0.5) -> None:
 
 def _show_roi_slice(viewer, widget, roi: str) -> None:
     """Put the slider on the middle slice of ``roi``'s box and zoom on the boxes."""
-    pred = widget.result.prediction
+    pred = widget.session.result.prediction
     box = pred.boxes[roi]
     qsm = viewer.layers["QSM"]
     z = (box.z0 + box.z1 - 1) // 2
@@ -76,6 +76,8 @@ def make_screenshots(
     import napari
     from qtpy.QtWidgets import QApplication
 
+    from napari_mrn._save import probabilities_record
+
     out.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(title="napari-mrn")
     app = QApplication.instance()
@@ -83,16 +85,16 @@ def make_screenshots(
     viewer.open_sample("napari-mrn", SAMPLES[case])
     _, widget = viewer.window.add_plugin_dock_widget("napari-mrn", "MRN diagnosis")
     widget.set_bundle(bundle)
-    widget.device_combo.setCurrentText(device)
-    widget.folds_spin.setValue(folds)
-    widget.tta_check.setChecked(tta)
+    widget.model.device_combo.setCurrentText(device)
+    widget.model.folds_spin.setValue(folds)
+    widget.model.tta_check.setChecked(tta)
     viewer.dims.set_point(0, 35 * viewer.layers["QSM"].scale[0])
     _settle(app)
     written = []
 
     def shot(name: str) -> None:
         _settle(app, 0.3)
-        widget.chart.draw()
+        widget.results.chart.draw()
         _settle(app, 0.5)
         path = out / name
         iio.imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
@@ -104,7 +106,8 @@ def make_screenshots(
         raise RuntimeError(f"the panel refused to run: {widget.status.text()}")
     _wait(app, lambda: widget.worker is None, timeout)
     seconds = time.perf_counter() - t0
-    if widget.result is None:
+    result = widget.session.result
+    if result is None:
         raise RuntimeError(f"run failed: {widget.status.text()}")
     _show_roi_slice(viewer, widget, "qsm_midbrain")
     shown = viewer.layers["MRN nuclei"].data[viewer.dims.current_step[0]]
@@ -113,11 +116,11 @@ def make_screenshots(
     else:  # e.g. an untrained test bundle whose DPT head segments nothing here
         print("note: the bundle segments nothing on this slice; the input QSM_mask stays visible")
     shot("napari_run.png")
-    full = widget.probabilities.to_dict()
-    widget.roi_checks["nm_sn"].setChecked(False)
+    full = probabilities_record(result.prediction.probabilities)
+    widget.results.roi_checks["nm_sn"].setChecked(False)
     shot("napari_masked.png")
-    masked = widget.probabilities.to_dict()
-    widget.roi_checks["nm_sn"].setChecked(True)
+    masked = probabilities_record(widget.session.probabilities)
+    widget.results.roi_checks["nm_sn"].setChecked(True)
     _show_roi_slice(viewer, widget, "qsm_dentate")  # the posterior fossa: the dentate box
     shot("napari_dentate.png")
     dialog = widget.show_masking_table()
@@ -129,8 +132,8 @@ def make_screenshots(
         "command": f"python -m napari_mrn.screenshots --bundle {bundle} --out {out} --case {case}"
         f" --device {device} --folds {folds}" + (" --tta" if tta else ""),
         "bundle": str(bundle),
-        "case": widget.result.prediction.case_id,
-        "device": str(getattr(widget.result.predictor, "device", device)),
+        "case": result.prediction.case_id,
+        "device": str(result.predictor.device),
         "run_seconds": round(seconds, 1),
         "prediction": full,
         "nm_sn_masked": masked,
