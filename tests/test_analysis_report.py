@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from mrn_engine.analysis import MASK_SUBSETS, subset_key, write_report
-from mrn_engine.analysis.tables import write_csv
 from mrn_engine.config import get_preset
+from mrn_engine.data.tables import write_csv
 from mrn_engine.errors import InputDataError
 
 

@@ -239,7 +239,7 @@ def _first(d: Mapping[str, Any], *keys: str) -> Any:
 
 def as_probabilities(source: Any, masked: Iterable[str] = ()) -> Probabilities:
     """Normalise a ``CasePrediction`` or a ``masked_prediction`` dict into :class:`Probabilities`."""
-    d = source if isinstance(source, Mapping) else vars(source)
+    d = source if isinstance(source, Mapping) else vars(getattr(source, "probabilities", source))
     ens = d.get("ensemble") if isinstance(d.get("ensemble"), Mapping) else {}
     folds = _first(d, "p_pd_folds", "folds", "per_fold")
     if isinstance(folds, Mapping):
