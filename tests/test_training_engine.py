@@ -1,4 +1,4 @@
-"""Training engine audit (issue 4): the real MRN objective end to end, the paper's defaults and
+"""Training engine: the real MRN objective end to end, the paper's defaults and
 parameter groups, baselines without a pretraining objective, ``mrn compare``, TensorBoard
 logging, the MONAI augmentations, canonical SE placement and the ``bundle.json`` lock."""
 
