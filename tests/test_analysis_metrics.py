@@ -16,9 +16,10 @@ from mrn_engine.analysis import (
     masking_metrics,
     subset_key,
 )
-from mrn_engine.analysis.masking import parse_subset_key
-from mrn_engine.analysis.tables import read_csv, to_markdown, write_csv, write_json
+from mrn_engine.data.roi_subsets import parse_subset_key
+from mrn_engine.data.tables import read_csv, to_markdown, write_csv, write_json
 from mrn_engine.errors import InputDataError
+from mrn_engine.results import Probabilities
 
 
 def test_binary_metrics_values():
@@ -109,7 +110,7 @@ def test_masking_metrics_table():
         for s in MASK_SUBSETS:
             # masking NM flips every call; other subsets keep the base probability
             q = 1 - p if "nm_sn" in s else p
-            rows.append({"masked": subset_key(s), "p_pd": q})
+            rows.append(Probabilities.from_folds([0], [q], masked=s))
         tables[cid] = rows
     tables["unlabelled"] = tables["a"]
     out = masking_metrics(tables, labels)

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from mrn_engine.analysis import MASK_SUBSETS, subset_key, write_report
-from mrn_engine.analysis.tables import write_csv
 from mrn_engine.config import get_preset
+from mrn_engine.data.tables import write_csv
 from mrn_engine.errors import InputDataError
 
 
@@ -152,21 +152,17 @@ def test_report_cli(tmp_path):
 
 
 def test_report_accepts_case_predictions(tmp_path):
-    from mrn_engine.inference import CasePrediction
+    from mrn_engine.inference import CasePrediction, Probabilities
 
     run = make_run_dir(tmp_path / "run", folds=1)
     preds = [
         CasePrediction(
             case_id=f"RJPD_{i:03d}",
-            p_pd_folds=[p, p],
-            p_pd=p,
-            p_pd_std=0.0,
-            call=int(p >= 0.5),
+            probabilities=Probabilities.from_folds([0, 1], [p, p]),
             roi_tokens=[],
             nuclei=np.zeros((1, 1, 1)),
             nm_nuclei=np.zeros((1, 1, 1)),
             boxes={},
-            folds=[0, 1],
             label=lab,
         )
         for i, (p, lab) in enumerate([(0.9, 1), (0.2, 0), (0.6, 0), (0.4, None)])

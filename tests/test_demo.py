@@ -16,7 +16,7 @@ from click.testing import CliRunner
 def demo_cache(tmp_path, monkeypatch):
     """``$MRN_CACHE_DIR`` in ``tmp_path`` (for the demo-bundle record), with the user's phantom
     atlas cache linked in so that the phantom generator does not rebuild it."""
-    from mrn_engine.phantom.atlas import cache_dir
+    from mrn_engine.config import cache_dir
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -28,9 +28,9 @@ def demo_cache(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, demo_cache):
+    from mrn_engine.bundle import last_demo_bundle
     from mrn_engine.cli import cli
     from mrn_engine.inference import open_bundle
-    from mrn_engine.inference.bundle import last_demo_bundle
 
     out = tmp_path / "demo"
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--threads", "1", "--quiet"])

@@ -13,9 +13,11 @@ from torch import nn
 from mrn_engine.config import get_preset
 from mrn_engine.data import load_case
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
+from mrn_engine.data.roi_subsets import MASK_SUBSETS
 from mrn_engine.errors import InputDataError, WeightsError
 from mrn_engine.inference import MRNPredictor
 from mrn_engine.models import MRNOutput
+from mrn_engine.results import THRESHOLD
 from mrn_engine.rois import extract_rois
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -145,7 +147,7 @@ def test_fold_ensemble_matches_each_fold_by_hand(case):
     assert pred.p_pd_folds == pytest.approx(expected, abs=1e-6)
     assert pred.p_pd == pytest.approx(np.mean(expected), abs=1e-6)
     assert pred.p_pd_std == pytest.approx(np.std(expected), abs=1e-6)
-    assert pred.call == int(pred.p_pd >= 0.5)
+    assert pred.call == int(pred.p_pd >= THRESHOLD)
     assert pred.folds == [0, 1] and pred.label == 1 and pred.mask_source == "case"
     assert set(pred.boxes) == set(ROI_NAMES)
     assert [set(t) for t in pred.roi_tokens] == [set(ROI_NAMES)] * 2
@@ -201,14 +203,15 @@ def test_masked_prediction_equals_zeroed_input_without_backbone_pass(case):
         assert predictor.model.backbone_calls == calls  # head passes only
         ref = predictor.predict_case(case, zero_rois=masked)
         calls = predictor.model.backbone_calls
-        assert m["p_pd_folds"] == pytest.approx(ref.p_pd_folds, abs=1e-6)
-        assert m["p_pd"] == pytest.approx(ref.p_pd, abs=1e-6)
-        assert m["masked"] == [n for n in ROI_NAMES if n in masked]
+        assert m.p_pd_folds == pytest.approx(ref.p_pd_folds, abs=1e-6)
+        assert m.p_pd == pytest.approx(ref.p_pd, abs=1e-6)
+        assert m.masked == frozenset(masked) and m.folds == (0, 1)
     table = predictor.masking_table(pred)
     assert predictor.model.backbone_calls == calls
-    assert len(table) == 16 and table[0]["masked"] == "none"
-    assert table[0]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-6)
-    assert {r["masked"] for r in table} >= {"NM", "QSM1+QSM2+QSM3", "NM+QSM1+QSM2+QSM3"}
+    assert [r.masked for r in table] == list(MASK_SUBSETS)
+    assert table[0].p_pd == pytest.approx(pred.p_pd, abs=1e-6)
+    assert table[0].p_pd_folds == pytest.approx(pred.p_pd_folds, abs=1e-6)
+    assert all(r.call == int(r.p_pd >= THRESHOLD) for r in table)
     with pytest.raises(InputDataError, match="unknown ROI"):
         predictor.masked_prediction(pred, {"putamen"})
 
@@ -245,7 +248,7 @@ def test_warm_masking_caches_empty_roi_tokens_during_predict_case(case):
     m = warm.masked_prediction(pred, {"qsm_bg"})
     warm.masking_table(pred)
     assert calls["n"] == 2 * len(ROI_NAMES) and warm.model.backbone_calls == backbone
-    assert m["p_pd_folds"] == pytest.approx(expect["p_pd_folds"], abs=1e-7)
+    assert m.p_pd_folds == pytest.approx(expect.p_pd_folds, abs=1e-7)
 
     later = fake_predictor()
     later_calls = _count_empty_token_calls(later)

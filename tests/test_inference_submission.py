@@ -16,6 +16,7 @@ from mrn_engine.cli import cli
 from mrn_engine.config import get_preset
 from mrn_engine.data import load_case
 from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.data.roi_subsets import subset_key
 from mrn_engine.errors import InputDataError, WeightsError
 from mrn_engine.inference import MRNPredictor, open_bundle
 from mrn_engine.models import build_model, save_model
@@ -95,10 +96,10 @@ def test_real_mrn_masking_equals_zeroed_input(bundle, cases_dir):
     assert calls["n"] == 0  # no backbone pass for masking
     ref = predictor.predict_case(case, zero_rois=masked)
     assert calls["n"] == 2  # one forward per fold (both TTA views in one batch)
-    assert m["p_pd_folds"] == pytest.approx(ref.p_pd_folds, abs=1e-5)
-    by = {r["masked"]: r for r in table}
-    assert by["NM+QSM2"]["p_pd"] == pytest.approx(ref.p_pd, abs=1e-5)
-    assert by["none"]["p_pd"] == pytest.approx(pred.p_pd, abs=1e-6)
+    assert m.p_pd_folds == pytest.approx(ref.p_pd_folds, abs=1e-5)
+    by = {subset_key(r.masked): r for r in table}
+    assert by["NM+QSM2"].p_pd == pytest.approx(ref.p_pd, abs=1e-5)
+    assert by["none"].p_pd == pytest.approx(pred.p_pd, abs=1e-6)
 
 
 def _read(path):
@@ -302,4 +303,4 @@ def test_seres10_baseline_gets_masks_and_supports_masking(tmp_path):
     assert set(np.unique(pred.nuclei)) == set(range(17))
     masked = predictor.masked_prediction(pred, {"nm_sn"})
     zeroed = predictor.predict_case(case, zero_rois={"nm_sn"})  # image and mask input zeroed
-    assert masked["p_pd_folds"] == pytest.approx(zeroed.p_pd_folds, abs=1e-5)
+    assert masked.p_pd_folds == pytest.approx(zeroed.p_pd_folds, abs=1e-5)

@@ -25,13 +25,7 @@ from mrn_engine.models.res import extra_backbone_layers, plain_dpt_layers
 SLICES = {"nm_sn": 2, "qsm_bg": 3, "qsm_midbrain": 2, "qsm_dentate": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core VM (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(preset: str = "cpu-tiny", image: int = 28, **model) -> RunConfig:

@@ -7,23 +7,15 @@ import math
 import re
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from mrn_engine.config import get_preset
 from mrn_engine.models.bench import bench_model, format_result
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread (fast for tiny tensors on the shared VM); restored after the test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-#: the two ratios the issue asks for: full MRN forward / bare DINOv2 forward over the same
+#: the two ratios the benchmark reports: full MRN forward / bare DINOv2 forward over the same
 #: slices, and the 16-subset masking analysis / one plain forward
 RATIOS = {
     "forward_over_dinov2": ("forward_s", "dinov2_s"),

@@ -27,12 +27,7 @@ from mrn_engine.models import (
 SLICES = {"nm_sn": 2, "qsm_bg": 2, "qsm_midbrain": 2, "qsm_dentate": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_run(**model):

@@ -21,12 +21,7 @@ SOURCE_SIZE = 70  # 5 x 5 patch grid in the "pretrained" file (like DINOv2's 518
 TARGET_SIZE = 56  # 4 x 4 grid in the model
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def source_state(**overrides) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from mrn_engine.data.labels import ROI_NAMES
-from napari_engine_adapter import new_engine_api  # noqa: F401  (temporary, see its docstring)
 from napari_mrn._compat import guard_triton
 from test_napari_io import challenge_affine, write_case
 
@@ -440,7 +439,7 @@ def test_panel_offers_the_recorded_demo_bundle_first(
     ./mrn_demo and ~/mrn_demo fallbacks, and ignores a record whose folder is gone."""
     from qtpy.QtCore import QSettings
 
-    from mrn_engine.inference.bundle import demo_record_path, last_demo_bundle, record_demo_bundle
+    from mrn_engine.bundle import demo_record_path, last_demo_bundle, record_demo_bundle
     from napari_mrn._bundles import candidate_bundles
     from napari_mrn._widget import MRNDiagnosisWidget
 

@@ -18,7 +18,6 @@ import pytest
 from mrn_engine.data import load_case
 from mrn_engine.errors import InputDataError
 from mrn_engine.results import Probabilities
-from napari_engine_adapter import new_engine_api  # noqa: F401  (temporary, see its docstring)
 from napari_mrn._outputs import output_volumes
 from napari_mrn._save import probabilities_record
 from napari_mrn._session import (

@@ -19,7 +19,6 @@ from mrn_engine.segmentation import (
     NNUNetSegmenter,
     SegmentationError,
     case_summary,
-    check_roi_labels,
     dataset_json,
     default_specs,
     dice,
@@ -28,6 +27,7 @@ from mrn_engine.segmentation import (
     find_nnunet_dir,
     hausdorff95,
     label_scores,
+    mask_pair_problems,
     region_score,
 )
 from mrn_engine.segmentation.env import nnunet_environment
@@ -126,19 +126,18 @@ def test_case_summary_weights():
 
 
 # -- ROI checks ------------------------------------------------------------------------------
-def test_check_roi_labels():
+def test_mask_pair_problems():
     nm, qsm = full_masks()
-    assert check_roi_labels(nm, qsm) == []
+    assert mask_pair_problems(nm, qsm) == []
     no_dn = np.where(np.isin(qsm, (15, 16)), 0, qsm)
-    problems = check_roi_labels(nm, no_dn)
-    assert (
-        len(problems) == 1 and "qsm_dentate" in problems[0] and "cannot be located" in problems[0]
-    )
+    (problem,) = mask_pair_problems(nm, no_dn)
+    assert problem.roi == "qsm_dentate" and problem.fatal
+    assert "cannot be located" in problem.message
     no_rn = np.where(np.isin(qsm, (13, 14)), 0, qsm)
-    problems = check_roi_labels(nm, no_rn)
-    assert len(problems) == 1 and "RN" in problems[0] and "qsm_midbrain" in problems[0]
-    problems = check_roi_labels(np.zeros_like(nm), qsm)
-    assert len(problems) == 1 and "nm_sn" in problems[0]
+    (problem,) = mask_pair_problems(nm, no_rn)
+    assert problem.roi == "qsm_midbrain" and not problem.fatal and "RN" in str(problem)
+    (problem,) = mask_pair_problems(np.zeros_like(nm), qsm)
+    assert problem.roi == "nm_sn" and problem.fatal
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -390,16 +389,17 @@ def test_splits_follow_the_exported_cases(tmp_path):
         _write_splits(tmp_path, ["a"], seed=1)
 
 
-def test_seed_everything_repeats_the_training_rngs():
+def test_fold_seed_repeats_the_training_rngs():
     """nnU-Net draws its sampling and augmentation from python/numpy/torch's global RNGs."""
     import random
 
     import torch
 
-    from mrn_engine.segmentation.train import seed_everything
+    from mrn_engine.runtime import seed_everything
+    from mrn_engine.segmentation.train import fold_seed
 
     def draws(seed, fold):
-        seed_everything(seed, fold)
+        seed_everything(fold_seed(seed, fold))
         return random.random(), float(np.random.rand()), float(torch.rand(1))
 
     assert draws(12345, 0) == draws(12345, 0)

@@ -14,9 +14,9 @@ from mrn_engine.config import RunConfig, get_preset
 from mrn_engine.data import file_sha256, find_labels
 from mrn_engine.errors import ConfigError
 from mrn_engine.models import build_model
-from mrn_engine.training.compare import comparison_markdown, variant_config
 from mrn_engine.training.cv import train_bundle
-from mrn_engine.training.evaluate import oof_metrics
+from mrn_engine.workflows.compare import comparison_markdown, variant_config
+from mrn_engine.workflows.evaluate import oof_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

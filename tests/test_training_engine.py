@@ -1,4 +1,4 @@
-"""Training engine audit (issue 4): the real MRN objective end to end, the paper's defaults and
+"""Training engine: the real MRN objective end to end, the paper's defaults and
 parameter groups, baselines without a pretraining objective, ``mrn compare``, TensorBoard
 logging, the MONAI augmentations, canonical SE placement and the ``bundle.json`` lock."""
 
@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
 
+import mrn_engine.bundle as bundle_mod
 from mrn_engine.config import RunConfig, get_preset
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import ConfigError
@@ -28,11 +29,11 @@ from mrn_engine.models.losses import compute_losses, loss_terms
 from mrn_engine.training import cv
 from mrn_engine.training.augment import RoiAugmenter, build_roi_transform
 from mrn_engine.training.checkpoint import latest_checkpoint, load_checkpoint
-from mrn_engine.training.compare import VARIANTS, variant_config
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.objective import MRNObjective
 from mrn_engine.training.optim import build_optimizer
 from mrn_engine.training.trainer import train_fold
+from mrn_engine.workflows.compare import VARIANTS, variant_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -519,14 +520,14 @@ def test_parallel_fold_updates_of_bundle_json_are_not_lost(tmp_path, monkeypatch
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "bundle.json").write_text(json.dumps({"format": 1, "weights": {}}))
-    real_sha = cv.file_sha256
+    real_sha = bundle_mod.file_sha256
 
     def slow_sha(path):  # fold 0's process is slow between reading and writing bundle.json
         if threading.current_thread().name == "fold0":
             time.sleep(0.6)
         return real_sha(path)
 
-    monkeypatch.setattr(cv, "file_sha256", slow_sha)
+    monkeypatch.setattr(bundle_mod, "file_sha256", slow_sha)
     started = threading.Event()
     errors: list[BaseException] = []
 
@@ -540,7 +541,7 @@ def test_parallel_fold_updates_of_bundle_json_are_not_lost(tmp_path, monkeypatch
             (d / "model.safetensors").write_bytes(f"weights {k}".encode())
             if k == 0:
                 started.set()
-            cv.update_bundle_weights(out)
+            bundle_mod.update_bundle_weights(out)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -554,19 +555,19 @@ def test_parallel_fold_updates_of_bundle_json_are_not_lost(tmp_path, monkeypatch
     assert sorted(info["weights"]) == ["fold_0", "fold_1"]
     for k in (0, 1):
         assert info["weights"][f"fold_{k}"] == real_sha(out / f"fold_{k}" / "model.safetensors")
-    assert info["format"] == 1 and (out / cv.LOCK_NAME).is_file()
+    assert info["format"] == 1 and (out / bundle_mod.LOCK_FILE).is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".bundle.json.")]  # no temp files
 
 
 def test_bundle_lock_without_fcntl_still_updates(tmp_path, monkeypatch):
-    monkeypatch.setattr(cv, "fcntl", None)
+    monkeypatch.setattr(bundle_mod, "fcntl", None)
     out = tmp_path / "bundle"
     (out / "fold_0").mkdir(parents=True)
     (out / "bundle.json").write_text(json.dumps({"weights": {}}))
     (out / "fold_0" / "model.safetensors").write_bytes(b"w")
-    info = cv.update_bundle_weights(out)
+    info = bundle_mod.update_bundle_weights(out)
     assert list(info["weights"]) == ["fold_0"]
-    assert not (out / cv.LOCK_NAME).exists()
+    assert not (out / bundle_mod.LOCK_FILE).exists()
 
 
 def test_train_fold_refuses_an_empty_pretraining_stage(tmp_path):

@@ -185,6 +185,15 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+#: environment variable that moves the engine's cache folder
+CACHE_ENV = "MRN_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Folder of derived files (``$MRN_CACHE_DIR``, default ``~/.cache/mrn``)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mrn").expanduser()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)

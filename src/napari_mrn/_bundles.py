@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mrn_engine.bundle import last_demo_bundle, open_bundle
 from mrn_engine.errors import MRNError
-from mrn_engine.inference import last_demo_bundle, open_bundle
 
 #: where ``mrn demo`` writes its bundle when run with ``--out mrn_demo`` (relative to the
 #: working directory, then home); the fallbacks after the bundle ``mrn demo`` recorded

@@ -1,8 +1,11 @@
-"""Evaluation and analysis: metrics, ROI masking (Table 4), HTML run reports."""
+"""Evaluation and analysis: metrics, the ROI-masking table (Table 4), HTML run reports.
 
-from mrn_engine.analysis.ablation import AblationResult, masking_markdown, run_masking_analysis
-from mrn_engine.analysis.masking import MASK_SUBSETS, ROI_SHORT, masking_metrics, subset_key
+The masking *run* (predict + tabulate) is ``mrn_engine.workflows.run_masking_analysis``.
+"""
+
+from mrn_engine.analysis.masking import TABLE_COLUMNS, masking_metrics
 from mrn_engine.analysis.metrics import (
+    THRESHOLD,
     BinaryMetrics,
     binary_metrics,
     ensemble_metrics,
@@ -10,19 +13,19 @@ from mrn_engine.analysis.metrics import (
     roc_points,
 )
 from mrn_engine.analysis.report import write_report
+from mrn_engine.data.roi_subsets import MASK_SUBSETS, ROI_SHORT, subset_key
 
 __all__ = [
     "MASK_SUBSETS",
     "ROI_SHORT",
-    "AblationResult",
+    "TABLE_COLUMNS",
+    "THRESHOLD",
     "BinaryMetrics",
     "binary_metrics",
     "ensemble_metrics",
     "fold_metrics",
-    "masking_markdown",
     "masking_metrics",
     "roc_points",
-    "run_masking_analysis",
     "subset_key",
     "write_report",
 ]

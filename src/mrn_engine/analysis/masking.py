@@ -2,54 +2,24 @@
 
 A masked ROI's input is replaced by an empty (all-zero) volume. The predictor computes the
 masked probabilities from cached ROI tokens (``MRNPredictor.masking_table``); this module
-orders the 16 subsets like the paper and turns per-case probabilities into a table.
+turns the per-case records of the 16 subsets (Table 4 order, ``mrn_engine.data.roi_subsets``)
+into a table.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 
-from mrn_engine.analysis.metrics import THRESHOLD, binary_metrics
+from mrn_engine.analysis.metrics import binary_metrics
 from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.data.roi_subsets import MASK_SUBSETS, ROI_SHORT, subset_key
 from mrn_engine.errors import InputDataError
-
-#: short column names of the ROIs in Table 4
-ROI_SHORT: dict[str, str] = {
-    "nm_sn": "NM",
-    "qsm_bg": "QSM1",
-    "qsm_midbrain": "QSM2",
-    "qsm_dentate": "QSM3",
-}
-
-#: the 16 subsets: no masking, the 4 singles, 6 pairs, 4 triples, all four (Table 4 order)
-MASK_SUBSETS: tuple[frozenset[str], ...] = tuple(
-    frozenset(c)
-    for size in range(len(ROI_NAMES) + 1)
-    for c in itertools.combinations(ROI_NAMES, size)
-)
-
-
-def subset_key(masked: Sequence[str] | frozenset[str]) -> str:
-    """Stable text key of a subset: ``none`` or short names joined by ``+`` in ROI order."""
-    names = [ROI_SHORT[n] for n in ROI_NAMES if n in masked]
-    return "+".join(names) if names else "none"
-
-
-def parse_subset_key(key: str) -> frozenset[str]:
-    """Inverse of :func:`subset_key`."""
-    if key == "none":
-        return frozenset()
-    inverse = {v: k for k, v in ROI_SHORT.items()}
-    try:
-        return frozenset(inverse[p] for p in key.split("+"))
-    except KeyError:
-        raise InputDataError(f"masking table: unknown ROI subset {key!r}") from None
+from mrn_engine.results import THRESHOLD, Probabilities
 
 
 def masking_metrics(
-    case_tables: Mapping[str, Sequence[Mapping[str, object]]],
+    case_tables: Mapping[str, Sequence[Probabilities]],
     labels: Mapping[str, int],
     *,
     threshold: float = THRESHOLD,
@@ -58,7 +28,7 @@ def masking_metrics(
 
     Parameters
     ----------
-    case_tables: case id -> the predictor's ``masking_table`` rows (``masked``, ``p_pd``).
+    case_tables: case id -> the predictor's ``masking_table`` (one record per subset).
     labels: case id -> 0/1 truth; cases without a label are skipped.
 
     Returns
@@ -71,10 +41,8 @@ def masking_metrics(
         raise InputDataError("masking analysis: no labelled case among the predicted cases")
     by_subset: dict[frozenset[str], dict[str, float]] = {s: {} for s in MASK_SUBSETS}
     for cid in cases:
-        for row in case_tables[cid]:
-            masked = row["masked"]
-            key = parse_subset_key(masked) if isinstance(masked, str) else frozenset(masked)  # type: ignore[arg-type]
-            by_subset.setdefault(key, {})[cid] = float(row["p_pd"])  # type: ignore[arg-type]
+        for probs in case_tables[cid]:
+            by_subset.setdefault(probs.masked, {})[cid] = probs.p_pd
     out: list[dict[str, object]] = []
     base_acc = math.nan
     for subset in MASK_SUBSETS:

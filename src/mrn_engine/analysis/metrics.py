@@ -22,9 +22,7 @@ from sklearn.metrics import (
 )
 
 from mrn_engine.errors import InputDataError
-
-#: probability threshold for the PD call (P(PD) >= threshold -> PD)
-THRESHOLD = 0.5
+from mrn_engine.results import THRESHOLD
 
 
 @dataclass

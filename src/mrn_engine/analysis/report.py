@@ -22,46 +22,23 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mrn_engine.analysis.masking import ROI_SHORT
 from mrn_engine.analysis.metrics import binary_metrics, ensemble_metrics, fold_metrics, roc_points
-from mrn_engine.analysis.tables import read_csv
+from mrn_engine.bundle import CONFIG_FILE, METRICS_FILE, fold_dirs, read_info, read_oof
 from mrn_engine.config import atomic_write_text
 from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.data.roi_subsets import ROI_SHORT
+from mrn_engine.data.tables import read_csv
 from mrn_engine.errors import InputDataError
 
 Rows = Sequence[Mapping[str, object]]
 
 
 # ---------------------------------------------------------------------------- inputs
-def _fold_dirs(run_dir: Path) -> dict[int, Path]:
-    out = {}
-    for d in sorted(run_dir.glob("fold_*")):
-        if d.is_dir() and d.name[5:].isdigit():
-            out[int(d.name[5:])] = d
-    return out
-
-
-def _read_oof(folds: Mapping[int, Path]) -> dict[int, list[dict[str, object]]]:
-    out: dict[int, list[dict[str, object]]] = {}
-    for k, d in folds.items():
-        p = d / "oof.csv"
-        if p.is_file():
-            rows = read_csv(p, required=("case_id", "label", "p_pd"))
-            try:
-                out[k] = [
-                    {"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])}
-                    for r in rows
-                ]
-            except ValueError as e:
-                raise InputDataError(f"{p}: bad label or probability ({e})") from e
-    return out
-
-
 def _read_losses(folds: Mapping[int, Path]) -> dict[int, dict[str, np.ndarray]]:
     """Per fold, column -> values of the numeric columns of ``metrics.csv`` (x in ``epoch``)."""
     out: dict[int, dict[str, np.ndarray]] = {}
     for k, d in folds.items():
-        p = d / "metrics.csv"
+        p = d / METRICS_FILE
         if not p.is_file():
             continue
         rows = read_csv(p)
@@ -322,17 +299,13 @@ def write_report(
         eval_predictions = ablation / "predictions.csv"
     if masking_table is None and (ablation / "masking_table.csv").is_file():
         masking_table = ablation / "masking_table.csv"
-    config_text = (
-        (run_dir / "config.json").read_text() if (run_dir / "config.json").is_file() else ""
-    )
-    info = {}
-    if (run_dir / "bundle.json").is_file():
-        try:
-            info = json.loads((run_dir / "bundle.json").read_text())
-        except json.JSONDecodeError:
-            info = {}
-    folds = _fold_dirs(run_dir)
-    oof = _read_oof(folds)
+    config_text = (run_dir / CONFIG_FILE).read_text() if (run_dir / CONFIG_FILE).is_file() else ""
+    try:
+        info = read_info(run_dir)
+    except InputDataError:  # a damaged bundle.json only loses its section of the report
+        info = {}
+    folds = fold_dirs(run_dir)
+    oof = read_oof(run_dir)
     losses = _read_losses(folds)
     held = _load_rows(eval_predictions)
     masking = _load_rows(masking_table)

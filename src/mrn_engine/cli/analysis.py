@@ -22,7 +22,7 @@ def ablate_rois_cmd(
     quiet: bool,
 ) -> None:
     """ROI masking analysis on labelled cases: no masking + the 15 masked ROI subsets."""
-    from mrn_engine.analysis import masking_markdown, run_masking_analysis
+    from mrn_engine.workflows import masking_markdown, run_masking_analysis
 
     predictor = build_predictor(model, folds, tta, device, ignore_masks)
     result = run_masking_analysis(predictor, cases_dir, out, progress=not quiet)

@@ -43,7 +43,7 @@ def demo_cmd(
     quiet: bool,
 ) -> None:
     """Run the whole MRN job on a built-in synthetic (phantom) cohort, on CPU."""
-    from mrn_engine.training.demo import DEFAULT, QUICK, run_demo
+    from mrn_engine.workflows.demo import DEFAULT, QUICK, run_demo
 
     if threads:
         import torch

@@ -132,11 +132,12 @@ def train_cmd(
 ) -> None:
     """Train the k-fold MRN ensemble on the labelled cases of CASES_ROOT
     (train_cases.csv + val_cases.csv) into a model bundle."""
+    from mrn_engine.bundle import CONFIG_FILE
     from mrn_engine.training.cv import train_bundle
 
     _threads(threads)
-    if resume and config is None and (out / "config.json").is_file():
-        config = out / "config.json"
+    if resume and config is None and (out / CONFIG_FILE).is_file():
+        config = out / CONFIG_FILE
     cfg = build_config(
         preset,
         config,
@@ -205,7 +206,7 @@ def compare_cmd(
     quiet: bool,
 ) -> None:
     """Train MRN and the paper's baselines on the same folds and print the comparison table."""
-    from mrn_engine.training.compare import compare_variants, comparison_markdown
+    from mrn_engine.workflows.compare import compare_variants, comparison_markdown
 
     _threads(threads)
     cfg = build_config(

@@ -6,7 +6,6 @@ from mrn_engine.data.cases import (
     case_table,
     check_duplicates,
     discover_cases,
-    file_sha256,
     find_label_splits,
     find_labels,
     load_case,
@@ -29,8 +28,12 @@ from mrn_engine.data.nifti import (
     same_grid,
     save_volume,
 )
+from mrn_engine.data.roi_subsets import MASK_SUBSETS, ROI_SHORT, parse_subset_key, subset_key
+from mrn_engine.runtime import file_sha256
 
 __all__ = [
+    "MASK_SUBSETS",
+    "ROI_SHORT",
     "NM_LABELS",
     "NUCLEUS_COLOURS",
     "QSM_LABELS",
@@ -51,7 +54,9 @@ __all__ = [
     "find_labels",
     "load_case",
     "load_volume",
+    "parse_subset_key",
     "read_labels_csv",
     "same_grid",
     "save_volume",
+    "subset_key",
 ]

@@ -8,7 +8,6 @@ them). Labels come from headerless ``case_id,label`` CSVs (0 = HC, 1 = PD).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 import warnings
@@ -24,6 +23,7 @@ from mrn_engine.data.nifti import (
     nifti_path,
 )
 from mrn_engine.errors import InputDataError, MRNWarning
+from mrn_engine.runtime import file_sha256
 
 #: folder names that are case folders even before looking inside
 CASE_DIR_PATTERN = re.compile(r"^RJPD_\d+$")
@@ -313,15 +313,6 @@ def load_case(
         check_same_grid(qsm, qsm_mask, "mask must share its image's grid")
         check_mask_labels(qsm_mask, QSM_LABELS, "QSM_mask")
     return Case(cid, nm, qsm, t1, nm_mask, qsm_mask, label, files)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_duplicates(cases: list[CaseFiles], *, warn: bool = True) -> list[tuple[str, str]]:

@@ -1,6 +1,10 @@
-"""Inference: model bundles, the fold-ensemble + TTA predictor, ROI masking, submission writer."""
+"""Inference: the fold-ensemble + TTA predictor, mask sources, ROI masking, submission writer.
 
-from mrn_engine.inference.bundle import (
+The bundle helpers (``open_bundle``, ``read_oof``, demo-bundle record) live in
+``mrn_engine.bundle`` and are re-exported here for callers of the older API.
+"""
+
+from mrn_engine.bundle import (
     ModelBundle,
     demo_record_path,
     last_demo_bundle,
@@ -8,8 +12,9 @@ from mrn_engine.inference.bundle import (
     read_oof,
     record_demo_bundle,
 )
-from mrn_engine.inference.device import resolve_device
-from mrn_engine.inference.predictor import CasePrediction, MRNPredictor, Segmenter
+from mrn_engine.inference.mask_source import MaskSource, Segmenter
+from mrn_engine.inference.masking import RoiMasker
+from mrn_engine.inference.predictor import CasePrediction, MRNPredictor
 from mrn_engine.inference.submission import (
     SubmissionResult,
     iter_predictions,
@@ -17,20 +22,25 @@ from mrn_engine.inference.submission import (
     write_case_outputs,
     write_pd_pred,
 )
+from mrn_engine.results import Probabilities
+from mrn_engine.runtime import resolve_device
 
 __all__ = [
     "CasePrediction",
     "MRNPredictor",
+    "MaskSource",
     "ModelBundle",
+    "Probabilities",
+    "RoiMasker",
     "Segmenter",
-    "demo_record_path",
-    "last_demo_bundle",
-    "record_demo_bundle",
     "SubmissionResult",
+    "demo_record_path",
     "iter_predictions",
+    "last_demo_bundle",
     "open_bundle",
     "predict_cases",
     "read_oof",
+    "record_demo_bundle",
     "resolve_device",
     "write_case_outputs",
     "write_pd_pred",

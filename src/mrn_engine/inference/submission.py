@@ -20,9 +20,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mrn_engine.analysis.tables import write_csv, write_json
 from mrn_engine.config import atomic_write_text
+from mrn_engine.data.tables import write_csv, write_json
 from mrn_engine.errors import InputDataError, MRNError
+from mrn_engine.results import THRESHOLD
 
 #: per-case output file names (challenge Docker route)
 NM_PRED = "NM_pred.nii.gz"
@@ -238,7 +239,7 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         "model": str(predictor.bundle.root)
         if getattr(predictor, "bundle", None) is not None
         else None,
-        "threshold": 0.5,
+        "threshold": THRESHOLD,
     }
     write_json({"meta": meta, "cases": json_rows}, out / PROB_JSON)
     write_json(result.errors, out / ERRORS_JSON)

@@ -33,6 +33,7 @@ import torch
 from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import ConfigError
+from mrn_engine.runtime import resolve_device
 
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
@@ -136,9 +137,7 @@ def bench_model(
     from mrn_engine.models.factory import build_model, build_training_wrapper, param_groups
     from mrn_engine.models.losses import compute_losses
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
+    dev = resolve_device(device)
     log = log or (lambda _msg: None)
     cfg = cfg.replace(model={"allow_random_init": True, "backbone_weights": None})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()

@@ -19,7 +19,6 @@ are *not* supported: they are recognised and refused with a message saying so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from mrn_engine.errors import WeightsError
+from mrn_engine.runtime import file_sha256
 
 #: keys a classifier checkpoint may carry that our head-less backbone does not have
 _IGNORED_PREFIXES = ("head.", "fc_norm.")
@@ -37,15 +37,6 @@ _IGNORED_PREFIXES = ("head.", "fc_norm.")
 _TRANSFORMERS_KEY = re.compile(
     r"(^|\.)(encoder\.layer\.\d+\.|embeddings\.(patch_embeddings|position_embeddings|cls_token))"
 )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

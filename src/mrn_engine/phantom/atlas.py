@@ -28,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mrn_engine.config import cache_dir
 from mrn_engine.errors import InputDataError
 
 #: bump when the derived atlas changes (invalidates on-disk caches)
@@ -89,17 +90,8 @@ class MNIAtlas:
     CHANNELS = ("t1", "gm", "wm", "brain", "depigment")
 
     @property
-    def qsm_labels(self) -> np.ndarray:
-        return self.codes & (NM_BIT - 1)
-
-    @property
     def nm_region(self) -> np.ndarray:
         return (self.codes & NM_BIT) > 0
-
-
-def cache_dir() -> Path:
-    """Directory of derived files (``$MRN_CACHE_DIR``, default ``~/.cache/mrn``)."""
-    return Path(os.environ.get("MRN_CACHE_DIR", Path.home() / ".cache" / "mrn")).expanduser()
 
 
 def subcortex_atlas_dir() -> Path:

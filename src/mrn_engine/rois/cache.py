@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrn_engine.config import RoiConfig, RunConfig
+from mrn_engine.config import RoiConfig, RunConfig, cache_dir
 from mrn_engine.data.cases import CaseFiles, load_case
 from mrn_engine.errors import MRNWarning
 from mrn_engine.rois.boxes import CropBox
@@ -29,14 +29,11 @@ from mrn_engine.rois.extract import RoiCrop, extract_rois
 
 #: bump when the stored layout or the extraction changes
 CACHE_VERSION = 1
-#: environment variable that moves the default cache folder
-CACHE_ENV = "MRN_CACHE_DIR"
 
 
 def default_cache_dir() -> Path:
     """``$MRN_CACHE_DIR/rois`` or ``~/.cache/mrn/rois``."""
-    base = os.environ.get(CACHE_ENV)
-    return (Path(base) if base else Path.home() / ".cache" / "mrn") / "rois"
+    return cache_dir() / "rois"
 
 
 #: ``RoiConfig`` fields added later -> the value that leaves the hash unchanged (their default,

@@ -21,21 +21,22 @@ from mrn_engine.segmentation.metrics import (
     region_score,
 )
 from mrn_engine.segmentation.predict import (
+    MaskProblem,
     NNUNetSegmenter,
     SegmentationError,
-    check_roi_labels,
     find_nnunet_dir,
+    mask_pair_problems,
 )
 from mrn_engine.segmentation.train import SegTrainConfig, train_segmentation
 
 __all__ = [
     "DatasetSpec",
     "LabelScore",
+    "MaskProblem",
     "NNUNetSegmenter",
     "SegTrainConfig",
     "SegmentationError",
     "case_summary",
-    "check_roi_labels",
     "dataset_json",
     "default_specs",
     "dice",
@@ -45,6 +46,7 @@ __all__ = [
     "find_nnunet_dir",
     "hausdorff95",
     "label_scores",
+    "mask_pair_problems",
     "region_score",
     "train_segmentation",
 ]

@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mrn_engine.bundle import NNUNET_DIR
 from mrn_engine.data import Case, CaseFiles, Volume, load_case
 from mrn_engine.data.labels import NM_LABELS, QSM_LABELS, ROIS
 from mrn_engine.errors import InputDataError, MRNWarning, WeightsError
+from mrn_engine.runtime import resolve_device
 from mrn_engine.segmentation.env import nnunet_environment
 from mrn_engine.segmentation.export import MODALITIES
 
@@ -33,12 +36,26 @@ class SegmentationError(InputDataError):
     """A predicted mask is unusable for a case (e.g. a whole ROI's nuclei are missing)."""
 
 
-def check_roi_labels(nm_mask: Volume | np.ndarray, qsm_mask: Volume | np.ndarray) -> list[str]:
-    """Problems of a mask pair for cropping the four MRN ROIs (empty list = usable).
+@dataclass(frozen=True)
+class MaskProblem:
+    """One problem of a predicted mask pair for cropping an MRN ROI.
 
-    One message per ROI whose labels are all absent (the ROI cannot be cropped) and per nucleus
-    type absent from an otherwise present ROI (the crop may be misplaced).
+    ``fatal``: none of the ROI's labels is present (the ROI cannot be located); otherwise one
+    nucleus type is missing from a present ROI (the crop may be misplaced).
     """
+
+    roi: str
+    message: str
+    fatal: bool
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def mask_pair_problems(
+    nm_mask: Volume | np.ndarray, qsm_mask: Volume | np.ndarray
+) -> list[MaskProblem]:
+    """Problems of a mask pair for cropping the four MRN ROIs (empty list = usable)."""
     arrays = {
         "NM": np.asarray(nm_mask.array if isinstance(nm_mask, Volume) else nm_mask),
         "QSM": np.asarray(qsm_mask.array if isinstance(qsm_mask, Volume) else qsm_mask),
@@ -49,28 +66,31 @@ def check_roi_labels(nm_mask: Volume | np.ndarray, qsm_mask: Volume | np.ndarray
         have = present[roi.modality]
         if not have.intersection(roi.labels):
             problems.append(
-                f"ROI {roi.name} ({roi.title}): none of its labels {list(roi.labels)} is present in "
-                f"the {roi.modality} mask, so the ROI cannot be located"
+                MaskProblem(
+                    roi.name,
+                    f"ROI {roi.name} ({roi.title}): none of its labels {list(roi.labels)} is "
+                    f"present in the {roi.modality} mask, so the ROI cannot be located",
+                    fatal=True,
+                )
             )
             continue
         for cls_name, labels in zip(roi.classes, roi.source_labels, strict=True):
             if not have.intersection(labels):
                 problems.append(
-                    f"ROI {roi.name} ({roi.title}): nucleus {cls_name} (labels {list(labels)}) is "
-                    f"missing from the {roi.modality} mask"
+                    MaskProblem(
+                        roi.name,
+                        f"ROI {roi.name} ({roi.title}): nucleus {cls_name} (labels "
+                        f"{list(labels)}) is missing from the {roi.modality} mask",
+                        fatal=False,
+                    )
                 )
     return problems
-
-
-def fatal_problems(problems: list[str]) -> list[str]:
-    """The problems that make a ROI impossible to crop."""
-    return [p for p in problems if "cannot be located" in p]
 
 
 def find_nnunet_dir(path: str | os.PathLike) -> Path:
     """``BUNDLE`` or ``BUNDLE/nnunet`` -> the folder holding ``NM/`` and ``QSM/``."""
     path = Path(path)
-    for cand in (path / "nnunet", path):
+    for cand in (path / NNUNET_DIR, path):
         if all((cand / m).is_dir() for m in MODALITIES):
             return cand
     raise WeightsError(
@@ -99,18 +119,6 @@ def _check_model_dir(model_dir: Path, folds: list[int | str], checkpoint_name: s
             raise WeightsError(f"{ckpt}: checkpoint of fold {f} not found")
 
 
-def _device(device: Any):
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise WeightsError(f"device {device!r} requested but no CUDA GPU is available")
-    return torch.device(device)
-
-
 class NNUNetSegmenter:
     """NM + QSM nucleus segmentation with trained nnU-Net v2 models, in this process.
 
@@ -132,7 +140,7 @@ class NNUNetSegmenter:
         if not 0 < tile_step_size <= 1:
             raise WeightsError(f"tile_step_size must lie in (0, 1], got {tile_step_size}")
         self.model_dirs = {m: Path(p) for m, p in model_dirs.items()}
-        self.device = _device(device)
+        self.device = resolve_device("auto" if device is None else device)
         self.use_mirroring = use_mirroring
         self.tile_step_size = float(tile_step_size)
         self.checkpoint_name = checkpoint_name
@@ -268,8 +276,8 @@ class NNUNetSegmenter:
             case = load_case(case)
         nm_mask = self.predict_volume(case.nm, "NM")
         qsm_mask = self.predict_volume(case.qsm, "QSM")
-        problems = check_roi_labels(nm_mask, qsm_mask)
-        fatal = fatal_problems(problems)
+        problems = mask_pair_problems(nm_mask, qsm_mask)
+        fatal = [p.message for p in problems if p.fatal]
         if fatal and strict:
             raise SegmentationError(
                 f"{case.case_id}: predicted masks unusable: " + "; ".join(fatal)

@@ -10,7 +10,6 @@ model folder is copied into ``BUNDLE/nnunet/{NM,QSM}/``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -21,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from mrn_engine.bundle import NNUNET_DIR
 from mrn_engine.config import atomic_write_text
 from mrn_engine.errors import ConfigError, InputDataError
+from mrn_engine.runtime import file_sha256, resolve_device, seed_everything
 from mrn_engine.segmentation.env import nnunet_environment
 from mrn_engine.segmentation.export import (
     MODALITIES,
@@ -57,19 +58,6 @@ class SegTrainConfig:
     threads: int | None = None  #: torch CPU threads during training (None = unchanged)
     seed: int = 12345  #: cross-validation split and training RNGs (python, numpy, torch)
     specs: dict[str, DatasetSpec] = field(default_factory=default_specs)
-
-
-def resolve_device(device: str):
-    """``auto`` -> cuda when available, else cpu (a :class:`torch.device`)."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
-    return torch.device(device)
 
 
 @contextlib.contextmanager
@@ -202,23 +190,15 @@ def _quiet(enabled: bool) -> Iterator[None]:
         yield
 
 
-def seed_everything(seed: int, fold: int | str) -> None:
-    """Seed python, numpy and torch for one fold's training.
+def fold_seed(seed: int, fold: int | str) -> int:
+    """The RNG seed of one nnU-Net fold's training (``fold`` may be ``"all"``).
 
-    nnU-Net does not seed: its sampling and augmentation draw from these global RNGs (in this
+    nnU-Net does not seed: its sampling and augmentation draw from the global RNGs (in this
     process when ``num_processes`` is 0), so a CPU run with the same seed, data and thread count
     repeats itself. With augmentation workers or on a GPU it is only statistically repeatable.
     """
-    import random
-
-    import numpy as np
-    import torch
-
     fold_offset = 0 if fold == "all" else int(fold) + 1
-    value = (int(seed) * 1000 + fold_offset) % (2**32)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
+    return (int(seed) * 1000 + fold_offset) % (2**32)
 
 
 def train_fold(
@@ -239,7 +219,7 @@ def train_fold(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        seed_everything(cfg.seed, fold)
+        seed_everything(fold_seed(cfg.seed, fold))
         with _quiet(not progress):
             trainer = nnUNetTrainerMRN(
                 plans=plans,
@@ -263,14 +243,6 @@ def train_fold(
     return Path(trainer.output_folder_base)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def copy_model_to_bundle(
     model_dir: Path,
     bundle: str | os.PathLike,
@@ -279,7 +251,7 @@ def copy_model_to_bundle(
     provenance: dict,
 ) -> Path:
     """Copy a trained nnU-Net model folder into ``BUNDLE/nnunet/<modality>/`` (all or nothing)."""
-    dest = Path(bundle) / "nnunet" / modality
+    dest = Path(bundle) / NNUNET_DIR / modality
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{modality}."))
     try:
@@ -294,7 +266,7 @@ def copy_model_to_bundle(
                 )
             (tmp / f"fold_{fold}").mkdir()
             shutil.copyfile(src, tmp / f"fold_{fold}" / "checkpoint_final.pth")
-            checksums[f"fold_{fold}/checkpoint_final.pth"] = _sha256(src)
+            checksums[f"fold_{fold}/checkpoint_final.pth"] = file_sha256(src)
         provenance = {**provenance, "sha256": checksums}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
         old = None

@@ -1,5 +1,5 @@
 """Training: k-fold splits, ROI-stack datasets and augmentation, the epoch loop with
-checkpoints/resume, k-fold model bundles, baseline comparison and the synthetic demo."""
+checkpoints/resume and k-fold model bundles (the demo and the comparison: ``workflows``)."""
 
 from mrn_engine.training.augment import RoiAugmenter, build_roi_transform
 from mrn_engine.training.checkpoint import (
@@ -9,12 +9,6 @@ from mrn_engine.training.checkpoint import (
     save_checkpoint,
     save_state_dict,
 )
-from mrn_engine.training.compare import (
-    VARIANTS,
-    compare_variants,
-    comparison_markdown,
-    variant_config,
-)
 from mrn_engine.training.cv import (
     LabelledCohort,
     load_labelled_cohort,
@@ -22,18 +16,12 @@ from mrn_engine.training.cv import (
     train_bundle,
 )
 from mrn_engine.training.dataset import RoiStackDataset, make_loader
-from mrn_engine.training.demo import DEFAULT, QUICK, DemoSize, run_demo
-from mrn_engine.training.evaluate import heldout_metrics, oof_metrics, read_bundle_oof
 from mrn_engine.training.objective import MRNObjective
 from mrn_engine.training.optim import build_optimizer, parameter_groups
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
 from mrn_engine.training.trainer import FoldResult, predict_dataset, train_fold
 
 __all__ = [
-    "DEFAULT",
-    "QUICK",
-    "VARIANTS",
-    "DemoSize",
     "Fold",
     "FoldResult",
     "LabelledCohort",
@@ -42,25 +30,18 @@ __all__ = [
     "RoiStackDataset",
     "build_optimizer",
     "build_roi_transform",
-    "compare_variants",
-    "comparison_markdown",
-    "heldout_metrics",
     "latest_checkpoint",
     "load_checkpoint",
     "load_labelled_cohort",
     "load_state_dict",
     "make_folds",
     "make_loader",
-    "oof_metrics",
     "parameter_groups",
     "predict_dataset",
     "prepare_bundle",
-    "read_bundle_oof",
-    "run_demo",
     "save_checkpoint",
     "save_state_dict",
     "train_bundle",
     "train_fold",
-    "variant_config",
     "warn_split_duplicates",
 ]

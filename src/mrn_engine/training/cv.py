@@ -3,18 +3,16 @@
 ``BUNDLE/`` holds ``config.json`` (RunConfig), ``bundle.json`` (folds with their train/val case
 ids, cohort root, weights provenance, sha256 of each fold's weights, created time, code
 version) and ``fold_k/`` per fold (``model.safetensors``, ``config.json``, ``metrics.csv``,
-``oof.csv``, ``optimizer.pt``, ``checkpoints/``). Each fold can be trained alone (``folds=[k]``)
-so folds can run in parallel processes on one bundle: every read-modify-write of
-``bundle.json`` holds an exclusive lock on ``BUNDLE/.bundle.lock`` (:func:`bundle_lock`).
+``oof.csv``, ``optimizer.pt``, ``checkpoints/``); the layout is ``mrn_engine.bundle``'s. Each
+fold can be trained alone (``folds=[k]``) so folds can run in parallel processes on one bundle:
+every read-modify-write of ``bundle.json`` holds ``mrn_engine.bundle.bundle_lock``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,10 +20,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mrn_engine.config import RunConfig, atomic_write_text
-from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, file_sha256, find_labels
+from mrn_engine.bundle import DONE_FILE, create_bundle, fold_dir, update_bundle_weights
+from mrn_engine.config import RunConfig
+from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, find_labels
 from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.rois import RoiCache
+from mrn_engine.runtime import seed_everything
 from mrn_engine.training.augment import RoiAugmenter
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
@@ -33,40 +33,10 @@ from mrn_engine.training.trainer import (
     FoldResult,
     check_stages,
     epoch_seed,
-    seed_everything,
     train_fold,
 )
 
-try:  # POSIX advisory file locks; absent on Windows
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
 BUNDLE_FORMAT = 1
-#: lock file beside ``bundle.json`` (parallel ``--fold`` processes)
-LOCK_NAME = ".bundle.lock"
-
-
-@contextlib.contextmanager
-def bundle_lock(out: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive inter-process lock on ``out/.bundle.lock`` (``fcntl.flock``).
-
-    Parallel ``mrn train --fold k`` processes on one bundle read, modify and rewrite
-    ``bundle.json``; the lock makes each read-modify-write atomic with respect to the others
-    (the write itself stays an atomic replace). Where ``fcntl`` is missing (Windows) there is
-    no lock: folds then have to be trained in one process or one after another.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    with open(out / LOCK_NAME, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass
@@ -161,52 +131,8 @@ def prepare_bundle(
     folds = make_folds(cohort.labels, cfg.train.folds, cfg.train.cv_seed)
     warn_split_duplicates(folds, cohort.duplicates)
     info = _bundle_info(cohort, folds, cfg, provenance)
-    with bundle_lock(out):  # check-or-create, atomic with respect to parallel folds
-        return _check_or_create_bundle(out, info, cfg, folds)
-
-
-def _check_or_create_bundle(
-    out: Path, info: dict, cfg: RunConfig, folds: list[Fold]
-) -> tuple[Path, list[Fold]]:
-    if (out / "bundle.json").is_file():
-        old = json.loads((out / "bundle.json").read_text())
-        old_cfg = (
-            RunConfig.load(out / "config.json").to_dict()
-            if (out / "config.json").is_file()
-            else None
-        )
-        if old.get("folds") != info["folds"] or _json(old_cfg) != _json(cfg.to_dict()):
-            raise ConfigError(
-                f"{out}: already holds a bundle with other folds or another configuration; "
-                "use a new --out folder"
-            )
-        return out, folds
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
-    atomic_write_text(out / "bundle.json", json.dumps(info, indent=2))
+    create_bundle(out, cfg, info)
     return out, folds
-
-
-def _json(x: Any) -> Any:
-    return json.loads(json.dumps(x))
-
-
-def update_bundle_weights(out: str | os.PathLike) -> dict:
-    """Record the sha256 of every fold's ``model.safetensors`` in ``bundle.json``.
-
-    Read, update and atomic rewrite happen under :func:`bundle_lock`, so a fold finished by a
-    parallel process is never dropped by a concurrent update.
-    """
-    out = Path(out)
-    with bundle_lock(out):
-        info = json.loads((out / "bundle.json").read_text())
-        info["weights"] = {
-            d.name: file_sha256(d / "model.safetensors")
-            for d in sorted(out.glob("fold_*"))
-            if (d / "model.safetensors").is_file()
-        }
-        atomic_write_text(out / "bundle.json", json.dumps(info, indent=2))
-    return info
 
 
 def cache_rois(
@@ -255,9 +181,9 @@ def train_bundle(
     results = []
     for k in wanted:
         fold = all_folds[k]
-        fold_dir = out / f"fold_{k}"
-        if resume and (fold_dir / "done.json").is_file():
-            results.append(FoldResult(fold=k, out_dir=fold_dir, epochs_done=-1, finished=True))
+        fold_out = fold_dir(out, k)
+        if resume and (fold_out / DONE_FILE).is_file():
+            results.append(FoldResult(fold=k, out_dir=fold_out, epochs_done=-1, finished=True))
             continue
         seed_everything(epoch_seed(cfg.train.seed, k, 0))
         objective = MRNObjective(cfg)
@@ -276,7 +202,7 @@ def train_bundle(
                     train_ds,
                     val_ds,
                     cfg,
-                    fold_dir,
+                    fold_out,
                     fold=k,
                     resume=resume,
                     stop_after=stop_after,

@@ -15,12 +15,10 @@ the fold's ``model.safetensors``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,9 +30,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mrn_engine.bundle import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    DONE_FILE,
+    METRICS_FILE,
+    OOF_COLUMNS,
+    OOF_FILE,
+    OPTIMIZER_FILE,
+    WEIGHTS_FILE,
+)
 from mrn_engine.config import ModelConfig, RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.models.ensemble import autocast, inference_step, p_pd_of
 from mrn_engine.models.losses import loss_terms
+from mrn_engine.results import THRESHOLD
+from mrn_engine.runtime import resolve_device, seed_everything
 from mrn_engine.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -62,7 +73,6 @@ METRIC_FIELDS = (
     "lr_head",
     "seconds",
 )
-DONE = "done.json"
 
 
 @dataclass
@@ -75,26 +85,6 @@ class FoldResult:
     finished: bool
     metrics: list[dict[str, Any]] = field(default_factory=list)
     oof: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device {name!r}: not a device name (auto, cpu, cuda)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: CUDA is not available on this machine")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, fold: int, epoch: int) -> int:
@@ -113,13 +103,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
 def predict_dataset(
     objective: nn.Module,
     dataset: RoiStackDataset,
@@ -128,7 +111,11 @@ def predict_dataset(
     device: torch.device | None = None,
     amp: bool = False,
 ) -> list[dict[str, Any]]:
-    """P(PD) of every case of ``dataset`` (eval mode): rows ``{case_id, label, p_pd}``."""
+    """P(PD) of every case of ``dataset`` (eval mode): rows ``{case_id, label, p_pd}``.
+
+    Each batch goes through the predictor's inference step (``models.ensemble``): the same
+    ``inference_mode``, bf16 autocast rule and P(PD) read-out as ``MRNPredictor``.
+    """
     device = device or next(objective.parameters()).device
     was_training = objective.training
     objective.eval()
@@ -136,9 +123,8 @@ def predict_dataset(
     try:
         for batch in make_loader(dataset, batch_size, shuffle=False):
             batch = to_device(batch, device)
-            with _autocast(device, amp):
-                logits = objective.predict_logits(batch)
-            p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().tolist()
+            logits = inference_step(objective.predict_logits, batch, device=device, amp=amp)
+            p = p_pd_of(logits).cpu().tolist()
             for cid, lab, pp in zip(
                 batch["case_id"], batch["label"].cpu().tolist(), p, strict=True
             ):
@@ -156,7 +142,7 @@ def _val_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     y = np.array([r["label"] for r in rows])
     p = np.clip(np.array([r["p_pd"] for r in rows]), 1e-7, 1 - 1e-7)
     loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    acc = float(np.mean((p >= 0.5) == (y == 1)))
+    acc = float(np.mean((p >= THRESHOLD) == (y == 1)))
     auc = float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else math.nan
     return {"val_loss": loss, "val_acc": acc, "val_auc": auc}
 
@@ -231,7 +217,7 @@ def train_fold(
     model_cfg = getattr(getattr(objective, "cfg", None), "model", None)
     if isinstance(model_cfg, ModelConfig):  # the objective's own model (stand-ins have none)
         check_stages(cfg, model_cfg)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = out_dir / CHECKPOINTS_DIR
     device = resolve_device(tc.device)
     objective.to(device)
     optimizer = build_optimizer(objective, tc)
@@ -239,7 +225,7 @@ def train_fold(
     rows: list[dict[str, Any]] = []
     start = 1
 
-    if not resume and (out_dir / DONE).exists():
+    if not resume and (out_dir / DONE_FILE).exists():
         raise ConfigError(
             f"{out_dir}: fold already trained; pass resume to reuse it or choose another --out"
         )
@@ -259,7 +245,7 @@ def train_fold(
         rows = list(info.get("metrics", []))
         start = int(info["epoch"]) + 1
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.json")
+    cfg.save(out_dir / CONFIG_FILE)
     writer = _tensorboard(out_dir)
     # which backbone weights file (and its sha256) the student started from, in every checkpoint
     provenance = getattr(
@@ -296,7 +282,7 @@ def train_fold(
         )
         for batch in bar:
             batch = to_device(batch, device)
-            with _autocast(device, tc.amp):
+            with autocast(device, tc.amp):
                 out = objective(batch, stage=stage)
             loss = out["loss"]
             if not torch.isfinite(loss):
@@ -340,7 +326,7 @@ def train_fold(
             for k, v in row.items():
                 if isinstance(v, float) and math.isfinite(v):
                     writer.add_scalar(k, v, epoch)
-        write_rows_csv(out_dir / "metrics.csv", rows, METRIC_FIELDS)
+        write_rows_csv(out_dir / METRICS_FILE, rows, METRIC_FIELDS)
         save_checkpoint(
             ckpt_dir,
             epoch,
@@ -373,18 +359,18 @@ def train_fold(
             else []
         )
         write_rows_csv(
-            out_dir / "oof.csv",
+            out_dir / OOF_FILE,
             [{**r, "fold": fold} for r in oof],
-            ("case_id", "label", "p_pd", "fold"),
+            OOF_COLUMNS,
         )
         student = objective.student
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
             from mrn_engine.models import save_model  # provenance in the safetensors metadata
 
-            save_model(student, out_dir / "model.safetensors", cfg)
+            save_model(student, out_dir / WEIGHTS_FILE, cfg)
         else:
-            save_state_dict(student.state_dict(), out_dir / "model.safetensors")
-        save_torch(optimizer.state_dict(), out_dir / "optimizer.pt")
-        atomic_write_text(out_dir / DONE, json.dumps({"fold": fold, "epochs": last}))
+            save_state_dict(student.state_dict(), out_dir / WEIGHTS_FILE)
+        save_torch(optimizer.state_dict(), out_dir / OPTIMIZER_FILE)
+        atomic_write_text(out_dir / DONE_FILE, json.dumps({"fold": fold, "epochs": last}))
         result.oof = oof
     return result

@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mrn_engine.analysis.masking import TABLE_COLUMNS, masking_metrics
 from mrn_engine.analysis.metrics import ensemble_metrics
-from mrn_engine.analysis.tables import to_markdown, write_csv, write_json
 from mrn_engine.config import atomic_write_text
+from mrn_engine.data import find_labels
+from mrn_engine.data.roi_subsets import subset_key
+from mrn_engine.data.tables import to_markdown, write_csv, write_json
 from mrn_engine.errors import InputDataError
+from mrn_engine.inference import MRNPredictor, iter_predictions
+from mrn_engine.results import Probabilities
 
 METRIC_COLUMNS = ("set", "n", "accuracy", "auc", "f1", "f1_pd", "tn", "fp", "fn", "tp", "note")
 
@@ -38,7 +41,7 @@ class AblationResult:
 
 
 def run_masking_analysis(
-    predictor: Any,
+    predictor: MRNPredictor,
     cases_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -54,9 +57,6 @@ def run_masking_analysis(
     out_dir: where the tables go.
     labels: case id -> 0/1, overriding the label CSVs.
     """
-    from mrn_engine.data import find_labels
-    from mrn_engine.inference.submission import iter_predictions
-
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     if labels is None:
         labels = find_labels(cases_dir, check_cases=False)
@@ -66,7 +66,7 @@ def run_masking_analysis(
             "the masking analysis needs labelled cases"
         )
     result = AblationResult(out_dir)
-    case_tables: dict[str, list[dict[str, object]]] = {}
+    case_tables: dict[str, list[Probabilities]] = {}
     folds = list(predictor.folds)
     p_folds: list[list[float]] = []
     y: list[int] = []
@@ -94,8 +94,8 @@ def run_masking_analysis(
 
 def _write(
     result: AblationResult,
-    case_tables: dict[str, list[dict[str, object]]],
-    predictor: Any,
+    case_tables: dict[str, list[Probabilities]],
+    predictor: MRNPredictor,
     folds: list[int],
 ) -> None:
     out = result.out_dir
@@ -112,9 +112,9 @@ def _write(
     per_case = [
         {
             "case_id": cid,
-            "masked": r["masked"],
-            **{f"p_pd_fold{k}": p for k, p in zip(folds, r["p_pd_folds"], strict=True)},  # type: ignore[arg-type]
-            "p_pd": r["p_pd"],
+            "masked": subset_key(r.masked),
+            **{f"p_pd_fold{k}": p for k, p in zip(r.folds, r.p_pd_folds, strict=True)},
+            "p_pd": r.p_pd,
         }
         for cid, rows in case_tables.items()
         for r in rows

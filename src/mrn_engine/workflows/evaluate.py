@@ -1,33 +1,21 @@
-"""Scores of a trained bundle: out-of-fold (from ``fold_k/oof.csv``) and on held-out cases."""
+"""Scores of a trained bundle: out-of-fold (``bundle.read_oof``) and on held-out cases."""
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
 
+from mrn_engine.analysis import binary_metrics
+from mrn_engine.bundle import read_oof
 from mrn_engine.errors import InputDataError
+from mrn_engine.inference import MRNPredictor
+from mrn_engine.workflows.ablation import run_masking_analysis
 
 
-def read_bundle_oof(bundle: str | os.PathLike) -> list[dict[str, Any]]:
-    """All folds' out-of-fold rows ``{case_id, label, p_pd, fold}`` of a bundle."""
-    bundle = Path(bundle)
-    rows: list[dict[str, Any]] = []
-    for path in sorted(bundle.glob("fold_*/oof.csv")):
-        with open(path, newline="") as fh:
-            for r in csv.DictReader(fh):
-                try:
-                    rows.append(
-                        {
-                            "case_id": r["case_id"],
-                            "label": int(r["label"]),
-                            "p_pd": float(r["p_pd"]),
-                            "fold": int(r.get("fold") or -1),
-                        }
-                    )
-                except (KeyError, ValueError) as e:
-                    raise InputDataError(f"{path}: bad out-of-fold row {r} ({e})") from e
+def pooled_oof(bundle: str | os.PathLike) -> list[dict[str, Any]]:
+    """All folds' out-of-fold rows ``{case_id, label, p_pd, fold}`` of a bundle, pooled."""
+    rows = [r for fold_rows in read_oof(bundle).values() for r in fold_rows]
     if not rows:
         raise InputDataError(f"{bundle}: no fold_*/oof.csv (is the bundle trained?)")
     return rows
@@ -35,9 +23,7 @@ def read_bundle_oof(bundle: str | os.PathLike) -> list[dict[str, Any]]:
 
 def oof_metrics(bundle: str | os.PathLike) -> dict[str, Any]:
     """Accuracy / ROC AUC / F1 (macro) of the pooled out-of-fold predictions."""
-    from mrn_engine.analysis import binary_metrics
-
-    rows = read_bundle_oof(bundle)
+    rows = pooled_oof(bundle)
     m = binary_metrics(
         [r["label"] for r in rows], [r["p_pd"] for r in rows], where=f"{bundle} out-of-fold"
     )
@@ -57,9 +43,6 @@ def heldout_metrics(
     Writes the predictions and the 16-subset masking table to ``out_dir``
     (default ``BUNDLE/ablation``, where ``write_report`` looks). Returns the ensemble row.
     """
-    from mrn_engine.analysis import run_masking_analysis
-    from mrn_engine.inference import MRNPredictor
-
     bundle = Path(bundle)
     predictor = MRNPredictor.from_bundle(bundle, device=device)
     result = run_masking_analysis(

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError
 from mrn_engine.models.losses import loss_terms
+from mrn_engine.training.cv import train_bundle
+from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "mrn": {},
@@ -120,9 +122,6 @@ def compare_variants(
 
     Writes ``out/comparison.md`` and ``out/comparison.csv`` (rewritten after each variant).
     """
-    from mrn_engine.training.cv import train_bundle
-    from mrn_engine.training.evaluate import heldout_metrics, oof_metrics
-
     out = Path(out)
     cfgs = {v: variant_config(base, v) for v in variants}  # validate all names first
     rows: list[dict[str, Any]] = []

@@ -19,8 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrn_engine.analysis import write_report
+from mrn_engine.bundle import record_demo_bundle
 from mrn_engine.config import RunConfig, atomic_write_text, get_preset
 from mrn_engine.errors import ConfigError
+from mrn_engine.phantom import generate_cohort
+from mrn_engine.training.cv import train_bundle
+from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,6 @@ def demo_config(size: DemoSize, seed: int = 1, preset: str = "cpu-tiny") -> RunC
 
 def _record_bundle(bundle: Path, log) -> Path | None:
     """Record the demo bundle for napari-mrn; a cache folder that cannot be written is a note."""
-    from mrn_engine.inference.bundle import record_demo_bundle
-
     try:
         return record_demo_bundle(bundle)
     except OSError as e:
@@ -76,11 +79,6 @@ def run_demo(
 
     Re-running with the same arguments resumes: finished phantom cases and folds are kept.
     """
-    from mrn_engine.analysis import write_report
-    from mrn_engine.phantom import generate_cohort
-    from mrn_engine.training.cv import train_bundle
-    from mrn_engine.training.evaluate import heldout_metrics, oof_metrics
-
     if size.cases < 2 * size.folds or size.heldout < 2:
         raise ConfigError(
             f"demo: {size.cases} cases cannot make {size.folds} folds (need >= {2 * size.folds})"
