@@ -494,3 +494,29 @@ def test_panel_shows_engine_warnings_not_dependency_deprecations(panel):
     widget._on_warning(("RJPD_001: NM mask has no label 2", MRNWarning, "z.py", 3))
     assert widget.warnings == ["RJPD_001: NM mask has no label 2"]
     assert "no label 2" in widget.warning_label.text()
+
+
+def test_device_warning_names_the_slow_or_missing_device():
+    from napari_mrn._model import device_warning
+
+    assert device_warning("cuda", cuda_available=False).startswith("CUDA is not available")
+    for device in ("cpu", "auto"):
+        assert "Running on CPU" in device_warning(device, cuda_available=False)
+    assert "Running on CPU" in device_warning("cpu", cuda_available=True)
+    assert device_warning("auto", cuda_available=True) == ""
+    assert device_warning("cuda", cuda_available=True) == ""
+
+
+def test_unusable_bundle_is_a_message_naming_the_folder(panel, qtbot, tmp_path):
+    viewer, widget = panel
+    viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
+    not_a_bundle = tmp_path / "not_a_bundle"
+    not_a_bundle.mkdir()
+    widget.set_bundle(not_a_bundle)
+    assert widget.model.folds_spin.maximum() == 20  # no folds known
+    assert widget.run() is not None
+    wait_done(qtbot, widget)
+    text = widget.status.text()
+    assert text.startswith(str(not_a_bundle)) and "not a model bundle" in text, text
+    assert widget.session.result is None and widget.run_button.isEnabled()
+    assert not any(w.isEnabled() for w in result_controls(widget))

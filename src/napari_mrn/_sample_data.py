@@ -30,8 +30,6 @@ def sample_case(label: int) -> Case:
     from mrn_engine.phantom import make_phantom_case
 
     pc = make_phantom_case(label, seed=SAMPLE_SEEDS[label], case_id=SAMPLE_IDS[label])
-    if isinstance(pc, Case):
-        return pc
 
     def vol(array, kind: str) -> Volume:
         return Volume(array, pc.affine.copy(), None, None, kind)
@@ -40,7 +38,7 @@ def sample_case(label: int) -> Case:
         case_id=pc.case_id,
         nm=vol(pc.nm, "image"),
         qsm=vol(pc.qsm, "image"),
-        t1=vol(pc.t1, "image") if pc.t1 is not None else None,
+        t1=vol(pc.t1, "image"),
         nm_mask=vol(pc.nm_mask, "mask"),
         qsm_mask=vol(pc.qsm_mask, "mask"),
         label=pc.label,
