@@ -135,6 +135,24 @@ def _pasted(
     return paste_back_all(dict(crops), dict(classes), modality, shape).astype(np.uint8)
 
 
+def _segmentation(
+    case: Any, crops: Mapping[str, RoiCrop], seg_mean: Mapping[str, torch.Tensor]
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(seg_source, QSM labels, NM labels)``: the fold-mean DPT classes pasted back, or (for
+    models without DPT) the cropping masks restricted to the ROIs."""
+    if len(seg_mean) == len(ROI_NAMES):
+        source = "dpt"
+        classes = {n: seg_mean[n].argmax(dim=0).numpy().astype(np.int64) for n in ROI_NAMES}
+    else:
+        source = "input-masks"
+        classes = {
+            n: np.asarray(c.mask, dtype=np.int64) for n, c in crops.items() if c.mask is not None
+        }
+    qsm = _pasted(crops, classes, "QSM", volume_array(case.qsm).shape)
+    nm = _pasted(crops, classes, "NM", volume_array(case.nm).shape)
+    return source, qsm, nm
+
+
 class MRNPredictor:
     """Fold ensemble of one MRN (or baseline) network with optional mirror TTA.
 
@@ -302,16 +320,7 @@ class MRNPredictor:
             if progress:
                 progress((i + 2) / steps, f"{case.case_id}: fold {out.fold} P(PD)={out.p_pd:.3f}")
 
-        if len(seg_mean) == len(ROI_NAMES):
-            seg_source = "dpt"
-            classes = {n: seg_mean[n].argmax(dim=0).numpy().astype(np.int64) for n in ROI_NAMES}
-        else:
-            seg_source = "input-masks"
-            classes = {
-                n: np.asarray(c.mask, dtype=np.int64)
-                for n, c in crops.items()
-                if c.mask is not None
-            }
+        seg_source, nuclei, nm_nuclei = _segmentation(case, crops, seg_mean)
         probs = Probabilities.from_folds(self.folds, p_folds)
         if progress:
             progress(1.0, f"{case.case_id}: P(PD)={probs.p_pd:.3f}")
@@ -320,8 +329,8 @@ class MRNPredictor:
             case_id=case.case_id,
             probabilities=probs,
             roi_tokens=tokens,
-            nuclei=_pasted(crops, classes, "QSM", volume_array(case.qsm).shape),
-            nm_nuclei=_pasted(crops, classes, "NM", volume_array(case.nm).shape),
+            nuclei=nuclei,
+            nm_nuclei=nm_nuclei,
             boxes={n: crops[n].box for n in ROI_NAMES},
             label=getattr(case, "label", None),
             seg_source=seg_source,
