@@ -232,3 +232,79 @@ def test_compute_losses_stages():
     assert no_masks["seg"].item() == 0.0
     with pytest.raises(ConfigError, match="stage"):
         compute_losses(out, batch, "finetune", cfg)
+
+
+# ------------------------------------------------------------------ EMA momentum from the run length
+def test_momentum_half_life_is_the_stated_fraction_of_the_run():
+    from mrn_engine.models.moco import momentum_for_steps
+
+    for half_life, steps in ((0.05, 156), (0.05, 36000), (0.5, 10)):
+        m = momentum_for_steps(half_life, steps)
+        assert 0 < m < 1
+        assert m ** (half_life * steps) == pytest.approx(0.5, rel=1e-9)
+    # the demo's ~156 steps: the teacher forgets its random start (0.999 would keep 86 % of it)
+    assert momentum_for_steps(0.05, 156) ** 156 < 1e-5 < 0.999**156
+    with pytest.raises(ValueError, match="half-life"):
+        momentum_for_steps(0.0, 100)
+
+
+def test_wrapper_plans_its_momentum_only_with_a_half_life():
+    fixed_cfg = tiny_run(moco_momentum=0.999, moco_half_life=None)
+    fixed = MSupMoCo(build_model(fixed_cfg), fixed_cfg.model)
+    assert fixed.half_life is None and fixed.plan_steps(100) == 0.999
+    cfg = tiny_run(moco_half_life=0.1)
+    planned = MSupMoCo(build_model(cfg), cfg.model)
+    assert planned.plan_steps(40) == pytest.approx(0.5 ** (1 / 4))
+    assert planned.momentum == pytest.approx(0.5 ** (1 / 4))
+    assert get_preset("paper-vitb").model.moco_half_life is None  # the paper keeps 0.999
+    assert get_preset("paper-vitb").model.moco_momentum == 0.999
+    assert get_preset("cpu-tiny").model.moco_half_life == 0.05
+
+
+def test_key_spread_tells_a_collapsed_bank_from_a_separated_one():
+    from mrn_engine.models.moco import key_spread
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(1, 8, generator=g), dim=1)
+    collapsed = base.repeat(6, 1) + 1e-3 * torch.randn(6, 8, generator=g)
+    c = key_spread(collapsed, labels)
+    assert c["key_cos_within"] > 0.99 and c["key_cos_between"] > 0.99
+    centres = torch.tensor([[1.0] + [0.0] * 7, [-1.0] + [0.0] * 7])
+    separated = centres[labels] + 0.1 * torch.randn(6, 8, generator=g)
+    s = key_spread(separated, labels)
+    assert s["key_cos_within"] > 0.9 and s["key_cos_between"] < -0.9
+    one_class = key_spread(collapsed[:3], labels[:3])
+    assert math.isnan(one_class["key_cos_between"]) and one_class["key_cos_within"] > 0.99
+
+
+def test_training_logs_key_spread_and_plans_the_momentum(phantom_root, tmp_path):
+    from mrn_engine.models.moco import momentum_for_steps
+    from mrn_engine.training import cv
+    from mrn_engine.training.objective import MRNObjective
+
+    cfg = tiny_run().replace(train={"pretrain_epochs": 1, "epochs": 1, "folds": 2})
+    seen: list[int] = []
+    original = MRNObjective.plan_steps
+
+    def spy(self, planned_steps):
+        seen.append(planned_steps)
+        original(self, planned_steps)
+        assert self.wrapper.momentum == momentum_for_steps(0.05, planned_steps)
+
+    MRNObjective.plan_steps = spy
+    try:
+        cv.train_bundle(
+            phantom_root, tmp_path / "b", cfg, folds=[0], cache_dir=tmp_path / "c", progress=False
+        )
+    finally:
+        MRNObjective.plan_steps = original
+    # 8 cases, 2 folds: 4 training cases, batch 4 -> 1 step per epoch, 2 epochs
+    assert seen == [2]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "b" / "fold_0" / "metrics.csv").open()))
+    assert len(rows) == 2
+    for r in rows:
+        within, between = float(r["key_cos_within"]), float(r["key_cos_between"])
+        assert -1 <= between <= 1 and -1 <= within <= 1

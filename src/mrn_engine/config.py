@@ -86,6 +86,9 @@ class ModelConfig:
     drop_path: float = 0.2
     proj_dim: int = 128  #: mSupMoCo projection output
     moco_momentum: float = 0.999
+    #: if set, the EMA momentum is derived from the planned optimiser steps instead: the
+    #: teacher's half-life is this fraction of the run (``models.moco.momentum_for_steps``)
+    moco_half_life: float | None = None
     moco_bank_size: int = 1024  #: per class
     moco_temperature: float = 0.1
     lambda_seg: float = 1.0
@@ -238,7 +241,8 @@ def _cpu_tiny() -> RunConfig:
     m.drop_path = 0.1
     m.moco_bank_size = 128
     m.seres_widths = (16, 32, 64, 128)  # a quarter of the paper's widths: CPU-sized baseline
-    m.moco_momentum = 0.99
+    m.moco_momentum = 0.99  # unused: the half-life below sets it from the run length
+    m.moco_half_life = 0.05  # about 150 demo steps: m = 0.91, the teacher follows within 8 steps
     t = cfg.train
     t.pretrain_epochs, t.epochs = 1, 12  # tuned on phantoms: docs/results.md
     t.batch_size = 4

@@ -13,6 +13,7 @@ import warnings
 import click
 
 from mrn_engine.errors import MRNError
+from mrn_engine.threads import apply_default_threads
 
 #: modules of this package that add subcommands (a missing module is skipped)
 SUBCOMMAND_MODULES = (
@@ -31,7 +32,13 @@ SUBCOMMAND_MODULES = (
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="napari-mrn")
 def cli() -> None:
-    """MRN: Parkinson's disease vs healthy control from paired NM-MRI and QSM."""
+    """MRN: Parkinson's disease vs healthy control from paired NM-MRI and QSM.
+
+    CPU threads: unless OMP_NUM_THREADS or a command's --threads says otherwise, the cores
+    not already busy on this machine (1-minute load average), so a shared machine is not
+    oversubscribed.
+    """
+    apply_default_threads()
 
 
 def _register_all() -> None:

@@ -27,7 +27,9 @@ import click
 @click.option(
     "--workers", default=2, show_default=True, type=int, help="Processes for the phantom generator."
 )
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+@click.option(
+    "--threads", type=int, help="torch CPU threads (default: the cores not already busy)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(
     out: Path,

@@ -31,7 +31,10 @@ def bench_group() -> None:
 @click.option("--batch", default=4, show_default=True, help="Batch size of the training step.")
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per figure (median).")
 @click.option(
-    "--threads", default=None, type=int, help="torch intra-op threads on CPU (default: torch's)."
+    "--threads",
+    default=None,
+    type=int,
+    help="torch intra-op threads on CPU (default: the cores not already busy).",
 )
 @click.option("--no-train", is_flag=True, help="Skip the training-step measurement.")
 @click.option(

@@ -60,7 +60,9 @@ _common = [
         type=click.Path(exists=True, dir_okay=False),
         help="Local DINOv2 weights (.safetensors or Meta .pth) for the backbone.",
     ),
-    click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)."),
+    click.option(
+        "--threads", type=int, help="torch CPU threads (default: the cores not already busy)."
+    ),
     click.option("--quiet", is_flag=True, help="No progress bars."),
 ]
 

@@ -30,6 +30,44 @@ from mrn_engine.models.multiroi import MultiRoiClassifier
 from mrn_engine.models.outputs import MRNOutput
 
 
+def momentum_for_steps(half_life: float, planned_steps: int) -> float:
+    """EMA momentum whose half-life is ``half_life`` x the planned optimiser steps.
+
+    After ``h = half_life * planned_steps`` steps the teacher keeps half of its old weights:
+    ``m = 0.5 ** (1 / h)``. With a fixed m = 0.999 and the ~156 steps of ``mrn demo`` the
+    teacher would still be 0.999^156 = 86 % its random initialisation; with half_life 0.05 it
+    follows the student within a few epochs whatever the run length.
+    """
+    if not 0 < half_life <= 1:
+        raise ValueError(f"moco half-life must be in (0, 1] of the run, not {half_life}")
+    steps = max(1.0, half_life * max(int(planned_steps), 1))
+    return float(0.5 ** (1.0 / steps))
+
+
+@torch.no_grad()
+def key_spread(keys: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean pairwise cosine of normalised keys within a class and between the classes.
+
+    A collapsed bank (all keys alike, e.g. a teacher that is still its random
+    initialisation) has both near 1; keys that carry the diagnosis have within >> between.
+    NaN where a class has fewer than two keys (within) or a class is missing (between).
+    """
+    nan = float("nan")
+    out = {"key_cos_within": nan, "key_cos_between": nan}
+    if keys.numel() == 0:
+        return out
+    k = F.normalize(keys.float(), dim=1)
+    sim = k @ k.T
+    same = labels[:, None] == labels[None, :]
+    off_diag = ~torch.eye(len(k), dtype=torch.bool, device=k.device)
+    within = same & off_diag
+    if within.any():
+        out["key_cos_within"] = float(sim[within].mean())
+    if (~same).any():
+        out["key_cos_between"] = float(sim[~same].mean())
+    return out
+
+
 class ProjectionHead(nn.Module):
     """Two-layer non-linear MLP (C3R / MoCo v2) -> L2-normalised projection z."""
 
@@ -141,7 +179,19 @@ class MSupMoCo(nn.Module):
             p.requires_grad_(False)
         self.bank = CategoryMemoryBank(cfg.num_classes, cfg.moco_bank_size, cfg.proj_dim)
         self.momentum = cfg.moco_momentum
+        self.half_life = cfg.moco_half_life
         self.temperature = cfg.moco_temperature
+
+    def plan_steps(self, planned_steps: int) -> float:
+        """Set the EMA momentum for a run of ``planned_steps`` optimiser steps (when the config
+        gives ``moco_half_life``; else the fixed ``moco_momentum`` stays). Returns the momentum."""
+        if self.half_life is not None:
+            self.momentum = momentum_for_steps(self.half_life, planned_steps)
+        return self.momentum
+
+    def key_spread(self) -> dict[str, float]:
+        """:func:`key_spread` of the memory banks' keys (logged per epoch in metrics.csv)."""
+        return key_spread(*self.bank.entries())
 
     def train(self, mode: bool = True) -> MSupMoCo:
         """The teacher always stays in eval mode (deterministic keys: no dropout / drop-path)."""

@@ -90,5 +90,14 @@ class MRNObjective(nn.Module):
         masks = b["masks"] if getattr(self.student, "needs_masks", False) else None
         return self.student(b["images"], masks).logits
 
+    def plan_steps(self, planned_steps: int) -> None:
+        """Tell mSupMoCo how many optimiser steps the run has (sets its EMA momentum)."""
+        if hasattr(self.wrapper, "plan_steps"):
+            self.wrapper.plan_steps(planned_steps)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Per-epoch diagnostics for metrics.csv: the spread of mSupMoCo's keys (if any)."""
+        return self.wrapper.key_spread() if hasattr(self.wrapper, "key_spread") else {}
+
     def after_step(self) -> None:
         """Nothing: mSupMoCo updates its teacher at the start of each step (MoCo order)."""

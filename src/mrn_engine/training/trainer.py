@@ -71,6 +71,8 @@ METRIC_FIELDS = (
     "val_auc",
     "lr_backbone",
     "lr_head",
+    "key_cos_within",
+    "key_cos_between",
     "seconds",
 )
 
@@ -254,6 +256,8 @@ def train_fold(
         None,
     )
 
+    if hasattr(objective, "plan_steps"):  # mSupMoCo's EMA momentum from the run's length
+        objective.plan_steps(total * (len(train_ds) // max(int(tc.batch_size), 1)))
     last = start - 1
     for epoch in range(start, total + 1):
         if stop_after is not None and epoch > stop_after:
@@ -305,6 +309,8 @@ def train_fold(
         row: dict[str, Any] = {"epoch": epoch, "stage": stage}
         row.update({k: v / max(n_seen, 1) for k, v in sums.items()})
         row["train_acc"] = n_correct / n_seen if n_seen and stage == "train" else math.nan
+        if hasattr(objective, "epoch_metrics"):
+            row.update(objective.epoch_metrics())
         recalibrate_head_norm(
             objective.student if hasattr(objective, "student") else objective,
             train_ds,
