@@ -2,7 +2,9 @@
 
 Collects the versions that matter, the compute devices and their memory, the thread settings,
 and runs the checks (nnU-Net environment, cache and output folders, display for the GUI). Every
-problem carries a one-line fix. The engine never imports napari or Qt: versions come from
+problem carries a one-line fix. A check fails (``mrn doctor`` exits 1) when the engine
+itself cannot work (torch, the cache or output folder, a file missing from the install); display
+and GUI problems are warnings, since the engine and ``mrn`` run without them. The engine never imports napari or Qt: versions come from
 ``importlib.metadata`` and the Qt start-up test (:func:`qt_starts`) runs in a child process.
 """
 
@@ -369,7 +371,7 @@ def display_status() -> Check:
         )
     return Check(
         name,
-        "fail",
+        "warn",
         f"{detail} and Xvfb is not installed: napari cannot open and the GUI tests are skipped",
         f"{INSTALL_HINT} (installs xvfb), or set DISPLAY to a running X server",
     )
@@ -411,7 +413,7 @@ def gui_check(display: Check) -> Check:
             "GUI", "warn", "napari is not installed (engine only)", "pip install 'napari-mrn[gui]'"
         )
     if not any(_version(b) for b in QT_BINDINGS):
-        return Check("GUI", "fail", "napari is installed but no Qt binding is", "pip install PyQt6")
+        return Check("GUI", "warn", "napari is installed but no Qt binding is", "pip install PyQt6")
     if display.status != "ok":
         return Check("GUI", "warn", "not tried: no display (see `display`)", display.fix)
     ok, said = qt_starts()
@@ -419,7 +421,7 @@ def gui_check(display: Check) -> Check:
         return Check("GUI", "ok", f"a Qt application starts (platform {said})")
     return Check(
         "GUI",
-        "fail",
+        "warn",
         f"Qt cannot start on this display: {said}",
         f"{INSTALL_HINT} (installs the Qt xcb libraries: libxcb-cursor0, libxkbcommon-x11-0, ...)",
     )
