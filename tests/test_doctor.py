@@ -160,7 +160,12 @@ def test_nnunet_trainer_missing_from_install(tmp_path, monkeypatch):
 
     monkeypatch.setattr(env, "EXT_TRAINER_DIR", tmp_path)
     c = check_nnunet_env()[0]
-    assert c.status == "fail" and "mrn_trainers.py" in c.detail and "reinstall" in c.fix
+    assert (
+        c.name == "nnU-Net trainer"
+        and c.status == "fail"
+        and "mrn_trainers.py" in c.detail
+        and "reinstall" in c.fix
+    )
 
 
 def test_oversubscribed_threads_warn(monkeypatch):

@@ -271,38 +271,33 @@ def check_nnunet_env() -> list[Check]:
     """nnU-Net's three folder variables (optional) and our trainer extension (shipped)."""
     from mrn_engine.segmentation.env import EXT_TRAINER_DIR
 
-    checks = []
-    if not (EXT_TRAINER_DIR / "mrn_trainers.py").is_file():
-        checks.append(
+    trainer = EXT_TRAINER_DIR / "mrn_trainers.py"
+    if trainer.is_file():
+        checks = [Check("nnU-Net trainer", "ok", f"{trainer.name} shipped")]
+    else:
+        checks = [
             Check(
                 "nnU-Net trainer",
                 "fail",
-                f"{EXT_TRAINER_DIR}/mrn_trainers.py is missing from the installed package",
+                f"{trainer} is missing from the installed package",
                 "reinstall: pip install --force-reinstall napari-mrn",
             )
-        )
+        ]
+    unset = [var for var in NNUNET_ENV if not os.environ.get(var)]
+    if unset:
+        detail = f"{', '.join(unset)} not set (fine: `mrn seg` sets them per run)"
+        checks.append(Check("nnU-Net env", "ok", detail))
     for var in NNUNET_ENV:
         value = os.environ.get(var)
         if not value:
-            detail = "not set (fine: `mrn seg` sets it per run under --workspace)"
-            checks.append(Check(var, "ok", detail))
             continue
         folder = Path(value).expanduser()
         if not folder.is_dir():
-            checks.append(
-                Check(
-                    var,
-                    "warn",
-                    f"{var}={value}: folder does not exist",
-                    f"mkdir -p {value} or unset {var}",
-                )
-            )
+            fix = f"mkdir -p {value} or unset {var}"
+            checks.append(Check(var, "warn", f"{var}={value}: folder does not exist", fix))
         elif not os.access(folder, os.W_OK):
-            checks.append(
-                Check(
-                    var, "warn", f"{var}={value}: not writable", f"chmod u+w {value} or unset {var}"
-                )
-            )
+            fix = f"chmod u+w {value} or unset {var}"
+            checks.append(Check(var, "warn", f"{var}={value}: not writable", fix))
         else:
             checks.append(Check(var, "ok", f"{var}={value}"))
     return checks
