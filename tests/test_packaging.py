@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("build", reason="the `build` package makes the sdist and wheel")
+pytest.importorskip("ensurepip", reason="venv without pip (Debian: apt-get install python3-venv)")
 
 pytestmark = pytest.mark.slow
 

@@ -162,14 +162,8 @@ def torch_devices() -> tuple[dict[str, str | None], list[dict[str, object]], lis
     kinds = ", ".join(str(d["device"]) for d in devices)
     checks = [Check("torch", "ok", f"torch {torch.__version__}; devices: {kinds}")]
     if torch.version.cuda and not torch.cuda.is_available():
-        checks.append(
-            Check(
-                "cuda",
-                "ok",
-                f"torch is built for CUDA {torch.version.cuda} but sees no GPU: runs on CPU",
-                "on a GPU machine: check `nvidia-smi` and CUDA_VISIBLE_DEVICES",
-            )
-        )
+        detail = f"torch is built for CUDA {torch.version.cuda} but sees no GPU: runs on CPU"
+        checks.append(Check("cuda", "ok", detail))
     return info, devices, checks
 
 
