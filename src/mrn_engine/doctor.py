@@ -279,7 +279,7 @@ def check_nnunet_env() -> list[Check]:
         ]
     unset = [var for var in NNUNET_ENV if not os.environ.get(var)]
     if unset:
-        detail = f"{', '.join(unset)} not set (fine: `mrn seg` sets them per run)"
+        detail = f"{', '.join(unset)} not set (fine: `mrn seg` sets them)"
         checks.append(Check("nnU-Net env", "ok", detail))
     for var in NNUNET_ENV:
         value = os.environ.get(var)
