@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "analysis",
     "segmentation",
     "demo",
+    "doctor",
 )
 
 
