@@ -83,6 +83,21 @@ def test_bundle_opens_in_the_predictor(bundle):
     assert m["n"] == 8 and 0.0 <= m["accuracy"] <= 1.0
 
 
+def test_oof_equals_the_predictor_of_each_fold(bundle, phantom_root):
+    """The trainer's out-of-fold P(PD) and MRNPredictor share one inference step."""
+    from mrn_engine.bundle import read_oof
+    from mrn_engine.data import discover_cases, load_case
+    from mrn_engine.inference import MRNPredictor
+
+    out, _ = bundle
+    files = {f.case_id: f for f in discover_cases(phantom_root)}
+    for k, rows in read_oof(out).items():
+        predictor = MRNPredictor.from_bundle(out, device="cpu", folds=[k])
+        for r in rows[:2]:
+            pred = predictor.predict_case(load_case(files[r["case_id"]]))
+            assert pred.p_pd == pytest.approx(r["p_pd"], abs=1e-5), (k, r["case_id"])
+
+
 def test_rerun_refuses_then_resume_keeps_finished_folds(bundle, phantom_root):
     out, _ = bundle
     before = file_sha256(out / "fold_0" / "model.safetensors")

@@ -33,6 +33,7 @@ from mrn_engine.inference.mask_source import (
     volume_array,
 )
 from mrn_engine.inference.masking import ProgressFn, RoiMasker, check_subset
+from mrn_engine.inference.submission import SubmissionResult, predict_cases
 from mrn_engine.models import build_model
 from mrn_engine.models.ensemble import FoldEnsemble
 from mrn_engine.results import Probabilities
@@ -342,10 +343,8 @@ class MRNPredictor:
 
     def predict_cases(
         self, cases_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any
-    ) -> Any:
-        """Predict every case under ``cases_dir`` and write the submission (see ``write_submission``)."""
-        from mrn_engine.inference.submission import predict_cases
-
+    ) -> SubmissionResult:
+        """Predict every case under ``cases_dir`` and write the submission (``submission.predict_cases``)."""
         return predict_cases(self, cases_dir, out_dir, **kwargs)
 
     # ------------------------------------------------------------------ ROI masking

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mrn_engine.config import atomic_write_text
+from mrn_engine.data import discover_cases, load_case, save_volume
 from mrn_engine.data.tables import write_csv, write_json
 from mrn_engine.errors import InputDataError, MRNError
 from mrn_engine.results import THRESHOLD
@@ -76,8 +77,6 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
     The folder ``out_dir/<case_id>`` is built under a temporary name and renamed into place,
     replacing an older prediction of the same case (never an input folder).
     """
-    from mrn_engine.data.nifti import save_volume
-
     out_dir = Path(out_dir)
     target = out_dir / pred.case_id
     folder = getattr(getattr(case, "files", None), "folder", None)
@@ -120,8 +119,6 @@ def iter_predictions(
     ``(case, prediction, None)`` or ``(case_files, None, error message)`` per case; an input
     problem with one case never stops the others. ``only`` restricts to those case ids.
     """
-    from mrn_engine.data import discover_cases, load_case
-
     files = discover_cases(cases_dir)
     if only is not None:
         files = [f for f in files if f.case_id in only]

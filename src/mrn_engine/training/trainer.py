@@ -42,6 +42,7 @@ from mrn_engine.bundle import (
 )
 from mrn_engine.config import ModelConfig, RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.models import save_model
 from mrn_engine.models.ensemble import autocast, inference_step, p_pd_of
 from mrn_engine.models.losses import loss_terms
 from mrn_engine.results import THRESHOLD
@@ -371,8 +372,7 @@ def train_fold(
         )
         student = objective.student
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
-            from mrn_engine.models import save_model  # provenance in the safetensors metadata
-
+            # provenance (backbone weights file, sha256) in the safetensors metadata
             save_model(student, out_dir / WEIGHTS_FILE, cfg)
         else:
             save_state_dict(student.state_dict(), out_dir / WEIGHTS_FILE)
