@@ -16,6 +16,32 @@ def _parse_folds(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value!r}: give fold indices like 0,1,2") from None
 
 
+def _set_trust(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        import os
+
+        from mrn_engine.segmentation.safe_model import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+        click.echo(
+            "WARNING: --trust-pickled-nnunet: legacy nnU-Net checkpoints will be fully "
+            "unpickled, which runs any code stored in them; use only bundles you trust",
+            err=True,
+        )
+
+
+#: opt-in for full unpickling of legacy nnU-Net checkpoints (sets MRN_TRUST_PICKLED_NNUNET=1)
+trust_option = click.option(
+    "--trust-pickled-nnunet",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_trust,
+    help="DANGEROUS: fully unpickle legacy nnU-Net checkpoint_final.pth files of the bundle "
+    "(can run code stored in them). Only for bundles whose origin you trust.",
+)
+
+
 def predictor_options(out_help: str):
     """The options of every command that runs a bundle on case folders (predict, ablate-rois)."""
 
@@ -60,6 +86,7 @@ def predictor_options(out_help: str):
                     help="Ignore mask files in the case folders (segment with nnU-Net).",
                 ),
                 click.option("--quiet", is_flag=True, help="No progress bar."),
+                trust_option,
             )
         ):
             f = option(f)

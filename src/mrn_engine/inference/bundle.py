@@ -25,6 +25,7 @@ import torch
 
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import InputDataError, WeightsError
+from mrn_engine.models.checkpoint import check_finite_state
 
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
 
@@ -65,9 +66,10 @@ class ModelBundle:
         try:
             from safetensors.torch import load_file
 
-            return load_file(str(path), device="cpu")
+            state = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise WeightsError(f"{path}: cannot read weights ({e})") from e
+        return check_finite_state(state, path)
 
     @property
     def nnunet_dir(self) -> Path | None:

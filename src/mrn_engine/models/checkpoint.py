@@ -17,6 +17,27 @@ from mrn_engine.models.multiroi import MultiRoiClassifier
 PROVENANCE_KEY = "weights_provenance"
 
 
+def check_finite_state(
+    state: dict[str, torch.Tensor], path: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """``state`` unchanged; :class:`WeightsError` naming ``path`` and every NaN/Inf tensor."""
+    bad = [
+        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and (v.is_floating_point() or v.is_complex())
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise WeightsError(
+            f"{path}: non-finite (NaN/Inf) weights in {len(bad)} tensor(s): "
+            + ", ".join(bad[:5])
+            + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+            + "; the file is corrupt or training diverged"
+        )
+    return state
+
+
 def save_model(model: MultiRoiClassifier, path: str | os.PathLike, run_cfg: RunConfig) -> Path:
     """Write ``model``'s state dict to ``path`` (``.safetensors``) and ``config.json`` beside it.
 
