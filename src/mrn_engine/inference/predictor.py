@@ -25,6 +25,7 @@ from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import InputDataError, WeightsError
 from mrn_engine.inference.bundle import ModelBundle, open_bundle
 from mrn_engine.inference.device import resolve_device
+from mrn_engine.inference.sanity import check_finite_probabilities
 
 #: progress callback: (fraction done in [0, 1], message)
 ProgressFn = Callable[[float, str], None]
@@ -382,6 +383,7 @@ class MRNPredictor:
             fill = (labels > 0) & (target == 0)
             target[fill] = labels[fill].astype(np.uint8)
 
+        check_finite_probabilities(case.case_id, self.folds, p_folds)
         p = np.asarray(p_folds)
         p_pd = float(p.mean())
         if progress:
