@@ -39,3 +39,17 @@ def make_temp_dir(dir: str | os.PathLike, prefix: str = "", suffix: str = "") ->
     path = tempfile.mkdtemp(dir=dir, prefix=prefix, suffix=suffix)
     os.chmod(path, 0o777 & ~current_umask())
     return path
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain ``open(..., "w")`` would (``0o666 & ~umask``).
+
+    Writers such as safetensors and torch.save create 0600 files of their own.
+    """
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file into place with the umask's mode."""
+    umask_mode(tmp)
+    os.replace(tmp, path)

@@ -6,6 +6,7 @@ import their heavy dependencies lazily so ``mrn --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 import warnings
@@ -62,4 +63,14 @@ def main() -> None:
         sys.exit(e.exit_code)
     except MRNError as e:
         click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # disk full, permissions: the file and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        name = errno.errorcode.get(e.errno or 0, "")
+        click.echo(f"Error: {where}{e.strerror or e}{f' ({name})' if name else ''}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        click.echo(
+            "Error: out of memory (an input or a setting is far larger than expected)", err=True
+        )
         sys.exit(2)

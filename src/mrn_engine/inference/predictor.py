@@ -26,6 +26,7 @@ from mrn_engine.errors import InputDataError, WeightsError
 from mrn_engine.inference.bundle import ModelBundle, open_bundle
 from mrn_engine.inference.device import resolve_device
 from mrn_engine.inference.sanity import check_finite_probabilities
+from mrn_engine.models.checkpoint import check_state_fits, state_mismatch
 
 #: progress callback: (fraction done in [0, 1], message)
 ProgressFn = Callable[[float, str], None]
@@ -188,6 +189,8 @@ class MRNPredictor:
             )
         model = (model_factory or _default_model_factory)(bundle.config)
         states = {k: bundle.load_state(k) for k in chosen}
+        for k, st in states.items():  # wrong-shape weights: name the file, keys and shapes now
+            check_state_fits(model, st, bundle.weights_path(k))
         factory = None
         if segmenter is None and bundle.nnunet_dir is not None:
             factory = _bundle_segmenter_factory(bundle, device)
@@ -212,7 +215,8 @@ class MRNPredictor:
         except RuntimeError as e:
             where = self.bundle.weights_path(k) if self.bundle else f"fold {k}"
             raise WeightsError(
-                f"{where}: weights do not fit the configured model ({str(e).splitlines()[0]})"
+                f"{where}: weights do not fit the configured model "
+                f"({state_mismatch(self.model, self.fold_states[k]) or str(e).splitlines()[0]})"
             ) from e
         self.model.eval()
         self._loaded = k

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mrn_engine.errors import MRNWarning, WeightsError
+from mrn_engine.fileio import umask_mode
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_META = "model.json"
@@ -229,6 +230,7 @@ def convert_checkpoint(src: Path, fold_dir: Path, *, trust_pickled: bool = False
     check_finite_state(state, src)
     fold_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(fold_dir / SAFE_WEIGHTS))
+    umask_mode(fold_dir / SAFE_WEIGHTS)  # safetensors writes 0600
     (fold_dir / SAFE_META).write_text(json.dumps(meta, indent=2))
     return [SAFE_WEIGHTS, SAFE_META]
 
