@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,17 +156,18 @@ def _singular_affine(folder: Path) -> Path:
 
 
 def _nan_affine(folder: Path) -> Path:
+    """A header whose sform (used as the affine) holds a NaN."""
     path = folder / "NM.nii.gz"
-    img = nib.load(str(path))
-    arr = np.asarray(img.dataobj)
-    hdr = img.header.copy()
-    raw = bytearray(hdr.binaryblock)
-    # srow_x[0] lives at byte 280 of a NIfTI-1 header (float32)
-    raw[280:284] = struct.pack("<f", float("nan"))
-    hdr2 = nib.Nifti1Header(bytes(raw))
+    arr = case_arrays(2)["NM"]
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(arr.shape)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_sform(case_affine(), 1)
+    hdr.set_qform(case_affine(), 1)
+    hdr["srow_x"][0] = np.nan
+    hdr["vox_offset"] = 352
     with gzip.open(path, "wb") as fh:
-        fh.write(hdr2.binaryblock + b"\0" * (int(hdr2.get_data_offset()) - 348))
-        fh.write(np.asarray(arr, dtype=hdr2.get_data_dtype()).tobytes(order="F"))
+        fh.write(hdr.binaryblock + b"\0" * 4 + arr.tobytes(order="F"))
     return path
 
 
@@ -497,7 +497,7 @@ SCENARIOS: list[Scenario] = [
         "nm-float64-overflow",
         "image",
         "float64 NM 1e300",
-        _bad_case(_arr(lambda a: _set_voxel(1e300)(a.astype(np.float64))), "plausible NM range"),
+        _bad_case(_arr(lambda a: _set_voxel(1e300)(a.astype(np.float64))), "overflow float32"),
     ),
     Scenario(
         "qsm-singular-affine",

@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from mrn_engine.errors import MRNError
+from mrn_engine.errors import MRNError, MRNWarning
 
 #: modules of this package that add subcommands (a missing module is skipped)
 SUBCOMMAND_MODULES = (
@@ -53,6 +53,13 @@ def main() -> None:
     """Console entry point: engine errors become one clear line and exit code 2."""
     # a dependency (MONAI/nnU-Net) uses torch.jit.interface, deprecated in torch 2.14: not ours
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
+    # our warnings name the file and the problem: print them as one line, not as source code
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"warning: {message}\n"
+        if issubclass(category, MRNWarning)
+        else plain(message, category, *a, **k)
+    )
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -113,7 +113,7 @@ def open_bundle(path: str | os.PathLike) -> ModelBundle:
     root = Path(path)
     if not root.is_dir():
         raise InputDataError(f"{root}: model bundle folder not found")
-    if not (root / "config.json").is_file():
+    if not (root / "config.json").exists():  # a folder of that name: RunConfig.load says so
         raise InputDataError(f"{root}: not a model bundle (no config.json)")
     config = RunConfig.load(root / "config.json")
     info: dict = {}
