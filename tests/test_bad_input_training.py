@@ -118,3 +118,18 @@ def test_disk_full_while_checkpointing_is_a_clear_error(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         assert load_latest_usable(tmp_path)[0].name == "epoch_0002"
     assert torch.is_tensor(next(iter(load_checkpoint(tmp_path / "epoch_0002")[0].values())))
+
+
+def test_overwrite_discards_only_the_earlier_runs_files(tmp_path):
+    from mrn_engine.training.cv import discard_run, train_bundle
+
+    out = tmp_path / "bundle"
+    (out / "fold_0" / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    (out / "bundle.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    (out / "fold_x").mkdir()
+    discard_run(out)
+    assert sorted(p.name for p in out.iterdir()) == ["fold_x", "notes.txt"]
+    with pytest.raises(ConfigError, match="--resume and --overwrite exclude each other"):
+        train_bundle(tmp_path, out, tiny_cfg(), resume=True, overwrite=True)
