@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mrn_engine.data import file_sha256
 from mrn_engine.errors import WeightsError
 from mrn_engine.segmentation.safe_model import (
     PROVENANCE_FILE,
     check_plans_safe,
-    sha256_of,
 )
 from test_data import write_case
 
@@ -70,7 +70,7 @@ def model_dir(root: Path, modality: str, marker: Path, *, record: bool = True) -
     ckpt = d / "fold_0" / "checkpoint_final.pth"
     crafted_checkpoint(ckpt, marker)
     if record:  # an attacker can record the right hash of their own file
-        sums = {"fold_0/checkpoint_final.pth": sha256_of(ckpt)}
+        sums = {"fold_0/checkpoint_final.pth": file_sha256(ckpt)}
         (d / PROVENANCE_FILE).write_text(json.dumps({"sha256": sums}))
     return d
 

@@ -306,7 +306,7 @@ def _nnunet_bundle(tamper_hash: bool):
     def build(ctx: Context) -> Invocation:
         import torch
 
-        from mrn_engine.segmentation.safe_model import sha256_of
+        from mrn_engine.data import file_sha256
 
         bundle = ctx.own_bundle()
         marker = ctx.root / "PWNED"
@@ -321,7 +321,7 @@ def _nnunet_bundle(tamper_hash: bool):
             (d / "dataset.json").write_text(json.dumps({"labels": labels}))
             ckpt = d / "fold_0" / "checkpoint_final.pth"
             torch.save({"network_weights": {}, "x": _Payload(marker)}, ckpt)
-            digest = "0" * 64 if tamper_hash else sha256_of(ckpt)
+            digest = "0" * 64 if tamper_hash else file_sha256(ckpt)
             (d / "mrn_nnunet.json").write_text(
                 json.dumps({"sha256": {"fold_0/checkpoint_final.pth": digest}})
             )

@@ -17,7 +17,6 @@ whose origin you trust).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mrn_engine.data.cases import file_sha256
 from mrn_engine.errors import MRNWarning, WeightsError
 from mrn_engine.fileio import umask_mode
 
@@ -45,15 +45,6 @@ _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 def trust_pickled_default() -> bool:
     """True when ``MRN_TRUST_PICKLED_NNUNET`` is set to 1/true/yes."""
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def recorded_hashes(model_dir: Path) -> dict[str, str]:
@@ -87,7 +78,7 @@ def verify_hashes(model_dir: Path, rel_paths: list[str], optional: tuple[str, ..
             raise WeightsError(f"{path}: no sha256 recorded in {model_dir / PROVENANCE_FILE}")
         if not path.is_file():
             raise WeightsError(f"{path}: file not found")
-        actual = sha256_of(path)
+        actual = file_sha256(path)
         if actual != sums[rel]:
             raise WeightsError(
                 f"{path}: sha256 {actual[:16]}... does not match the recorded {sums[rel][:16]}... "

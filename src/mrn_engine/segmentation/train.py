@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from mrn_engine.config import atomic_write_text
+from mrn_engine.data import file_sha256
 from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.fileio import make_temp_dir
 from mrn_engine.segmentation.env import nnunet_environment
@@ -34,7 +35,6 @@ from mrn_engine.segmentation.safe_model import (
     PICKLED_CHECKPOINT,
     PROVENANCE_FILE,
     convert_checkpoint,
-    sha256_of,
 )
 
 #: trainer class name stored in checkpoints (defined in ``nnunet_ext/mrn_trainers.py``)
@@ -289,7 +289,7 @@ def copy_model_to_bundle(
             if not (model_dir / name).is_file():
                 raise InputDataError(f"{model_dir / name}: missing (not an nnU-Net model folder)")
             shutil.copyfile(model_dir / name, tmp / name)
-        checksums = {name: sha256_of(tmp / name) for name in MODEL_FILES}
+        checksums = {name: file_sha256(tmp / name) for name in MODEL_FILES}
         for fold in folds:
             src = model_dir / f"fold_{fold}" / PICKLED_CHECKPOINT
             if not src.is_file():
@@ -297,7 +297,7 @@ def copy_model_to_bundle(
                     f"{src}: training of fold {fold} did not finish (no {PICKLED_CHECKPOINT})"
                 )
             for name in convert_checkpoint(src, tmp / f"fold_{fold}", trust_pickled=trust_pickled):
-                checksums[f"fold_{fold}/{name}"] = sha256_of(tmp / f"fold_{fold}" / name)
+                checksums[f"fold_{fold}/{name}"] = file_sha256(tmp / f"fold_{fold}" / name)
         provenance = {**provenance, "sha256": checksums}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
         old = None
