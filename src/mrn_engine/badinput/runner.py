@@ -65,13 +65,16 @@ def run_cli(args: list[str]) -> tuple[int, str, str | None]:
         with (
             contextlib.redirect_stdout(buf),
             contextlib.redirect_stderr(buf),
-            warnings.catch_warnings(),
+            warnings.catch_warnings(record=True) as caught,
         ):
             warnings.simplefilter("default")
             try:
                 main()
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        # recorded, not printed: the same under pytest (which captures warnings) and alone
+        for w in caught:
+            buf.write(f"warning: {w.message}\n")
     except Exception:  # noqa: BLE001 - an uncaught exception is exactly what we look for
         tb = traceback.format_exc()
         code = 1
