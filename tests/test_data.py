@@ -337,7 +337,8 @@ def test_load_case_ok(tmp_path):
 
 def test_nm_qsm_grid_shape_mismatch(tmp_path):
     folder = write_case(
-        tmp_path / "RJPD_002", overrides={"QSM": np.zeros((60, 60, 18), np.float32)}
+        tmp_path / "RJPD_002",
+        overrides={"QSM": np.random.default_rng(0).normal(0, 9, (60, 60, 18)).astype(np.float32)},
     )
     with pytest.raises(InputDataError) as ei:
         load_case(folder)

@@ -81,23 +81,22 @@ def test_bundle_holds_both_models(seg_bundle, small):
             "plans.json",
             "dataset.json",
             "dataset_fingerprint.json",
-            "fold_0/checkpoint_final.pth",
+            "fold_0/model.safetensors",
+            "fold_0/model.json",
         ):
             assert (d / name).is_file(), name
+        assert not list(d.rglob("*.pth"))  # no pickle enters the bundle
         ds = json.loads((d / "dataset.json").read_text())
         assert ds["labels"] == {"background": 0, **{n: v for v, n in labels.items()}}
         prov = json.loads((d / "mrn_nnunet.json").read_text())
         assert prov["trainer"] == "nnUNetTrainerMRN" and prov["folds"] == [0]
         assert sorted(prov["cases"]) == sorted(p.name for p in (small / "train").iterdir())
-        assert prov["sha256"]["fold_0/checkpoint_final.pth"] == file_sha256(
-            d / "fold_0" / "checkpoint_final.pth"
-        )
+        for name in ("plans.json", "dataset.json", "fold_0/model.safetensors", "fold_0/model.json"):
+            assert prov["sha256"][name] == file_sha256(d / name), name
         # our trainer never mirrors along left-right (NIfTI X = nnU-Net's last axis)
-        ckpt = torch.load(
-            d / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False
-        )
-        assert ckpt["trainer_name"] == "nnUNetTrainerMRN"
-        assert 2 not in (ckpt["inference_allowed_mirroring_axes"] or ())
+        meta = json.loads((d / "fold_0" / "model.json").read_text())
+        assert meta["trainer_name"] == "nnUNetTrainerMRN"
+        assert 2 not in (meta["inference_allowed_mirroring_axes"] or ())
     # the user's environment is untouched
     import os
 

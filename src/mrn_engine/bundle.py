@@ -31,7 +31,7 @@ import torch
 from mrn_engine.config import RunConfig, atomic_write_text, cache_dir
 from mrn_engine.data.tables import read_csv
 from mrn_engine.errors import ConfigError, InputDataError, WeightsError
-from mrn_engine.runtime import file_sha256
+from mrn_engine.runtime import check_finite_state, file_sha256
 
 try:  # POSIX advisory file locks; absent on Windows
     import fcntl
@@ -124,9 +124,10 @@ class ModelBundle:
         try:
             from safetensors.torch import load_file
 
-            return load_file(str(path), device="cpu")
+            state = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise WeightsError(f"{path}: cannot read weights ({e})") from e
+        return check_finite_state(state, path)
 
 
 def _parse_splits(info: dict[str, Any]) -> dict[int, dict[str, list[str]]]:
@@ -172,7 +173,7 @@ def open_bundle(path: str | os.PathLike) -> ModelBundle:
     root = Path(path)
     if not root.is_dir():
         raise InputDataError(f"{root}: model bundle folder not found")
-    if not (root / CONFIG_FILE).is_file():
+    if not (root / CONFIG_FILE).exists():  # a folder of that name: RunConfig.load says so
         raise InputDataError(f"{root}: not a model bundle (no {CONFIG_FILE})")
     config = RunConfig.load(root / CONFIG_FILE)
     info = read_info(root)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from mrn_engine.config_check import validate_section
+from mrn_engine.errors import ConfigError
+from mrn_engine.fileio import make_temp_file
 
 
 @dataclass
@@ -131,6 +132,16 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.preset, str):
+            raise ConfigError(f"preset = {self.preset!r}: expected a string")
+        for name in ("roi", "model", "train"):
+            section = getattr(self, name)
+            expected = {"roi": RoiConfig, "model": ModelConfig, "train": TrainConfig}[name]
+            if not isinstance(section, expected):
+                raise ConfigError(f"{name}: expected a mapping, got {type(section).__name__}")
+            validate_section(section, name)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -153,7 +164,16 @@ class RunConfig:
             raise ConfigError(f"{path}: configuration file not found") from e
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data)
+        except IsADirectoryError as e:
+            raise ConfigError(f"{path}: is a folder, not a configuration file") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable configuration file ({e})") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: invalid configuration ({e})") from e
 
     def replace(self, **sections: Any) -> RunConfig:
         """Copy with nested overrides, e.g. ``cfg.replace(train={"epochs": 3})``."""
@@ -200,7 +220,7 @@ def cache_dir() -> Path:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mrn_engine.config import cache_dir
+
 Status = Literal["ok", "warn", "fail"]
 
 #: distributions whose versions a bug report needs (None = not installed)
@@ -212,8 +214,6 @@ def thread_settings() -> tuple[dict[str, object], list[Check]]:
 
 def default_cache_dir() -> Path:
     """The engine's cache folder (``$MRN_CACHE_DIR``, default ``~/.cache/mrn``)."""
-    from mrn_engine.phantom.atlas import cache_dir
-
     return cache_dir()
 
 

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from mrn_engine.errors import ConfigError
+from mrn_engine.errors import ConfigError, WeightsError
 
 
 def _mps_available() -> bool:
@@ -55,3 +55,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_finite_state(
+    state: dict[str, torch.Tensor], path: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """``state`` unchanged; :class:`WeightsError` naming ``path`` and every NaN/Inf tensor."""
+    bad = [
+        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and (v.is_floating_point() or v.is_complex())
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise WeightsError(
+            f"{path}: non-finite (NaN/Inf) weights in {len(bad)} tensor(s): "
+            + ", ".join(bad[:5])
+            + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+            + "; the file is corrupt or training diverged"
+        )
+    return state

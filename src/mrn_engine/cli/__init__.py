@@ -6,13 +6,14 @@ import their heavy dependencies lazily so ``mrn --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 import warnings
 
 import click
 
-from mrn_engine.errors import MRNError
+from mrn_engine.errors import MRNError, MRNWarning
 from mrn_engine.threads import apply_default_threads
 
 #: modules of this package that add subcommands (a missing module is skipped)
@@ -60,6 +61,13 @@ def main() -> None:
     """Console entry point: engine errors become one clear line and exit code 2."""
     # a dependency (MONAI/nnU-Net) uses torch.jit.interface, deprecated in torch 2.14: not ours
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
+    # our warnings name the file and the problem: print them as one line, not as source code
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"warning: {message}\n"
+        if issubclass(category, MRNWarning)
+        else plain(message, category, *a, **k)
+    )
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -70,4 +78,14 @@ def main() -> None:
         sys.exit(e.exit_code)
     except MRNError as e:
         click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # disk full, permissions: the file and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        name = errno.errorcode.get(e.errno or 0, "")
+        click.echo(f"Error: {where}{e.strerror or e}{f' ({name})' if name else ''}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        click.echo(
+            "Error: out of memory (an input or a setting is far larger than expected)", err=True
+        )
         sys.exit(2)

@@ -46,24 +46,24 @@ def cases_cmd(root: Path, check: bool, csv_out: Path | None, quiet: bool) -> Non
         raise InputDataError(f"{root}: no case folders found (RJPD_xxx or folders with NM/QSM)")
     files = {c.case_id: c for c in discover_cases(root)}
     problems: dict[str, str] = {}
-    if check:
-        for row in tqdm(rows, desc="validating", unit="case", disable=quiet):
-            cf = files[row["case_id"]]
-            try:
-                case = load_case(cf)
-                for spec in ROIS:
-                    m = case.nm_mask if spec.modality == "NM" else case.qsm_mask
-                    if m is not None:
-                        check_roi_labels(
-                            np.bincount(m.array.ravel(order="K"), minlength=256),
-                            spec,
-                            m.name,
-                            strict=True,
-                        )
-            except InputDataError as e:
-                problems[row["case_id"]] = str(e)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MRNWarning)
+        if check:
+            for row in tqdm(rows, desc="validating", unit="case", disable=quiet):
+                cf = files[row["case_id"]]
+                try:
+                    case = load_case(cf)
+                    for spec in ROIS:
+                        m = case.nm_mask if spec.modality == "NM" else case.qsm_mask
+                        if m is not None:
+                            check_roi_labels(
+                                np.bincount(m.array.ravel(order="K"), minlength=256),
+                                spec,
+                                m.name,
+                                strict=True,
+                            )
+                except InputDataError as e:
+                    problems[row["case_id"]] = str(e)
         dups = check_duplicates(list(files.values()))
     head = f"{'case':<12} {'label':<5} {'split':<5} NM QSM T1 NMm QSMm  status"
     click.echo(head)

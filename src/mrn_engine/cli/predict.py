@@ -16,6 +16,32 @@ def _parse_folds(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value!r}: give fold indices like 0,1,2") from None
 
 
+def _set_trust(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        import os
+
+        from mrn_engine.segmentation.safe_model import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+        click.echo(
+            "WARNING: --trust-pickled-nnunet: legacy nnU-Net checkpoints will be fully "
+            "unpickled, which runs any code stored in them; use only bundles you trust",
+            err=True,
+        )
+
+
+#: opt-in for full unpickling of legacy nnU-Net checkpoints (sets MRN_TRUST_PICKLED_NNUNET=1)
+trust_option = click.option(
+    "--trust-pickled-nnunet",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_trust,
+    help="DANGEROUS: fully unpickle legacy nnU-Net checkpoint_final.pth files of the bundle "
+    "(can run code stored in them). Only for bundles whose origin you trust.",
+)
+
+
 def predictor_options(out_help: str):
     """The options of every command that runs a bundle on case folders (predict, ablate-rois)."""
 
@@ -60,6 +86,7 @@ def predictor_options(out_help: str):
                     help="Ignore mask files in the case folders (segment with nnU-Net).",
                 ),
                 click.option("--quiet", is_flag=True, help="No progress bar."),
+                trust_option,
             )
         ):
             f = option(f)
@@ -77,8 +104,19 @@ def build_predictor(model: Path, folds: str | None, tta: bool, device: str, igno
     )
 
 
+#: exit status of ``mrn predict`` when some (not all) cases failed, without --allow-partial
+EXIT_PARTIAL = 3
+#: exit status when no case could be predicted (and of every other engine error)
+EXIT_FAILED = 2
+
+
 @click.command("predict")
 @predictor_options("Output folder (per-case NM_pred/QSM_pred/PD_pred.txt + label_predict.csv).")
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help=f"Exit 0 when some cases failed but others were predicted (default: exit {EXIT_PARTIAL}).",
+)
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -88,19 +126,31 @@ def predict_cmd(
     device: str,
     ignore_masks: bool,
     quiet: bool,
+    allow_partial: bool,
 ) -> None:
-    """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR."""
+    """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR.
+
+    Exit status: 0 all cases predicted; 3 some cases failed (0 with --allow-partial);
+    2 no case predicted or an error that stopped the run.
+    """
     predictor = build_predictor(model, folds, tta, device, ignore_masks)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
     result = predictor.predict_cases(cases_dir, out, progress=not quiet)
     click.echo(f"{result.n_ok} case(s) predicted -> {out}")
     if result.errors:
-        click.echo(f"{len(result.errors)} case(s) failed (see {out / 'errors.json'}):", err=True)
         for e in result.errors:
             click.echo(f"  {e['error']}", err=True)
+        ids = ", ".join(e["case_id"] for e in result.errors)
+        click.echo(
+            f"FAILED: {len(result.errors)} of {len(result.rows)} case(s): {ids} "
+            f"(details in {out / 'errors.json'})",
+            err=True,
+        )
         if result.n_ok == 0:
-            raise SystemExit(2)
+            raise SystemExit(EXIT_FAILED)
+        if not allow_partial:
+            raise SystemExit(EXIT_PARTIAL)
 
 
 def register(group: click.Group) -> None:

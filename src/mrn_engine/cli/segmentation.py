@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.cli.predict import trust_option
+
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _OUT_DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -190,6 +192,7 @@ def train_cmd(
     help="Sliding-window step (fraction of the patch).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@trust_option
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -219,6 +222,41 @@ def predict_cmd(
         click.echo(f"error: {e['error']}", err=True)
     if res.errors and not res.written:
         raise SystemExit(2)
+
+
+@seg.command("convert")
+@click.argument("model_dir", type=_DIR)
+@click.option("--out", "bundle", required=True, type=_OUT_DIR, help="Bundle folder to write.")
+@click.option("--modality", required=True, type=click.Choice(["nm", "qsm"], case_sensitive=False))
+@trust_option
+def convert_cmd(model_dir: Path, bundle: Path, modality: str) -> None:
+    """Convert an nnU-Net model folder (pickled checkpoint_final.pth) to BUNDLE/nnunet/<MOD>.
+
+    The bundle then holds safetensors + JSON only (no pickle); hashes go to mrn_nnunet.json.
+    """
+    import os
+
+    from mrn_engine.segmentation.predict import available_folds
+    from mrn_engine.segmentation.safe_model import PICKLED_CHECKPOINT, TRUST_ENV
+    from mrn_engine.segmentation.train import copy_model_to_bundle
+
+    folds = [
+        f
+        for f in available_folds(model_dir)
+        if (model_dir / f"fold_{f}" / PICKLED_CHECKPOINT).is_file()
+    ]
+    if not folds:
+        raise click.ClickException(f"{model_dir}: no fold_k/{PICKLED_CHECKPOINT} to convert")
+    mod = modality.upper()
+    dest = copy_model_to_bundle(
+        model_dir,
+        bundle,
+        mod,
+        folds,
+        {"modality": mod, "converted_from": str(model_dir), "folds": folds},
+        trust_pickled=os.environ.get(TRUST_ENV) == "1",
+    )
+    click.echo(f"{mod}: {len(folds)} fold(s) converted -> {dest}")
 
 
 @seg.command("evaluate")

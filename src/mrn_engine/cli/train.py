@@ -109,6 +109,11 @@ def _overrides(
     help="ROI cache folder (default: OUT/../roi_cache).",
 )
 @click.option("--resume", is_flag=True, help="Continue killed folds from their last checkpoint.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Discard an earlier run in OUT (fold folders, checkpoints) and start from epoch 1.",
+)
 @click.option("--stop-after", type=int, help="Stop each fold after this epoch (resume later).")
 @common
 def train_cmd(
@@ -117,6 +122,7 @@ def train_cmd(
     fold: tuple[int, ...],
     cache: Path | None,
     resume: bool,
+    overwrite: bool,
     stop_after: int | None,
     preset: str,
     config: Path | None,
@@ -157,6 +163,7 @@ def train_cmd(
         resume=resume,
         stop_after=stop_after,
         progress=not quiet,
+        overwrite=overwrite,
     )
     for r in results:
         state = "done" if r.finished else f"stopped after epoch {r.epochs_done} (use --resume)"

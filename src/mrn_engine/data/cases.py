@@ -11,6 +11,7 @@ import csv
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from mrn_engine.data.nifti import (
     load_volume,
     nifti_path,
 )
+from mrn_engine.data.sanity import check_image_content
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.runtime import file_sha256
 
@@ -74,6 +76,22 @@ class CaseFiles:
         return out
 
 
+def walk_following_links(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` that follows symlinked folders (data on another disk), each real folder once.
+
+    Hidden folders are skipped; ``dirnames`` is sorted and may be pruned by the caller.
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, dirnames, filenames
+
+
 def _has_images(names: list[str]) -> bool:
     return any(n in names for n in ("NM.nii.gz", "NM.nii", "QSM.nii.gz", "QSM.nii"))
 
@@ -108,8 +126,7 @@ def discover_cases(root: str | os.PathLike) -> list[CaseFiles]:
         raise InputDataError(f"{root}: not a folder")
     found: dict[str, CaseFiles] = {}
     empty_named: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in walk_following_links(root):
         here = Path(dirpath)
         if _has_images(filenames):
             cf = CaseFiles.from_folder(here, _case_id_for(here, root))
@@ -189,8 +206,10 @@ def read_labels_csv(
 
 def _label_files(root: Path) -> list[tuple[Path, str]]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in walk_following_links(root):
+        for name in dirnames:
+            if name in LABEL_FILES:
+                raise InputDataError(f"{Path(dirpath) / name}: is a folder, not a label CSV file")
         for name in sorted(filenames):
             if name in LABEL_FILES:
                 out.append((Path(dirpath) / name, LABEL_FILES[name]))
@@ -273,8 +292,10 @@ def load_case(
 ) -> Case:
     """Read and validate one case.
 
-    Checks: NM and QSM present, 3D, finite; NM, QSM (and T1) on one grid; each mask on its
-    image's grid with only known label values (NM 0-2, QSM 0-16).
+    Checks: NM and QSM present, 3D, finite, real, plausible values, not (near-)constant
+    (:mod:`mrn_engine.data.sanity`); NM and QSM on one grid; each mask on its image's grid
+    with only known label values (NM 0-2, QSM 0-16). A bad optional T1 only warns
+    (:class:`MRNWarning`) and the case is loaded without it.
 
     Raises
     ------
@@ -297,12 +318,19 @@ def load_case(
     if label is not None and label not in (0, 1):
         raise InputDataError(f"{cid}: label must be 0 (HC) or 1 (PD), got {label!r}")
     nm = load_volume(files.nm, kind="image")
+    check_image_content(nm.name, nm.array, "NM")
     qsm = load_volume(files.qsm, kind="image")
+    check_image_content(qsm.name, qsm.array, "QSM")
     check_same_grid(nm, qsm, "NM and QSM must be co-registered on one grid")
     t1 = None
     if files.t1 is not None:
-        t1 = load_volume(files.t1, kind="image")
-        check_same_grid(qsm, t1, "T1 must share the QSM grid")
+        try:  # optional: a bad T1 is reported and the case goes on without it
+            t1 = load_volume(files.t1, kind="image")
+            check_image_content(t1.name, t1.array, "T1")
+            check_same_grid(qsm, t1, "T1 must share the QSM grid")
+        except InputDataError as e:
+            warnings.warn(f"{cid}: optional T1 ignored: {e}", MRNWarning, stacklevel=2)
+            t1 = None
     nm_mask = qsm_mask = None
     if files.nm_mask is not None:
         nm_mask = load_volume(files.nm_mask, kind="mask")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,8 +18,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
+from mrn_engine.data.sanity import check_affine, check_declared_size, check_not_complex
 from mrn_engine.errors import InputDataError
+from mrn_engine.fileio import make_temp_file
 
 #: file endings accepted for a NIfTI image
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -32,6 +34,7 @@ _READ_ERRORS = (
     OSError,
     zlib.error,
     gzip.BadGzipFile,
+    HeaderDataError,
     ValueError,
     TypeError,
 )
@@ -120,10 +123,18 @@ def check_same_grid(ref: Volume, other: Volume, what: str = "") -> None:
 
 
 def nifti_path(folder: Path, stem: str) -> Path | None:
-    """``folder/stem.nii.gz`` or ``folder/stem.nii`` if either exists."""
+    """``folder/stem.nii.gz`` or ``folder/stem.nii`` if either exists.
+
+    A folder of that name is returned too, so that loading reports it as a folder rather than
+    the file as missing.
+    """
     for suffix in NIFTI_SUFFIXES:
         p = folder / f"{stem}{suffix}"
         if p.is_file():
+            return p
+    for suffix in NIFTI_SUFFIXES:
+        p = folder / f"{stem}{suffix}"
+        if p.is_dir():
             return p
     return None
 
@@ -147,19 +158,27 @@ def load_volume(path: str | os.PathLike, *, kind: str = "image") -> Volume:
     if kind not in ("image", "mask"):
         raise ValueError(f"kind must be 'image' or 'mask', not {kind!r}")
     path = Path(path)
+    if path.is_dir():
+        raise InputDataError(f"{path}: is a folder, not a NIfTI file")
     if not path.is_file():
         raise InputDataError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputDataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+        check_declared_size(path, img.header)
+        check_not_complex(path, img.header.get_data_dtype())
+        check_affine(path, img.affine)
         data = np.asanyarray(img.dataobj)
     except InputDataError:
         raise
+    except MemoryError as e:
+        raise InputDataError(f"{path}: not enough memory to read the voxel data") from e
     except _READ_ERRORS as e:
         raise InputDataError(
             f"{path}: unreadable or truncated NIfTI file ({type(e).__name__}: {e})"
         ) from e
+    check_not_complex(path, data.dtype)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -228,20 +247,24 @@ def save_volume(volume: Volume, path: str | os.PathLike) -> Path:
     header = volume.header.copy() if volume.header is not None else None
     if header is not None and not isinstance(header, nib.Nifti1Header):
         header = None
-    img = nib.Nifti1Image(array, volume.affine, header=header)
-    img.set_data_dtype(array.dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    if header is not None:
-        sform, scode = header.get_sform(coded=True)
-        qform, qcode = header.get_qform(coded=True)
-        img.set_sform(volume.affine, int(scode) if scode else 1)
-        img.set_qform(volume.affine, int(qcode) if qcode else 1)
-    else:
-        img.set_sform(volume.affine, 1)
-        img.set_qform(volume.affine, 1)
+    check_affine(path, volume.affine)
+    try:
+        img = nib.Nifti1Image(array, volume.affine, header=header)
+        img.set_data_dtype(array.dtype)
+        img.header.set_slope_inter(1.0, 0.0)
+        if header is not None:
+            sform, scode = header.get_sform(coded=True)
+            qform, qcode = header.get_qform(coded=True)
+            img.set_sform(volume.affine, int(scode) if scode else 1)
+            img.set_qform(volume.affine, int(qcode) if qcode else 1)
+        else:
+            img.set_sform(volume.affine, 1)
+            img.set_qform(volume.affine, 1)
+    except HeaderDataError as e:
+        raise InputDataError(f"{path}: cannot store this geometry in a NIfTI header ({e})") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=f".tmp{suffix}")
+    fd, tmp = make_temp_file(path.parent, prefix=f".{name}.", suffix=f".tmp{suffix}")
     os.close(fd)
     try:
         nib.save(img, tmp)

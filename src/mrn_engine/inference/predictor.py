@@ -33,8 +33,10 @@ from mrn_engine.inference.mask_source import (
     volume_array,
 )
 from mrn_engine.inference.masking import ProgressFn, RoiMasker, check_subset
+from mrn_engine.inference.sanity import check_finite_probabilities
 from mrn_engine.inference.submission import SubmissionResult, predict_cases
 from mrn_engine.models import build_model
+from mrn_engine.models.checkpoint import check_state_fits
 from mrn_engine.models.ensemble import FoldEnsemble
 from mrn_engine.results import Probabilities
 from mrn_engine.rois import CropBox, RoiCrop, extract_rois, paste_back_all
@@ -231,9 +233,13 @@ class MRNPredictor:
                 f"{bundle.root}: fold(s) {missing} not in the bundle (has {bundle.folds})"
             )
         factory = model_factory or (lambda cfg: build_model(cfg, pretrained=False))
+        model = factory(bundle.config)
+        states = {k: bundle.load_state(k) for k in chosen}
+        for k, state in states.items():  # wrong-shape weights: name the file, keys and shapes
+            check_state_fits(model, state, bundle.weights_path(k))
         return cls(
-            factory(bundle.config),
-            {k: bundle.load_state(k) for k in chosen},
+            model,
+            states,
             bundle.config,
             device=device,
             tta=tta,
@@ -322,6 +328,7 @@ class MRNPredictor:
                 progress((i + 2) / steps, f"{case.case_id}: fold {out.fold} P(PD)={out.p_pd:.3f}")
 
         seg_source, nuclei, nm_nuclei = _segmentation(case, crops, seg_mean)
+        check_finite_probabilities(case.case_id, self.folds, p_folds)
         probs = Probabilities.from_folds(self.folds, p_folds)
         if progress:
             progress(1.0, f"{case.case_id}: P(PD)={probs.p_pd:.3f}")

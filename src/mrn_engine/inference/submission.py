@@ -4,15 +4,17 @@ Per case ``OUT/RJPD_xxx/``: ``NM_pred.nii.gz`` and ``QSM_pred.nii.gz`` (uint8 ma
 input grids, challenge label values) and ``PD_pred.txt`` (``0`` or ``1``). At the top of
 ``OUT``: ``label_predict.csv`` (``patient_id,prediction``), ``probabilities.csv`` / ``.json``
 (per-fold P(PD), mean, std, call, and an ``error`` for cases that failed), ``errors.json`` and
-the ``config.json`` of the model. Every file is written to a temporary name and moved in; a
-case folder is assembled under a hidden temporary name and renamed into place when complete.
+the ``config.json`` of the model. A run writes everything into a hidden staging folder
+``OUT/.mrn-predict-*.partial`` and moves it into ``OUT`` at the end, case folders first and the
+tables last; a run that fails to write (disk full) removes the staging folder and raises
+:class:`OutputWriteError`, so ``OUT`` never holds half a submission.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from mrn_engine.config import atomic_write_text
 from mrn_engine.data import discover_cases, load_case, save_volume
 from mrn_engine.data.tables import write_csv, write_json
 from mrn_engine.errors import InputDataError, MRNError
+from mrn_engine.fileio import make_temp_dir
 from mrn_engine.results import THRESHOLD
 
 #: per-case output file names (challenge Docker route)
@@ -35,6 +38,14 @@ LABEL_CSV = "label_predict.csv"
 PROB_CSV = "probabilities.csv"
 PROB_JSON = "probabilities.json"
 ERRORS_JSON = "errors.json"
+
+
+class OutputWriteError(MRNError):
+    """The outputs could not be written (disk full, permissions); nothing was left behind."""
+
+
+#: suffix of the hidden staging folder of a run (left only if the process is killed)
+STAGE_SUFFIX = ".partial"
 
 
 @dataclass
@@ -85,14 +96,14 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
             f"{target}: output folder is the input case folder; choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{pred.case_id}.", suffix=".tmp"))
+    tmp = Path(make_temp_dir(out_dir, prefix=f".{pred.case_id}.", suffix=".tmp"))
     try:
         save_volume(case.nm.like(pred.nm_nuclei.astype("uint8"), kind="mask"), tmp / NM_PRED)
         save_volume(case.qsm.like(pred.nuclei.astype("uint8"), kind="mask"), tmp / QSM_PRED)
         write_pd_pred(tmp, pred.call)
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{pred.case_id}.", suffix=".old"))
+            old = Path(make_temp_dir(out_dir, prefix=f".{pred.case_id}.", suffix=".old"))
             os.replace(target, old / "prev")
         os.replace(tmp, target)
         if old is not None:
@@ -173,6 +184,51 @@ def predict_cases(
             "(its RJPD_xxx folders would be found as cases next time)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(make_temp_dir(out_dir, prefix=".mrn-predict-", suffix=STAGE_SUFFIX))
+    try:
+        result = _predict_into(predictor, cases_dir, stage, progress=progress, on_case=on_case)
+        publish_staged(stage, out_dir)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise OutputWriteError(
+            f"{e.filename or out_dir}: cannot write the outputs ({e.strerror or e}); "
+            f"nothing was written to {out_dir}"
+            + (" (disk full: free some space and rerun)" if e.errno == errno.ENOSPC else "")
+        ) from e
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    result.out_dir = out_dir
+    return result
+
+
+def publish_staged(stage: Path, out_dir: Path) -> None:
+    """Move every case folder, then the tables, from ``stage`` into ``out_dir``; drop ``stage``.
+
+    The tables (``label_predict.csv`` ...) move last: a submission whose CSVs exist is complete.
+    """
+    tables = {LABEL_CSV, PROB_CSV, PROB_JSON, ERRORS_JSON, "config.json"}
+    entries = sorted(stage.iterdir(), key=lambda q: (q.name in tables, q.name))
+    for src in entries:
+        dst = out_dir / src.name
+        if src.is_dir() and dst.is_dir():
+            old = Path(make_temp_dir(out_dir, prefix=f".{src.name}.", suffix=".old"))
+            os.replace(dst, old / "prev")
+            os.replace(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, dst)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _predict_into(
+    predictor: Any,
+    cases_dir: Path,
+    out_dir: Path,
+    *,
+    progress: bool,
+    on_case: Callable[[str, int, int], None] | None,
+) -> SubmissionResult:
     result = SubmissionResult(out_dir)
     folds = list(getattr(predictor, "folds", []))
     for case, pred, error in iter_predictions(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mrn_engine.errors import WeightsError
+from mrn_engine.models.checkpoint import state_mismatch
 
 #: the in-plane X axis of ``(B, S, H, W)`` ROI stacks and of ``(B, C, S, H, W)`` seg logits
 MIRROR_DIM = -2
@@ -120,7 +121,7 @@ class FoldEnsemble:
         except RuntimeError as e:
             raise WeightsError(
                 f"{self.describe(k)}: weights do not fit the configured model "
-                f"({str(e).splitlines()[0]})"
+                f"({state_mismatch(self.model, self.fold_states[k]) or str(e).splitlines()[0]})"
             ) from e
         self.model.eval()
         self._loaded = k

@@ -20,6 +20,7 @@ are *not* supported: they are recognised and refused with a message saying so.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -39,6 +40,12 @@ _TRANSFORMERS_KEY = re.compile(
 )
 
 
+def _first_line(e: BaseException) -> str:
+    """First line of an exception's message (torch's refusal text runs on for many lines)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file, on CPU.
 
@@ -56,10 +63,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{path}: refused: this pickled file holds objects other than tensors and numbers, and "
+            "loading it could run code stored in it. Use the .safetensors release of the "
+            "weights (e.g. timm's model.safetensors) instead"
+        ) from e
     except Exception as e:  # noqa: BLE001 - every reader failure means a bad file
         raise WeightsError(
-            f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]}); the file is truncated, "
-            "corrupt or not a .safetensors / torch state-dict file"
+            f"{path}: cannot read weights ({type(e).__name__}: {_first_line(e)}); the file is "
+            "truncated, corrupt or not a .safetensors / torch state-dict file"
         ) from e
     for wrapper in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

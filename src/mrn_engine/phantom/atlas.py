@@ -21,7 +21,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from mrn_engine.config import cache_dir
 from mrn_engine.errors import InputDataError
+from mrn_engine.fileio import make_temp_file
 
 #: bump when the derived atlas changes (invalidates on-disk caches)
 ATLAS_VERSION = 3
@@ -229,7 +229,7 @@ def load_atlas() -> MNIAtlas:
     atlas = build_atlas()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+        fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
         os.close(fd)
         try:
             np.savez(tmp, affine=atlas.affine, channels=atlas.channels, codes=atlas.codes)

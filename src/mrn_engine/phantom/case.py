@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from mrn_engine.data.labels import QSM_LABELS
+from mrn_engine.fileio import make_temp_dir
 from mrn_engine.phantom.atlas import NM_BIT, load_atlas
 from mrn_engine.phantom.geometry import (
     GRID_SHAPE,
@@ -260,7 +260,7 @@ def write_phantom_case(case: PhantomCase, folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / case.case_id
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{case.case_id}-"))
+    tmp = Path(make_temp_dir(folder, prefix=f".tmp-{case.case_id}-"))
     try:
         for name, attr in CASE_FILES.items():
             img = _nifti(getattr(case, attr), case.affine, mask=name in MASK_FILES)

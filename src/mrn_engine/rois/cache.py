@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import asdict
@@ -24,6 +23,7 @@ import numpy as np
 from mrn_engine.config import RoiConfig, RunConfig, cache_dir
 from mrn_engine.data.cases import CaseFiles, load_case
 from mrn_engine.errors import MRNWarning
+from mrn_engine.fileio import make_temp_file
 from mrn_engine.rois.boxes import CropBox
 from mrn_engine.rois.extract import RoiCrop, extract_rois
 
@@ -167,7 +167,7 @@ class RoiCache:
 
     def _write(self, path: Path, crops: dict[str, RoiCrop]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+        fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
         os.close(fd)
         try:
             np.savez_compressed(tmp, **crops_to_arrays(crops))

@@ -7,10 +7,10 @@ left-to-right, anterior up). Padding slices are marked ``pad``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from mrn_engine.data.labels import NUCLEUS_COLOURS, ROI_BY_NAME
+from mrn_engine.fileio import make_temp_file
 from mrn_engine.rois.extract import RoiCrop
 
 
@@ -115,7 +115,7 @@ def save_montage(
     case_id = next(iter(crops.values())).case_id
     fig.suptitle(title or f"{case_id}: MRN ROI stacks (radiological view, anterior up)", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
+    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", bbox_inches="tight")

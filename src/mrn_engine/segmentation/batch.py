@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 
 from mrn_engine.data import discover_cases, save_volume
 from mrn_engine.errors import InputDataError, MRNError, MRNWarning
+from mrn_engine.fileio import make_temp_dir
 from mrn_engine.segmentation.predict import NNUNetSegmenter
 
 
@@ -29,7 +29,7 @@ def write_case_masks(out_dir: Path, case_id: str, nm_mask, qsm_mask) -> Path:
     """Write ``OUT/<case>/{NM,QSM}_pred.nii.gz``: both files are finished before either appears."""
     final = out_dir / case_id
     final.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{case_id}."))
+    tmp = Path(make_temp_dir(out_dir, prefix=f".{case_id}."))
     try:
         save_volume(nm_mask, tmp / "NM_pred.nii.gz")
         save_volume(qsm_mask, tmp / "QSM_pred.nii.gz")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from mrn_engine.config import atomic_write_text
 from mrn_engine.data import CaseFiles, discover_cases, load_case, load_volume, save_volume
 from mrn_engine.data.labels import NM_LABELS, QSM_LABELS
 from mrn_engine.errors import InputDataError
+from mrn_engine.fileio import make_temp_file
 
 #: nnU-Net file ending of every exported file
 FILE_ENDING = ".nii.gz"
@@ -98,7 +98,7 @@ def _place_file(src: Path, dst: Path, *, link: bool, kind: str) -> None:
     if not str(src).endswith(FILE_ENDING):
         save_volume(load_volume(src, kind=kind), dst)
         return
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    fd, tmp = make_temp_file(dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     os.unlink(tmp)
     try:

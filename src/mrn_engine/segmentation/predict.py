@@ -26,6 +26,11 @@ from mrn_engine.errors import InputDataError, MRNWarning, WeightsError
 from mrn_engine.runtime import resolve_device
 from mrn_engine.segmentation.env import nnunet_environment
 from mrn_engine.segmentation.export import MODALITIES
+from mrn_engine.segmentation.safe_model import (
+    SAFE_WEIGHTS,
+    initialize_predictor,
+    trust_pickled_default,
+)
 
 #: nnU-Net readers whose array order is the NIfTI voxel order reversed, (Z, Y, X)
 REVERSED_AXIS_READERS = ("SimpleITKIO", "NibabelIO")
@@ -100,10 +105,10 @@ def find_nnunet_dir(path: str | os.PathLike) -> Path:
 
 
 def available_folds(model_dir: Path, checkpoint_name: str = CHECKPOINT_NAME) -> list[int | str]:
-    """Folds of a model folder that hold a checkpoint, sorted (``all`` last)."""
+    """Folds of a model folder that hold weights (safetensors or checkpoint), ``all`` last."""
     folds: list[int | str] = []
     for d in sorted(model_dir.glob("fold_*")):
-        if (d / checkpoint_name).is_file():
+        if (d / SAFE_WEIGHTS).is_file() or (d / checkpoint_name).is_file():
             tag = d.name[len("fold_") :]
             folds.append(int(tag) if tag.isdigit() else tag)
     return sorted(folds, key=lambda f: (isinstance(f, str), f if isinstance(f, int) else 0))
@@ -114,9 +119,19 @@ def _check_model_dir(model_dir: Path, folds: list[int | str], checkpoint_name: s
         if not (model_dir / name).is_file():
             raise WeightsError(f"{model_dir}: {name} missing (not an nnU-Net model folder)")
     for f in folds:
-        ckpt = model_dir / f"fold_{f}" / checkpoint_name
-        if not ckpt.is_file():
-            raise WeightsError(f"{ckpt}: checkpoint of fold {f} not found")
+        fold_dir = model_dir / f"fold_{f}"
+        if not (fold_dir / SAFE_WEIGHTS).is_file() and not (fold_dir / checkpoint_name).is_file():
+            raise WeightsError(f"{fold_dir}: weights of fold {f} not found ({SAFE_WEIGHTS})")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class NNUNetSegmenter:
@@ -136,6 +151,7 @@ class NNUNetSegmenter:
         tile_step_size: float = 0.5,
         checkpoint_name: str = CHECKPOINT_NAME,
         progress: bool = False,
+        trust_pickled: bool | None = None,
     ) -> None:
         if not 0 < tile_step_size <= 1:
             raise WeightsError(f"tile_step_size must lie in (0, 1], got {tile_step_size}")
@@ -145,6 +161,8 @@ class NNUNetSegmenter:
         self.tile_step_size = float(tile_step_size)
         self.checkpoint_name = checkpoint_name
         self.progress = progress
+        #: full unpickling of legacy checkpoints (opt-in; default from MRN_TRUST_PICKLED_NNUNET)
+        self.trust_pickled = trust_pickled_default() if trust_pickled is None else trust_pickled
         self.folds: dict[str, list[int | str]] = {}
         self.readers: dict[str, str] = {}
         self.label_values: dict[str, dict[str, int]] = {}
@@ -155,14 +173,14 @@ class NNUNetSegmenter:
                 raise WeightsError(f"{d}: no fold_k/{checkpoint_name} found")
             _check_model_dir(d, use, checkpoint_name)
             self.folds[mod] = use
-            plans = json.loads((d / "plans.json").read_text())
+            plans = _load_json(d / "plans.json")
             self.readers[mod] = str(plans.get("image_reader_writer", "SimpleITKIO"))
             if self.readers[mod] not in REVERSED_AXIS_READERS:
                 raise WeightsError(
                     f"{d}: model trained with nnU-Net reader {self.readers[mod]!r}; only "
                     f"{REVERSED_AXIS_READERS} are supported"
                 )
-            ds = json.loads((d / "dataset.json").read_text())
+            ds = _load_json(d / "dataset.json")
             self.label_values[mod] = {
                 k: int(v) for k, v in ds.get("labels", {}).items() if isinstance(v, int)
             }
@@ -219,10 +237,8 @@ class NNUNetSegmenter:
                     allow_tqdm=self.progress,
                 )
                 try:
-                    pred.initialize_from_trained_model_folder(
-                        str(d),
-                        use_folds=tuple(self.folds[modality]),
-                        checkpoint_name=self.checkpoint_name,
+                    initialize_predictor(
+                        pred, d, list(self.folds[modality]), trust_pickled=self.trust_pickled
                     )
                 except (OSError, RuntimeError, KeyError, EOFError) as e:
                     raise WeightsError(

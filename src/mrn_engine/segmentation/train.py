@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from types import SimpleNamespace
 from mrn_engine.bundle import NNUNET_DIR
 from mrn_engine.config import atomic_write_text
 from mrn_engine.errors import ConfigError, InputDataError
+from mrn_engine.fileio import make_temp_dir
 from mrn_engine.runtime import file_sha256, resolve_device, seed_everything
 from mrn_engine.segmentation.env import nnunet_environment
 from mrn_engine.segmentation.export import (
@@ -32,14 +32,17 @@ from mrn_engine.segmentation.export import (
     export_dataset,
     exportable_cases,
 )
+from mrn_engine.segmentation.safe_model import (
+    PICKLED_CHECKPOINT,
+    PROVENANCE_FILE,
+    convert_checkpoint,
+)
 
 #: trainer class name stored in checkpoints (defined in ``nnunet_ext/mrn_trainers.py``)
 TRAINER_NAME = "nnUNetTrainerMRN"
 PLANS_NAME = "nnUNetPlans"
 #: files of a trained model folder that the bundle keeps
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
-#: provenance file written beside the model in the bundle
-PROVENANCE_FILE = "mrn_nnunet.json"
 
 
 @dataclass
@@ -249,24 +252,32 @@ def copy_model_to_bundle(
     modality: str,
     folds: Sequence[int | str],
     provenance: dict,
+    *,
+    trust_pickled: bool = False,
 ) -> Path:
-    """Copy a trained nnU-Net model folder into ``BUNDLE/nnunet/<modality>/`` (all or nothing)."""
+    """Put a trained nnU-Net model into ``BUNDLE/nnunet/<modality>/`` (all or nothing).
+
+    Each fold's pickled ``checkpoint_final.pth`` is converted to ``model.safetensors`` +
+    ``model.json`` (:mod:`.safe_model`); no pickle enters the bundle. The sha256 of every file
+    the loader reads is recorded in ``mrn_nnunet.json``.
+    """
     dest = Path(bundle) / NNUNET_DIR / modality
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{modality}."))
+    tmp = Path(make_temp_dir(dest.parent, prefix=f".{modality}."))
     try:
         for name in MODEL_FILES:
+            if not (model_dir / name).is_file():
+                raise InputDataError(f"{model_dir / name}: missing (not an nnU-Net model folder)")
             shutil.copyfile(model_dir / name, tmp / name)
-        checksums = {}
+        checksums = {name: file_sha256(tmp / name) for name in MODEL_FILES}
         for fold in folds:
-            src = model_dir / f"fold_{fold}" / "checkpoint_final.pth"
+            src = model_dir / f"fold_{fold}" / PICKLED_CHECKPOINT
             if not src.is_file():
                 raise InputDataError(
-                    f"{src}: training of fold {fold} did not finish (no checkpoint_final.pth)"
+                    f"{src}: training of fold {fold} did not finish (no {PICKLED_CHECKPOINT})"
                 )
-            (tmp / f"fold_{fold}").mkdir()
-            shutil.copyfile(src, tmp / f"fold_{fold}" / "checkpoint_final.pth")
-            checksums[f"fold_{fold}/checkpoint_final.pth"] = file_sha256(src)
+            for name in convert_checkpoint(src, tmp / f"fold_{fold}", trust_pickled=trust_pickled):
+                checksums[f"fold_{fold}/{name}"] = file_sha256(tmp / f"fold_{fold}" / name)
         provenance = {**provenance, "sha256": checksums}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
         old = None

@@ -14,11 +14,12 @@ previous checkpoint intact and never a half-written file under its final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
-import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,18 +30,40 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mrn_engine.config import atomic_write_text
-from mrn_engine.errors import WeightsError
+from mrn_engine.errors import MRNError, MRNWarning, WeightsError
+from mrn_engine.fileio import make_temp_dir, make_temp_file, publish
 
 LAST = "last.json"
 
 
+class CheckpointWriteError(MRNError):
+    """A checkpoint file could not be written (disk full, permissions); nothing was replaced."""
+
+
+def _write_failed(path: Path, e: BaseException) -> CheckpointWriteError:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    full = getattr(e, "errno", None) == errno.ENOSPC or free == 0 or "unexpected pos" in str(e)
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+    return CheckpointWriteError(
+        f"{path}: cannot write the checkpoint ({reason})"
+        + (f"; the disk is full ({free} bytes free)" if full else "")
+        + "; the previous checkpoint is intact, free space and rerun with --resume"
+    )
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)  # safetensors / torch.save write 0600: the umask's mode instead
+    except (OSError, RuntimeError) as e:  # torch.save says "unexpected pos" on a full disk
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failed(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -123,12 +146,15 @@ def save_checkpoint(
         shutil.rmtree(target)
     # build the epoch folder under a temporary name, then move it in whole
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
+    tmp = Path(make_temp_dir(folder, prefix=f".{name}."))
     try:
         save_state_dict(state, tmp / "state.safetensors")
         save_torch(optimizer_state, tmp / "optimizer.pt")
         meta = {"epoch": epoch, "rng": rng_states(), **info}
-        atomic_write_text(tmp / "state.json", json.dumps(meta))
+        try:
+            atomic_write_text(tmp / "state.json", json.dumps(meta))
+        except OSError as e:
+            raise _write_failed(tmp / "state.json", e) from e
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,6 +181,24 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return target
 
 
+def _check_info(info: Any, path: Path) -> dict[str, Any]:
+    """The checkpoint info of ``state.json`` with the entries resume needs, or ``WeightsError``."""
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    missing = [k for k in ("epoch", "rng") if k not in info]
+    if missing:
+        raise WeightsError(
+            f"{path}: checkpoint info lacks its {' and '.join(repr(k) for k in missing)} "
+            "entr" + ("ies" if len(missing) > 1 else "y") + " (damaged or not written by mrn)"
+        )
+    rng = info["rng"]
+    if not isinstance(rng, dict) or not all(k in rng for k in ("python", "numpy", "torch")):
+        raise WeightsError(f"{path}: 'rng' must hold the python, numpy and torch RNG states")
+    if not isinstance(info["epoch"], int) or info["epoch"] < 1:
+        raise WeightsError(f"{path}: 'epoch' = {info['epoch']!r} is not an epoch number")
+    return info
+
+
 def load_checkpoint(
     target: str | os.PathLike,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -162,6 +206,86 @@ def load_checkpoint(
     target = Path(target)
     try:
         info = json.loads((target / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{target / 'state.json'}: unreadable checkpoint info ({e})") from e
+    info = _check_info(info, target / "state.json")
     return load_state_dict(target / "state.safetensors"), load_torch(target / "optimizer.pt"), info
+
+
+def clean_orphans(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary epoch folders and files a killed checkpoint write left in ``folder``."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.name.startswith(".epoch_") or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def epoch_folders(folder: str | os.PathLike) -> list[Path]:
+    """Complete-looking ``epoch_*`` folders of a checkpoint folder, newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (p for p in folder.glob("epoch_*") if p.is_dir() and (p / "state.json").is_file()),
+        reverse=True,
+    )
+
+
+def load_latest_usable(
+    folder: str | os.PathLike,
+) -> tuple[Path, tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]] | None:
+    """Newest loadable checkpoint of ``folder``: ``(epoch folder, load_checkpoint(...))``.
+
+    Cleans orphaned temporary folders first. When the newest epoch is damaged (truncated
+    file, missing entry), falls back to the older kept epoch with an :class:`MRNWarning`;
+    raises the newest epoch's error when none can be read; ``None`` when there is no checkpoint.
+    """
+    folder = Path(folder)
+    clean_orphans(folder)
+    try:
+        newest = latest_checkpoint(folder)
+    except WeightsError as e:
+        newest, first_error = None, e
+    else:
+        first_error = None
+    candidates = ([newest] if newest is not None else []) + [
+        p for p in epoch_folders(folder) if p != newest
+    ]
+    for target in candidates:
+        try:
+            loaded = load_checkpoint(target)
+        except WeightsError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            warnings.warn(
+                f"{first_error}; resuming from the older checkpoint {target}",
+                MRNWarning,
+                stacklevel=2,
+            )
+        return target, loaded
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def refuse_stale_checkpoints(folder: str | os.PathLike) -> None:
+    """``ConfigError`` when a fresh (non-resumed) run would silently restart over checkpoints."""
+    from mrn_engine.errors import ConfigError
+
+    folder = Path(folder)
+    epochs = epoch_folders(folder)
+    if epochs or (folder / LAST).is_file():
+        newest = epochs[0].name if epochs else LAST
+        raise ConfigError(
+            f"{folder}: holds checkpoints of an earlier run (newest {newest}); pass --resume to "
+            "continue it or --overwrite to discard them and start from epoch 1"
+        )

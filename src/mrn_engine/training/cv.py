@@ -11,6 +11,8 @@ every read-modify-write of ``bundle.json`` holds ``mrn_engine.bundle.bundle_lock
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,6 +145,17 @@ def cache_rois(
         cache.get_or_compute(cohort.files[cid], cfg.roi)
 
 
+def discard_run(out: Path) -> None:
+    """Remove what an earlier ``mrn train`` wrote to ``out`` (only its own files)."""
+    if not out.is_dir():
+        return
+    for d in out.glob("fold_*"):
+        if d.is_dir() and re.fullmatch(r"fold_\d+", d.name):
+            shutil.rmtree(d)
+    for name in ("bundle.json", "config.json"):
+        (out / name).unlink(missing_ok=True)
+
+
 def train_bundle(
     cases_root: str | os.PathLike,
     out: str | os.PathLike,
@@ -153,6 +166,7 @@ def train_bundle(
     resume: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[FoldResult]:
     """Train the k-fold ensemble of ``cfg`` on the labelled cases of ``cases_root`` into ``out``.
 
@@ -162,10 +176,16 @@ def train_bundle(
     cache_dir : ROI cache folder (default ``out/../roi_cache``).
     resume : continue killed folds from their checkpoints; finished folds are kept.
     stop_after : stop each fold after this epoch (time-boxing, tests).
+    overwrite : discard an earlier run in ``out`` (its fold folders, bundle.json, config.json)
+        and start from epoch 1; without it (and without ``resume``) checkpoints are refused.
     """
     from mrn_engine.training.objective import MRNObjective
 
     out = Path(out)
+    if overwrite and resume:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if overwrite:
+        discard_run(out)
     cohort = load_labelled_cohort(cases_root)
     wanted = list(range(cfg.train.folds)) if folds is None else sorted(set(int(k) for k in folds))
     bad = [k for k in wanted if not 0 <= k < cfg.train.folds]

@@ -48,8 +48,8 @@ from mrn_engine.models.losses import loss_terms
 from mrn_engine.results import THRESHOLD
 from mrn_engine.runtime import resolve_device, seed_everything
 from mrn_engine.training.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_usable,
+    refuse_stale_checkpoints,
     save_checkpoint,
     save_state_dict,
     save_torch,
@@ -230,11 +230,14 @@ def train_fold(
 
     if not resume and (out_dir / DONE_FILE).exists():
         raise ConfigError(
-            f"{out_dir}: fold already trained; pass resume to reuse it or choose another --out"
+            f"{out_dir}: fold already trained; pass --resume to reuse it, --overwrite to train "
+            "it again, or choose another --out"
         )
-    target = latest_checkpoint(ckpt_dir) if resume else None
-    if target is not None:
-        state, opt_state, info = load_checkpoint(target)
+    if not resume:
+        refuse_stale_checkpoints(ckpt_dir)
+    found = load_latest_usable(ckpt_dir) if resume else None
+    if found is not None:
+        target, (state, opt_state, info) = found
         if _comparable(info.get("config", {})) != _comparable(cfg.to_dict()):
             raise WeightsError(
                 f"{target}: checkpoint was made with another ROI/model configuration"
@@ -247,6 +250,8 @@ def train_fold(
         set_rng_states(info["rng"])
         rows = list(info.get("metrics", []))
         start = int(info["epoch"]) + 1
+        # metrics.csv may run ahead of the checkpoint (killed between the two writes)
+        write_rows_csv(out_dir / "metrics.csv", rows, METRIC_FIELDS)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / CONFIG_FILE)
     writer = _tensorboard(out_dir)
