@@ -10,7 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python}
+if [[ -z ${PYTHON:-} ]]; then
+  if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+fi
 MODE=install
 case "${1:-}" in
   --check) MODE=check ;;
@@ -71,7 +73,30 @@ system_packages() {
   run "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
+# The Python side: a recent enough interpreter that pip may install into.
+python_ready() {
+  if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "No Python found ($PYTHON). Debian/Ubuntu: sudo apt-get install -y python3 python3-venv;"
+    echo "macOS/Windows: https://www.python.org/downloads/ (3.10 or newer)."
+    return 1
+  fi
+  "$PYTHON" - <<'PY'
+import os, sys, sysconfig
+if sys.version_info < (3, 10):
+    sys.exit(f"Python {sys.version.split()[0]} is too old: napari-mrn needs 3.10 or newer.")
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+if managed and sys.prefix == sys.base_prefix:
+    sys.exit(
+        f"{sys.executable} is the system's Python, which pip may not change (PEP 668).\n"
+        "Make a virtual environment first, then run this script again inside it:\n"
+        "  python3 -m venv .venv && . .venv/bin/activate && bash scripts/install.sh\n"
+        "(Debian/Ubuntu without venv support: sudo apt-get install -y python3-venv)"
+    )
+PY
+}
+
 system_packages
+python_ready || exit 1
 [[ $MODE == check ]] && exit 0
 
 # torch first, pinned (CPU or CUDA build: pip picks the default wheel for the platform), then the

@@ -2,8 +2,9 @@
 
 Also the display probe: with no usable display (no DISPLAY and no Xvfb for pytest-xvfb to start,
 or a Qt that cannot start on it) the GUI tests are skipped with :data:`NO_DISPLAY_REASON` instead
-of Qt aborting the whole run. The probe runs after pytest-xvfb has started Xvfb and never creates
-a Qt application in this process (:func:`mrn_engine.doctor.qt_starts` uses a child process).
+of Qt aborting the whole run. The probe runs after pytest-xvfb has started Xvfb, only when GUI
+tests were collected, and never creates a Qt application in this process
+(:func:`mrn_engine.doctor.qt_starts` uses a child process).
 """
 
 from __future__ import annotations
@@ -18,24 +19,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 #: fixtures that create a Qt application (a test using one is a GUI test)
 QT_FIXTURES = frozenset({"qapp", "qtbot", "make_napari_viewer", "make_napari_viewer_proxy"})
-#: set by :func:`pytest_configure`: None = a display is usable, else why the GUI tests skip
-_gui_skip_reason: str | None = None
+#: the probe's verdict once made: "" = a display is usable, else why the GUI tests are skipped
+_gui_verdict: list[str] = []
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-xvfb's pytest_configure has started Xvfb
-def pytest_configure(config: pytest.Config) -> None:
-    """Decide once, before any test creates a QApplication, whether the GUI tests can run."""
-    global _gui_skip_reason
-    display = display_status()
-    if display.status == "ok":
-        ok, said = qt_starts()
-        _gui_skip_reason = None if ok else f"{NO_DISPLAY_REASON} (Qt cannot start: {said})"
-    else:
-        _gui_skip_reason = NO_DISPLAY_REASON
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"GUI tests: {'run' if _gui_skip_reason is None else 'skipped: ' + _gui_skip_reason}"
+def gui_skip_reason() -> str:
+    """Probe once (after pytest-xvfb has started Xvfb in its pytest_configure, before any test
+    runs): "" when the GUI tests can run, else the skip reason."""
+    if not _gui_verdict:
+        display = display_status()
+        if display.status != "ok":
+            _gui_verdict.append(NO_DISPLAY_REASON)
+        else:
+            ok, said = qt_starts()
+            _gui_verdict.append("" if ok else f"{NO_DISPLAY_REASON} (Qt cannot start: {said})")
+    return _gui_verdict[0]
 
 
 def is_gui_test(item: pytest.Item) -> bool:
@@ -46,12 +44,19 @@ def is_gui_test(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _gui_skip_reason is None:
+    """Skip the GUI tests when no display is usable (probed only if GUI tests were collected)."""
+    gui = [item for item in items if is_gui_test(item)]
+    if not gui or not gui_skip_reason():
         return
-    skip = pytest.mark.skip(reason=_gui_skip_reason)
-    for item in items:
-        if is_gui_test(item):
-            item.add_marker(skip)
+    skip = pytest.mark.skip(reason=gui_skip_reason())
+    for item in gui:
+        item.add_marker(skip)
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str:
+    if not _gui_verdict:
+        return ""
+    return "GUI tests: " + (f"skipped: {_gui_verdict[0]}" if _gui_verdict[0] else "run")
 
 
 #: size of the shared test cohort (balanced PD/HC; train + val CSVs)
