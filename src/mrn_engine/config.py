@@ -243,8 +243,12 @@ def _vits() -> RunConfig:
 
 def _cpu_tiny() -> RunConfig:
     cfg = RunConfig(preset="cpu-tiny")
+    # "resample": the real basal-ganglia box spans ~18-20 slices; "pad" kept its central 8
+    # and cut nucleus slices off (issue 13, tests/test_real_geometry.py)
     cfg.roi = RoiConfig(
-        image_size=56, slices={"nm_sn": 6, "qsm_bg": 8, "qsm_midbrain": 6, "qsm_dentate": 6}
+        image_size=56,
+        slices={"nm_sn": 6, "qsm_bg": 8, "qsm_midbrain": 6, "qsm_dentate": 6},
+        slice_policy="resample",
     )
     m = cfg.model
     m.backbone = "tiny"
