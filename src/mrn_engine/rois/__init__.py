@@ -13,7 +13,7 @@ from mrn_engine.rois.extract import (
     paste_back_all,
 )
 from mrn_engine.rois.intensity import (
-    Mapping,
+    IntensityMapping,
     apply_window,
     intensity_window,
     nm_reference_region,
@@ -22,7 +22,7 @@ from mrn_engine.rois.intensity import (
 
 __all__ = [
     "CropBox",
-    "Mapping",
+    "IntensityMapping",
     "RoiCache",
     "RoiCrop",
     "apply_window",

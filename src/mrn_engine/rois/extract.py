@@ -47,7 +47,7 @@ from mrn_engine.data.nifti import Volume, check_mask_labels
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.rois.boxes import CropBox, roi_box
 from mrn_engine.rois.intensity import (
-    Mapping,
+    IntensityMapping,
     apply_window,
     nm_mapping,
     percentile_mapping,
@@ -287,7 +287,7 @@ def modality_mapping(
     mask: np.ndarray | None = None,
     qsm_mask: np.ndarray | None = None,
     mask_source: str = "",
-) -> Mapping:
+) -> IntensityMapping:
     """The intensity mapping of one modality's volume under ``cfg.intensity``.
 
     ``mask`` is the modality's label mask (the NM mask locates the NM reference region);
@@ -391,7 +391,7 @@ def extract_rois(
     }
     given = {"NM": nm_mask is not None, "QSM": qsm_mask is not None}
     images = {"NM": case.nm, "QSM": case.qsm}
-    maps: dict[str, Mapping] = {}
+    maps: dict[str, IntensityMapping] = {}
     counts: dict[str, np.ndarray] = {}
     wanted = [r for r in ROIS if rois is None or r.name in rois]
     out: dict[str, RoiCrop] = {}

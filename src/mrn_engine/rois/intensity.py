@@ -47,7 +47,7 @@ MAD_TO_SD = 1.4826
 
 
 @dataclass(frozen=True)
-class Mapping:
+class IntensityMapping:
     """A linear raw -> ``[0, 255]`` window plus the raw value of neutral tissue."""
 
     window: tuple[float, float]
@@ -129,11 +129,11 @@ def qsm_to_ppm_factor(array: np.ndarray, unit: str = "auto", source: str = "QSM"
 
 def qsm_mapping(
     array: np.ndarray, window_ppm: Sequence[float], unit: str = "auto", source: str = "QSM"
-) -> Mapping:
+) -> IntensityMapping:
     """Fixed susceptibility window (ppm) expressed in the volume's raw units; neutral = 0."""
     f = qsm_to_ppm_factor(array, unit, source)
     lo, hi = float(window_ppm[0]) / f, float(window_ppm[1]) / f
-    return Mapping((lo, hi), 0.0, (("unit", "ppb" if f != 1.0 else "ppm"),))
+    return IntensityMapping((lo, hi), 0.0, (("unit", "ppb" if f != 1.0 else "ppm"),))
 
 
 # --- NM: contrast against a reference region ---------------------------------------------
@@ -206,7 +206,7 @@ def nm_mapping(
     cnr_window: Sequence[float],
     qsm_mask: np.ndarray | None = None,
     source: str = "NM",
-) -> Mapping:
+) -> IntensityMapping:
     """CNR window ``(I - median_ref) / sd_ref`` in ``cnr_window`` as raw values; neutral = ref.
 
     Raises ``InputDataError`` (naming ``source``) when the reference region is too small or
@@ -226,11 +226,13 @@ def nm_mapping(
             f"{med:g}); the NM contrast cannot be measured"
         )
     lo, hi = med + float(cnr_window[0]) * sd, med + float(cnr_window[1]) * sd
-    return Mapping((lo, hi), med, (("ref_median", med), ("ref_sd", sd), ("ref_voxels", n)))
+    return IntensityMapping((lo, hi), med, (("ref_median", med), ("ref_sd", sd), ("ref_voxels", n)))
 
 
-def percentile_mapping(array: np.ndarray, percentiles: Sequence[float], scale: float) -> Mapping:
+def percentile_mapping(
+    array: np.ndarray, percentiles: Sequence[float], scale: float
+) -> IntensityMapping:
     """The legacy whole-volume percentile window; neutral = raw 0 (old zero padding)."""
     lo, hi = intensity_window(array, percentiles, scale)
     # padding used to be mapped 0 (= raw lo); keep it so old bundles see the same stacks
-    return Mapping((lo, hi), lo)
+    return IntensityMapping((lo, hi), lo)
