@@ -15,7 +15,9 @@ oracle (Bayes-optimal accuracy on the same cases). Results: ``OUT/transfer_resul
 
     nice python docs/scripts/transfer_benchmark.py --out /tmp/transfer --threads 1
 
-Resumable: finished phantom cases and folds are kept. ``--intensity percentile`` trains and
+Resumable: finished phantom cases and folds are kept. ``--train-root`` / ``--test-root
+NAME=DIR`` use site-A cohorts that already exist (any ``mrn phantom`` output without
+``--site``, i.e. site A) instead of generating them. ``--intensity percentile`` trains and
 tests with the legacy whole-volume mapping instead (the comparison in docs/results.md).
 """
 
@@ -56,6 +58,15 @@ def _score(predictor, root: Path) -> dict:
     }
 
 
+def _wait_for(root: Path, hours: float = 2.0) -> None:
+    """Wait until a cohort another process is writing is finished (its oracle.json exists)."""
+    t0 = time.time()
+    while not (root / "oracle.json").is_file():
+        if time.time() - t0 > hours * 3600:
+            raise SystemExit(f"{root}: no oracle.json after {hours} h")
+        time.sleep(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -68,6 +79,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--geometry", type=Path, default=DEFAULT_GEOMETRY)
     ap.add_argument("--intensity", choices=("reference", "percentile"), default="reference")
+    ap.add_argument("--train-root", type=Path, default=None, help="existing site-A cohort")
+    ap.add_argument(
+        "--test-root", action="append", default=[], help="NAME=DIR: an existing test cohort"
+    )
     args = ap.parse_args()
 
     import torch
@@ -89,11 +104,17 @@ def main() -> None:
     else:
         print(f"note: {args.geometry} absent: no real-geometry test cohort")
     gen = dict(workers=args.workers, progress=False)
-    generate_cohort(out / "train_A", n=args.train_cases, seed=args.seed, site="A", **gen)
+    given = dict(item.split("=", 1) for item in args.test_root)
+    roots = {name: Path(given[name]) if name in given else out / f"test_{name}" for name in tests}
     for name, (site, geo, seed) in tests.items():
-        generate_cohort(
-            out / f"test_{name}", n=args.test_cases, seed=seed, site=site, geometry=geo, **gen
-        )
+        if name not in given:
+            generate_cohort(
+                roots[name], n=args.test_cases, seed=seed, site=site, geometry=geo, **gen
+            )
+    train_root = args.train_root
+    if train_root is None:
+        train_root = out / "train_A"
+        generate_cohort(train_root, n=args.train_cases, seed=args.seed, site="A", **gen)
     t_gen = time.perf_counter() - t0
     print(f"phantoms: {t_gen:.0f} s", flush=True)
 
@@ -109,7 +130,7 @@ def main() -> None:
     )
     bundle = out / f"bundle_{args.intensity}"
     train_bundle(
-        out / "train_A",
+        train_root,
         bundle,
         cfg,
         cache_dir=out / f"roi_cache_{args.intensity}",
@@ -119,10 +140,13 @@ def main() -> None:
     t_train = time.perf_counter() - t0 - t_gen
     print(f"training: {t_train:.0f} s", flush=True)
     predictor = MRNPredictor.from_bundle(bundle, device="cpu")
-    results = {name: _score(predictor, out / f"test_{name}") for name in tests}
+    for root in roots.values():
+        _wait_for(root)
+    results = {name: _score(predictor, roots[name]) for name in tests}
     summary = {
         "intensity": args.intensity,
-        "train": {"site": "A", "cases": args.train_cases, "folds": args.folds},
+        "train": {"site": "A", "root": str(train_root), "folds": args.folds},
+        "test_roots": {k: str(v) for k, v in roots.items()},
         "epochs": args.epochs,
         "tests": results,
         "seconds": {
@@ -133,7 +157,7 @@ def main() -> None:
         "threads": args.threads,
     }
     lines = [
-        f"intensity mapping: {args.intensity}; trained on {args.train_cases} site-A phantoms "
+        f"intensity mapping: {args.intensity}; trained on the site-A phantoms of {train_root} "
         f"({args.folds} folds x 1+{args.epochs} epochs, cpu-tiny)",
         "",
         "| test cohort | n | accuracy | AUC | predicted PD share | P(PD) range | oracle |",
