@@ -44,6 +44,7 @@ FIELDS = [
     "box_mm",
     "nucleus_slices",
     "stack_slices",
+    "slice_policy",
     "kept",
     "dropped",
     "voxels",
@@ -135,6 +136,7 @@ def case_stats(case, cfg: RoiConfig) -> list[dict]:
             box_mm=f"{sx:.0f}x{sy:.0f}x{sz:.0f}",
             nucleus_slices=len(zs),
             stack_slices=n_stack,
+            slice_policy=cfg.slice_policy,
             kept=len(kept),
             dropped=len(zs) - len(kept),
             voxels=int(sel.sum()),
@@ -279,8 +281,10 @@ def stats_figure(rows: list[dict], path: str | os.PathLike, title: str = "") -> 
     )
     axes[1].set_xticks(range(len(names)), names)
     axes[1].set_ylabel("axial slices")
+    policies = sorted({r["slice_policy"] for r in rows if "slice_policy" in r})
     axes[1].set_title(
-        "nucleus slices per case (green) vs stack slices (line)\nred x = kept when some are dropped"
+        f"nucleus slices per case (green) vs stack slices (line, {'/'.join(policies)})\n"
+        "red x = kept when some are dropped"
     )
     if title:
         fig.suptitle(title, fontsize=10)
