@@ -547,7 +547,10 @@ def test_cli_rois(tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     png = tmp_path / "montage.png"
-    res = CliRunner().invoke(cli, ["rois", str(folder), "--preset", "cpu-tiny", "--out", str(png)])
+    # paper-vitb crops with "pad" (cpu-tiny resamples: tests/test_real_geometry.py)
+    res = CliRunner().invoke(
+        cli, ["rois", str(folder), "--preset", "paper-vitb", "--out", str(png)]
+    )
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith("RJPD_004: grid (60, 60, 20)")
