@@ -81,6 +81,11 @@ def main() -> None:
     ap.add_argument("--intensity", choices=("reference", "percentile"), default="reference")
     ap.add_argument("--train-root", type=Path, default=None, help="existing site-A cohort")
     ap.add_argument(
+        "--score-only",
+        action="store_true",
+        help="no generation or training: score the folds the bundle has finished so far",
+    )
+    ap.add_argument(
         "--test-root", action="append", default=[], help="NAME=DIR: an existing test cohort"
     )
     args = ap.parse_args()
@@ -107,12 +112,14 @@ def main() -> None:
     given = dict(item.split("=", 1) for item in args.test_root)
     roots = {name: Path(given[name]) if name in given else out / f"test_{name}" for name in tests}
     for name, (site, geo, seed) in tests.items():
-        if name not in given:
+        if name not in given and not args.score_only:
             generate_cohort(
                 roots[name], n=args.test_cases, seed=seed, site=site, geometry=geo, **gen
             )
     train_root = args.train_root
-    if train_root is None:
+    if train_root is None and args.score_only:
+        train_root = out / "train_A"
+    elif train_root is None:
         train_root = out / "train_A"
         generate_cohort(train_root, n=args.train_cases, seed=args.seed, site="A", **gen)
     t_gen = time.perf_counter() - t0
@@ -129,23 +136,27 @@ def main() -> None:
         },
     )
     bundle = out / f"bundle_{args.intensity}"
-    train_bundle(
-        train_root,
-        bundle,
-        cfg,
-        cache_dir=out / f"roi_cache_{args.intensity}",
-        resume=True,
-        progress=False,
-    )
+    if not args.score_only:
+        train_bundle(
+            train_root,
+            bundle,
+            cfg,
+            cache_dir=out / f"roi_cache_{args.intensity}",
+            resume=True,
+            progress=False,
+        )
     t_train = time.perf_counter() - t0 - t_gen
     print(f"training: {t_train:.0f} s", flush=True)
     predictor = MRNPredictor.from_bundle(bundle, device="cpu")
+    folds = list(predictor.fold_states)
+    tag = args.intensity if len(folds) == args.folds else f"{args.intensity}_folds{len(folds)}"
     for root in roots.values():
         _wait_for(root)
     results = {name: _score(predictor, roots[name]) for name in tests}
     summary = {
         "intensity": args.intensity,
         "train": {"site": "A", "root": str(train_root), "folds": args.folds},
+        "folds_scored": folds,
         "test_roots": {k: str(v) for k, v in roots.items()},
         "epochs": args.epochs,
         "tests": results,
@@ -158,7 +169,7 @@ def main() -> None:
     }
     lines = [
         f"intensity mapping: {args.intensity}; trained on the site-A phantoms of {train_root} "
-        f"({args.folds} folds x 1+{args.epochs} epochs, cpu-tiny)",
+        f"({args.folds} folds x 1+{args.epochs} epochs, cpu-tiny; scored: folds {folds})",
         "",
         "| test cohort | n | accuracy | AUC | predicted PD share | P(PD) range | oracle |",
         "|---|---|---|---|---|---|---|",
@@ -169,10 +180,8 @@ def main() -> None:
             f"| {name} | {r['n']} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
             f"{r['pd_share']:.2f} | {lo:.2f}-{hi:.2f} | {r['oracle_accuracy']:.3f} |"
         )
-    atomic_write_text(
-        out / f"transfer_results_{args.intensity}.json", json.dumps(summary, indent=2)
-    )
-    atomic_write_text(out / f"transfer_results_{args.intensity}.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"transfer_results_{tag}.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / f"transfer_results_{tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
