@@ -32,7 +32,7 @@ def test_replace_nested_and_unknown_key(tmp_path):
 
 
 def test_roi_slice_policy_default_old_files_and_validation(tmp_path):
-    cfg = get_preset("cpu-tiny")
+    cfg = get_preset("paper-vitb")  # cpu-tiny uses "resample" (tests/test_real_geometry.py)
     assert cfg.roi.slice_policy == "pad"
     # a config.json written before the field existed loads with the old behaviour ("pad")
     old = cfg.to_dict()

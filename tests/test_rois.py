@@ -102,8 +102,10 @@ def test_slices_centre_crop_and_zero_pad(case):
     assert (dn.box.z0, dn.box.z1) == (0, 7)
     np.testing.assert_array_equal(dn.slice_index, [-1, -1, 0, 1, 2, 3, 4, 5, 6, -1, -1, -1])
     pad = dn.slice_index < 0
-    assert np.all(dn.image[pad] == 0) and np.all(dn.mask[pad] == 0)
-    assert np.all(dn.image[~pad].reshape(7, -1).max(axis=1) > 0)
+    # padding = neutral tissue (0 ppm on the QSM scale), not 0 (= "very diamagnetic")
+    assert dn.pad_value == pytest.approx(255 * 0.1 / 0.4)
+    assert np.all(dn.image[pad] == dn.pad_value) and np.all(dn.mask[pad] == 0)
+    assert np.all(dn.image[~pad].reshape(7, -1).max(axis=1) > dn.pad_value)
 
 
 def test_aspect_kept_and_padding_centred(case):
@@ -114,8 +116,9 @@ def test_aspect_kept_and_padding_centred(case):
     assert hy == round(ny * 32 / nx)
     px, py = c.pad
     assert px == 0 and py == (32 - hy) // 2
-    # columns outside the resized box are zero padding
-    assert np.all(c.image[:, :, :py] == 0) and np.all(c.image[:, :, py + hy :] == 0)
+    # columns outside the resized box are neutral padding
+    pv = c.pad_value
+    assert np.all(c.image[:, :, :py] == pv) and np.all(c.image[:, :, py + hy :] == pv)
 
 
 def test_intensity_window_qsm_ignores_background():
@@ -544,7 +547,10 @@ def test_cli_rois(tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     png = tmp_path / "montage.png"
-    res = CliRunner().invoke(cli, ["rois", str(folder), "--preset", "cpu-tiny", "--out", str(png)])
+    # paper-vitb crops with "pad" (cpu-tiny resamples: tests/test_real_geometry.py)
+    res = CliRunner().invoke(
+        cli, ["rois", str(folder), "--preset", "paper-vitb", "--out", str(png)]
+    )
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith("RJPD_004: grid (60, 60, 20)")

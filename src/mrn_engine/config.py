@@ -42,9 +42,20 @@ class RoiConfig:
     #: "resample" resamples the box's slices along z to exactly that count (linear for the
     #: image, nearest for the mask; predictions are pasted back with nearest)
     slice_policy: str = "pad"
+    #: intensity mapping (docs/data.md, step 2): "reference" = NM contrast-to-noise against
+    #: the reference region next to the SN and QSM in a fixed ppm window (scanner-robust);
+    #: "percentile" = whole-volume percentiles x *_window_scale (configs saved before this
+    #: field existed load with it, so old bundles keep their mapping)
+    intensity: str = "reference"
+    nm_cnr_window: tuple[float, float] = (-5.0, 45.0)  #: NM CNR mapped to 0..255
+    qsm_window_ppm: tuple[float, float] = (-0.1, 0.3)  #: QSM ppm mapped to 0..255
+    qsm_unit: str = "auto"  #: "auto" (ppb detected, converted, warned), "ppm" or "ppb"
 
     #: allowed ``slice_policy`` values (a class constant, not a field)
     SLICE_POLICIES = ("pad", "resample")
+    #: allowed ``intensity`` and ``qsm_unit`` values
+    INTENSITY_MAPPINGS = ("reference", "percentile")
+    QSM_UNITS = ("auto", "ppm", "ppb")
 
     def __post_init__(self) -> None:
         self.check()
@@ -56,6 +67,20 @@ class RoiConfig:
                 f"roi.slice_policy must be one of "
                 f"{', '.join(repr(p) for p in self.SLICE_POLICIES)}, not {self.slice_policy!r}"
             )
+        for name, allowed in (
+            ("intensity", self.INTENSITY_MAPPINGS),
+            ("qsm_unit", self.QSM_UNITS),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ConfigError(
+                    f"roi.{name} must be one of {', '.join(repr(p) for p in allowed)}, "
+                    f"not {value!r}"
+                )
+        for name in ("nm_cnr_window", "qsm_window_ppm"):
+            lo, hi = getattr(self, name)
+            if not float(hi) > float(lo):
+                raise ConfigError(f"roi.{name} must be (low, high) with high > low, not {(lo, hi)}")
         return self
 
 
@@ -147,6 +172,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        roi = data.get("roi") if isinstance(data, dict) else None
+        if isinstance(roi, dict) and "intensity" not in roi:  # saved before the field existed
+            data = {**data, "roi": {**roi, "intensity": "percentile"}}
         return _from_dict(cls, data, "config")
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -247,8 +275,12 @@ def _vits() -> RunConfig:
 
 def _cpu_tiny() -> RunConfig:
     cfg = RunConfig(preset="cpu-tiny")
+    # "resample": the real basal-ganglia box spans ~18-20 slices; "pad" kept its central 8
+    # and cut nucleus slices off (issue 13, tests/test_real_geometry.py)
     cfg.roi = RoiConfig(
-        image_size=56, slices={"nm_sn": 6, "qsm_bg": 8, "qsm_midbrain": 6, "qsm_dentate": 6}
+        image_size=56,
+        slices={"nm_sn": 6, "qsm_bg": 8, "qsm_midbrain": 6, "qsm_dentate": 6},
+        slice_policy="resample",
     )
     m = cfg.model
     m.backbone = "tiny"

@@ -29,8 +29,34 @@ def _yn(flag: bool) -> str:
     default=None,
     help="Also write the case table to this CSV file.",
 )
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Also per case and ROI: box, nucleus slices kept/dropped, mapped intensities in the "
+    "nuclei, outliers (docs/data.md); writes a table, a CSV and a figure to --stats-out.",
+)
+@click.option(
+    "--stats-out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for --stats (default ./<ROOT name>_stats).",
+)
+@click.option(
+    "--preset",
+    default="cpu-tiny",
+    show_default=True,
+    help="Configuration whose ROI settings --stats uses (cpu-tiny, paper-vitb, vits).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def cases_cmd(root: Path, check: bool, csv_out: Path | None, quiet: bool) -> None:
+def cases_cmd(
+    root: Path,
+    check: bool,
+    csv_out: Path | None,
+    stats: bool,
+    stats_out: Path | None,
+    preset: str,
+    quiet: bool,
+) -> None:
     """List the cases under ROOT (recursive): files present, label, split; validate them."""
     import numpy as np
     from tqdm import tqdm
@@ -116,8 +142,26 @@ def cases_cmd(root: Path, check: bool, csv_out: Path | None, quiet: bool) -> Non
             w.writerow({**r, "status": status})
         atomic_write_text(csv_out, buf.getvalue())
         click.echo(f"table -> {csv_out}")
+    if stats:
+        _stats(root, stats_out or Path(f"{root.resolve().name}_stats"), preset, quiet)
     if problems:
         raise SystemExit(2)
+
+
+def _stats(root: Path, out: Path, preset: str, quiet: bool) -> None:
+    """``--stats``: per-case ROI statistics and outliers (``mrn_engine.rois.stats``)."""
+    from mrn_engine.config import get_preset
+    from mrn_engine.rois.stats import cohort_stats, stats_table, write_stats
+
+    cfg = get_preset(preset).roi
+    rows = cohort_stats(root, cfg, progress=not quiet)
+    click.echo("\n" + stats_table(rows))
+    paths = write_stats(rows, out, title=f"{root.resolve().name} ({preset}, {cfg.intensity})")
+    flagged = sorted({r["case_id"] for r in rows if r.get("flags")})
+    click.echo(
+        f"\nstats: {len(flagged)} case(s) flagged{': ' + ', '.join(flagged) if flagged else ''}\n"
+        f"table -> {paths['table']}\ncsv -> {paths['csv']}\nfigure -> {paths['figure']}"
+    )
 
 
 def register(group: click.Group) -> None:

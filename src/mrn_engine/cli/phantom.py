@@ -45,6 +45,21 @@ import click
     default=None,
     help="Write the PD-vs-HC figure (PNG) here instead of / besides a cohort.",
 )
+@click.option(
+    "--site",
+    default="A",
+    show_default=True,
+    help="Simulated scanner site(s): A, B, C, D, or several (A,B,C) spread evenly over the "
+    "cases. Sites differ in NM gain/offset, bias field, noise and NM contrast, and QSM noise "
+    "and unit (docs/phantom.md); the oracle is the same.",
+)
+@click.option(
+    "--geometry",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of real subjects' nuclei masks (QSM_pred/NM_pred or *_mask.nii.gz per "
+    "subject folder): the cases' nuclei are those, randomly deformed.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def phantom(
     out: Path | None,
@@ -54,6 +69,8 @@ def phantom(
     effect: float,
     val_fraction: float,
     figure: Path | None,
+    site: str,
+    geometry: Path | None,
     quiet: bool,
 ) -> None:
     """Synthetic PD/HC cohort in the PDCADxFoundation layout (NM, QSM, T1, masks, CSVs)."""
@@ -74,12 +91,16 @@ def phantom(
         val_fraction=val_fraction,
         progress=not quiet,
         effect=effect,
+        site=site,
+        geometry=geometry,
     )
     o = s["oracle"]
     click.echo(
         f"cohort: {s['root']}\n"
         f"cases: {s['n_cases']} ({s['generated']} generated, {s['skipped']} already complete)\n"
         f"classes: {s['n_pd']} PD / {s['n_hc']} HC; train {s['n_train']}, val {s['n_val']}\n"
+        f"sites: {', '.join(f'{k} {v}' for k, v in s['sites'].items())}"
+        f"{'; real nuclei of ' + ', '.join(s['geometry']) if s['geometry'] else ''}\n"
         f"oracle ceiling: {o['accuracy_analytic']:.3f} analytic, "
         f"{o['accuracy_monte_carlo']:.3f} Monte Carlo, {o['accuracy_empirical']:.3f} on these cases\n"
         f"time: {s['seconds']:.1f} s with {s['workers']} worker(s)"

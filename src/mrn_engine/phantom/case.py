@@ -38,6 +38,8 @@ from mrn_engine.phantom.model import (
     QSM_NUCLEI,
     draw_class_latents,
 )
+from mrn_engine.phantom.real_geometry import aligned_warp, deform_labels, depigmentation_weight
+from mrn_engine.phantom.site import SITES, Site
 
 #: file name -> PhantomCase attribute, in the challenge layout
 CASE_FILES: dict[str, str] = {
@@ -63,6 +65,7 @@ class PhantomCase:
     nm_mask: np.ndarray
     qsm_mask: np.ndarray
     latents: dict[str, float] = field(default_factory=dict)
+    site: str = "A"  #: the simulated scanner site (:mod:`mrn_engine.phantom.site`)
 
 
 #: QSM background (ppb) = GM_PPB * grey-matter + WM_PPB * white-matter probability
@@ -101,7 +104,12 @@ def _random_brain_voxels(brain: np.ndarray, n: int, rng: np.random.Generator) ->
 
 
 def make_phantom_case(
-    label: int, seed: int, case_id: str = "RJPD_000", effect: float = 1.0
+    label: int,
+    seed: int,
+    case_id: str = "RJPD_000",
+    effect: float = 1.0,
+    site: Site | None = None,
+    geometry=None,
 ) -> PhantomCase:
     """Generate one subject (deterministic for ``seed``; a few seconds on one core).
 
@@ -111,7 +119,12 @@ def make_phantom_case(
     seed: random seed of this subject (any non-negative int).
     case_id: the case id stored in the result.
     effect: scales every class difference (0 = none; 1 = oracle accuracy about 0.90).
+    site: the simulated scanner (default site ``A``, the original generator); changes only
+        how the anatomy is imaged, never the latents or the oracle.
+    geometry: a :class:`~mrn_engine.phantom.real_geometry.RealGeometry` whose (randomly
+        deformed) real nuclei masks replace the atlas nuclei.
     """
+    site = SITES["A"] if site is None else site
     if label not in (0, 1):
         raise ValueError(f"{case_id}: label must be 0 (HC) or 1 (PD), got {label!r}")
     if not effect >= 0:
@@ -122,7 +135,11 @@ def make_phantom_case(
 
     # --- anatomy: warp the atlas onto the challenge grid -------------------------------
     warp = random_warp(rng)
-    nm_bias = smooth_lattice_field(rng, 0.08)
+    if geometry is not None:  # the atlas follows the (deformed) real nuclei instead
+        geo_rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6E0]))
+        geometry_labels = deform_labels(geometry, geo_rng)
+        warp = aligned_warp(geometry_labels[0], warp)
+    nm_bias = smooth_lattice_field(rng, site.bias)
     t1_bias = smooth_lattice_field(rng, 0.05)
     qsm_field = smooth_lattice_field(rng, 6.0)
     chans, codes_t, atlas_affine = _atlas_tensors()
@@ -138,24 +155,30 @@ def make_phantom_case(
     brain = brain_p > 0.5
     qsm_mask = np.where(brain, codes & (NM_BIT - 1), 0).astype(np.uint8)
     nm_region = ((codes & NM_BIT) > 0) & brain
+    nm_side = np.where(qsm_mask == 11, 1, np.where(qsm_mask == 12, 2, 0)).astype(np.uint8)
+    if geometry is not None:  # real nuclei (randomly deformed) replace the atlas nuclei
+        qsm_mask, nm_side = geometry_labels
+        nm_region = nm_side > 0
+        depig = depigmentation_weight(nm_side)
+        brain = brain | (qsm_mask > 0) | nm_region
 
     # --- NM: SN hyperintensity with lateral/posterior depigmentation in PD --------------
     loss = float(np.clip(NM_LOSS_PER_SEVERITY * severity, 0.0, 0.95))
     pigment = 1.0 - loss * depig
     pigment *= np.clip(1.0 + 0.08 * rng.standard_normal(pigment.shape, dtype=np.float32), 0.0, None)
-    nm_contrast = float(np.clip(rng.normal(1.0, 0.12), 0.6, 1.4))
+    nm_contrast = float(np.clip(rng.normal(1.0, 0.12), 0.6, 1.4)) * site.nm_contrast
     nm_scale = float(np.exp(rng.normal(0.0, 0.10)))
-    nm_sigma = float(rng.uniform(450.0, 750.0))
+    nm_sigma = float(rng.uniform(450.0, 750.0)) * site.nm_noise
     nm_signal = np.where(brain, NM_FLOOR[0] + NM_FLOOR[1] * t1_map, 0.0).astype(np.float32)
     nm_signal[nm_region] += NM_SN_EXCESS * nm_contrast * pigment[nm_region]
     nm_signal *= nm_scale * (1.0 + nm_bias_f)
     nm = np.rint(_rician(nm_signal, nm_sigma * nm_scale, rng))  # integer-valued magnitude
     vessels = _random_brain_voxels(brain, int(rng.integers(5, 30)), rng)
     nm[vessels] = rng.uniform(30000.0, 90000.0, vessels[0].size).astype(np.float32)
+    if site.gain != 1.0 or site.offset != 0.0:  # the site's raw value scale
+        nm = np.rint(np.float32(site.gain) * nm + np.float32(site.offset))
     nm_keep = nm_region & (pigment >= NM_MASK_THRESHOLD)
-    nm_mask = np.zeros(GRID_SHAPE, np.uint8)
-    nm_mask[nm_keep & (qsm_mask == 11)] = 1
-    nm_mask[nm_keep & (qsm_mask == 12)] = 2
+    nm_mask = np.where(nm_keep, nm_side, 0).astype(np.uint8)
 
     # --- QSM: signed susceptibility, nuclei on a grey/white background ------------------
     nucleus_means: dict[int, float] = {}
@@ -183,7 +206,7 @@ def make_phantom_case(
     # partial volume: nuclei bleed into their surroundings (values inside the masks kept)
     blurred = gaussian_filter(excess[box], sigma=(0.8, 0.8, 0.3))
     excess[box] = np.where(inside[box], excess[box], blurred)
-    qsm_sigma = float(rng.uniform(18.0, 26.0))
+    qsm_sigma = float(rng.uniform(18.0, 26.0)) * site.qsm_noise
     qsm = background + excess
     qsm += qsm_sigma * rng.standard_normal(GRID_SHAPE, dtype=np.float32)
     spikes = _random_brain_voxels(brain, int(rng.integers(20, 100)), rng)
@@ -196,6 +219,8 @@ def make_phantom_case(
         qsm[blob] = rng.uniform(400.0, 2800.0)
     qsm[~brain] = 0.0
     qsm = np.round(qsm, 1)  # 0.1 ppb steps: plenty, and the files compress twice as well
+    if site.qsm_unit == "ppm":
+        qsm = np.round(qsm / 1000.0, 4)
 
     # --- T1: the warped template in the real intensity range ----------------------------
     t1_scale = float(rng.uniform(170000.0, 205000.0))
@@ -234,6 +259,7 @@ def make_phantom_case(
         nm_mask=nm_mask,
         qsm_mask=qsm_mask,
         latents={k: float(v) for k, v in lat.items()},
+        site=site.name,
     )
 
 

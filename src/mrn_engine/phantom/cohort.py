@@ -30,6 +30,7 @@ from mrn_engine.phantom.model import (
     oracle_monte_carlo,
     separation,
 )
+from mrn_engine.phantom.site import SITES, parse_sites
 
 GENERATOR_VERSION = 1
 RECORD_DIR = ".phantom_cases"
@@ -41,8 +42,19 @@ def case_ids(n: int) -> list[str]:
     return [f"RJPD_{i:0{width}d}" for i in range(n)]
 
 
-def plan_cohort(n: int, seed: int, val_fraction: float) -> list[dict]:
-    """Case id, label, split and per-case seed of every subject (balanced classes per split)."""
+def plan_cohort(
+    n: int,
+    seed: int,
+    val_fraction: float,
+    sites: list[str] | None = None,
+    subjects: list[str] | None = None,
+) -> list[dict]:
+    """Case id, label, split and per-case seed of every subject (balanced classes per split).
+
+    With several ``sites`` (or real-geometry ``subjects``) each case gets one, in equal shares
+    and independently of its label (a seeded stream of its own: the labels, splits and seeds
+    are those of the plan without sites).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
     n_val = int(round(n * val_fraction))
     order = rng.permutation(n)
@@ -61,6 +73,13 @@ def plan_cohort(n: int, seed: int, val_fraction: float) -> list[dict]:
         plan.append(
             {"case_id": ids[i], "label": int(labels[i]), "split": split[i], "seed": case_seed}
         )
+    for key, values, tag in (("site", sites, 0x517E), ("geometry", subjects, 0x6E0)):
+        if values:
+            r = np.random.default_rng(np.random.SeedSequence([seed, tag]))
+            share = np.resize(np.arange(len(values)), n)
+            r.shuffle(share)
+            for p, k in zip(plan, share, strict=True):
+                p[key] = values[int(k)]
     return plan
 
 
@@ -71,9 +90,17 @@ def _is_complete(root: Path, case_id: str) -> bool:
     return (root / RECORD_DIR / f"{case_id}.json").is_file()
 
 
-def _generate_one(root: str, item: dict, effect: float) -> dict:
+def _generate_one(root: str, item: dict, effect: float, geometry: str | None = None) -> dict:
     """Worker: make, write and record one case; returns its record."""
-    case = make_phantom_case(item["label"], item["seed"], item["case_id"], effect)
+    subject = None
+    if item.get("geometry"):
+        from mrn_engine.phantom.real_geometry import load_real_geometry
+
+        subject = {s.name: s for s in load_real_geometry(geometry)}[item["geometry"]]
+    site = SITES[item.get("site", "A")]
+    case = make_phantom_case(
+        item["label"], item["seed"], item["case_id"], effect, site=site, geometry=subject
+    )
     write_phantom_case(case, Path(root))
     record = {**item, "latents": case.latents}
     atomic_write_text(
@@ -125,12 +152,24 @@ def generate_cohort(
     val_fraction: float = 1 / 3,
     progress: bool = True,
     effect: float = 1.0,
+    site: str | list[str] = "A",
+    geometry: str | Path | None = None,
 ) -> dict:
     """Generate ``n`` phantom subjects in the challenge layout under ``out``.
 
     Deterministic for ``seed`` (identical arrays whatever ``workers``); finished cases of an
     interrupted run with the same settings are kept. Returns a summary (counts, oracle, time).
+    ``site``: one site name or several (``"A,B,C"``: cases spread evenly over them), see
+    :mod:`mrn_engine.phantom.site`. ``geometry``: a folder of real nuclei masks
+    (:mod:`mrn_engine.phantom.real_geometry`); cases use its subjects in equal shares.
     """
+    sites = [s.name for s in parse_sites(site)]
+    subjects = None
+    if geometry is not None:
+        from mrn_engine.phantom.real_geometry import load_real_geometry
+
+        geometry = str(Path(geometry).resolve())
+        subjects = [s.name for s in load_real_geometry(geometry)]
     if n < 2:
         raise InputDataError(f"{out}: a cohort needs at least 2 cases, got n={n}")
     if not 0.0 < val_fraction < 1.0:
@@ -149,12 +188,16 @@ def generate_cohort(
         "effect": effect,
         "val_fraction": round(val_fraction, 6),
     }
+    if sites != ["A"]:  # absent for the original single-site cohorts (their files stay valid)
+        settings["sites"] = {s: SITES[s].to_dict() for s in sites}
+    if subjects is not None:
+        settings["geometry"] = {"folder": geometry, "subjects": subjects}
     _check_settings(root, settings)
     for stale in root.glob(".tmp-RJPD_*"):  # leftovers of a killed run
         shutil.rmtree(stale, ignore_errors=True)
 
     t0 = time.perf_counter()
-    plan = plan_cohort(n, seed, val_fraction)
+    plan = plan_cohort(n, seed, val_fraction, None if sites == ["A"] else sites, subjects)
     todo = [p for p in plan if not _is_complete(root, p["case_id"])]
     records: dict[str, dict] = {}
     for p in plan:
@@ -174,7 +217,7 @@ def generate_cohort(
     try:
         if workers == 1 or len(todo) <= 1:
             for p in todo:
-                records[p["case_id"]] = _generate_one(str(root), p, effect)
+                records[p["case_id"]] = _generate_one(str(root), p, effect, geometry)
                 if bar is not None:
                     bar.update(1)
         else:
@@ -182,7 +225,7 @@ def generate_cohort(
             with ProcessPoolExecutor(
                 min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
             ) as pool:
-                futures = [pool.submit(_generate_one, str(root), p, effect) for p in todo]
+                futures = [pool.submit(_generate_one, str(root), p, effect, geometry) for p in todo]
                 for fut in as_completed(futures):
                     rec = fut.result()
                     records[rec["case_id"]] = rec
@@ -203,7 +246,7 @@ def generate_cohort(
     age = np.array([r["latents"]["age"] for r in ordered])
     labels = np.array([r["label"] for r in ordered])
     log_odds = oracle_log_odds(severity, age, effect)
-    rows = [["case_id", "label", "split", "seed", "oracle_p_pd", *latent_keys]]
+    rows = [["case_id", "label", "split", "seed", "site", "geometry", "oracle_p_pd", *latent_keys]]
     for r, lo in zip(ordered, log_odds, strict=True):
         p_pd = 1.0 / (1.0 + np.exp(-lo))
         rows.append(
@@ -212,6 +255,8 @@ def generate_cohort(
                 r["label"],
                 r["split"],
                 r["seed"],
+                r.get("site", "A"),
+                r.get("geometry", "atlas"),
                 f"{p_pd:.6f}",
                 *[f"{r['latents'].get(k, float('nan')):.6g}" for k in latent_keys],
             ]
@@ -240,6 +285,8 @@ def generate_cohort(
         "n_hc": n - n_pd,
         "n_train": splits["train"],
         "n_val": splits["val"],
+        "sites": {s: sum(r.get("site", "A") == s for r in ordered) for s in sites},
+        "geometry": subjects,
         "oracle": oracle,
         "seconds": elapsed,
         "workers": workers,

@@ -43,6 +43,9 @@ class Warp:
     scale: tuple[float, float, float]
     translation_mm: tuple[float, float, float]
     displacement: np.ndarray  #: (3, *LATTICE) mm, MNI offsets at the lattice nodes
+    #: optional 4x4 world affine applied after the rest (maps the posed atlas subject onto a
+    #: real subject's nuclei; :mod:`mrn_engine.phantom.real_geometry`)
+    post_affine: np.ndarray | None = None
 
     def matrix(self) -> np.ndarray:
         """3x3 linear part of the MNI -> subject affine (rotation @ scale)."""
@@ -90,6 +93,9 @@ def lattice_mni(warp: Warp) -> np.ndarray:
     aff = challenge_affine()
     idx = _lattice_indices().reshape(3, -1)
     world = aff[:3, :3] @ idx + aff[:3, 3:4]
+    if warp.post_affine is not None:  # grid world -> posed-atlas world
+        inv = np.linalg.inv(warp.post_affine)
+        world = inv[:3, :3] @ world + inv[:3, 3:4]
     centre = np.asarray(SLAB_CENTRE_MM)[:, None]
     mni = np.linalg.solve(warp.matrix(), world - centre - np.asarray(warp.translation_mm)[:, None])
     mni = mni + centre + warp.displacement.reshape(3, -1)

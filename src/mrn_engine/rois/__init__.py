@@ -8,13 +8,21 @@ from mrn_engine.rois.extract import (
     check_roi_labels,
     crop_roi,
     extract_rois,
+    modality_mapping,
     paste_back,
     paste_back_all,
 )
-from mrn_engine.rois.intensity import apply_window, intensity_window
+from mrn_engine.rois.intensity import (
+    IntensityMapping,
+    apply_window,
+    intensity_window,
+    nm_reference_region,
+    qsm_to_ppm_factor,
+)
 
 __all__ = [
     "CropBox",
+    "IntensityMapping",
     "RoiCache",
     "RoiCrop",
     "apply_window",
@@ -26,6 +34,9 @@ __all__ = [
     "intensity_window",
     "label_box",
     "margin_voxels",
+    "modality_mapping",
+    "nm_reference_region",
+    "qsm_to_ppm_factor",
     "paste_back",
     "paste_back_all",
     "roi_box",

@@ -81,6 +81,7 @@ def crops_to_arrays(crops: dict[str, RoiCrop]) -> dict[str, np.ndarray]:
             "case_id": c.case_id,
             "has_mask": c.mask is not None,
             "slice_policy": c.slice_policy,
+            "pad_value": c.pad_value,
         }
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
@@ -106,6 +107,7 @@ def crops_from_arrays(data) -> dict[str, RoiCrop]:
             volume_shape=tuple(m["volume_shape"]),
             case_id=m["case_id"],
             slice_policy=m.get("slice_policy", "pad"),  # absent in files written before it
+            pad_value=float(m.get("pad_value", 0.0)),
         )
     return out
 

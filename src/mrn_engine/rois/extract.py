@@ -5,13 +5,15 @@ Per ROI (``ROIS`` in :mod:`mrn_engine.data.labels`):
 1. box = union of the ROI's source labels in its modality's mask, grown by
    ``RoiConfig.margin_mm`` per side (in mm, so 2 mm slices get fewer margin voxels than
    0.67 mm in-plane voxels), clipped to the volume;
-2. intensities mapped to ``[0, 255]`` with the modality's robust whole-volume window
-   (:mod:`mrn_engine.rois.intensity`);
+2. intensities mapped to ``[0, 255]`` by ``RoiConfig.intensity`` (:mod:`mrn_engine.rois.intensity`:
+   NM contrast-to-noise against the reference region next to the SN, QSM in a fixed ppm
+   window); everything that is not image (padding slices, the in-plane square) takes the
+   mapped value of neutral tissue (``RoiCrop.pad_value``);
 3. slices: a fixed count ``S = RoiConfig.slices[name]``, by ``RoiConfig.slice_policy``:
 
    - ``"pad"`` (default): a box with more slices keeps the central ``S`` (the extra ones are
      margin or thin nucleus tails); a box with fewer is centred in the stack and padded with
-     all-zero slices (no data invented);
+     neutral slices (``pad_value`` in the image, 0 in the mask; no data invented);
    - ``"resample"``: the box's ``n`` slices are resampled along z to exactly ``S``, slice
      centres spread evenly over the box (``align_corners=False``): linear for the image
      (antialiased when shrinking, like in-plane), nearest for the mask;
@@ -44,7 +46,13 @@ from mrn_engine.data.labels import NM_LABELS, QSM_LABELS, ROI_BY_NAME, ROIS, Roi
 from mrn_engine.data.nifti import Volume, check_mask_labels
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.rois.boxes import CropBox, roi_box
-from mrn_engine.rois.intensity import apply_window, intensity_window
+from mrn_engine.rois.intensity import (
+    IntensityMapping,
+    apply_window,
+    nm_mapping,
+    percentile_mapping,
+    qsm_mapping,
+)
 
 
 @dataclass
@@ -99,6 +107,8 @@ class RoiCrop:
     case_id: str = ""
     meta: dict = field(default_factory=dict)
     slice_policy: str = "pad"
+    #: mapped value (0..255) of neutral tissue: the image value of padding pixels and slices
+    pad_value: float = 0.0
 
     @property
     def spec(self) -> RoiSpec:
@@ -209,8 +219,12 @@ def crop_roi(
     midline_x: float,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     case_id: str = "",
+    pad_value: float = 0.0,
 ) -> RoiCrop:
-    """Cut one ROI stack from a raw image (and source-label mask) given its box."""
+    """Cut one ROI stack from a raw image (and source-label mask) given its box.
+
+    ``pad_value`` (0..255) fills what is not image: padding slices and the in-plane square.
+    """
     size = int(cfg.image_size)
     n_slices = int(cfg.slices[spec.name])
     policy = cfg.check().slice_policy
@@ -233,7 +247,7 @@ def crop_roi(
     else:
         raw = image[box.x0 : box.x1, box.y0 : box.y1][:, :, zs]  # (nx, ny, n)
         slices = apply_window(np.moveaxis(raw, 2, 0), window)  # (n, nx, ny)
-    out = np.zeros((n_slices, size, size), np.float32)
+    out = np.full((n_slices, size, size), float(pad_value), np.float32)
     out[valid, px : px + hx, py : py + hy] = np.clip(
         _resize(slices, (hx, hy), nearest=False), 0, 255
     )
@@ -262,6 +276,36 @@ def crop_roi(
         volume_shape=tuple(int(s) for s in image.shape),
         case_id=case_id,
         slice_policy=policy,
+        pad_value=float(pad_value),
+    )
+
+
+def modality_mapping(
+    modality: str,
+    image: Volume,
+    cfg: RoiConfig,
+    mask: np.ndarray | None = None,
+    qsm_mask: np.ndarray | None = None,
+    mask_source: str = "",
+) -> IntensityMapping:
+    """The intensity mapping of one modality's volume under ``cfg.intensity``.
+
+    ``mask`` is the modality's label mask (the NM mask locates the NM reference region);
+    ``qsm_mask`` (same grid) keeps nuclei out of that region.
+    """
+    name = image.name or modality
+    if cfg.intensity == "percentile":
+        if modality == "NM":
+            return percentile_mapping(image.array, cfg.nm_clip_percentiles, cfg.nm_window_scale)
+        return percentile_mapping(image.array, cfg.qsm_clip_percentiles, cfg.qsm_window_scale)
+    if modality == "QSM":
+        return qsm_mapping(image.array, cfg.qsm_window_ppm, cfg.qsm_unit, name)
+    if mask is None:
+        raise InputDataError(f"{name}: the NM mapping needs an NM mask to find the SN")
+    if qsm_mask is not None and qsm_mask.shape != mask.shape:
+        qsm_mask = None
+    return nm_mapping(
+        image.array, mask, image.spacing, cfg.nm_cnr_window, qsm_mask, mask_source or name
     )
 
 
@@ -347,9 +391,7 @@ def extract_rois(
     }
     given = {"NM": nm_mask is not None, "QSM": qsm_mask is not None}
     images = {"NM": case.nm, "QSM": case.qsm}
-    percentiles = {"NM": rc.nm_clip_percentiles, "QSM": rc.qsm_clip_percentiles}
-    scales = {"NM": rc.nm_window_scale, "QSM": rc.qsm_window_scale}
-    windows: dict[str, tuple[float, float]] = {}
+    maps: dict[str, IntensityMapping] = {}
     counts: dict[str, np.ndarray] = {}
     wanted = [r for r in ROIS if rois is None or r.name in rois]
     out: dict[str, RoiCrop] = {}
@@ -369,8 +411,10 @@ def extract_rois(
             counts[mod], spec, source, strict=(not given[mod]) if strict is None else strict
         )
         image = images[mod]
-        if mod not in windows:
-            windows[mod] = intensity_window(image.array, percentiles[mod], scales[mod])
+        if mod not in maps:
+            maps[mod] = modality_mapping(
+                mod, image, rc, arr, masks["QSM"][0] if mod == "NM" else None, source
+            )
         box = roi_box(arr, spec.labels, image.spacing, rc.margin_mm)
         assert box is not None  # checked above
         out[spec.name] = crop_roi(
@@ -379,10 +423,11 @@ def extract_rois(
             spec,
             box,
             rc,
-            window=windows[mod],
+            window=maps[mod].window,
             midline_x=_midline(arr, box, spec, image.shape[0]),
             spacing=image.spacing,
             case_id=case.case_id,
+            pad_value=maps[mod].pad_value,
         )
     return out
 
