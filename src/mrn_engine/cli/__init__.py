@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "analysis",
     "segmentation",
     "demo",
+    "explain",
 )
 
 

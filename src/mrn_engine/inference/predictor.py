@@ -61,6 +61,11 @@ class CasePrediction:
     nm_mask, qsm_mask: ``(X, Y, Z)`` uint8 masks the ROIs were cropped with when they came from
         the segmenter (nnU-Net), else None (the user's own masks are not copied).
     zeroed: ROIs whose input was replaced by zeros (only for checks / ablations).
+    calibrated: whether ``p_pd_folds`` / ``p_pd`` are calibrated (``fold_k/calibration.json``).
+    p_pd_folds_raw, p_pd_raw: the uncalibrated per-fold probabilities and their mean.
+    tta_spread: per fold, |P(PD) original - P(PD) mirrored| (empty without TTA).
+    slice_tokens: per fold, ROI name -> SFA input ``(V, S, D)`` on CPU, when asked for
+        (``keep_slice_tokens``): per-slice evidence (``inference/evidence.py``) without a new pass.
     """
 
     case_id: str
@@ -79,6 +84,11 @@ class CasePrediction:
     nm_mask: np.ndarray | None = None
     qsm_mask: np.ndarray | None = None
     zeroed: frozenset[str] = frozenset()
+    calibrated: bool = False
+    p_pd_folds_raw: list[float] = field(default_factory=list)
+    p_pd_raw: float | None = None
+    tta_spread: list[float] = field(default_factory=list)
+    slice_tokens: list[dict[str, torch.Tensor]] | None = None
 
     def summary(self) -> dict[str, object]:
         """Flat row for CSV/JSON (no arrays)."""
@@ -86,6 +96,7 @@ class CasePrediction:
         for k, p in zip(self.folds, self.p_pd_folds, strict=True):
             row[f"p_pd_fold{k}"] = p
         row.update(p_pd=self.p_pd, p_pd_std=self.p_pd_std, call=self.call)
+        row.update(p_pd_raw=self.p_pd_raw, calibrated=self.calibrated)
         row["mask_source"] = self.mask_source
         return row
 
@@ -135,6 +146,7 @@ class MRNPredictor:
         ignore_masks: bool = False,
         bundle: ModelBundle | None = None,
         segmenter_factory: Callable[[], Segmenter] | None = None,
+        calibration: Mapping[int, Any] | None = None,
     ) -> None:
         if not fold_states:
             raise WeightsError("predictor: no fold weights given")
@@ -149,6 +161,12 @@ class MRNPredictor:
         self.ignore_masks = ignore_masks
         self.bundle = bundle
         self._loaded: int | None = None
+        #: fold -> ``training.calibration.Calibration`` (all folds, or empty = uncalibrated)
+        self.calibration = dict(calibration or {})
+        if self.calibration and set(self.calibration) != set(self.folds):
+            raise WeightsError(
+                f"predictor: calibration for folds {sorted(self.calibration)}, weights for {self.folds}"
+            )
         self._empty: dict[
             int, dict[str, torch.Tensor]
         ] = {}  # fold -> ROI -> empty-volume token (1, D)
@@ -177,6 +195,9 @@ class MRNPredictor:
         model_factory: ``RunConfig -> nn.Module`` (default ``mrn_engine.models.build_model``).
         segmenter: mask provider for cases without masks; default: the bundle's ``nnunet/``
             models through ``mrn_engine.segmentation.NNUNetSegmenter`` when both exist.
+
+        P(PD) is calibrated when every chosen fold has ``fold_k/calibration.json``; older
+        bundles load uncalibrated (``predictor.calibrated`` is False).
         """
         bundle = open_bundle(path)
         chosen = bundle.folds if folds is None else sorted({int(k) for k in folds})
@@ -200,6 +221,7 @@ class MRNPredictor:
             ignore_masks=ignore_masks,
             bundle=bundle,
             segmenter_factory=factory,
+            calibration=_bundle_calibration(bundle.root, chosen),
         )
 
     # ------------------------------------------------------------------ internals
@@ -312,6 +334,7 @@ class MRNPredictor:
         progress: ProgressFn | None = None,
         zero_rois: Iterable[str] = (),
         warm_masking: bool = False,
+        keep_slice_tokens: bool = False,
     ) -> CasePrediction:
         """Predict one case with every fold (and TTA if on).
 
@@ -324,6 +347,8 @@ class MRNPredictor:
         warm_masking: also compute each fold's empty-ROI tokens while that fold is loaded
             (see :meth:`warm_masking_cache`), so that later :meth:`masked_prediction` /
             :meth:`masking_table` calls are head passes only (what an interactive viewer wants).
+        keep_slice_tokens: also keep each fold's SFA inputs (``CasePrediction.slice_tokens``)
+            for per-slice evidence (MRN only).
 
         Raises
         ------
@@ -349,10 +374,21 @@ class MRNPredictor:
 
         p_folds: list[float] = []
         tokens: list[dict[str, torch.Tensor]] = []
+        kept: list[dict[str, torch.Tensor]] | None = [] if keep_slice_tokens else None
+        spread: list[float] = []
         seg_sum: dict[str, torch.Tensor] = {}
         for i, k in enumerate(self.folds):
             self._load_fold(k)
-            probs, toks, seg = self._forward(images, masks)
+            if kept is not None:
+                from mrn_engine.models.evidence import capture_slice_tokens
+
+                with capture_slice_tokens(self.model) as store:
+                    probs, toks, seg = self._forward(images, masks)
+                kept.append({n: t.float().cpu() for n, t in store.items()})
+            else:
+                probs, toks, seg = self._forward(images, masks)
+            if self.tta:
+                spread.append(float((probs[0] - probs[1]).abs()))
             if warm_masking and toks and self.can_mask:
                 self._empty_tokens(k)  # fold k is loaded: no extra weight swap
             p_folds.append(float(probs.mean()))
@@ -382,6 +418,8 @@ class MRNPredictor:
             fill = (labels > 0) & (target == 0)
             target[fill] = labels[fill].astype(np.uint8)
 
+        p_raw = list(p_folds)
+        p_folds = self.calibrate_folds(p_raw)
         p = np.asarray(p_folds)
         p_pd = float(p.mean())
         if progress:
@@ -403,7 +441,23 @@ class MRNPredictor:
             nm_mask=_mask_array(nm_m) if mask_source == "segmenter" else None,
             qsm_mask=_mask_array(qsm_m) if mask_source == "segmenter" else None,
             zeroed=zeroed,
+            calibrated=self.calibrated,
+            p_pd_folds_raw=p_raw,
+            p_pd_raw=float(np.mean(p_raw)),
+            tta_spread=spread,
+            slice_tokens=kept,
         )
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether P(PD) is calibrated (every fold has a calibration); False for old bundles."""
+        return bool(self.calibration)
+
+    def calibrate_folds(self, p_folds: Iterable[float]) -> list[float]:
+        """Per-fold P(PD) (in ``self.folds`` order) through each fold's calibration, if any."""
+        from mrn_engine.training.calibration import apply_folds
+
+        return apply_folds(self.calibration, self.folds, list(p_folds))
 
     @property
     def can_mask(self) -> bool:
@@ -463,6 +517,8 @@ class MRNPredictor:
                     }
                     logits = self.model.classify_tokens(toks)  # masked tokens already swapped in
                     out[i, j] = float(torch.softmax(logits.float(), dim=-1)[:, 1].mean())
+        for i in range(len(subsets)):
+            out[i] = self.calibrate_folds(out[i])
         return out
 
     def _empty_tokens(self, k: int) -> dict[str, torch.Tensor]:
@@ -517,6 +573,13 @@ class MRNPredictor:
         from mrn_engine.inference.submission import predict_cases
 
         return predict_cases(self, cases_dir, out_dir, **kwargs)
+
+
+def _bundle_calibration(root: Any, folds: list[int]) -> dict[int, Any]:
+    """The bundle's per-fold calibrations (empty for bundles without ``calibration.json``)."""
+    from mrn_engine.training.calibration import load_calibrations
+
+    return load_calibrations(root, folds)
 
 
 def _bundle_segmenter_factory(

@@ -188,7 +188,7 @@ def predict_cases(
         if error is not None:
             row: dict[str, object] = {"case_id": case.case_id}
             row.update({f"p_pd_fold{k}": "" for k in folds})
-            row.update(p_pd="", p_pd_std="", call="", mask_source="", error=error)
+            row.update(p_pd="", p_pd_std="", call="", p_pd_raw="", mask_source="", error=error)
             result.errors.append({"case_id": case.case_id, "error": error})
         else:
             row = pred.summary()
@@ -212,6 +212,7 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         "p_pd",
         "p_pd_std",
         "call",
+        "p_pd_raw",
         "mask_source",
         "error",
     ]
@@ -239,6 +240,7 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         if getattr(predictor, "bundle", None) is not None
         else None,
         "threshold": 0.5,
+        "calibrated": bool(getattr(predictor, "calibrated", False)),
     }
     write_json({"meta": meta, "cases": json_rows}, out / PROB_JSON)
     write_json(result.errors, out / ERRORS_JSON)

@@ -377,6 +377,10 @@ def train_fold(
             [{**r, "fold": fold} for r in oof],
             ("case_id", "label", "p_pd", "fold"),
         )
+        if oof:  # per-fold temperature on its own out-of-fold cases (training/calibration.py)
+            from mrn_engine.training.calibration import calibrate_fold_dir
+
+            calibrate_fold_dir(out_dir, oof, fold)
         student = objective.student
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
             from mrn_engine.models import save_model  # provenance in the safetensors metadata
