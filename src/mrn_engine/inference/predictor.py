@@ -97,6 +97,7 @@ class CasePrediction:
             row[f"p_pd_fold{k}"] = p
         row.update(p_pd=self.p_pd, p_pd_std=self.p_pd_std, call=self.call)
         row.update(p_pd_raw=self.p_pd_raw, calibrated=self.calibrated)
+        row["tta_spread"] = max(self.tta_spread) if self.tta_spread else None
         row["mask_source"] = self.mask_source
         return row
 
