@@ -133,9 +133,11 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
         "p_pd",
         "p_pd_std",
         "call",
+        "p_pd_raw",
         "mask_source",
         "error",
     ]
+    assert probs["RJPD_001"]["p_pd_raw"] == probs["RJPD_001"]["p_pd"]  # uncalibrated bundle
     assert probs["RJPD_003"]["p_pd"] == "" and probs["RJPD_003"]["error"].startswith("RJPD_003")
     assert probs["RJPD_001"]["mask_source"] == "case"  # the case folder's own masks
     for cid in ("RJPD_001", "RJPD_002"):

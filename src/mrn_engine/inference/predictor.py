@@ -66,6 +66,7 @@ class CasePrediction:
     tta_spread: per fold, |P(PD) original - P(PD) mirrored| (empty without TTA).
     slice_tokens: per fold, ROI name -> SFA input ``(V, S, D)`` on CPU, when asked for
         (``keep_slice_tokens``): per-slice evidence (``inference/evidence.py``) without a new pass.
+    crops: ROI name -> ``RoiCrop`` (with ``keep_slice_tokens``): maps slices back to source z.
     """
 
     case_id: str
@@ -89,6 +90,7 @@ class CasePrediction:
     p_pd_raw: float | None = None
     tta_spread: list[float] = field(default_factory=list)
     slice_tokens: list[dict[str, torch.Tensor]] | None = None
+    crops: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, object]:
         """Flat row for CSV/JSON (no arrays)."""
@@ -447,6 +449,7 @@ class MRNPredictor:
             p_pd_raw=float(np.mean(p_raw)),
             tta_spread=spread,
             slice_tokens=kept,
+            crops=dict(crops) if keep_slice_tokens else None,
         )
 
     @property
