@@ -57,12 +57,13 @@ def summary_figure(ev: CaseEvidence, crops: dict[str, Any], title: str) -> Figur
         ax.set_xlabel("slice (source z)", fontsize=8)
         tag = " (masked)" if name in ev.masked else ""
         ax.set_title(f"{name}{tag}", fontsize=9)
+        ax.tick_params(labelsize=7, labelleft=i == 0)
         if i == 0:
             ax.set_ylabel("evidence: P(PD) - P(PD | slice left out)", fontsize=8)
         twin = ax.twinx()
         twin.plot(x, ev.attention[name], color="black", marker=".", lw=1)
-        twin.set_ylim(0, max(0.05, 1.2 * float(ev.attention[name].max())))
-        twin.tick_params(labelsize=7)
+        twin.set_ylim(0, max(0.05, 1.2 * max(float(ev.attention[n].max()) for n in ROI_NAMES)))
+        twin.tick_params(labelsize=7, labelright=i == len(ROI_NAMES) - 1)
         if i == len(ROI_NAMES) - 1:
             twin.set_ylabel("SFA attention (line)", fontsize=8)
         crop = crops.get(name)
