@@ -178,6 +178,7 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
         "p_pd",
         "p_pd_std",
         "call",
+        "p_pd_raw",
         "mask_source",
         "error",
     ]
