@@ -265,8 +265,8 @@ def test_ablate_rois_cli_and_report(bundle, cases_dir, tmp_path):
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text()
     assert (
-        html.count("data:image/png;base64,") == 3
-    )  # ROC, confusion, masking (no metrics.csv here)
+        html.count("data:image/png;base64,") == 4
+    )  # ROC, confusion, masking, reliability (no metrics.csv here)
 
 
 def test_bundle_nnunet_hook_is_lazy_and_reports_per_case(bundle, cases_dir, tmp_path):
