@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mrn_engine.data.labels import ROI_NAMES
-from mrn_engine.inference.evidence import CaseEvidence, evidence_volume
+from mrn_engine.inference import CaseEvidence, evidence_volume
 from napari_mrn._display import DisplayMapping
 from napari_mrn._layers import LayerDataTuple, _base_kwargs
 

@@ -9,6 +9,7 @@ from mrn_engine.inference.bundle import (
     record_demo_bundle,
 )
 from mrn_engine.inference.device import resolve_device
+from mrn_engine.inference.evidence import CaseEvidence, case_evidence, evidence_volume
 from mrn_engine.inference.predictor import CasePrediction, MRNPredictor, Segmenter
 from mrn_engine.inference.submission import (
     SubmissionResult,
@@ -19,11 +20,14 @@ from mrn_engine.inference.submission import (
 )
 
 __all__ = [
+    "CaseEvidence",
     "CasePrediction",
     "MRNPredictor",
     "ModelBundle",
     "Segmenter",
+    "case_evidence",
     "demo_record_path",
+    "evidence_volume",
     "last_demo_bundle",
     "record_demo_bundle",
     "SubmissionResult",
