@@ -56,12 +56,12 @@ def main(bundle: str, out: str) -> None:
     viewer.reset_view()
     viewer.scene.camera.zoom *= 2.0
     app = QApplication.instance()
-    _settle(app)
+    _settle(app, 3.0)
     viewer.window.screenshot(str(out_dir / "napari_evidence.png"), canvas_only=False)
     masked = case_evidence(predictor, pred, {"nm_sn"})
     layer.data = evidence_data(masked, pred.crops, case.qsm, "QSM")
     plot.show_evidence(masked)
-    _settle(app)
+    _settle(app, 3.0)
     viewer.window.screenshot(str(out_dir / "napari_evidence_masked.png"), canvas_only=False)
     print(
         json.dumps(

@@ -36,7 +36,7 @@ def evidence_colormap() -> Any:
     from napari.utils.colormaps import Colormap
 
     return Colormap(
-        colors=[(*HC_COLOUR, 0.85), (1.0, 1.0, 1.0, 0.0), (*PD_COLOUR, 0.85)],
+        colors=[(*HC_COLOUR, 0.6), (1.0, 1.0, 1.0, 0.0), (*PD_COLOUR, 0.6)],
         controls=[0.0, 0.5, 1.0],
         name="mrn_evidence",
     )
@@ -83,7 +83,7 @@ def evidence_layer(
         colormap=evidence_colormap(),
         contrast_limits=[-lim, lim],
         blending="translucent",
-        opacity=0.8,
+        opacity=0.7,
     )
     return data, kwargs, "image"
 
@@ -130,7 +130,9 @@ class SliceEvidencePlot(_slice_plot_base()):  # type: ignore[misc]
                 colours = [PD_COLOUR if v >= 0 else HC_COLOUR for v in e.tolist()]
                 self.bars[name] = list(ax.bar(np.arange(len(e)), e, color=colours))
                 z = ev.source_z[name]
-                ax.set_xticks(np.arange(len(e)), [str(v) if v >= 0 else "" for v in z.tolist()])
+                step = max(1, int(np.ceil(len(e) / 3)))  # at most 3 z labels: readable when narrow
+                ticks = np.arange(0, len(e), step)
+                ax.set_xticks(ticks, [str(z[t]) if z[t] >= 0 else "" for t in ticks])
                 if name in ev.masked:
                     title += " (off)"
             else:
