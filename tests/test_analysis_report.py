@@ -95,7 +95,7 @@ def test_full_report_embeds_pngs_and_tables(tmp_path):
     )
     text = out.read_text()
     imgs = dict(_images(text))
-    assert set(imgs) == {"roc", "confusion", "masking", "losses"}
+    assert set(imgs) == {"roc", "confusion", "masking", "losses", "reliability"}
     for b64 in imgs.values():
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pooled OOF" in text and "ensemble" in text and "fold 1" in text
@@ -106,6 +106,7 @@ def test_full_report_embeds_pngs_and_tables(tmp_path):
         "report_confusion.png",
         "report_losses.png",
         "report_masking.png",
+        "report_reliability.png",
         "report_roc.png",
     ]
 

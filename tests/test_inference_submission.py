@@ -134,9 +134,11 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
         "p_pd",
         "p_pd_std",
         "call",
+        "p_pd_raw",
         "mask_source",
         "error",
     ]
+    assert probs["RJPD_001"]["p_pd_raw"] == probs["RJPD_001"]["p_pd"]  # uncalibrated bundle
     assert probs["RJPD_003"]["p_pd"] == "" and probs["RJPD_003"]["error"].startswith("RJPD_003")
     assert probs["RJPD_001"]["mask_source"] == "case"  # the case folder's own masks
     for cid in ("RJPD_001", "RJPD_002"):
@@ -177,6 +179,7 @@ def test_predict_cli_writes_the_submission_format(bundle, cases_dir, tmp_path):
         "p_pd",
         "p_pd_std",
         "call",
+        "p_pd_raw",
         "mask_source",
         "error",
     ]
@@ -263,8 +266,8 @@ def test_ablate_rois_cli_and_report(bundle, cases_dir, tmp_path):
     assert res.exit_code == 0, res.output
     html = (tmp_path / "r.html").read_text()
     assert (
-        html.count("data:image/png;base64,") == 3
-    )  # ROC, confusion, masking (no metrics.csv here)
+        html.count("data:image/png;base64,") == 4
+    )  # ROC, confusion, masking, reliability (no metrics.csv here)
 
 
 def test_bundle_nnunet_hook_is_lazy_and_reports_per_case(bundle, cases_dir, tmp_path):

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RATIOS = {
     "forward_over_dinov2": ("forward_s", "dinov2_s"),
     "masking16_over_forward": ("masking16_s", "forward_s"),
+    "explain_over_forward": ("explain_s", "forward_s"),  # per-slice evidence (issue 15)
+    "explain_over_forward_flops": ("explain_GFLOP", "forward_GFLOP"),
 }
 
 TINY_ROI = {

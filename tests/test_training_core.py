@@ -318,6 +318,9 @@ def test_train_fold_writes_fold_outputs_and_learns(tmp_path):
     assert rows[-1]["loss_cls"] < rows[1]["loss_cls"]
     oof = (d / "oof.csv").read_text().splitlines()
     assert oof[0] == "case_id,label,p_pd,fold" and len(oof) == 1 + 8
+    cal = json.loads((d / "calibration.json").read_text())  # per-fold temperature (issue 15)
+    assert cal["fold"] == 0 and cal["n_cases"] == 8 and cal["fitted_on"] == "fold_0/oof.csv"
+    assert cal["method"] in ("temperature", "identity") and cal["temperature"] > 0
     assert rows[-1]["val_auc"] >= 0.9  # easy task: the nucleus brightness gives the label
     opt_state = torch.load(d / "optimizer.pt", weights_only=True)
     assert len(opt_state["param_groups"]) == 4

@@ -377,6 +377,14 @@ def write_report(
             + "</div>"
         )
 
+    from mrn_engine.analysis.calibration_report import calibration_section
+
+    cal_html, cal_fig = calibration_section(folds, oof, held_rows)
+    if cal_fig is not None:
+        figures["reliability"] = cal_fig
+    if cal_html:
+        sections.append(cal_html)
+
     lf = loss_figure(losses)
     if lf is not None:
         figures["losses"] = lf

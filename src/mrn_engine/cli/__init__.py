@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "segmentation",
     "demo",
     "doctor",
+    "explain",
 )
 
 

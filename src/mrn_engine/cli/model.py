@@ -39,7 +39,7 @@ def bench_group() -> None:
 @click.option("--no-train", is_flag=True, help="Skip the training-step measurement.")
 @click.option(
     "--parts",
-    default="forward,dinov2,masking,train,flops",
+    default="forward,dinov2,masking,explain,train,flops",
     show_default=True,
     help="Comma-separated measurements to run.",
 )
@@ -63,7 +63,8 @@ def bench_model_cmd(
     json_path: Path | None,
 ) -> None:
     """Parameters, forward latency / peak memory (one patient), training step (batch B),
-    MRN / bare-DINOv2 ratio and 16-subset masking / forward ratio, on random weights."""
+    MRN / bare-DINOv2 ratio, 16-subset masking / forward and explain (per-slice evidence) /
+    forward ratios, on random weights."""
     import torch
 
     from mrn_engine.config import RunConfig, atomic_write_text, get_preset

@@ -12,6 +12,7 @@ from mrn_engine.bundle import (
     read_oof,
     record_demo_bundle,
 )
+from mrn_engine.inference.evidence import CaseEvidence, case_evidence, evidence_volume
 from mrn_engine.inference.mask_source import MaskSource, Segmenter
 from mrn_engine.inference.masking import RoiMasker
 from mrn_engine.inference.predictor import CasePrediction, MRNPredictor
@@ -26,6 +27,7 @@ from mrn_engine.results import Probabilities
 from mrn_engine.runtime import resolve_device
 
 __all__ = [
+    "CaseEvidence",
     "CasePrediction",
     "MRNPredictor",
     "MaskSource",
@@ -33,6 +35,8 @@ __all__ = [
     "Probabilities",
     "RoiMasker",
     "Segmenter",
+    "case_evidence",
+    "evidence_volume",
     "SubmissionResult",
     "demo_record_path",
     "iter_predictions",

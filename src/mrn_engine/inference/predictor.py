@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from mrn_engine.bundle import ModelBundle, open_bundle
 from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.data.roi_subsets import MASK_SUBSETS
-from mrn_engine.errors import InputDataError
+from mrn_engine.errors import InputDataError, WeightsError
 from mrn_engine.inference.mask_source import (
     MaskSource,
     Segmenter,
@@ -38,9 +39,11 @@ from mrn_engine.inference.submission import SubmissionResult, predict_cases
 from mrn_engine.models import build_model
 from mrn_engine.models.checkpoint import check_state_fits
 from mrn_engine.models.ensemble import FoldEnsemble
+from mrn_engine.models.evidence import capture_slice_tokens
 from mrn_engine.results import Probabilities
 from mrn_engine.rois import CropBox, RoiCrop, extract_rois, paste_back_all
 from mrn_engine.runtime import resolve_device
+from mrn_engine.training.calibration import Calibration, apply_folds, load_calibrations
 
 __all__ = ["CasePrediction", "MRNPredictor", "ProgressFn", "Segmenter"]
 
@@ -65,6 +68,12 @@ class CasePrediction:
     nm_mask, qsm_mask: ``(X, Y, Z)`` uint8 masks the ROIs were cropped with when they came from
         the segmenter (nnU-Net), else None (the user's own masks are not copied).
     zeroed: ROIs whose input was replaced by zeros (only for checks / ablations).
+    calibrated: whether ``probabilities`` are calibrated (``fold_k/calibration.json``).
+    raw: the uncalibrated per-fold probabilities (equal to ``probabilities`` when uncalibrated).
+    tta_spread: per fold, |P(PD) original - P(PD) mirrored| (empty without TTA).
+    slice_tokens: per fold, ROI name -> SFA input ``(V, S, D)`` on CPU, when asked for
+        (``keep_slice_tokens``): per-slice evidence (``inference/evidence.py``) without a new pass.
+    crops: ROI name -> ``RoiCrop`` (with ``keep_slice_tokens``): maps slices back to source z.
     """
 
     case_id: str
@@ -79,6 +88,20 @@ class CasePrediction:
     nm_mask: np.ndarray | None = None
     qsm_mask: np.ndarray | None = None
     zeroed: frozenset[str] = field(default_factory=frozenset)
+    calibrated: bool = False
+    raw: Probabilities | None = None
+    tta_spread: list[float] = field(default_factory=list)
+    slice_tokens: list[dict[str, torch.Tensor]] | None = None
+    crops: dict[str, RoiCrop] | None = None
+
+    @property
+    def p_pd_raw(self) -> float:
+        """Uncalibrated ensemble P(PD)."""
+        return (self.raw or self.probabilities).p_pd
+
+    @property
+    def p_pd_folds_raw(self) -> list[float]:
+        return list((self.raw or self.probabilities).p_pd_folds)
 
     @property
     def folds(self) -> list[int]:
@@ -105,6 +128,9 @@ class CasePrediction:
         return {
             "case_id": self.case_id,
             **self.probabilities.row(),
+            "p_pd_raw": self.p_pd_raw,
+            "calibrated": self.calibrated,
+            "tta_spread": max(self.tta_spread) if self.tta_spread else None,
             "mask_source": self.mask_source,
         }
 
@@ -186,6 +212,7 @@ class MRNPredictor:
         ignore_masks: bool = False,
         bundle: ModelBundle | None = None,
         segmenter_factory: Callable[[], Segmenter] | None = None,
+        calibration: Mapping[int, Calibration] | None = None,
     ) -> None:
         self.config = config
         self.bundle = bundle
@@ -200,6 +227,13 @@ class MRNPredictor:
         )
         self.masks = MaskSource(segmenter, segmenter_factory, ignore_masks)
         self.masker = RoiMasker(self.ensemble)
+        #: fold -> ``training.calibration.Calibration`` (all folds, or empty = uncalibrated)
+        self.calibration = dict(calibration or {})
+        if self.calibration and set(self.calibration) != set(self.folds):
+            raise WeightsError(
+                f"predictor: calibration for folds {sorted(self.calibration)}, "
+                f"weights for {self.folds}"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -224,6 +258,9 @@ class MRNPredictor:
             weights: the weights come from the fold checkpoints).
         segmenter: mask provider for cases without masks; default: the bundle's ``nnunet/``
             models through ``mrn_engine.segmentation.NNUNetSegmenter`` when both exist.
+
+        P(PD) is calibrated when every chosen fold has ``fold_k/calibration.json``; older
+        bundles load uncalibrated (``predictor.calibrated`` is False).
         """
         bundle = open_bundle(path)
         chosen = bundle.folds if folds is None else sorted({int(k) for k in folds})
@@ -247,6 +284,7 @@ class MRNPredictor:
             ignore_masks=ignore_masks,
             bundle=bundle,
             segmenter_factory=None if segmenter else bundle_segmenter_factory(bundle, device),
+            calibration=load_calibrations(bundle.root, chosen),
         )
 
     # ------------------------------------------------------------------ read-only views
@@ -271,6 +309,18 @@ class MRNPredictor:
         return self.masks.segmenter_factory
 
     @property
+    def calibrated(self) -> bool:
+        """Whether P(PD) is calibrated (every fold has a calibration); False for old bundles."""
+        return bool(self.calibration)
+
+    def calibrate(self, raw: Probabilities) -> Probabilities:
+        """``raw`` with each fold's P(PD) through that fold's calibration (unchanged if none)."""
+        if not self.calibration:
+            return raw
+        p = apply_folds(self.calibration, raw.folds, raw.p_pd_folds)
+        return Probabilities.from_folds(raw.folds, p, masked=raw.masked)
+
+    @property
     def can_mask(self) -> bool:
         """Whether the model supports ROI masking from tokens (``classify_tokens`` + ``empty_token``)."""
         return self.masker.can_mask
@@ -285,6 +335,7 @@ class MRNPredictor:
         progress: ProgressFn | None = None,
         zero_rois: Iterable[str] = (),
         warm_masking: bool = False,
+        keep_slice_tokens: bool = False,
     ) -> CasePrediction:
         """Predict one case with every fold (and TTA if on).
 
@@ -297,6 +348,8 @@ class MRNPredictor:
         warm_masking: also compute each fold's empty-ROI tokens while that fold is loaded, so
             that later :meth:`masked_prediction` / :meth:`masking_table` calls are head passes
             only (what an interactive viewer wants).
+        keep_slice_tokens: also keep each fold's SFA inputs (``CasePrediction.slice_tokens``)
+            for per-slice evidence (MRN only).
 
         Raises
         ------
@@ -316,20 +369,31 @@ class MRNPredictor:
 
         p_folds: list[float] = []
         tokens: list[dict[str, torch.Tensor]] = []
+        kept: list[dict[str, torch.Tensor]] | None = [] if keep_slice_tokens else None
+        spread: list[float] = []
         seg_mean: dict[str, torch.Tensor] = {}
-        for i, out in enumerate(self.ensemble.run(images, masks)):
-            if warm_masking and out.tokens and self.can_mask:
-                self.masker.empty_tokens(out.fold)  # fold is loaded: no extra weight swap
-            p_folds.append(out.p_pd)
-            tokens.append(out.tokens)
-            for name, p in (out.seg or {}).items():
-                seg_mean[name] = seg_mean.get(name, 0) + p / len(self.folds)
-            if progress:
-                progress((i + 2) / steps, f"{case.case_id}: fold {out.fold} P(PD)={out.p_pd:.3f}")
+        capture = capture_slice_tokens(self.model) if keep_slice_tokens else nullcontext({})
+        with capture as store:
+            for i, out in enumerate(self.ensemble.run(images, masks)):
+                if kept is not None:  # this fold's SFA inputs, caught by the forward hook
+                    kept.append({n: t.float().cpu() for n, t in store.items()})
+                if len(out.p_views) == 2:
+                    spread.append(abs(out.p_views[0] - out.p_views[1]))
+                if warm_masking and out.tokens and self.can_mask:
+                    self.masker.empty_tokens(out.fold)  # fold is loaded: no extra weight swap
+                p_folds.append(out.p_pd)
+                tokens.append(out.tokens)
+                for name, p in (out.seg or {}).items():
+                    seg_mean[name] = seg_mean.get(name, 0) + p / len(self.folds)
+                if progress:
+                    progress(
+                        (i + 2) / steps, f"{case.case_id}: fold {out.fold} P(PD)={out.p_pd:.3f}"
+                    )
 
         seg_source, nuclei, nm_nuclei = _segmentation(case, crops, seg_mean)
         check_finite_probabilities(case.case_id, self.folds, p_folds)
-        probs = Probabilities.from_folds(self.folds, p_folds)
+        raw = Probabilities.from_folds(self.folds, p_folds)
+        probs = self.calibrate(raw)
         if progress:
             progress(1.0, f"{case.case_id}: P(PD)={probs.p_pd:.3f}")
         from_segmenter = mask_source == "segmenter"
@@ -346,6 +410,11 @@ class MRNPredictor:
             nm_mask=mask_array(nm_m) if from_segmenter else None,
             qsm_mask=mask_array(qsm_m) if from_segmenter else None,
             zeroed=zeroed,
+            calibrated=self.calibrated,
+            raw=raw,
+            tta_spread=spread,
+            slice_tokens=kept,
+            crops=dict(crops) if keep_slice_tokens else None,
         )
 
     def predict_cases(
@@ -372,8 +441,9 @@ class MRNPredictor:
         (probs,) = self.masker.probabilities(
             pred.case_id, pred.roi_tokens, pred.folds, [frozenset(masked)]
         )
-        return probs
+        return self.calibrate(probs)
 
     def masking_table(self, pred: CasePrediction) -> list[Probabilities]:
         """:meth:`masked_prediction` for all 16 ROI subsets (Table 4 order)."""
-        return self.masker.probabilities(pred.case_id, pred.roi_tokens, pred.folds, MASK_SUBSETS)
+        table = self.masker.probabilities(pred.case_id, pred.roi_tokens, pred.folds, MASK_SUBSETS)
+        return [self.calibrate(p) for p in table]

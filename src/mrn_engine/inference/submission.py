@@ -242,7 +242,7 @@ def _predict_into(
         if error is not None:
             row: dict[str, object] = {"case_id": case.case_id}
             row.update({f"p_pd_fold{k}": "" for k in folds})
-            row.update(p_pd="", p_pd_std="", call="", mask_source="", error=error)
+            row.update(p_pd="", p_pd_std="", call="", p_pd_raw="", mask_source="", error=error)
             result.errors.append({"case_id": case.case_id, "error": error})
         else:
             row = pred.summary()
@@ -266,6 +266,7 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         "p_pd",
         "p_pd_std",
         "call",
+        "p_pd_raw",
         "mask_source",
         "error",
     ]
@@ -293,6 +294,7 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         if getattr(predictor, "bundle", None) is not None
         else None,
         "threshold": THRESHOLD,
+        "calibrated": bool(getattr(predictor, "calibrated", False)),
     }
     write_json({"meta": meta, "cases": json_rows}, out / PROB_JSON)
     write_json(result.errors, out / ERRORS_JSON)

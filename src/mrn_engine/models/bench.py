@@ -87,7 +87,7 @@ def _measure(
     return statistics.median(times), peak / 2**20
 
 
-PARTS = ("forward", "dinov2", "masking", "train", "flops")
+PARTS = ("forward", "dinov2", "masking", "explain", "train", "flops")
 
 
 def _gflop(fn: Callable[[], object]) -> float:
@@ -216,6 +216,22 @@ def bench_model(
             result["masking16_cached_over_forward"] = (
                 result["masking16_cached_s"] / result["forward_s"]
             )
+
+    if "explain" in parts and cfg.model.arch == "mrn" and not cfg.model.dinov2_only:
+        from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
+
+        def explain() -> None:  # the prediction forward + per-slice evidence, no 2nd backbone pass
+            with torch.no_grad(), amp, capture_slice_tokens(model) as store:
+                model(one["images"], masks)
+            slice_evidence(model, store)
+
+        log("forward + per-slice evidence ...")
+        result["explain_s"], _ = _measure(explain, dev, repeats, memory=False)
+        if "forward_s" in result:
+            result["explain_over_forward"] = result["explain_s"] / result["forward_s"]
+        if "forward_GFLOP" in result:
+            result["explain_GFLOP"] = _gflop(explain)
+            result["explain_over_forward_flops"] = result["explain_GFLOP"] / result["forward_GFLOP"]
 
     if train and "train" in parts:
         wrapper = build_training_wrapper(model, cfg).to(dev).train()

@@ -68,12 +68,14 @@ class FoldOutput:
     p_pd: P(PD), mean over the TTA views.
     tokens: ROI name -> tokens ``(V, D)`` on CPU (float32), ``V`` = number of views.
     seg: ROI name -> class probabilities ``(C, S, H, W)`` on CPU (views merged), or None.
+    p_views: P(PD) of each view (original, mirrored with TTA).
     """
 
     fold: int
     p_pd: float
     tokens: dict[str, torch.Tensor]
     seg: dict[str, torch.Tensor] | None
+    p_views: tuple[float, ...] = ()
 
 
 class FoldEnsemble:
@@ -148,9 +150,15 @@ class FoldEnsemble:
                 n: merge_views(torch.softmax(lg.float(), dim=1)).cpu()
                 for n, lg in out.seg_logits.items()
             }
-        p = float(p_pd_of(out.logits).mean())
+        views = p_pd_of(out.logits)
         fold = -1 if self._loaded is None else self._loaded
-        return FoldOutput(fold=fold, p_pd=p, tokens=tokens, seg=seg)
+        return FoldOutput(
+            fold=fold,
+            p_pd=float(views.mean()),
+            tokens=tokens,
+            seg=seg,
+            p_views=tuple(float(v) for v in views),
+        )
 
     def run(
         self, images: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None

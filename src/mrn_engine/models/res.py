@@ -38,10 +38,12 @@ PLAIN_DPT_LAYERS = (3, 6, 9, 11)
 
 @dataclass
 class RESOutput:
-    """ROI token (B, D) and segmentation logits (B, C, S, H, W) or None."""
+    """ROI token (B, D), segmentation logits (B, C, S, H, W) or None, and the slice tokens
+    (B, S, D) that entered SFA (after FFA; None for the DINOv2-only baseline)."""
 
     roi_token: torch.Tensor
     seg_logits: torch.Tensor | None
+    slice_tokens: torch.Tensor | None = None
 
 
 def plain_dpt_layers(depth: int) -> list[int]:
@@ -136,4 +138,4 @@ class RES(nn.Module):
             seg = seg.reshape(b, s, -1, h, w).transpose(1, 2)
         slice_tokens = tokens[:, :, 0]
         roi_token = self.sfa(slice_tokens) if self.sfa is not None else slice_tokens.mean(dim=1)
-        return RESOutput(roi_token, seg)
+        return RESOutput(roi_token, seg, slice_tokens)

@@ -375,6 +375,10 @@ def train_fold(
             [{**r, "fold": fold} for r in oof],
             OOF_COLUMNS,
         )
+        if oof:  # per-fold temperature on its own out-of-fold cases (training/calibration.py)
+            from mrn_engine.training.calibration import calibrate_fold_dir
+
+            calibrate_fold_dir(out_dir, oof, fold)
         student = objective.student
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
             # provenance (backbone weights file, sha256) in the safetensors metadata

@@ -3,7 +3,8 @@
 Each labelled case gets one backbone pass per fold (``predict_case``); the 16 masked variants
 come from the cached ROI tokens (``masking_table``). Outputs in ``out_dir``:
 
-- ``predictions.csv``: case_id, label, P(PD) per fold, mean, std, call (held-out evaluation)
+- ``predictions.csv``: case_id, label, P(PD) per fold, mean, std, call, raw mean, calibrated,
+  TTA spread (held-out evaluation)
 - ``metrics.csv`` / ``metrics.md``: accuracy / AUC / F1 of every fold model and the ensemble
 - ``masking_table.csv`` / ``masking_table.md``: Table 4 (ensemble metrics per masked subset)
 - ``masking_cases.csv``: P(PD) per case and subset
@@ -101,6 +102,7 @@ def _write(
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     pred_cols = ["case_id", "label", *[f"p_pd_fold{k}" for k in folds], "p_pd", "p_pd_std", "call"]
+    pred_cols += ["p_pd_raw", "calibrated", "tta_spread"]  # calibration / uncertainty (issue 15)
     write_csv(result.predictions, out / "predictions.csv", columns=pred_cols)
     write_csv(result.metrics, out / "metrics.csv", columns=METRIC_COLUMNS)
     atomic_write_text(

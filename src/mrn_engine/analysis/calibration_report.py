@@ -1,0 +1,207 @@
+"""The report's "Calibration and uncertainty" section.
+
+Reliability diagram (scikit-learn ``calibration_curve``) and ECE / Brier before and after the
+per-fold temperature (``training/calibration.py``), on the out-of-fold cases (in-sample for the
+temperature) and on held-out cases (honest); and the uncertainty rule's share flagged and
+accuracy on confident vs uncertain cases (``analysis/uncertainty.py``).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mrn_engine.inference.uncertainty import assess, assess_row, confidence_summary
+from mrn_engine.training.calibration import (
+    N_BINS,
+    Calibration,
+    brier_score,
+    expected_calibration_error,
+    read_calibration,
+)
+
+Rows = Sequence[Mapping[str, object]]
+#: one evaluated set: (name, labels, raw P(PD), calibrated P(PD) or None)
+CalSet = tuple[str, np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _num(v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def fold_calibrations(fold_dirs: Mapping[int, Path]) -> dict[int, Calibration]:
+    """The folds' ``calibration.json`` (only folds that have one)."""
+    out = {}
+    for k, d in fold_dirs.items():
+        cal = read_calibration(d)
+        if cal is not None:
+            out[k] = cal
+    return out
+
+
+def oof_set(oof: Mapping[int, Rows], cals: Mapping[int, Calibration]) -> CalSet | None:
+    """Pooled out-of-fold labels, raw and (when every fold has one) calibrated P(PD)."""
+    if not oof:
+        return None
+    y = np.array([int(r["label"]) for k in sorted(oof) for r in oof[k]])  # type: ignore[call-overload]
+    raw = np.array([_num(r["p_pd"]) for k in sorted(oof) for r in oof[k]])
+    after = None
+    if all(k in cals for k in oof):
+        after = np.concatenate(
+            [cals[k].apply([_num(r["p_pd"]) for r in oof[k]]) for k in sorted(oof)]
+        )
+    return "out-of-fold (T fitted on these)", y, raw, after
+
+
+def held_out_set(rows: Rows, cals: Mapping[int, Calibration]) -> CalSet | None:
+    """Held-out labels, raw and calibrated P(PD).
+
+    Rows written by a calibrated predictor carry ``p_pd_raw`` (raw) and ``p_pd`` (calibrated);
+    rows without ``p_pd_raw`` are raw: they are calibrated here per fold from ``p_pd_fold<k>``.
+    """
+    rows = [r for r in rows if not math.isnan(_num(r.get("label")))]
+    if not rows:
+        return None
+    y = np.array([int(_num(r["label"])) for r in rows])
+    if all(not math.isnan(_num(r.get("p_pd_raw"))) for r in rows):
+        raw = np.array([_num(r["p_pd_raw"]) for r in rows])
+        calibrated = [str(r.get("calibrated", "")).lower() in ("true", "1") for r in rows]
+        after = np.array([_num(r["p_pd"]) for r in rows]) if all(calibrated) else None
+        return "held-out", y, raw, after
+    folds = sorted(int(c[len("p_pd_fold") :]) for c in rows[0] if c.startswith("p_pd_fold"))
+    raw = np.array(
+        [
+            _num(r["p_pd"]) if "p_pd" in r else np.mean([_num(r[f"p_pd_fold{k}"]) for k in folds])
+            for r in rows
+        ]
+    )
+    after = None
+    if folds and all(k in cals for k in folds):
+        after = np.array(
+            [np.mean([cals[k].apply(_num(r[f"p_pd_fold{k}"])) for k in folds]) for r in rows]
+        )
+    return "held-out", y, raw, after
+
+
+def calibration_rows(sets: Sequence[CalSet]) -> list[dict[str, object]]:
+    """ECE and Brier before / after per set."""
+    out = []
+    for name, y, raw, after in sets:
+        out.append(
+            {
+                "set": name,
+                "n": int(y.size),
+                "ece_raw": expected_calibration_error(y, raw),
+                "ece_calibrated": expected_calibration_error(y, after)
+                if after is not None
+                else math.nan,
+                "brier_raw": brier_score(y, raw),
+                "brier_calibrated": brier_score(y, after) if after is not None else math.nan,
+            }
+        )
+    return out
+
+
+def reliability_figure(sets: Sequence[CalSet]) -> Figure | None:
+    """Reliability diagram: observed PD fraction vs mean P(PD) per bin, raw and calibrated."""
+    from sklearn.calibration import calibration_curve
+
+    if not sets:
+        return None
+    fig = Figure(figsize=(5.2, 4.6))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect")
+    colors = ("tab:blue", "black", "tab:green")
+    for (name, y, raw, after), c in zip(sets, colors, strict=False):
+        if len(set(y.tolist())) < 2:
+            continue
+        for p, ls, what in ((raw, "--", "raw"), (after, "-", "calibrated")):
+            if p is None:
+                continue
+            frac, mean = calibration_curve(y, p, n_bins=N_BINS, strategy="uniform")
+            ax.plot(mean, frac, ls=ls, marker="o", ms=3, color=c, label=f"{name}, {what}")
+    ax.set(
+        xlabel="mean predicted P(PD) in bin",
+        ylabel="fraction PD in bin",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        title=f"Reliability ({N_BINS} bins)",
+    )
+    ax.legend(loc="upper left", fontsize=7)
+    return fig
+
+
+def uncertainty_rows(oof: CalSet | None, held_rows: Rows) -> list[dict[str, object]]:
+    """Share flagged and accuracy on confident / uncertain cases, held-out and out-of-fold."""
+    out = []
+    held = [r for r in held_rows if not math.isnan(_num(r.get("label")))]
+    if held:
+        flags = [assess_row(r) for r in held]
+        s = confidence_summary(
+            [int(_num(r["label"])) for r in held], flags, [_num(r["p_pd"]) for r in held]
+        )
+        out.append({"set": "held-out (ensemble: all three criteria)", **s})
+    if oof is not None:
+        name, y, raw, after = oof
+        p = after if after is not None else raw
+        flags = [assess(float(x)) for x in p]  # one model per case: threshold distance only
+        out.append(
+            {
+                "set": "out-of-fold (one model per case: near-threshold only)",
+                **confidence_summary(y, flags, p),
+            }
+        )
+    return out
+
+
+def calibration_section(
+    fold_dirs: Mapping[int, Path], oof: Mapping[int, Rows], held_rows: Rows
+) -> tuple[str, Figure | None]:
+    """HTML of the section and its reliability figure (None when there is nothing to show)."""
+    from mrn_engine.analysis.report import _img, _png, _table
+
+    cals = fold_calibrations(fold_dirs)
+    o = oof_set(oof, cals)
+    h = held_out_set(held_rows, cals) if held_rows else None
+    sets = [s for s in (o, h) if s is not None]
+    if not sets:
+        return "", None
+    if cals and len(cals) == len(fold_dirs):
+        temps = ", ".join(
+            f"fold {k}: {c.method} T={c.temperature:.3g} (n={c.n_cases})"
+            for k, c in sorted(cals.items())
+        )
+        note = f"Per-fold temperature scaling fitted on each fold's out-of-fold cases ({html.escape(temps)})."
+    else:
+        note = "<b>This bundle is uncalibrated</b> (no fold_k/calibration.json; run <code>mrn calibrate BUNDLE</code>)."
+    fig = reliability_figure(sets)
+    pct = ("share_uncertain", "accuracy_all", "accuracy_confident", "accuracy_uncertain")
+    unc = uncertainty_rows(o, held_rows)
+    body = (
+        "<h2>Calibration and uncertainty</h2>"
+        f'<p class="muted">{note} ECE: 10 equal-width bins of P(PD) (torchmetrics); Brier: '
+        "scikit-learn. Out-of-fold figures are in-sample for the temperature; held-out ones are not.</p>"
+        '<div class="figs">'
+        + (_img(_png(fig), "reliability") if fig is not None else "")
+        + _table(
+            calibration_rows(sets),
+            ("set", "n", "ece_raw", "ece_calibrated", "brier_raw", "brier_calibrated"),
+        )
+        + "</div>"
+        + (
+            '<p class="muted">Uncertain = |P(PD) - 0.5| &lt; 0.10, or fold std &gt; 0.15, or TTA '
+            "|original - mirrored| &gt; 0.10 (analysis/uncertainty.py).</p>"
+            + _table(unc, ("set", "n", "n_uncertain", *pct), pct)
+            if unc
+            else ""
+        )
+    )
+    return body, fig

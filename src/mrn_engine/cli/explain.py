@@ -1,0 +1,76 @@
+"""``mrn calibrate`` (per-fold temperature of an existing bundle) and ``mrn explain``
+(per-slice evidence maps of case folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mrn_engine.cli.predict import build_predictor, predictor_options
+
+
+@click.command("calibrate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def calibrate_cmd(bundle: Path) -> None:
+    """Fit one temperature per fold on BUNDLE/fold_k/oof.csv and write fold_k/calibration.json.
+
+    For bundles trained before calibration existed (``mrn train`` now does it at the end of
+    each fold). Refits and overwrites existing calibration files; weights are not touched.
+    """
+    from mrn_engine.training.calibration import calibrate_bundle
+
+    for k, cal in calibrate_bundle(bundle).items():
+        what = f"T = {cal.temperature:.3f}" if cal.method == "temperature" else cal.note
+        click.echo(
+            f"fold {k}: {cal.method} ({what}) on {cal.n_cases} cases; "
+            f"ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f}, "
+            f"Brier {cal.brier_before:.3f} -> {cal.brier_after:.3f} (in-sample)"
+        )
+
+
+@click.command("explain")
+@predictor_options("Output folder: OUT/<case>/evidence_*.nii.gz, summary.png; explain.json.")
+@click.option(
+    "--mask",
+    "masked",
+    multiple=True,
+    help="ROI to replace by an empty volume (repeatable): evidence under that ROI toggle.",
+)
+def explain_cmd(
+    cases_dir: Path,
+    model: Path,
+    out: Path,
+    folds: str | None,
+    tta: bool,
+    device: str,
+    ignore_masks: bool,
+    quiet: bool,
+    masked: tuple[str, ...],
+) -> None:
+    """Per-slice evidence of every case under CASES_DIR (ROOT): which slices moved P(PD).
+
+    For each ROI slice, the change of P(PD) when that slice's token is left out of SFA (no
+    new backbone pass), and SFA's attention over the slices; maps as NIfTI on the source grids.
+    """
+    from mrn_engine.inference.explain import explain_cases
+
+    predictor = build_predictor(model, folds, tta, device, ignore_masks)
+    if not predictor.calibrated:
+        click.echo(f"{model}: bundle is uncalibrated (no calibration.json); P(PD) is raw", err=True)
+
+    def on_case(case_id: str, i: int, n: int) -> None:
+        if not quiet:
+            click.echo(f"[{i + 1}/{n}] {case_id}", err=True)
+
+    data = explain_cases(predictor, cases_dir, out, masked=masked, on_case=on_case)
+    for err in data["errors"]:
+        click.echo(f"skipped {err['error']}", err=True)
+    click.echo(f"{len(data['cases'])} case(s) explained -> {out}")
+    if data["errors"]:
+        click.echo(f"{len(data['errors'])} case(s) failed (see {out / 'explain.json'})")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(calibrate_cmd)
+    group.add_command(explain_cmd)

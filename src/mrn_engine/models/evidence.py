@@ -1,0 +1,155 @@
+"""Per-slice evidence: how much each slice's token moves P(PD), head-side only.
+
+SFA (paper 3.2) pools the slice tokens of one ROI into its ROI token. Leaving slice ``s`` out
+of that pooling is a key mask over the slice tokens (:meth:`SFA.forward` ``keep``), run on the
+cached FFA outputs (the slice tokens that entered SFA) -- no new backbone pass. The FFA outputs
+of the other slices are unchanged (they saw slice ``s`` in FFA's global attention); "left out"
+means left out of SFA, exactly what a forward with slice ``s`` deleted from SFA's input gives.
+
+Definitions, per case (batch row), ROI ``r`` and slice ``s``:
+
+- ``p_full``: P(PD) with every slice (and the ``masked`` ROIs replaced by their empty token);
+- ``p_without[r][s]``: P(PD) with slice ``s`` of ROI ``r`` left out of SFA;
+- ``evidence[r][s] = p_full - p_without[r][s]``: > 0 the slice pushes towards PD, < 0 towards HC;
+- ``attention[r][s]``: the SFA ROI token's attention on slice ``s`` in the last SFA block,
+  averaged over heads (the remaining mass is on the ROI token itself).
+
+A masked ROI's token is its empty-volume token whatever its slices: its evidence is 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.errors import InputDataError
+
+
+@dataclass
+class SliceEvidence:
+    """Leave-one-slice-out evidence of a batch.
+
+    Attributes
+    ----------
+    p_full: (B,) P(PD) with all slices.
+    p_without: ROI name -> (B, S) P(PD) with that slice left out of SFA.
+    evidence: ROI name -> (B, S) ``p_full - p_without`` (PD-ward > 0, HC-ward < 0).
+    attention: ROI name -> (B, S) SFA ROI-token attention on each slice (last block).
+    masked: ROIs replaced by their empty-volume token (their evidence is 0).
+    """
+
+    p_full: torch.Tensor
+    p_without: dict[str, torch.Tensor]
+    evidence: dict[str, torch.Tensor]
+    attention: dict[str, torch.Tensor]
+    masked: frozenset[str]
+
+
+def _res(model: nn.Module) -> nn.Module:
+    res = getattr(model, "res", None)
+    if res is None or getattr(res, "slice_pos", None) is None:
+        raise InputDataError(
+            f"per-slice evidence needs MRN slice tokens; model {type(model).__name__} "
+            "(baseline or DINOv2-only) has none"
+        )
+    return res
+
+
+@contextlib.contextmanager
+def capture_slice_tokens(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every RES forward stores its SFA input (B, S, D) under the ROI name.
+
+    A forward hook on the shared RES: the prediction forward also fills the evidence cache.
+    """
+    res = _res(model)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        name = args[1] if len(args) > 1 else kwargs.get("roi")
+        tokens = getattr(out, "slice_tokens", None)
+        if name is not None and tokens is not None:
+            store[str(name)] = tokens.detach()
+
+    handle = res.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def pool_slices(model: nn.Module, slice_tokens: torch.Tensor, keep: torch.Tensor | None = None):
+    """ROI token (B, D) from slice tokens (B, S, D), only the ``keep`` (B, S) slices attended."""
+    res = _res(model)
+    if res.sfa is not None:
+        return res.sfa(slice_tokens, keep)
+    if keep is None:
+        return slice_tokens.mean(dim=1)
+    w = keep.to(slice_tokens.dtype)[..., None]
+    return (slice_tokens * w).sum(dim=1) / w.sum(dim=1)
+
+
+def roi_attention(model: nn.Module, slice_tokens: torch.Tensor) -> torch.Tensor:
+    """(B, S) ROI-token attention on the slices in the last SFA block (uniform without SFA)."""
+    res = _res(model)
+    if res.sfa is None or not len(res.sfa.blocks):
+        b, s = slice_tokens.shape[:2]
+        return torch.full((b, s), 1.0 / s, device=slice_tokens.device)
+    return res.sfa.roi_attention(slice_tokens)[-1][:, 1:]
+
+
+def _p_pd(model: nn.Module, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    logits = model.head(model.patient(tokens))
+    return torch.softmax(logits.float(), dim=-1)[:, 1]
+
+
+def slice_evidence(
+    model: nn.Module,
+    slice_tokens: Mapping[str, torch.Tensor],
+    masked: Iterable[str] = (),
+) -> SliceEvidence:
+    """Leave-one-slice-out P(PD) for every ROI and slice, from cached SFA inputs.
+
+    Parameters
+    ----------
+    model: an MRN (eval mode) whose RES produced ``slice_tokens``.
+    slice_tokens: ROI name -> (B, S, D) slice tokens after FFA (:func:`capture_slice_tokens`).
+    masked: ROIs replaced by their empty-volume token (``model.empty_token``).
+
+    Cost: per ROI one SFA pass over B*S masked copies and B*S head passes; no backbone.
+    """
+    masked = frozenset(masked)
+    unknown = masked - set(ROI_NAMES)
+    missing = [n for n in ROI_NAMES if n not in slice_tokens]
+    if unknown or missing:
+        raise InputDataError(
+            f"slice evidence: unknown masked ROI(s) {sorted(unknown)} / missing slice tokens "
+            f"{missing}; ROIs are {list(ROI_NAMES)}"
+        )
+    with torch.inference_mode():
+        batch = next(iter(slice_tokens.values())).shape[0]
+        base = {
+            n: (model.empty_token(n, batch) if n in masked else pool_slices(model, t))
+            for n, t in slice_tokens.items()
+        }
+        p_full = _p_pd(model, base)
+        p_without, evidence, attention = {}, {}, {}
+        for name in ROI_NAMES:
+            t = slice_tokens[name]
+            b, s, d = t.shape
+            attention[name] = roi_attention(model, t).float()
+            if name in masked or s < 2:  # empty token, or nothing would be left: no evidence
+                p_without[name] = p_full[:, None].expand(b, s).clone()
+            else:
+                keep = ~torch.eye(s, dtype=torch.bool, device=t.device)  # row j: all but slice j
+                keep = keep[None].expand(b, s, s).reshape(b * s, s)
+                pooled = pool_slices(model, t.repeat_interleave(s, dim=0), keep)  # (B*S, D)
+                toks = {n: base[n].repeat_interleave(s, dim=0) for n in ROI_NAMES}
+                toks[name] = pooled
+                p_without[name] = _p_pd(model, toks).reshape(b, s)
+            evidence[name] = p_full[:, None] - p_without[name]
+    return SliceEvidence(p_full, p_without, evidence, attention, masked)

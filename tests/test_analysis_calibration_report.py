@@ -1,0 +1,65 @@
+"""The report's calibration and uncertainty section (uncalibrated and calibrated bundles)."""
+
+from __future__ import annotations
+
+import re
+
+from mrn_engine.analysis import write_report
+from mrn_engine.analysis.calibration_report import held_out_set
+from mrn_engine.training.calibration import (
+    brier_score,
+    calibrate_bundle,
+    expected_calibration_error,
+    read_calibration,
+)
+from test_analysis_report import held_out_rows, make_run_dir
+
+
+def _cells(text: str, first: str) -> list[str]:
+    row = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", text)
+    assert row, first
+    return re.findall(r"<td>([^<]*)</td>", row.group(1))
+
+
+def test_uncalibrated_bundle_says_so(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    text = write_report(run, tmp_path / "r.html", eval_predictions=held_out_rows()).read_text()
+    assert "This bundle is uncalibrated" in text and "mrn calibrate" in text
+    cells = _cells(text, "held-out")
+    assert cells[2] == "n/a"  # no calibrated ECE
+    assert 'alt="reliability"' in text
+
+
+def test_calibrated_bundle_before_after_and_uncertainty(tmp_path):
+    run = make_run_dir(tmp_path / "run", n_val=12)
+    for d in run.glob("fold_*"):
+        (d / "model.safetensors").write_bytes(b"")
+    calibrate_bundle(run)
+    rows = held_out_rows(12)
+    text = write_report(run, tmp_path / "r.html", eval_predictions=rows).read_text()
+    assert "Per-fold temperature scaling" in text and "fold 0: temperature" in text
+    cals = {k: read_calibration(run / f"fold_{k}") for k in (0, 1)}
+    name, y, raw, after = held_out_set(rows, cals)
+    expected = [(r["p_pd_fold0"] + r["p_pd_fold1"]) / 2 for r in rows]
+    assert raw.tolist() == expected
+    manual = [
+        (float(cals[0].apply(r["p_pd_fold0"])) + float(cals[1].apply(r["p_pd_fold1"]))) / 2
+        for r in rows
+    ]
+    assert after.tolist() == manual
+    cells = _cells(text, "held-out")
+    assert cells[0] == "12"
+    assert cells[1] == f"{expected_calibration_error(y, raw):.3f}"
+    assert cells[2] == f"{expected_calibration_error(y, after):.3f}"
+    assert cells[4] == f"{brier_score(y, after):.3f}"
+    unc = _cells(text, "held-out (ensemble: all three criteria)")
+    assert unc[0] == "12" and int(unc[1]) > 0  # the fabricated fold-1 values sit near 0.5
+
+
+def test_rows_of_a_calibrated_predictor_are_taken_as_they_are():
+    rows = [
+        {"label": 1, "p_pd": 0.7, "p_pd_raw": 0.9, "calibrated": True, "p_pd_fold0": 0.7},
+        {"label": 0, "p_pd": 0.2, "p_pd_raw": 0.05, "calibrated": True, "p_pd_fold0": 0.2},
+    ]
+    _, y, raw, after = held_out_set(rows, {})
+    assert raw.tolist() == [0.9, 0.05] and after.tolist() == [0.7, 0.2]

@@ -1,0 +1,151 @@
+"""Per-fold temperature scaling: fit, provenance file, predictor use, old bundles, CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mrn_engine.errors import InputDataError, MRNWarning
+from mrn_engine.training.calibration import (
+    CALIBRATION_FILE,
+    Calibration,
+    brier_score,
+    calibrate_bundle,
+    expected_calibration_error,
+    fit_fold_calibration,
+    load_calibrations,
+    read_calibration,
+)
+
+
+def cohort(n: int, sharpness: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from the true P(PD) = sigmoid(z); the 'model' reports sigmoid(sharpness z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    return y, 1 / (1 + np.exp(-sharpness * z))
+
+
+@pytest.mark.parametrize("sharpness", [4.0, 0.3])
+def test_temperature_lowers_held_out_ece_of_a_miscalibrated_model(sharpness):
+    y_test, p_test = cohort(4000, sharpness, seed=99)  # held-out cases
+    raw_ece = expected_calibration_error(y_test, p_test)
+    assert raw_ece > 0.08  # genuinely miscalibrated
+    for fold in range(3):  # each fold: its own out-of-fold cases
+        y, p = cohort(120, sharpness, seed=fold)
+        cal = fit_fold_calibration(
+            [{"label": a, "p_pd": b} for a, b in zip(y, p, strict=True)], fold, "oof"
+        )
+        assert cal.method == "temperature" and cal.n_cases == 120
+        # overconfident -> T > 1, underconfident -> T < 1, near the true factor
+        assert cal.temperature == pytest.approx(sharpness, rel=0.45)
+        after = cal.apply(p_test)
+        assert expected_calibration_error(y_test, after) < raw_ece / 2
+        assert brier_score(y_test, after) < brier_score(y_test, p_test)
+        assert cal.ece_after < cal.ece_before
+        assert np.all(np.diff(after[np.argsort(p_test)]) >= 0)  # monotone: ranking (AUC) kept
+
+
+def test_ece_matches_definition():
+    y = [0, 0, 1, 1]
+    p = [0.05, 0.35, 0.65, 0.95]  # bins 0, 3, 6, 9: |0-0.05|,|0-0.35|,|1-0.65|,|1-0.95|
+    assert expected_calibration_error(y, p) == pytest.approx((0.05 + 0.35 + 0.35 + 0.05) / 4)
+    assert brier_score(y, p) == pytest.approx((0.05**2 + 0.35**2 + 0.35**2 + 0.05**2) / 4)
+
+
+def test_unfittable_fold_gets_identity_with_reason(tmp_path):
+    rows = [{"label": 1, "p_pd": 0.9}] * 5
+    cal = fit_fold_calibration(rows, 2, "fold_2/oof.csv")
+    assert cal.method == "identity" and "each class" in cal.note
+    np.testing.assert_allclose(cal.apply([0.2, 0.9]), [0.2, 0.9])
+    # anti-correlated probabilities: no positive temperature
+    rows = [{"label": i % 2, "p_pd": 0.8 if i % 2 == 0 else 0.2} for i in range(12)]
+    assert fit_fold_calibration(rows, 0, "x").method == "identity"
+
+
+def write_bundle(root, n_folds=2, sharp=4.0):
+    for k in range(n_folds):
+        d = root / f"fold_{k}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"")
+        y, p = cohort(60, sharp, seed=10 + k)
+        lines = ["case_id,label,p_pd,fold"] + [
+            f"c{k}_{i},{a},{b},{k}" for i, (a, b) in enumerate(zip(y, p, strict=True))
+        ]
+        (d / "oof.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_calibrate_bundle_writes_provenance_and_loads(tmp_path):
+    root = write_bundle(tmp_path / "bundle")
+    assert load_calibrations(root, [0, 1]) == {}  # old bundle: uncalibrated
+    cals = calibrate_bundle(root)
+    assert sorted(cals) == [0, 1]
+    data = json.loads((root / "fold_1" / CALIBRATION_FILE).read_text())
+    assert data["method"] == "temperature" and data["n_cases"] == 60
+    assert data["fitted_on"] == "fold_1/oof.csv" and data["temperature"] > 1
+    assert {"ece_before", "ece_after", "brier_before", "brier_after", "created"} <= set(data)
+    assert read_calibration(root / "fold_1") == cals[1]
+    assert load_calibrations(root, [0, 1]) == cals
+    (root / "fold_0" / CALIBRATION_FILE).unlink()
+    with pytest.warns(MRNWarning, match="uncalibrated"):
+        assert load_calibrations(root, [0, 1]) == {}
+    (root / "fold_0" / CALIBRATION_FILE).write_text("{not json")
+    with pytest.raises(InputDataError, match="fold_0/calibration.json"):
+        read_calibration(root / "fold_0")
+
+
+def test_calibrate_bundle_errors_before_writing(tmp_path):
+    root = write_bundle(tmp_path / "b")
+    (root / "fold_1" / "oof.csv").write_text("case_id,label,p_pd\nx,1,notanumber\n")
+    with pytest.raises(InputDataError, match="fold_1/oof.csv"):
+        calibrate_bundle(root)
+    assert not (root / "fold_0" / CALIBRATION_FILE).exists()  # no partial output
+    with pytest.raises(InputDataError, match="not a model bundle"):
+        calibrate_bundle(tmp_path)
+
+
+def test_predictor_returns_calibrated_and_keeps_raw(tmp_path):
+    from mrn_engine.data import load_case
+    from test_inference_predictor import fake_predictor, write_case
+
+    case = load_case(write_case(tmp_path / "case"))
+    cals = {
+        0: Calibration(0, "temperature", 3.0, 10, "x", 0, 0, 0, 0),
+        1: Calibration(1, "temperature", 0.5, 10, "x", 0, 0, 0, 0),
+    }
+    raw = fake_predictor(tta=True)
+    calibrated = fake_predictor(tta=True, calibration=cals)
+    assert not raw.calibrated and calibrated.calibrated
+    a, b = raw.predict_case(case), calibrated.predict_case(case)
+    assert not a.calibrated and a.p_pd_folds == a.p_pd_folds_raw
+    assert b.calibrated and b.p_pd_folds_raw == pytest.approx(a.p_pd_folds)
+    expected = [float(cals[k].apply(p)) for k, p in zip(b.folds, b.p_pd_folds_raw, strict=True)]
+    assert b.p_pd_folds == pytest.approx(expected)
+    assert b.p_pd == pytest.approx(np.mean(expected)) and b.p_pd_raw == pytest.approx(a.p_pd)
+    assert b.p_pd != pytest.approx(b.p_pd_raw)
+    assert len(b.tta_spread) == 2 and all(s >= 0 for s in b.tta_spread)
+    row = b.summary()
+    assert row["calibrated"] is True and row["p_pd_raw"] == pytest.approx(a.p_pd)
+    m_raw = raw.masked_prediction(a, ["qsm_bg"])
+    m_cal = calibrated.masked_prediction(b, ["qsm_bg"])
+    assert m_cal.p_pd_folds == pytest.approx(
+        [float(cals[k].apply(p)) for k, p in zip(b.folds, m_raw.p_pd_folds, strict=True)]
+    )
+
+
+def test_cli_calibrate(tmp_path):
+    from mrn_engine.cli import cli
+
+    root = write_bundle(tmp_path / "bundle")
+    res = CliRunner().invoke(cli, ["calibrate", str(root)])
+    assert res.exit_code == 0, res.output
+    assert "fold 0" in res.output and "T =" in res.output
+    assert (root / "fold_0" / CALIBRATION_FILE).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(load_calibrations(root, [0, 1])) == [0, 1]
