@@ -89,9 +89,7 @@ def test_case_evidence_is_the_fold_mean_of_leave_one_out(tmp_path):
     # an ROI toggle: masked ROI has no evidence, the others are recomputed
     masked = case_evidence(predictor, pred, {"nm_sn"})
     assert not masked.evidence["nm_sn"].any()
-    assert masked.p_pd == pytest.approx(
-        predictor.masked_prediction(pred, ["nm_sn"]).p_pd, abs=1e-5
-    )
+    assert masked.p_pd == pytest.approx(predictor.masked_prediction(pred, ["nm_sn"]).p_pd, abs=1e-5)
     assert not np.allclose(masked.evidence["qsm_bg"], ev.evidence["qsm_bg"])
 
 
