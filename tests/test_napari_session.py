@@ -213,3 +213,68 @@ def test_save_refuses_the_input_folder_and_leaves_nothing_partial(
     with pytest.raises(InputDataError, match="disk full"):
         session.save(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []  # no case folder, no temporary folder
+
+
+def test_evidence_follows_the_masked_set_with_head_passes_only(ran, monkeypatch):
+    from mrn_engine.data.labels import ROI_NAMES
+    from mrn_engine.inference.uncertainty import assess, assess_prediction
+    from test_napari_gui import count_encoder_calls
+
+    session, result, _ = ran
+    pred = result.prediction
+    # an MRN: the run kept the slice tokens and computed the full model's evidence
+    assert pred.slice_tokens is not None and len(pred.slice_tokens) == 2
+    assert result.evidence is not None and result.evidence.masked == frozenset()
+    fresh = Session()  # nothing shown yet
+    assert fresh.evidence is None and fresh.uncertainty is None and fresh.calibrated is None
+    full_probs = session.accept(result)
+    full = session.evidence
+    assert full is result.evidence
+    assert full.p_pd == pytest.approx(full_probs.p_pd, abs=1e-5)
+    assert any(np.abs(full.evidence[n]).max() > 0 for n in ROI_NAMES)
+    assert session.uncertainty == assess_prediction(pred)
+    assert session.calibrated is False  # the tiny bundle has no calibration.json
+    assert session.raw_probabilities == full_probs
+
+    calls = count_encoder_calls(monkeypatch, result.predictor)
+    shown = session.set_masked({"nm_sn", "qsm_bg"})
+    ev = session.evidence
+    assert calls["n"] == 0  # SFA + head on the kept slice tokens, cached empty tokens
+    assert ev is not None and ev.masked == {"nm_sn", "qsm_bg"}
+    assert ev.p_pd == pytest.approx(shown.p_pd, abs=1e-5)
+    assert not ev.evidence["nm_sn"].any() and not ev.evidence["qsm_bg"].any()
+    assert full.evidence["nm_sn"].any()
+    for n in ("qsm_midbrain", "qsm_dentate"):  # the others are recomputed: masking moved them
+        assert not np.allclose(ev.evidence[n], full.evidence[n], atol=1e-7), n
+    assert session.uncertainty == assess(shown.p_pd, shown.p_pd_folds)
+    # the cached empty tokens are the real ones: P(PD) = a forward pass with those ROIs zeroed
+    ref = result.predictor.predict_case(result.case, zero_rois={"nm_sn", "qsm_bg"})
+    assert ev.p_pd == pytest.approx(ref.p_pd, abs=1e-5)
+    assert session.set_masked(()) == full_probs and session.evidence is full
+
+
+def test_calibrated_bundle_shows_raw_and_calibrated(
+    bundle, case_folder, tmp_path, one_torch_thread
+):
+    import shutil
+
+    from mrn_engine.training.calibration import Calibration, write_calibration
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(bundle, calibrated)
+    for k in (0, 1):
+        cal = Calibration(k, "temperature", 3.0, 10, "test", 0.1, 0.1, 0.2, 0.2)
+        write_calibration(calibrated / f"fold_{k}", cal)
+    session = Session()
+    result = session.run(load_case(case_folder), PredictorKey(calibrated, "cpu"))
+    shown = session.accept(result)
+    assert session.calibrated is True
+    raw = session.raw_probabilities
+    assert raw is not None and raw != shown
+    assert result.predictor.calibrate(raw) == shown
+    assert session.evidence is not None
+    assert session.evidence.p_pd == pytest.approx(shown.p_pd, abs=1e-5)  # calibrated too
+    masked = session.set_masked({"qsm_dentate"})
+    assert result.predictor.calibrate(session.raw_probabilities) == masked
+    assert masked == result.predictor.masked_prediction(result.prediction, {"qsm_dentate"})
+    assert session.evidence.p_pd == pytest.approx(masked.p_pd, abs=1e-5)

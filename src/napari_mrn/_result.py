@@ -1,4 +1,5 @@
-"""The panel's result view: P(PD) text and chart, one checkbox per ROI, the masking table, Save."""
+"""The panel's result view: P(PD) text and chart, the uncertainty flag and calibration line,
+the per-slice evidence plot, one checkbox per ROI, the masking table, Save."""
 
 from __future__ import annotations
 
@@ -19,11 +20,51 @@ from qtpy.QtWidgets import (
 )
 
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
-from mrn_engine.results import Probabilities
+from mrn_engine.inference import CaseEvidence
+from mrn_engine.inference.uncertainty import FOLD_SPREAD, MARGIN, TTA_SPREAD, Uncertainty
+from mrn_engine.results import THRESHOLD, Probabilities
 from napari_mrn._chart import ProbabilityChart
+from napari_mrn._evidence import SliceEvidencePlot
 from napari_mrn._layers import ROI_COLOURS
 
 CALL_COLOURS: dict[int, str] = {1: "#ff6b6b", 0: "#6bb5ff"}
+FLAG_COLOURS: dict[bool, str] = {True: "#ffb000", False: "#7bd88f"}  #: uncertain / confident
+UNCALIBRATED = "uncalibrated bundle (trained before calibration; run `mrn calibrate BUNDLE`)"
+NO_EVIDENCE = "No per-slice evidence: the model has no MRN slice tokens (baseline)."
+
+
+def uncertainty_text(u: Uncertainty) -> str:
+    """The flag and the rule's numbers behind it (``inference.uncertainty``)."""
+    checks = [
+        (
+            "near-threshold",
+            f"|P(PD) - {THRESHOLD:g}| = {u.distance:.3f}",
+            "<" if u.distance < MARGIN else "&ge;",
+            MARGIN,
+        ),
+        (
+            "fold-spread",
+            f"fold std {u.fold_spread:.3f}",
+            ">" if u.fold_spread > FOLD_SPREAD else "&le;",
+            FOLD_SPREAD,
+        ),
+    ]
+    if u.tta_spread is not None:
+        sign = ">" if u.tta_spread > TTA_SPREAD else "&le;"
+        checks.append(("tta-spread", f"mirror spread {u.tta_spread:.3f}", sign, TTA_SPREAD))
+    shown = [c for c in checks if c[0] in u.reasons] if u.uncertain else checks
+    detail = "; ".join(f"{what} {sign} {limit:.2f}" for _, what, sign, limit in shown)
+    word = "uncertain" if u.uncertain else "confident"
+    reasons = f" ({', '.join(u.reasons)})" if u.uncertain else ""
+    return f"<b style='color:{FLAG_COLOURS[u.uncertain]}'>{word}</b>{reasons}: {detail}"
+
+
+def calibration_text(calibrated: bool, raw_p_pd: float | None) -> str:
+    """Whether P(PD) is calibrated; the raw (uncalibrated) full-model value when it is."""
+    if not calibrated:
+        return UNCALIBRATED
+    raw = f" (raw model output {raw_p_pd:.3f})" if raw_p_pd is not None else ""
+    return f"P(PD) calibrated{raw}"
 
 
 def masked_titles(probs: Probabilities) -> str:
@@ -94,9 +135,28 @@ class ResultWidget(QWidget):
         self.label.setWordWrap(True)
         self.label.setTextFormat(Qt.TextFormat.RichText)
         rlay.addWidget(self.label)
+        self.flag_label = QLabel("")
+        self.flag_label.setWordWrap(True)
+        self.flag_label.setTextFormat(Qt.TextFormat.RichText)
+        rlay.addWidget(self.flag_label)
+        self.calibration_label = QLabel("")
+        self.calibration_label.setWordWrap(True)
+        rlay.addWidget(self.calibration_label)
         self.chart = ProbabilityChart(result)
         rlay.addWidget(self.chart)
         root.addWidget(result)
+
+        evidence = QGroupBox("Per-slice evidence (red: towards PD, blue: towards HC)", self)
+        elay = QVBoxLayout(evidence)
+        self.evidence_plot = SliceEvidencePlot(evidence)
+        self.evidence_plot.setMinimumHeight(160)
+        self.evidence_plot.setMaximumHeight(180)
+        elay.addWidget(self.evidence_plot)
+        self.evidence_note = QLabel("")
+        self.evidence_note.setWordWrap(True)
+        self.evidence_note.setVisible(False)
+        elay.addWidget(self.evidence_note)
+        root.addWidget(evidence)
 
         masking = QGroupBox("ROI masking (untick to hide an ROI)", self)
         mlay = QVBoxLayout(masking)
@@ -141,3 +201,15 @@ class ResultWidget(QWidget):
     def show_probabilities(self, probs: Probabilities) -> None:
         self.label.setText(probabilities_html(probs))
         self.chart.show_probabilities(probs)
+
+    def show_assessment(self, flag: Uncertainty, calibrated: bool, raw_p_pd: float | None) -> None:
+        """The uncertainty flag with its reason and the calibration line."""
+        self.flag_label.setText(uncertainty_text(flag))
+        self.calibration_label.setText(calibration_text(calibrated, raw_p_pd))
+        self.calibration_label.setStyleSheet("" if calibrated else "color: #ffb000")
+
+    def show_evidence(self, evidence: CaseEvidence | None) -> None:
+        """Redraw the per-slice plot (``None``: the model gives no evidence)."""
+        self.evidence_plot.show_evidence(evidence)
+        self.evidence_note.setText("" if evidence is not None else NO_EVIDENCE)
+        self.evidence_note.setVisible(evidence is None)

@@ -3,7 +3,13 @@
 The dock widget is a view over one :class:`Session`. A run (:meth:`Session.run`) happens in a
 worker thread and returns a :class:`RunResult`; the GUI thread hands it to
 :meth:`Session.accept`. Everything after that (ROI toggles, the 16-subset table, saving) reads
-the typed records of the engine (``CasePrediction``, ``Probabilities``) only.
+the typed records of the engine (``CasePrediction``, ``Probabilities``, ``CaseEvidence``,
+``Uncertainty``) only.
+
+Per-slice evidence (``mrn_engine.inference.evidence``): for models with MRN slice tokens the
+run keeps them (``keep_slice_tokens``) and computes the evidence of the full model in the
+worker; each ROI toggle recomputes it for the masked set with head passes only (SFA + head on
+the kept slice tokens, the masking cache's empty tokens): no backbone pass.
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ from pathlib import Path
 
 from mrn_engine.data import Case
 from mrn_engine.errors import MRNError
-from mrn_engine.inference import CasePrediction, MRNPredictor
+from mrn_engine.inference import (
+    CaseEvidence,
+    CasePrediction,
+    MRNPredictor,
+    case_evidence,
+    supports_slice_evidence,
+)
+from mrn_engine.inference.uncertainty import Uncertainty, assess, assess_prediction
 from mrn_engine.results import Probabilities
 from napari_mrn._outputs import OutputVolume, output_volumes
 from napari_mrn._save import save_result
@@ -71,6 +84,7 @@ class RunResult:
     case: Case
     prediction: CasePrediction
     seconds: float
+    evidence: CaseEvidence | None = None  #: of the full model (None: the model has none)
 
 
 class Session:
@@ -83,6 +97,8 @@ class Session:
         self.masked: frozenset[str] = frozenset()
         self._shown: Probabilities | None = None
         self._table: list[Probabilities] | None = None
+        self._evidence: CaseEvidence | None = None
+        self._raw: Probabilities | None = None
         self.running = False
 
     # ------------------------------------------------------------------ running
@@ -116,8 +132,12 @@ class Session:
             def scaled(fraction: float, message: str) -> None:
                 report(Progress(LOAD_SHARE + (1.0 - LOAD_SHARE) * fraction, message))
 
-            pred = predictor.predict_case(case, progress=scaled, warm_masking=True)
-            return RunResult(key, predictor, case, pred, time.perf_counter() - t0)
+            explain = supports_slice_evidence(predictor.model)
+            pred = predictor.predict_case(
+                case, progress=scaled, warm_masking=True, keep_slice_tokens=explain
+            )
+            evidence = case_evidence(predictor, pred) if explain else None
+            return RunResult(key, predictor, case, pred, time.perf_counter() - t0, evidence)
         finally:
             self.running = False
 
@@ -127,6 +147,8 @@ class Session:
         self.masked = frozenset()
         self._table = None
         self._shown = result.prediction.probabilities
+        self._evidence = result.evidence
+        self._raw = result.prediction.raw or result.prediction.probabilities
         return self._shown
 
     # ------------------------------------------------------------------ masking
@@ -142,14 +164,53 @@ class Session:
         """P(PD) as shown: the full model, or with :attr:`masked` ROIs masked."""
         return self._shown
 
+    @property
+    def evidence(self) -> CaseEvidence | None:
+        """Per-slice evidence for the shown masked set (None: no result, or a model without it)."""
+        return self._evidence
+
+    @property
+    def uncertainty(self) -> Uncertainty | None:
+        """The "uncertain" rule (``inference.uncertainty``) on the shown probabilities.
+
+        The full model uses the run's TTA spread too; a masked model is judged on its ensemble
+        and fold P(PD) only (its mirrored-view spread was not measured).
+        """
+        if self.result is None or self._shown is None:
+            return None
+        if not self._shown.masked:
+            return assess_prediction(self.result.prediction)
+        return assess(self._shown.p_pd, self._shown.p_pd_folds)
+
+    @property
+    def calibrated(self) -> bool | None:
+        """Whether the shown P(PD) is calibrated (None: no result yet)."""
+        return self.result.predictor.calibrated if self.result is not None else None
+
+    @property
+    def raw_probabilities(self) -> Probabilities | None:
+        """The shown P(PD) before calibration (equal to :attr:`probabilities` when uncalibrated)."""
+        return self._raw
+
     def set_masked(self, masked: Iterable[str]) -> Probabilities:
         """Mask the ROIs in ``masked`` (input replaced by an empty volume): head passes only."""
         result = self._ready()
         subset = frozenset(masked)
-        if subset:
-            self._shown = result.predictor.masked_prediction(result.prediction, subset)
+        pred, predictor = result.prediction, result.predictor
+        if subset:  # = predictor.masked_prediction, keeping the raw values for the panel
+            (raw,) = predictor.masker.probabilities(
+                pred.case_id, pred.roi_tokens, pred.folds, [subset]
+            )
+            self._raw, self._shown = raw, predictor.calibrate(raw)
         else:
-            self._shown = result.prediction.probabilities
+            self._raw = pred.raw or pred.probabilities
+            self._shown = pred.probabilities
+        if result.evidence is not None:
+            self._evidence = (
+                case_evidence(result.predictor, result.prediction, subset)
+                if subset
+                else result.evidence
+            )
         self.masked = subset
         return self._shown
 

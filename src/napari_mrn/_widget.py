@@ -31,6 +31,7 @@ from mrn_engine.errors import MRNError
 from napari_mrn._case import layer_mapping
 from napari_mrn._compat import guard_triton
 from napari_mrn._display import DisplayMapping
+from napari_mrn._evidence import evidence_layer, evidence_limit
 from napari_mrn._inputs import InputsWidget
 from napari_mrn._layers import labels_layer, roi_boxes_layer, roi_labels_layer
 from napari_mrn._model import ModelWidget
@@ -43,6 +44,8 @@ guard_triton()
 
 BOXES_LAYER = "MRN ROIs"
 BOX_LABELS_LAYER = "MRN ROI labels"
+#: per-slice evidence overlays: modality -> layer name (QSM ROIs on the QSM grid, NM-SN on NM's)
+EVIDENCE_LAYERS: dict[str, str] = {"QSM": "MRN evidence", "NM": "MRN NM evidence"}
 PROGRESS_STEPS = 1000
 
 #: warning categories from dependencies that the panel does not show
@@ -192,6 +195,8 @@ class MRNDiagnosisWidget(QWidget):
         self.results.reset_masking()
         self.results.show_probabilities(self.session.accept(result))
         self.show_outputs()
+        self.show_evidence(replace=True)
+        self.viewer.layers.selection.active = self.viewer.layers[NUCLEI_LAYER]
         self._set_status(f"{result.prediction.case_id}: done in {result.seconds:.1f} s.")
 
     def _on_finished(self) -> None:
@@ -244,6 +249,49 @@ class MRNDiagnosisWidget(QWidget):
         if self.session.result is None or self.worker is not None:
             return  # during a run the worker owns the predictor (the boxes are disabled too)
         self.results.show_probabilities(self.session.set_masked(self.results.masked()))
+        self.show_evidence()
+
+    # ------------------------------------------------------------------ evidence
+    def show_evidence(self, *, replace: bool = False) -> None:
+        """The shown result's uncertainty flag, calibration line, slice plot and evidence layers.
+
+        The layers (``_evidence.evidence_layer``) are added after a run (``replace``) and updated
+        in place on each ROI toggle (their visibility, opacity etc. stay as the user set them,
+        and a deleted one comes back); both share
+        one contrast limit so that a colour means the same on the NM and the QSM layer.
+        """
+        result, flag, raw = (
+            self.session.result,
+            self.session.uncertainty,
+            self.session.raw_probabilities,
+        )
+        if result is None or flag is None or raw is None:
+            return
+        calibrated = result.predictor.calibrated
+        self.results.show_assessment(flag, calibrated, raw.p_pd if calibrated else None)
+        ev = self.session.evidence
+        self.results.show_evidence(ev)
+        crops = result.prediction.crops
+        if ev is None or crops is None:
+            for name in EVIDENCE_LAYERS.values():
+                if name in self.viewer.layers:
+                    self.viewer.layers.remove(name)
+            return
+        limit = evidence_limit(ev)
+        volumes = {"QSM": result.case.qsm, "NM": result.case.nm}
+        for modality, name in EVIDENCE_LAYERS.items():
+            data, kwargs, kind = evidence_layer(
+                ev, crops, volumes[modality], modality, name=name, limit=limit
+            )
+            if not replace and name in self.viewer.layers:
+                layer = self.viewer.layers[name]
+                layer.data = data
+                layer.contrast_limits = kwargs["contrast_limits"]
+                layer.metadata = kwargs["metadata"]
+                continue
+            grid = self._grids[modality]
+            kwargs.update(translate=tuple(grid.translate), visible=modality == "QSM")
+            self._put_layer(data, kwargs, kind)
 
     def show_masking_table(self) -> MaskingTableDialog | None:
         """Open the 16-subset table of the shown result (None while there is none / a run)."""

@@ -23,6 +23,7 @@ from mrn_engine.inference.submission import (
     write_case_outputs,
     write_pd_pred,
 )
+from mrn_engine.models.evidence import supports_slice_evidence
 from mrn_engine.results import Probabilities
 from mrn_engine.runtime import resolve_device
 
@@ -46,6 +47,7 @@ __all__ = [
     "read_oof",
     "record_demo_bundle",
     "resolve_device",
+    "supports_slice_evidence",
     "write_case_outputs",
     "write_pd_pred",
 ]

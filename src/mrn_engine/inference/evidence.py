@@ -103,7 +103,9 @@ def case_evidence(predictor: object, pred: object, masked: Iterable[str] = ()) -
     for j, k in enumerate(folds):
         predictor.ensemble.load(k)  # type: ignore[attr-defined]
         tokens = {n: t.to(device) for n, t in kept[j].items()}
-        ev = slice_evidence(model, tokens, masked)
+        # the masking cache's empty tokens (warmed in the run): no ROI-encoder pass on a toggle
+        empty = predictor.masker.empty_tokens(k) if masked and predictor.can_mask else None  # type: ignore[attr-defined]
+        ev = slice_evidence(model, tokens, masked, empty)
         p_full = float(ev.p_full.mean())
         full.append(_calibrated(predictor, k, np.array([p_full]))[0])
         for n in ROI_NAMES:

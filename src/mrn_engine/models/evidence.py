@@ -60,6 +60,12 @@ def _res(model: nn.Module) -> nn.Module:
     return res
 
 
+def supports_slice_evidence(model: nn.Module) -> bool:
+    """Whether ``model`` has MRN slice tokens (per-slice evidence); False for baselines (SERes10)."""
+    res = getattr(model, "res", None)
+    return res is not None and getattr(res, "slice_pos", None) is not None
+
+
 @contextlib.contextmanager
 def capture_slice_tokens(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, every RES forward stores its SFA input (B, S, D) under the ROI name.
@@ -111,6 +117,7 @@ def slice_evidence(
     model: nn.Module,
     slice_tokens: Mapping[str, torch.Tensor],
     masked: Iterable[str] = (),
+    empty: Mapping[str, torch.Tensor] | None = None,
 ) -> SliceEvidence:
     """Leave-one-slice-out P(PD) for every ROI and slice, from cached SFA inputs.
 
@@ -119,6 +126,9 @@ def slice_evidence(
     model: an MRN (eval mode) whose RES produced ``slice_tokens``.
     slice_tokens: ROI name -> (B, S, D) slice tokens after FFA (:func:`capture_slice_tokens`).
     masked: ROIs replaced by their empty-volume token (``model.empty_token``).
+    empty: ROI name -> (1, D) empty-volume tokens already computed for these weights (e.g. the
+        predictor's masking cache): used instead of ``model.empty_token``, which would run the
+        ROI encoder again after a fold swap.
 
     Cost: per ROI one SFA pass over B*S masked copies and B*S head passes; no backbone.
     """
@@ -132,8 +142,14 @@ def slice_evidence(
         )
     with torch.inference_mode():
         batch = next(iter(slice_tokens.values())).shape[0]
+
+        def empty_token(n: str, like: torch.Tensor) -> torch.Tensor:
+            if empty is not None and n in empty:
+                return empty[n].to(device=like.device, dtype=like.dtype).expand(batch, -1)
+            return model.empty_token(n, batch)
+
         base = {
-            n: (model.empty_token(n, batch) if n in masked else pool_slices(model, t))
+            n: (empty_token(n, t) if n in masked else pool_slices(model, t))
             for n, t in slice_tokens.items()
         }
         p_full = _p_pd(model, base)
