@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from napari_mrn._compat import guard_triton
 from test_napari_io import challenge_affine, write_case
 
@@ -312,6 +312,53 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     assert f"{full.p_pd:.3f}" in widget.results.label.text()
     assert len(widget.results.chart.bars) == 3  # two folds + ensemble
 
+    # the uncertainty flag with the rule's reason and the calibration line (tiny bundle: none)
+    from mrn_engine.inference.uncertainty import assess_prediction
+    from napari_mrn._result import UNCALIBRATED, uncertainty_text
+
+    flag = widget.session.uncertainty
+    assert flag == assess_prediction(pred)
+    word = "uncertain" if flag.uncertain else "confident"
+    assert word in widget.results.flag_label.text()
+    assert widget.results.flag_label.text() == uncertainty_text(flag)
+    assert "|P(PD) - 0.5|" in widget.results.flag_label.text() or flag.uncertain
+    assert widget.results.calibration_label.text() == UNCALIBRATED
+    assert "mrn calibrate" in UNCALIBRATED
+    from napari_mrn._result import calibration_text
+
+    assert calibration_text(True, 0.41234) == "P(PD) calibrated (raw model output 0.412)"
+
+    # per-slice evidence: an overlay on each modality's grid and the slice plot
+    ev = widget.session.evidence
+    assert ev is not None and ev.masked == frozenset() and set(ev.evidence) == set(ROI_NAMES)
+    evidence_layers = {"QSM": viewer.layers["MRN evidence"], "NM": viewer.layers["MRN NM evidence"]}
+    for modality, layer in evidence_layers.items():
+        grid = viewer.layers[modality]
+        assert type(layer).__name__ == "Image"
+        assert layer.data.shape == grid.data.shape
+        np.testing.assert_allclose(layer.scale, grid.scale)
+        assert np.abs(layer.data).max() > 0
+        lim = layer.contrast_limits[1]
+        assert layer.contrast_limits[0] == -lim and lim >= np.abs(layer.data).max() - 1e-7
+    assert evidence_layers["QSM"].visible
+    assert set(widget.results.evidence_plot.bars) == set(ROI_NAMES)
+    assert viewer.layers.selection.active is nuclei
+
+    def box_region(name: str) -> np.ndarray:
+        """Display-order voxels of ``name``'s box outside other boxes of its modality."""
+        modality = ROI_BY_NAME[name].modality
+        result = widget.session.result
+        grid_shape = (result.case.qsm if modality == "QSM" else result.case.nm).shape
+        inside, others = np.zeros(grid_shape, bool), np.zeros(grid_shape, bool)
+        for other, b in pred.boxes.items():
+            if ROI_BY_NAME[other].modality == modality:
+                box = inside if other == name else others
+                box[b.x0 : b.x1, b.y0 : b.y1, b.z0 : b.z1] = True
+        inside &= ~others
+        return inside.transpose(2, 1, 0)[:, ::-1]
+
+    full_ev = {m: layer.data.copy() for m, layer in evidence_layers.items()}
+
     # ROI masking: the run cached every fold's empty-ROI tokens in the worker, so toggling an
     # ROI runs only the classification head: no backbone / ROI-encoder pass on the GUI thread
     predictor: MRNPredictor = widget.session.result.predictor
@@ -320,11 +367,22 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     shown = {}
     for name, box in widget.results.roi_checks.items():
         box.setChecked(False)
-        assert encoder_calls["n"] == 0, name
+        assert encoder_calls["n"] == 0, name  # the evidence too: SFA + head passes only
         assert widget.session.probabilities.masked == {name}
         shown[frozenset({name})] = widget.session.probabilities
+        # the evidence follows the toggle: that ROI's box holds none, the overlay changed
+        layer = evidence_layers[ROI_BY_NAME[name].modality]
+        region = box_region(name)
+        assert region.any() and np.abs(full_ev[ROI_BY_NAME[name].modality][region]).max() > 0
+        assert not layer.data[region].any(), name
+        assert not np.array_equal(layer.data, full_ev[ROI_BY_NAME[name].modality]), name
+        assert layer.metadata["masked"] == [name]
+        assert widget.session.evidence.masked == {name}
+        assert widget.results.evidence_plot.axes[name].get_title().endswith("(off)")
+        assert widget.results.flag_label.text() == uncertainty_text(widget.session.uncertainty)
         box.setChecked(True)
         assert widget.session.probabilities == full
+        np.testing.assert_array_equal(layer.data, full_ev[ROI_BY_NAME[name].modality])
     widget.results.roi_checks["nm_sn"].setChecked(False)
     widget.results.roi_checks["qsm_dentate"].setChecked(False)
     pair = frozenset({"nm_sn", "qsm_dentate"})
