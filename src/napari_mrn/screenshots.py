@@ -6,7 +6,9 @@ Run (needs a display; on a server wrap it in ``xvfb-run -a -s "-screen 0 1920x12
 
 Writes ``napari_sample.png`` (the sample case as opened), ``napari_run.png`` (after Run),
 ``napari_masked.png`` (NM-SN unticked), ``napari_dentate.png`` (the dentate box's slice) and
-``napari_masking_table.png`` (the 16-subset table), and prints what was shown (bundle, case,
+``napari_masking_table.png`` (the 16-subset table), with a model that gives per-slice evidence
+also ``napari_panel_evidence.png`` (the evidence overlay on the midbrain's most PD-ward slice,
+segmentation hidden), and prints what was shown (bundle, case,
 device, probabilities, run time) as JSON.
 """
 
@@ -116,6 +118,19 @@ def make_screenshots(
     else:  # e.g. an untrained test bundle whose DPT head segments nothing here
         print("note: the bundle segments nothing on this slice; the input QSM_mask stays visible")
     shot("napari_run.png")
+    evidence = widget.session.evidence
+    if evidence is not None:  # the evidence overlay on the midbrain's most PD-ward slice
+        nuclei, mask = viewer.layers["MRN nuclei"], viewer.layers["QSM_mask"]
+        was = nuclei.visible, mask.visible
+        nuclei.visible = mask.visible = False
+        _show_roi_slice(viewer, widget, "qsm_midbrain")
+        z = evidence.top_slice("qsm_midbrain")
+        if z >= 0:
+            viewer.dims.set_point(0, z * viewer.layers["QSM"].scale[0])
+        widget.results.evidence_plot.draw()
+        shot("napari_panel_evidence.png")
+        nuclei.visible, mask.visible = was
+        _show_roi_slice(viewer, widget, "qsm_midbrain")
     full = probabilities_record(result.prediction.probabilities)
     widget.results.roi_checks["nm_sn"].setChecked(False)
     shot("napari_masked.png")
