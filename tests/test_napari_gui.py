@@ -28,14 +28,17 @@ guard_triton()  # before any torch import under Xvfb's software OpenGL (see napa
 RUN_TIMEOUT_MS = 120_000
 
 
-def make_tiny_bundle(root: Path, folds: int = 2) -> Path:
-    """A randomly initialised cpu-tiny MRN bundle (config.json, bundle.json, fold_k weights)."""
+def make_tiny_bundle(root: Path, folds: int = 2, arch: str = "mrn") -> Path:
+    """A randomly initialised cpu-tiny bundle (config.json, bundle.json, fold_k weights) of an
+    MRN, or with ``arch="seres10"`` of the SE-ResNet baseline."""
     import torch
 
     from mrn_engine import get_preset
     from mrn_engine.models import build_model, save_model
 
     cfg = get_preset("cpu-tiny")
+    if arch != "mrn":
+        cfg = cfg.replace(model={"arch": arch})
     for k in range(folds):
         torch.manual_seed(100 + k)
         save_model(build_model(cfg), root / f"fold_{k}" / "model.safetensors", cfg)
@@ -578,3 +581,25 @@ def test_unusable_bundle_is_a_message_naming_the_folder(panel, qtbot, tmp_path):
     assert text.startswith(str(not_a_bundle)) and "not a model bundle" in text, text
     assert widget.session.result is None and widget.run_button.isEnabled()
     assert not any(w.isEnabled() for w in result_controls(widget))
+
+
+def test_baseline_bundle_runs_without_evidence(panel, qtbot, tmp_path):
+    from napari_mrn._result import NO_EVIDENCE, UNCALIBRATED
+
+    viewer, widget = panel
+    viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
+    widget.set_bundle(make_tiny_bundle(tmp_path / "seres", arch="seres10"))
+    widget.model.device_combo.setCurrentText("cpu")
+    assert widget.run() is not None
+    wait_done(qtbot, widget)
+    assert widget.session.result is not None, widget.status.text()
+    assert widget.session.evidence is None
+    assert "MRN evidence" not in viewer.layers and "MRN NM evidence" not in viewer.layers
+    assert widget.results.evidence_note.text() == NO_EVIDENCE
+    assert widget.results.evidence_note.isVisibleTo(widget)
+    assert widget.results.evidence_plot.bars == {}
+    assert widget.results.calibration_label.text() == UNCALIBRATED
+    flag = widget.session.uncertainty
+    assert ("uncertain" if flag.uncertain else "confident") in widget.results.flag_label.text()
+    widget.results.roi_checks["nm_sn"].setChecked(False)  # masking works, still no evidence
+    assert widget.session.probabilities.masked == {"nm_sn"} and widget.session.evidence is None

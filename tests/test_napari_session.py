@@ -278,3 +278,18 @@ def test_calibrated_bundle_shows_raw_and_calibrated(
     assert result.predictor.calibrate(session.raw_probabilities) == masked
     assert masked == result.predictor.masked_prediction(result.prediction, {"qsm_dentate"})
     assert session.evidence.p_pd == pytest.approx(masked.p_pd, abs=1e-5)
+
+
+def test_baseline_without_slice_tokens_shows_no_evidence(case_folder, tmp_path, one_torch_thread):
+    from mrn_engine.inference.uncertainty import assess
+
+    seres = make_tiny_bundle(tmp_path / "seres", arch="seres10")
+    session = Session()
+    result = session.run(load_case(case_folder), PredictorKey(seres, "cpu"))
+    assert type(result.predictor.model).__name__ == "SERes10"
+    assert result.prediction.slice_tokens is None and result.evidence is None
+    session.accept(result)
+    assert session.evidence is None and session.uncertainty is not None
+    shown = session.set_masked({"nm_sn"})  # masking still works; evidence stays None
+    assert session.evidence is None and shown.masked == {"nm_sn"}
+    assert session.uncertainty == assess(shown.p_pd, shown.p_pd_folds)
