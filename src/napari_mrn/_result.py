@@ -149,8 +149,8 @@ class ResultWidget(QWidget):
         evidence = QGroupBox("Per-slice evidence (red: towards PD, blue: towards HC)", self)
         elay = QVBoxLayout(evidence)
         self.evidence_plot = SliceEvidencePlot(evidence)
-        self.evidence_plot.setMinimumHeight(160)
-        self.evidence_plot.setMaximumHeight(180)
+        self.evidence_plot.setMinimumHeight(130)  # small: the P(PD) chart keeps its room
+        self.evidence_plot.setMaximumHeight(140)
         elay.addWidget(self.evidence_plot)
         self.evidence_note = QLabel("")
         self.evidence_note.setWordWrap(True)

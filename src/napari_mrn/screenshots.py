@@ -1,6 +1,6 @@
 """Make the user guide's screenshots: the viewer + MRN panel after a run on a sample case.
 
-Run (needs a display; on a server wrap it in ``xvfb-run -a -s "-screen 0 1920x1200x24"``)::
+Run (needs a display; on a server wrap it in ``xvfb-run -a -s "-screen 0 1920x1400x24"``)::
 
     python -m napari_mrn.screenshots --bundle mrn_demo/bundle --out docs/img
 
@@ -69,7 +69,7 @@ def make_screenshots(
     device: str = "auto",
     folds: int = 0,
     tta: bool = False,
-    size: tuple[int, int] = (1700, 1050),
+    size: tuple[int, int] = (1700, 1320),  # the panel with the evidence plot fits unclipped
     timeout: float = 600.0,
 ) -> dict:
     """Open a sample case, run the panel with ``bundle`` and save the screenshots into ``out``."""
