@@ -4,7 +4,8 @@
 
 Writes ``napari_evidence.png`` (QSM + evidence overlay + slice plot, all ROIs) and
 ``napari_evidence_masked.png`` (NM-SN toggled off: its evidence is gone, the rest recomputed).
-The panel wiring (``_widget.py``) is the integrator's; this puts the same pieces in a viewer.
+The MRN panel shows the same (``python -m napari_mrn.screenshots``: napari_panel_evidence.png);
+this puts the engine pieces in a plain viewer.
 """
 
 from __future__ import annotations
