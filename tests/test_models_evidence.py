@@ -10,7 +10,11 @@ from mrn_engine.config import get_preset
 from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import InputDataError
 from mrn_engine.models import build_model
-from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
+from mrn_engine.models.evidence import (
+    capture_slice_tokens,
+    slice_evidence,
+    supports_slice_evidence,
+)
 
 SLICES = {"nm_sn": 3, "qsm_bg": 4, "qsm_midbrain": 2, "qsm_dentate": 3}
 
@@ -109,6 +113,13 @@ def test_evidence_with_masked_roi_follows_the_toggle():
     torch.testing.assert_close(ev.p_without["nm_sn"][:, 1], ref, atol=1e-5, rtol=0)
     unmasked = slice_evidence(model, store)
     assert not torch.allclose(unmasked.evidence["nm_sn"], ev.evidence["nm_sn"])
+    # given empty tokens (a predictor's masking cache) are used instead of model.empty_token
+    with torch.no_grad():
+        empty = {"qsm_bg": model.empty_token("qsm_bg", 1).clone()}
+    given = slice_evidence(model, store, masked={"qsm_bg"}, empty=empty)
+    torch.testing.assert_close(given.evidence["nm_sn"], ev.evidence["nm_sn"], atol=1e-7, rtol=0)
+    other = slice_evidence(model, store, masked={"qsm_bg"}, empty={"qsm_bg": empty["qsm_bg"] + 1})
+    assert not torch.allclose(other.p_full, ev.p_full)  # the given token is the one used
 
 
 def test_attention_is_the_roi_token_softmax_row():
@@ -141,6 +152,7 @@ def test_mean_pooling_ablation_and_unsupported_models():
         ref = torch.softmax(model.head(model.patient(toks)), dim=-1)[:, 1]
     torch.testing.assert_close(ev.p_without["qsm_bg"][:, 0], ref, atol=1e-6, rtol=0)
     _, base = tiny_model(dinov2_only=True)
+    assert supports_slice_evidence(model) and not supports_slice_evidence(base)
     with pytest.raises(InputDataError, match="slice tokens"):
         slice_evidence(base, store)
     with pytest.raises(InputDataError, match="unknown masked"):
