@@ -324,7 +324,22 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     word = "uncertain" if flag.uncertain else "confident"
     assert word in widget.results.flag_label.text()
     assert widget.results.flag_label.text() == uncertainty_text(flag)
-    assert "|P(PD) - 0.5|" in widget.results.flag_label.text() or flag.uncertain
+    from qtpy.QtGui import QTextDocument
+
+    def plain(html: str) -> str:
+        doc = QTextDocument()
+        doc.setHtml(html)
+        return doc.toPlainText()
+
+    shown_flag = plain(widget.results.flag_label.text())
+    assert shown_flag.startswith(word)
+    if not flag.uncertain:  # every check, passed
+        assert f"|P(PD) - 0.5| = {flag.distance:.3f} ≥ 0.10" in shown_flag
+        assert f"fold std {flag.fold_spread:.3f} ≤ 0.15" in shown_flag
+    if "near-threshold" in flag.reasons:  # the failed checks only, with the limit
+        assert f"|P(PD) - 0.5| = {flag.distance:.3f} < 0.10" in shown_flag
+    if "fold-spread" in flag.reasons:
+        assert f"fold std {flag.fold_spread:.3f} > 0.15" in shown_flag
     assert widget.results.calibration_label.text() == UNCALIBRATED
     assert "mrn calibrate" in UNCALIBRATED
     from napari_mrn._result import calibration_text
@@ -603,3 +618,32 @@ def test_baseline_bundle_runs_without_evidence(panel, qtbot, tmp_path):
     assert ("uncertain" if flag.uncertain else "confident") in widget.results.flag_label.text()
     widget.results.roi_checks["nm_sn"].setChecked(False)  # masking works, still no evidence
     assert widget.session.probabilities.masked == {"nm_sn"} and widget.session.evidence is None
+
+
+def test_uncertainty_text_names_the_failed_checks_with_their_limits():
+    from qtpy.QtGui import QTextDocument
+
+    from mrn_engine.inference.uncertainty import assess
+    from napari_mrn._result import calibration_text, uncertainty_text
+
+    def plain(html: str) -> str:
+        doc = QTextDocument()
+        doc.setHtml(html)
+        return doc.toPlainText()
+
+    sure = assess(0.9, [0.88, 0.92], [0.02, 0.01])
+    assert plain(uncertainty_text(sure)) == (
+        "confident: |P(PD) - 0.5| = 0.400 \u2265 0.10; fold std 0.020 \u2264 0.15;"
+        " mirror spread 0.020 \u2264 0.10"
+    )
+    unsure = assess(0.55, [0.2, 0.9], [0.3, 0.01])
+    assert plain(uncertainty_text(unsure)) == (
+        "uncertain (near-threshold, fold-spread, tta-spread): |P(PD) - 0.5| = 0.050 < 0.10;"
+        " fold std 0.350 > 0.15; mirror spread 0.300 > 0.10"
+    )
+    spread_only = assess(0.9, [0.6, 1.0])
+    assert plain(uncertainty_text(spread_only)) == (
+        "uncertain (fold-spread): fold std 0.200 > 0.15"
+    )
+    assert calibration_text(True, None) == "P(PD) calibrated"
+    assert "run `mrn calibrate BUNDLE`" in calibration_text(False, 0.3)

@@ -34,23 +34,23 @@ NO_EVIDENCE = "No per-slice evidence: the model has no MRN slice tokens (baselin
 
 
 def uncertainty_text(u: Uncertainty) -> str:
-    """The flag and the rule's numbers behind it (``inference.uncertainty``)."""
+    """The flag and the rule's numbers behind it (``inference.uncertainty``), as rich text."""
     checks = [
         (
             "near-threshold",
             f"|P(PD) - {THRESHOLD:g}| = {u.distance:.3f}",
-            "<" if u.distance < MARGIN else "&ge;",
+            "&lt;" if u.distance < MARGIN else "&ge;",
             MARGIN,
         ),
         (
             "fold-spread",
             f"fold std {u.fold_spread:.3f}",
-            ">" if u.fold_spread > FOLD_SPREAD else "&le;",
+            "&gt;" if u.fold_spread > FOLD_SPREAD else "&le;",
             FOLD_SPREAD,
         ),
     ]
     if u.tta_spread is not None:
-        sign = ">" if u.tta_spread > TTA_SPREAD else "&le;"
+        sign = "&gt;" if u.tta_spread > TTA_SPREAD else "&le;"
         checks.append(("tta-spread", f"mirror spread {u.tta_spread:.3f}", sign, TTA_SPREAD))
     shown = [c for c in checks if c[0] in u.reasons] if u.uncertain else checks
     detail = "; ".join(f"{what} {sign} {limit:.2f}" for _, what, sign, limit in shown)
