@@ -58,10 +58,10 @@ def test_disk_full_leaves_no_half_submission(bundle, cases_dir, tmp_path, monkey
 
 def test_non_finite_probability_is_a_case_error(bundle, cases_dir):
     predictor = MRNPredictor.from_bundle(bundle, device="cpu")
-    for v in predictor.fold_states[0].values():  # corrupt after the load-time check
+    for v in predictor.ensemble.fold_states[0].values():  # corrupt after the load-time check
         if v.is_floating_point():
             v.fill_(float("nan"))
-    predictor._loaded = None
+    predictor.ensemble._loaded = None  # the next forward swaps the corrupted weights in
     with pytest.raises(NonFiniteOutputError, match=r"RJPD_001: .*non-finite logit/probability"):
         predictor.predict_case(load_case(cases_dir / "RJPD_001"))
 

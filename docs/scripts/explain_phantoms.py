@@ -25,10 +25,10 @@ import numpy as np
 def main(bundle: str, heldout: str, out: str) -> None:
     import torch
 
-    from mrn_engine.inference.uncertainty import assess_prediction, confidence_summary
     from mrn_engine.data import discover_cases, find_labels, load_case
     from mrn_engine.inference import MRNPredictor
     from mrn_engine.inference.evidence import case_evidence
+    from mrn_engine.inference.uncertainty import assess_prediction, confidence_summary
     from mrn_engine.training.calibration import (
         brier_score,
         calibrate_bundle,
