@@ -99,7 +99,7 @@ def main() -> None:
     from mrn_engine.phantom import generate_cohort
     from mrn_engine.training.cv import train_bundle
 
-    warnings.filterwarnings("ignore", message=".*look like ppb.*", category=MRNWarning)
+    warnings.filterwarnings("ignore", message=".*QSM unit unclear.*", category=MRNWarning)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

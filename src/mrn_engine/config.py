@@ -49,7 +49,9 @@ class RoiConfig:
     intensity: str = "reference"
     nm_cnr_window: tuple[float, float] = (-5.0, 45.0)  #: NM CNR mapped to 0..255
     qsm_window_ppm: tuple[float, float] = (-0.1, 0.3)  #: QSM ppm mapped to 0..255
-    qsm_unit: str = "auto"  #: "auto" (ppb detected, converted, warned), "ppm" or "ppb"
+    qsm_unit: str = (
+        "auto"  #: "auto" (ppb detected and converted; warns when unclear), "ppm" or "ppb"
+    )
 
     #: allowed ``slice_policy`` values (a class constant, not a field)
     SLICE_POLICIES = ("pad", "resample")

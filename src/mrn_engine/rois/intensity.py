@@ -38,6 +38,9 @@ MAX_PERCENTILE_VOXELS = 2_000_000
 #: is taken to be in ppb: in ppm the brain's 99th percentile is ~0.1-0.2 (iron-rich nuclei
 #: ~0.2, veins up to ~0.5), in ppb ~100-200; 3 leaves a factor >10 either side
 QSM_PPB_THRESHOLD = 3.0
+#: above the threshold but below this, the unit is a guess (neither a ppm nor a ppb brain):
+#: converted as ppb, with a warning naming the file
+QSM_PPB_CLEAR = 20.0
 #: reference shell around the SN: inner and outer distance (mm)
 REF_SHELL_MM = (1.5, 5.0)
 #: fewest reference voxels accepted
@@ -105,8 +108,11 @@ def qsm_spread(array: np.ndarray) -> float:
 def qsm_to_ppm_factor(array: np.ndarray, unit: str = "auto", source: str = "QSM") -> float:
     """Factor that brings a QSM volume to ppm: 1 (ppm) or 1e-3 (ppb).
 
-    ``unit="auto"`` decides from :func:`qsm_spread` and warns (``MRNWarning``, naming
-    ``source``) when the volume looks like ppb and is converted.
+    ``unit="auto"`` decides from :func:`qsm_spread`: a ppb volume (the challenge's own unit)
+    is converted silently; a spread that looks like neither unit (between
+    :data:`QSM_PPB_THRESHOLD` and :data:`QSM_PPB_CLEAR`) is converted as ppb with an
+    ``MRNWarning`` naming ``source``. ``mrn cases --stats`` flags a case whose unit differs
+    from the rest of its cohort.
     """
     if unit == "ppm":
         return 1.0
@@ -116,13 +122,15 @@ def qsm_to_ppm_factor(array: np.ndarray, unit: str = "auto", source: str = "QSM"
         raise InputDataError(f"{source}: unknown QSM unit {unit!r} (auto, ppm or ppb)")
     spread = qsm_spread(array)
     if spread > QSM_PPB_THRESHOLD:
-        warnings.warn(
-            f"{source}: QSM values look like ppb (99th percentile of |QSM| in the brain "
-            f"= {spread:.3g}, ppm data stay below {QSM_PPB_THRESHOLD:g}); converted to ppm "
-            f"(x 0.001). Set roi.qsm_unit to 'ppb' or 'ppm' to silence this.",
-            MRNWarning,
-            stacklevel=3,
-        )
+        if spread < QSM_PPB_CLEAR:
+            warnings.warn(
+                f"{source}: QSM unit unclear (99th percentile of |QSM| in the brain = "
+                f"{spread:.3g}: ppm data stay below {QSM_PPB_THRESHOLD:g}, ppb data are above "
+                f"{QSM_PPB_CLEAR:g}); taken as ppb and converted to ppm (x 0.001). Check the "
+                "file, or set roi.qsm_unit to 'ppb' or 'ppm'.",
+                MRNWarning,
+                stacklevel=3,
+            )
         return 1e-3
     return 1.0
 
