@@ -63,7 +63,7 @@ class CasePrediction:
     boxes: ROI name -> ``CropBox`` in source voxels.
     label: the truth if the case carried one.
     seg_source: ``"dpt"`` (model segmentation) or ``"input-masks"`` (model without DPT: the
-        masks used for cropping, restricted to the ROIs).
+        masks used for cropping, restricted to the ROIs) or ``"none"`` (``nuclei=False``).
     mask_source: where the cropping masks came from (``"case"``, ``"given"``, ``"segmenter"``).
     nm_mask, qsm_mask: ``(X, Y, Z)`` uint8 masks the ROIs were cropped with when they came from
         the segmenter (nnU-Net), else None (the user's own masks are not copied).
@@ -336,6 +336,7 @@ class MRNPredictor:
         zero_rois: Iterable[str] = (),
         warm_masking: bool = False,
         keep_slice_tokens: bool = False,
+        nuclei: bool = True,
     ) -> CasePrediction:
         """Predict one case with every fold (and TTA if on).
 
@@ -350,6 +351,8 @@ class MRNPredictor:
             only (what an interactive viewer wants).
         keep_slice_tokens: also keep each fold's SFA inputs (``CasePrediction.slice_tokens``)
             for per-slice evidence (MRN only).
+        nuclei: False = diagnosis only: the DPT segmentation head is skipped (same P(PD));
+            ``nuclei`` / ``nm_nuclei`` are empty and ``seg_source`` is ``"none"``.
 
         Raises
         ------
@@ -374,7 +377,7 @@ class MRNPredictor:
         seg_mean: dict[str, torch.Tensor] = {}
         capture = capture_slice_tokens(self.model) if keep_slice_tokens else nullcontext({})
         with capture as store:
-            for i, out in enumerate(self.ensemble.run(images, masks)):
+            for i, out in enumerate(self.ensemble.run(images, masks, with_seg=nuclei)):
                 if kept is not None:  # this fold's SFA inputs, caught by the forward hook
                     kept.append({n: t.float().cpu() for n, t in store.items()})
                 if len(out.p_views) == 2:
@@ -390,7 +393,12 @@ class MRNPredictor:
                         (i + 2) / steps, f"{case.case_id}: fold {out.fold} P(PD)={out.p_pd:.3f}"
                     )
 
-        seg_source, nuclei, nm_nuclei = _segmentation(case, crops, seg_mean)
+        if nuclei:
+            seg_source, qsm_labels, nm_labels = _segmentation(case, crops, seg_mean)
+        else:
+            seg_source = "none"
+            qsm_labels = np.zeros(volume_array(case.qsm).shape, np.uint8)
+            nm_labels = np.zeros(volume_array(case.nm).shape, np.uint8)
         check_finite_probabilities(case.case_id, self.folds, p_folds)
         raw = Probabilities.from_folds(self.folds, p_folds)
         probs = self.calibrate(raw)
@@ -401,8 +409,8 @@ class MRNPredictor:
             case_id=case.case_id,
             probabilities=probs,
             roi_tokens=tokens,
-            nuclei=nuclei,
-            nm_nuclei=nm_nuclei,
+            nuclei=qsm_labels,
+            nm_nuclei=nm_labels,
             boxes={n: crops[n].box for n in ROI_NAMES},
             label=getattr(case, "label", None),
             seg_source=seg_source,

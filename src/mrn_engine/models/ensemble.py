@@ -137,12 +137,20 @@ class FoldEnsemble:
         return (mirror_views(x) if self.tta else x).to(self.device)
 
     def forward(
-        self, images: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+        self,
+        images: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+        *,
+        with_seg: bool = True,
     ) -> FoldOutput:
-        """The loaded fold on one case; inputs ``(1, S, H, W)`` per ROI (views added here)."""
+        """The loaded fold on one case; inputs ``(1, S, H, W)`` per ROI (views added here).
+
+        ``with_seg=False``: diagnosis only, the model's segmentation head is skipped.
+        """
         x = {n: self.views(t) for n, t in images.items()}
         m = None if masks is None else {n: self.views(t) for n, t in masks.items()}
-        out = self.step(lambda i: self.model(i) if m is None else self.model(i, m), x)
+        kw = {} if with_seg else {"with_seg": False}  # stand-in models know only the default
+        out = self.step(lambda i: self.model(i, **kw) if m is None else self.model(i, m, **kw), x)
         tokens = {k: v.detach().float().cpu() for k, v in (out.roi_tokens or {}).items()}
         seg = None
         if getattr(out, "seg_logits", None):
@@ -161,9 +169,13 @@ class FoldEnsemble:
         )
 
     def run(
-        self, images: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+        self,
+        images: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+        *,
+        with_seg: bool = True,
     ) -> Iterator[FoldOutput]:
         """:meth:`forward` with every fold, in fold order."""
         for k in self.folds:
             self.load(k)
-            yield self.forward(images, masks)
+            yield self.forward(images, masks, with_seg=with_seg)

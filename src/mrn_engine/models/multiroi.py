@@ -65,10 +65,18 @@ class MultiRoiClassifier(nn.Module):
 
     # -- public API ------------------------------------------------------------------------
     def forward(
-        self, rois: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+        self,
+        rois: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+        *,
+        with_seg: bool = True,
     ) -> MRNOutput:
-        """``rois[name]``: (B, S, H, W) in [0, 255]; ``masks`` only for SERes10 (merged classes)."""
-        tokens, seg = self._encode(self.check_rois(rois), masks, True)
+        """``rois[name]``: (B, S, H, W) in [0, 255]; ``masks`` only for SERes10 (merged classes).
+
+        ``with_seg=False`` skips the DPT segmentation head (diagnosis only): the logits and ROI
+        tokens are the same, ``seg_logits`` is None.
+        """
+        tokens, seg = self._encode(self.check_rois(rois), masks, with_seg)
         patient = self.patient(tokens)
         return MRNOutput(
             logits=self.head(patient), roi_tokens=tokens, seg_logits=seg, patient=patient
