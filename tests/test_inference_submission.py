@@ -307,3 +307,21 @@ def test_seres10_baseline_gets_masks_and_supports_masking(tmp_path):
     masked = predictor.masked_prediction(pred, {"nm_sn"})
     zeroed = predictor.predict_case(case, zero_rois={"nm_sn"})  # image and mask input zeroed
     assert masked.p_pd_folds == pytest.approx(zeroed.p_pd_folds, abs=1e-5)
+
+
+def test_predict_cli_no_nuclei_gives_the_same_calls_without_masks(bundle, cases_dir, tmp_path):
+    def run(out, *extra):
+        args = ["predict", str(cases_dir), "--model", str(bundle), "--out", str(out)]
+        res = CliRunner().invoke(cli, [*args, "--device", "cpu", "--quiet", *extra])
+        assert res.exit_code == 3, res.output  # RJPD_003 is broken in both runs
+        return {r["case_id"]: r for r in csv.DictReader(open(out / "probabilities.csv"))}
+
+    full, fast = run(tmp_path / "full"), run(tmp_path / "fast", "--no-nuclei")
+    for cid in ("RJPD_001", "RJPD_002"):
+        assert float(fast[cid]["p_pd"]) == pytest.approx(float(full[cid]["p_pd"]), abs=1e-6)
+        assert fast[cid]["call"] == full[cid]["call"]
+        assert sorted(p.name for p in (tmp_path / "fast" / cid).iterdir()) == ["PD_pred.txt"]
+        assert (tmp_path / "full" / cid / "QSM_pred.nii.gz").is_file()
+        assert (tmp_path / "fast" / cid / "PD_pred.txt").read_bytes() == (
+            tmp_path / "full" / cid / "PD_pred.txt"
+        ).read_bytes()

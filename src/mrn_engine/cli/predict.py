@@ -117,6 +117,12 @@ EXIT_FAILED = 2
     is_flag=True,
     help=f"Exit 0 when some cases failed but others were predicted (default: exit {EXIT_PARTIAL}).",
 )
+@click.option(
+    "--no-nuclei",
+    is_flag=True,
+    help="Diagnosis only: skip the DPT segmentation head (same P(PD), faster); "
+    "no NM_pred/QSM_pred files.",
+)
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -127,6 +133,7 @@ def predict_cmd(
     ignore_masks: bool,
     quiet: bool,
     allow_partial: bool,
+    no_nuclei: bool,
 ) -> None:
     """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR.
 
@@ -136,7 +143,7 @@ def predict_cmd(
     predictor = build_predictor(model, folds, tta, device, ignore_masks)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
-    result = predictor.predict_cases(cases_dir, out, progress=not quiet)
+    result = predictor.predict_cases(cases_dir, out, progress=not quiet, nuclei=not no_nuclei)
     click.echo(f"{result.n_ok} case(s) predicted -> {out}")
     if result.errors:
         for e in result.errors:

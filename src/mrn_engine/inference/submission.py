@@ -86,7 +86,8 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
     """Write one case's ``NM_pred.nii.gz``, ``QSM_pred.nii.gz`` and ``PD_pred.txt``.
 
     The folder ``out_dir/<case_id>`` is built under a temporary name and renamed into place,
-    replacing an older prediction of the same case (never an input folder).
+    replacing an older prediction of the same case (never an input folder). A diagnosis-only
+    prediction (``seg_source == "none"``) writes ``PD_pred.txt`` alone.
     """
     out_dir = Path(out_dir)
     target = out_dir / pred.case_id
@@ -98,8 +99,9 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(make_temp_dir(out_dir, prefix=f".{pred.case_id}.", suffix=".tmp"))
     try:
-        save_volume(case.nm.like(pred.nm_nuclei.astype("uint8"), kind="mask"), tmp / NM_PRED)
-        save_volume(case.qsm.like(pred.nuclei.astype("uint8"), kind="mask"), tmp / QSM_PRED)
+        if pred.seg_source != "none":
+            save_volume(case.nm.like(pred.nm_nuclei.astype("uint8"), kind="mask"), tmp / NM_PRED)
+            save_volume(case.qsm.like(pred.nuclei.astype("uint8"), kind="mask"), tmp / QSM_PRED)
         write_pd_pred(tmp, pred.call)
         old = None
         if target.exists():
@@ -122,6 +124,7 @@ def iter_predictions(
     only: set[str] | None = None,
     progress: bool = True,
     on_case: Callable[[str, int, int], None] | None = None,
+    nuclei: bool = True,
 ) -> Iterator[tuple[Any, Any, str | None]]:
     """Load and predict every case under ``cases_dir``.
 
@@ -129,6 +132,7 @@ def iter_predictions(
     ------
     ``(case, prediction, None)`` or ``(case_files, None, error message)`` per case; an input
     problem with one case never stops the others. ``only`` restricts to those case ids.
+    ``nuclei=False``: diagnosis only (``predict_case(nuclei=False)``, no DPT head).
     """
     files = discover_cases(cases_dir)
     if only is not None:
@@ -142,7 +146,7 @@ def iter_predictions(
         bar.set_postfix_str(cf.case_id)
         try:
             case = load_case(cf, label=(labels or {}).get(cf.case_id))
-            pred = predictor.predict_case(case)
+            pred = predictor.predict_case(case, **({} if nuclei else {"nuclei": False}))
         except (MRNError, OSError, ValueError) as e:
             msg = str(e) if isinstance(e, MRNError) else f"{type(e).__name__}: {e}"
             if not msg.startswith(cf.case_id):
@@ -164,6 +168,7 @@ def predict_cases(
     *,
     progress: bool = True,
     on_case: Callable[[str, int, int], None] | None = None,
+    nuclei: bool = True,
 ) -> SubmissionResult:
     """Predict every case under ``cases_dir`` and write the submission to ``out_dir``.
 
@@ -174,6 +179,7 @@ def predict_cases(
     out_dir: output folder (neither ``cases_dir`` nor inside it).
     progress: tqdm bar.
     on_case: ``callback(case_id, index, total)`` before each case (GUI progress).
+    nuclei: False = diagnosis only: no DPT head, no NM_pred/QSM_pred files.
     """
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     if out_dir.resolve() == cases_dir.resolve():
@@ -186,7 +192,9 @@ def predict_cases(
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(make_temp_dir(out_dir, prefix=".mrn-predict-", suffix=STAGE_SUFFIX))
     try:
-        result = _predict_into(predictor, cases_dir, stage, progress=progress, on_case=on_case)
+        result = _predict_into(
+            predictor, cases_dir, stage, progress=progress, on_case=on_case, nuclei=nuclei
+        )
         publish_staged(stage, out_dir)
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
@@ -228,11 +236,12 @@ def _predict_into(
     *,
     progress: bool,
     on_case: Callable[[str, int, int], None] | None,
+    nuclei: bool = True,
 ) -> SubmissionResult:
     result = SubmissionResult(out_dir)
     folds = list(getattr(predictor, "folds", []))
     for case, pred, error in iter_predictions(
-        predictor, cases_dir, progress=progress, on_case=on_case
+        predictor, cases_dir, progress=progress, on_case=on_case, nuclei=nuclei
     ):
         if error is None:
             try:

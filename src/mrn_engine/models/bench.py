@@ -8,7 +8,8 @@ Measured, each as the median of ``repeats`` runs after one warm-up:
 - ``masking16``: the 16-subset ROI masking analysis = one forward + the four empty-ROI
   tokens (cache cleared each time: the first case) + 16 head passes, and its ratio to one
   forward; ``masking16_cached``: the same with the empty tokens cached (every later case);
-- ``flops``: GFLOP of ``forward`` and ``dinov2`` counted by ``torch.utils.flop_counter``
+- ``flops``: GFLOP of ``forward``, ``dinov2`` and the diagnosis-only forward (no DPT head)
+  counted by ``torch.utils.flop_counter``
   (load-independent ratio);
 - ``train_step``: one optimiser step at batch ``batch`` (train mode, mSupMoCo wrapper when
   ``use_moco``, full loss, backward, AdamW).
@@ -200,12 +201,20 @@ def bench_model(
             for masked in subsets:
                 model.classify_tokens(out.roi_tokens, masked)
 
+    def diagnosis() -> None:  # diagnosis only: the DPT segmentation head skipped
+        with torch.no_grad(), amp:
+            model(one["images"], masks, with_seg=False)
+
     if "flops" in parts:
         log("FLOP count ...")
         result["forward_GFLOP"] = _gflop(forward)
         if cfg.model.arch == "mrn":
             result["dinov2_GFLOP"] = _gflop(dinov2)
             result["forward_over_dinov2_flops"] = result["forward_GFLOP"] / result["dinov2_GFLOP"]
+            result["diagnosis_GFLOP"] = _gflop(diagnosis)
+            result["diagnosis_over_dinov2_flops"] = (
+                result["diagnosis_GFLOP"] / result["dinov2_GFLOP"]
+            )
 
     if "masking" in parts:
         log("16-subset masking analysis ...")
