@@ -205,3 +205,61 @@ def test_cli_seg_predict_with_crafted_bundle(evil_bundle, tmp_path):
     assert "Traceback" not in proc.stderr
     assert "checkpoint_final.pth: refused to load" in proc.stderr
     assert not marker.exists()
+
+
+def legit_checkpoint(path: Path) -> None:
+    """What nnU-Net's trainer saves: tensors plus numpy scalars, a torch.device, plain data."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shared = torch.ones(3)
+    torch.save(
+        {
+            "network_weights": {"encoder.w": shared, "decoder.encoder.w": shared},
+            "optimizer_state": {"state": {}, "param_groups": [{"lr": 0.01}]},
+            "grad_scaler_state": None,
+            "logging": {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float32(0.4)]},
+            "_best_ema": np.float64(0.4),
+            "current_epoch": 1,
+            "init_args": {"configuration": "3d_fullres", "fold": 0, "device": torch.device("cpu")},
+            "trainer_name": "nnUNetTrainerMRN",
+            "inference_allowed_mirroring_axes": (0, 1),
+        },
+        path,
+    )
+
+
+def test_mrn_seg_convert_makes_a_pickle_free_model(tmp_path):
+    from click.testing import CliRunner
+
+    from mrn_engine.cli import cli
+    from mrn_engine.segmentation.safe_model import load_fold, verify_hashes
+
+    src = tmp_path / "nnUNet_results" / "model"
+    legit_checkpoint(src / "fold_0" / "checkpoint_final.pth")
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        (src / name).write_text(json.dumps(PLANS if name == "plans.json" else {"labels": {}}))
+    res = CliRunner().invoke(
+        cli, ["seg", "convert", str(src), "--out", str(tmp_path / "b"), "--modality", "nm"]
+    )
+    assert res.exit_code == 0, res.output
+    d = tmp_path / "b" / "nnunet" / "NM"
+    assert not list(d.rglob("*.pth"))
+    verify_hashes(
+        d, ["plans.json", "dataset.json", "fold_0/model.safetensors", "fold_0/model.json"]
+    )
+    state, meta = load_fold(d, 0)
+    assert torch.equal(state["decoder.encoder.w"], torch.ones(3))
+    assert meta == {
+        "trainer_name": "nnUNetTrainerMRN",
+        "configuration": "3d_fullres",
+        "inference_allowed_mirroring_axes": [0, 1],
+    }
+    # a crafted checkpoint is refused by the converter too, and never runs
+    marker = tmp_path / "PWNED"
+    crafted_checkpoint(src / "fold_0" / "checkpoint_final.pth", marker)
+    res = CliRunner().invoke(
+        cli, ["seg", "convert", str(src), "--out", str(tmp_path / "c"), "--modality", "nm"]
+    )
+    assert res.exit_code != 0 and "refused to load" in str(res.exception)
+    assert not marker.exists() and not (tmp_path / "c" / "nnunet" / "NM").exists()
