@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from mrn_engine.badinput import cases as badinput_cases
 from mrn_engine.config import get_preset
 from mrn_engine.data import load_case
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
@@ -21,47 +19,9 @@ from mrn_engine.results import THRESHOLD
 from mrn_engine.rois import extract_rois
 
 # ---------------------------------------------------------------------------- shared helpers
-#: (y range, z range) of each structure type; right copy at x 18-25, left at x 38-45 (midline 32)
-_LAYOUT = {
-    1: ((30, 34), (14, 18)),
-    3: ((35, 39), (14, 18)),
-    5: ((40, 43), (14, 18)),
-    7: ((44, 49), (14, 18)),
-    9: ((20, 22), (8, 11)),
-    11: ((23, 26), (8, 11)),
-    13: ((27, 29), (8, 11)),
-    15: ((8, 13), (2, 6)),
-}
-
-
-def write_case(
-    folder: Path,
-    *,
-    seed: int = 0,
-    pd: int = 0,
-    masks: bool = True,
-    shape: tuple[int, int, int] = (64, 64, 24),
-) -> Path:
-    """A tiny co-registered case in the challenge layout (NM, QSM and optionally both masks)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    qmask = np.zeros(shape, np.uint8)
-    for right, ((y0, y1), (z0, z1)) in _LAYOUT.items():
-        qmask[18:25, y0:y1, z0:z1] = right
-        qmask[38:45, y0:y1, z0:z1] = right + 1
-    nmask = np.zeros(shape, np.uint8)
-    nmask[qmask == 11] = 1
-    nmask[qmask == 12] = 2
-    qsm = rng.normal(0, 10, shape) + 80.0 * (qmask > 0) + 40.0 * pd * np.isin(qmask, (11, 12))
-    nm = 6000 + rng.normal(0, 300, shape) + 14000.0 * (nmask > 0) * (1 - 0.3 * pd)
-    affine = np.diag([-0.8, 0.8, 2.0, 1.0])
-    affine[:3, 3] = (25.0, -25.0, -20.0)
-    for name, arr in (("QSM", qsm.astype(np.float32)), ("NM", nm.astype(np.float32))):
-        nib.save(nib.Nifti1Image(arr, affine), folder / f"{name}.nii.gz")
-    if masks:
-        nib.save(nib.Nifti1Image(qmask, affine), folder / "QSM_mask.nii.gz")
-        nib.save(nib.Nifti1Image(nmask, affine), folder / "NM_mask.nii.gz")
-    return folder
+#: a tiny co-registered case in the challenge layout (NM, QSM and optionally both masks); the
+#: same writer the bad-input corpus starts from
+write_case = badinput_cases.write_case
 
 
 class FakeMRN(nn.Module):

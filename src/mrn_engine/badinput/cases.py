@@ -58,12 +58,14 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None)
     return path
 
 
-def write_case(folder: Path, *, seed: int = 0, pd: int = 0, t1: bool = False) -> Path:
-    """A valid case folder (NM, QSM, both masks; T1 on request)."""
+def write_case(
+    folder: Path, *, seed: int = 0, pd: int = 0, t1: bool = False, masks: bool = True
+) -> Path:
+    """A valid case folder (NM, QSM; both masks unless ``masks=False``; T1 on request)."""
+    skip = ({"T1"} if not t1 else set()) | ({"NM_mask", "QSM_mask"} if not masks else set())
     for stem, arr in case_arrays(seed, pd).items():
-        if stem == "T1" and not t1:
-            continue
-        write_nifti(folder / f"{stem}.nii.gz", arr)
+        if stem not in skip:
+            write_nifti(folder / f"{stem}.nii.gz", arr)
     return folder
 
 
