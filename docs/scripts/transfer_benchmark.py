@@ -58,6 +58,49 @@ def _score(predictor, root: Path) -> dict:
     }
 
 
+def _split_geometry(geometry: Path, holdout: list[str], out: Path) -> tuple[Path, Path]:
+    """Two folders of links to the real subjects: the training ones and the held-out ones."""
+    subjects = sorted(p.name for p in geometry.iterdir() if p.is_dir())
+    missing = sorted(set(holdout) - set(subjects))
+    if missing or not holdout or len(holdout) >= len(subjects):
+        raise SystemExit(f"{geometry}: hold out some, not all, of {subjects} (asked {holdout})")
+    folders = (out / "geometry_train", out / "geometry_heldout")
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name in subjects:
+        link = folders[name in holdout] / name
+        if not link.exists():
+            link.symlink_to((geometry / name).resolve(), target_is_directory=True)
+    return folders
+
+
+def _merge_cohorts(sources: list[Path], dest: Path) -> Path:
+    """One labelled cohort of hard links to the cases of ``sources``, renumbered RJPD_000...
+
+    ``provenance.csv`` says where each case came from; inputs are never modified.
+    """
+    from mrn_engine.config import atomic_write_text
+    from mrn_engine.data import discover_cases, find_labels
+
+    if (dest / "train_cases.csv").is_file():
+        return dest
+    rows, prov = [], ["case_id,label,source"]
+    for src in sources:
+        labels = find_labels(src)
+        for files in discover_cases(src):
+            new = f"RJPD_{len(rows):03d}"
+            (dest / new).mkdir(parents=True, exist_ok=True)
+            for f in files.folder.iterdir():
+                target = dest / new / f.name
+                if not target.exists():
+                    target.hardlink_to(f)
+            rows.append(f"{new},{labels[files.case_id]}")
+            prov.append(f"{new},{labels[files.case_id]},{files.folder}")
+    atomic_write_text(dest / "provenance.csv", "\n".join(prov) + "\n")
+    atomic_write_text(dest / "train_cases.csv", "\n".join(rows) + "\n")  # written last
+    return dest
+
+
 def _wait_for(root: Path, hours: float = 2.0) -> None:
     """Wait until a cohort another process is writing is finished (its oracle.json exists)."""
     t0 = time.time()
@@ -79,6 +122,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--geometry", type=Path, default=DEFAULT_GEOMETRY)
     ap.add_argument("--intensity", choices=("reference", "percentile"), default="reference")
+    ap.add_argument(
+        "--train-geometry-cases",
+        type=int,
+        default=0,
+        help="also train on this many site-A phantoms on the real nuclei of the subjects not "
+        "held out (0: atlas nuclei only, the first benchmark)",
+    )
+    ap.add_argument(
+        "--train-geometry-root",
+        type=Path,
+        default=None,
+        help="an existing site-A cohort on the training subjects' real nuclei instead",
+    )
+    ap.add_argument(
+        "--holdout-subjects",
+        default="RJPD_006",
+        help="real subjects (comma-separated) kept for the C-real test only, never trained on",
+    )
     ap.add_argument("--train-root", type=Path, default=None, help="existing site-A cohort")
     ap.add_argument(
         "--score-only",
@@ -104,7 +165,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tests = {"A": ("A", None, 10_001), "B": ("B", None, 10_002)}
-    if args.geometry.is_dir():
+    train_geo = None
+    if args.geometry.is_dir() and args.train_geometry_cases:
+        train_geo, test_geo = _split_geometry(args.geometry, args.holdout_subjects.split(","), out)
+        tests["C-real"] = ("C", test_geo, 10_003)
+    elif args.geometry.is_dir():
         tests["C-real"] = ("C", args.geometry, 10_003)
     else:
         print(f"note: {args.geometry} absent: no real-geometry test cohort")
@@ -122,6 +187,20 @@ def main() -> None:
     elif train_root is None:
         train_root = out / "train_A"
         generate_cohort(train_root, n=args.train_cases, seed=args.seed, site="A", **gen)
+    if train_geo is not None and not args.score_only:
+        geo_root = args.train_geometry_root or out / "train_A_real_nuclei"
+        if args.train_geometry_root is None:
+            generate_cohort(
+                geo_root,
+                n=args.train_geometry_cases,
+                seed=args.seed + 100,
+                site="A",
+                geometry=train_geo,
+                **gen,
+            )
+        train_root = _merge_cohorts([train_root, geo_root], out / "train_A_mixed")
+    elif train_geo is not None:
+        train_root = out / "train_A_mixed"
     t_gen = time.perf_counter() - t0
     print(f"phantoms: {t_gen:.0f} s", flush=True)
 
@@ -155,7 +234,13 @@ def main() -> None:
     results = {name: _score(predictor, roots[name]) for name in tests}
     summary = {
         "intensity": args.intensity,
-        "train": {"site": "A", "root": str(train_root), "folds": args.folds},
+        "train": {
+            "site": "A",
+            "root": str(train_root),
+            "folds": args.folds,
+            "real_nuclei_cases": args.train_geometry_cases,
+            "heldout_subjects": args.holdout_subjects if train_geo is not None else None,
+        },
         "folds_scored": folds,
         "test_roots": {k: str(v) for k, v in roots.items()},
         "epochs": args.epochs,
