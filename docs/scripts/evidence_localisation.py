@@ -23,6 +23,10 @@ A stack slice stands for the source slices that paste-back maps to it. Measures 
 2. ``upper_half``: the top slice's effect amount (NM: sum of ``w``; QSM: SN voxels) is at least
    the median over the ROI's slices; chance: the share of slices at or above the median.
 3. ``spearman``: rank correlation of evidence and effect amount over the ROI's slices.
+4. position-only baselines: the hit share of "always take stack slice i" for each i (the ROI
+   boxes are centred on their nuclei, so a fixed middle slice may hit every time), and
+   ``centred_spearman``: the rank correlation of each case's deviation from the cohort's mean
+   evidence profile with its deviation from the mean effect profile (the case-specific part).
 
 ``--ig-steps N`` (N > 0, needs captum): integrated gradients (captum, all-zero baseline = an
 empty ROI, N steps, on the PD-HC logit, mean over folds) summed per slice, and its Spearman
@@ -114,6 +118,58 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def summarise(cases: list[dict], ig: bool) -> dict[str, dict]:
+    """The measures of the module docstring over the cases, per ROI."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    summary = {}
+    for roi in EFFECT_ROIS:
+        rs = [c["rois"][roi] for c in cases]
+        hits = np.array([r["hit"] for r in rs])
+        chance = np.array([r["chance"] for r in rs])
+        random_hits = (rng.random((10000, len(rs))) < chance).mean(axis=1)
+        rho = np.array([r["spearman"] for r in rs])
+        s = {
+            "n": len(rs),
+            "hit_share": float(hits.mean()),
+            "chance_share": float(chance.mean()),
+            "p_random": float((random_hits >= hits.mean()).mean()),
+            "cases_every_slice_holds": int((chance == 1.0).sum()),
+            "upper_half_share": float(np.mean([r["upper_half"] for r in rs])),
+            "upper_half_chance": float(np.mean([r["upper_half_chance"] for r in rs])),
+            "spearman_mean": float(np.nanmean(rho)),
+            "spearman_positive": int(np.sum(rho > 0)),
+            "spearman_defined": int(np.sum(~np.isnan(rho))),
+        }
+        same = len({len(r["evidence"]) for r in rs}) == 1
+        if same and rs:  # position-only baselines (every case's stack has the same slices)
+            holds = np.array([r["holds"] for r in rs], dtype=float)
+            ev = np.array([r["evidence"] for r in rs])
+            amount = np.array([r["amount"] for r in rs])
+            # "always take stack slice i": the best i needs no evidence at all
+            s["fixed_slice_hit_share"] = holds.mean(axis=0).round(4).tolist()
+            s["mean_profile_top_slice"] = int(np.argmax(ev.mean(axis=0)))
+            # case-specific part: each case's deviation from the cohort's mean profile
+            dev = [
+                spearmanr(e - ev.mean(0), m - amount.mean(0)).statistic
+                for e, m in zip(ev, amount, strict=True)
+            ]
+            s["centred_spearman_mean"] = float(np.nanmean(dev))
+            s["centred_spearman_positive"] = int(np.sum(np.asarray(dev) > 0))
+        if ig:
+            ig_rho = np.array([r["ig_vs_evidence_spearman"] for r in rs])
+            s.update(
+                ig_vs_evidence_spearman_mean=float(np.nanmean(ig_rho)),
+                ig_vs_evidence_spearman_median=float(np.nanmedian(ig_rho)),
+                ig_vs_evidence_positive=int(np.sum(ig_rho > 0)),
+                ig_hit_share=float(np.mean([r["ig_hit"] for r in rs])),
+                ig_spearman_amount_mean=float(np.nanmean([r["ig_spearman_amount"] for r in rs])),
+            )
+        summary[roi] = s
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
@@ -121,7 +177,16 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--ig-steps", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many PD cases (tests)")
+    ap.add_argument(
+        "--resummarise", action="store_true", help="recompute the summary of an existing OUT.json"
+    )
     a = ap.parse_args()
+    if a.resummarise:
+        result = json.loads(Path(a.out).read_text())
+        result["summary"] = summarise(result["cases"], result["ig_steps"] > 0)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["summary"], indent=2))
+        return
 
     import torch
 
@@ -180,36 +245,7 @@ def main() -> None:
         cases.append(row)
         print(cf.case_id, {k: (v["hit"], round(v["chance"], 2)) for k, v in row["rois"].items()})
 
-    rng = np.random.default_rng(0)
-    summary = {}
-    for roi in EFFECT_ROIS:
-        rs = [c["rois"][roi] for c in cases]
-        hits = np.array([r["hit"] for r in rs])
-        chance = np.array([r["chance"] for r in rs])
-        random_hits = (rng.random((10000, len(rs))) < chance).mean(axis=1)
-        rho = np.array([r["spearman"] for r in rs])
-        s = {
-            "n": len(rs),
-            "hit_share": float(hits.mean()),
-            "chance_share": float(chance.mean()),
-            "p_random": float((random_hits >= hits.mean()).mean()),
-            "cases_every_slice_holds": int((chance == 1.0).sum()),
-            "upper_half_share": float(np.mean([r["upper_half"] for r in rs])),
-            "upper_half_chance": float(np.mean([r["upper_half_chance"] for r in rs])),
-            "spearman_mean": float(np.nanmean(rho)),
-            "spearman_positive": int(np.sum(rho > 0)),
-            "spearman_defined": int(np.sum(~np.isnan(rho))),
-        }
-        if a.ig_steps > 0:
-            ig_rho = np.array([r["ig_vs_evidence_spearman"] for r in rs])
-            s.update(
-                ig_vs_evidence_spearman_mean=float(np.nanmean(ig_rho)),
-                ig_vs_evidence_spearman_median=float(np.nanmedian(ig_rho)),
-                ig_vs_evidence_positive=int(np.sum(ig_rho > 0)),
-                ig_hit_share=float(np.mean([r["ig_hit"] for r in rs])),
-                ig_spearman_amount_mean=float(np.nanmean([r["ig_spearman_amount"] for r in rs])),
-            )
-        summary[roi] = s
+    summary = summarise(cases, a.ig_steps > 0)
     result = {
         "bundle": a.bundle,
         "heldout": a.heldout,
