@@ -166,6 +166,15 @@ def summarise(cases: list[dict], ig: bool) -> dict[str, dict]:
                 ig_hit_share=float(np.mean([r["ig_hit"] for r in rs])),
                 ig_spearman_amount_mean=float(np.nanmean([r["ig_spearman_amount"] for r in rs])),
             )
+            if same and rs:  # agreement beyond the shared mean profiles
+                ig_all = np.array([r["ig"] for r in rs])
+                ev = np.array([r["evidence"] for r in rs])
+                dev = [
+                    spearmanr(g - ig_all.mean(0), e - ev.mean(0)).statistic
+                    for g, e in zip(ig_all, ev, strict=True)
+                ]
+                s["ig_vs_evidence_centred_spearman_mean"] = float(np.nanmean(dev))
+                s["ig_vs_evidence_centred_positive"] = int(np.sum(np.asarray(dev) > 0))
         summary[roi] = s
     return summary
 
