@@ -149,6 +149,7 @@ def test_cli_calibrate(tmp_path):
     res = CliRunner().invoke(cli, ["calibrate", str(root)])
     assert res.exit_code == 0, res.output
     assert "pooled cases" in res.output and "cross-fitted" in res.output and "15 bins" in res.output
+    assert "folds [0, 1]:" in res.output
     assert (root / "fold_0" / CALIBRATION_FILE).is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

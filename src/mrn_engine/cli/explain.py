@@ -35,8 +35,9 @@ def calibrate_cmd(bundle: Path, method: str) -> None:
             "platt": f"slope {1 / cal.temperature:.3f}, intercept {cal.intercept:.3f}",
             "isotonic": f"{len(cal.knots_x)} knots",
         }.get(cal.method, cal.note)
+        who = f"folds {sorted(cals)}" if cal.scope == "pooled" else f"fold {k}"
         click.echo(
-            f"fold {k}: {cal.method} ({what}) on {cal.n_cases} {cal.scope} cases; "
+            f"{who}: {cal.method} ({what}) on {cal.n_cases} {cal.scope} cases; "
             f"ECE ({cal.n_bins} bins) {cal.ece_before:.3f} -> {cal.ece_after:.3f}, "
             f"Brier {cal.brier_before:.3f} -> {cal.brier_after:.3f} (in-sample)"
         )
