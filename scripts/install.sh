@@ -100,7 +100,7 @@ python_ready || exit 1
 [[ $MODE == check ]] && exit 0
 
 # torch first, pinned (CPU or CUDA build: pip picks the default wheel for the platform), then the
-# package in editable mode with the GUI and test extras.
+# package in editable mode with the GUI, test and explain (captum) extras.
 run "$PYTHON" -m pip install -q torch==2.14.1 torchvision==0.29.1
 run "$PYTHON" -m pip install -q -e ".[all]"
 echo "Installed. Check the set-up with: mrn doctor"

@@ -34,7 +34,7 @@ def test_calibrated_bundle_before_after_and_uncertainty(tmp_path):
     run = make_run_dir(tmp_path / "run", n_val=12)
     for d in run.glob("fold_*"):
         (d / "model.safetensors").write_bytes(b"")
-    calibrate_bundle(run)
+    calibrate_bundle(run, "fold-temperature")
     rows = held_out_rows(12)
     text = write_report(run, tmp_path / "r.html", eval_predictions=rows).read_text()
     assert "Per-fold temperature scaling" in text and "fold 0: temperature" in text
@@ -63,3 +63,14 @@ def test_rows_of_a_calibrated_predictor_are_taken_as_they_are():
     ]
     _, y, raw, after = held_out_set(rows, {})
     assert raw.tolist() == [0.9, 0.05] and after.tolist() == [0.7, 0.2]
+
+
+def test_pooled_calibration_is_named_with_its_selection(tmp_path):
+    run = make_run_dir(tmp_path / "run", n_val=12)
+    for d in run.glob("fold_*"):
+        (d / "model.safetensors").write_bytes(b"")
+    cals = calibrate_bundle(run, "platt")
+    text = write_report(run, tmp_path / "r.html", eval_predictions=held_out_rows(12)).read_text()
+    assert "One Platt (slope" in text and "pooled oof.csv of folds [0, 1] (24 cases)" in text
+    assert f"identity {cals[0].selection['identity']['ece_crossfit']:.3f}" in text
+    assert "15 equal-width bins" in text and "Per-fold temperature" not in text

@@ -170,3 +170,30 @@ def test_cli_explain(tmp_path):
         cli, ["explain", str(root), "--model", str(bundle), "--out", str(root / "x"), "--quiet"]
     )
     assert res.exit_code != 0 and "outside the input" in str(res.exception or res.output)
+
+
+def test_evidence_summary_ranks_real_slices_and_skips_padding():
+    import numpy as np
+
+    from mrn_engine.data.labels import ROI_NAMES
+    from mrn_engine.inference.evidence import CaseEvidence
+
+    ev = {n: np.array([0.05, -0.02, 0.30, 0.01, -0.10]) for n in ROI_NAMES}
+    z = {n: np.array([7, 8, -1, 9, 10]) for n in ROI_NAMES}  # slice 2 is padding
+    case = CaseEvidence(
+        case_id="c",
+        masked=frozenset({ROI_NAMES[1]}),
+        p_pd=0.6,
+        p_without={n: 0.6 - e for n, e in ev.items()},
+        evidence=ev,
+        attention={n: np.full(5, 0.2) for n in ROI_NAMES},
+        source_z=z,
+    )
+    s = case.summary(k=2)
+    assert s["masked"] == [ROI_NAMES[1]] and s["p_pd"] == 0.6
+    top = s["rois"][ROI_NAMES[0]]["top_pd"]
+    assert [t["slice"] for t in top] == [0, 3]  # 0.30 sits on a padding slice: not listed
+    assert [t["source_z"] for t in top] == [7, 9]
+    assert top[0]["evidence"] == 0.05 and top[0]["p_without"] == 0.6 - 0.05
+    assert s["rois"][ROI_NAMES[0]]["top_hc"] == {"slice": 4, "source_z": 10, "evidence": -0.10}
+    assert s["rois"][ROI_NAMES[0]]["n_slices"] == 4

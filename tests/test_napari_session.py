@@ -194,6 +194,46 @@ def test_save_writes_the_cli_pd_pred_and_a_typed_record(ran, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["RJPD_900"]
 
 
+def test_saved_record_holds_the_uncertainty_flag_and_evidence_summary(ran, tmp_path):
+    from mrn_engine.inference.uncertainty import MARGIN, assess_prediction
+
+    session, result, _ = ran
+    session.accept(result)
+    assert result.evidence is not None  # an MRN bundle: slice evidence is computed in the run
+    session.set_masked({"qsm_bg"})
+    session.save(tmp_path)
+    record = json.loads((tmp_path / "RJPD_900" / "mrn_result.json").read_text())
+    full, shown = assess_prediction(result.prediction), session.uncertainty
+    u = record["uncertainty"]
+    assert u["prediction"]["uncertain"] == full.uncertain and u["prediction"]["label"] == full.label
+    assert u["prediction"]["reasons"] == list(full.reasons)
+    assert u["prediction"]["inputs"]["distance"] == pytest.approx(abs(result.prediction.p_pd - 0.5))
+    assert u["prediction"]["rule"]["margin"] == MARGIN
+    assert u["shown"]["inputs"]["fold_spread"] == pytest.approx(
+        float(np.std(session.probabilities.p_pd_folds))
+    )
+    assert u["shown"]["uncertain"] == shown.uncertain
+    assert record["calibration"]["calibrated"] is result.predictor.calibrated
+    ev = record["evidence"]
+    assert ev["prediction"]["masked"] == [] and ev["shown"]["masked"] == ["qsm_bg"]
+    assert ev["prediction"]["p_pd"] == pytest.approx(result.prediction.p_pd, abs=1e-5)
+    for roi, entry in ev["prediction"]["rois"].items():
+        deltas = [t["evidence"] for t in entry["top_pd"]]
+        z = result.evidence.source_z[roi]
+        values = result.evidence.evidence[roi][z >= 0]  # padding slices are not listed
+        assert deltas == sorted(deltas, reverse=True) and len(deltas) == min(3, len(values))
+        assert deltas[0] == pytest.approx(float(values.max()))
+        assert entry["top_pd"][0]["source_z"] == int(z[z >= 0][np.argmax(values)])
+        assert entry["top_hc"]["evidence"] == pytest.approx(float(values.min()))
+        assert entry["n_slices"] == len(values)
+    assert all(t["evidence"] == 0 for t in ev["shown"]["rois"]["qsm_bg"]["top_pd"])  # masked
+    shown_ev = session.evidence.evidence["nm_sn"][session.evidence.source_z["nm_sn"] >= 0]
+    assert ev["shown"]["rois"]["nm_sn"]["top_pd"][0]["evidence"] == pytest.approx(
+        float(shown_ev.max())
+    )
+    session.set_masked(())
+
+
 def test_save_refuses_the_input_folder_and_leaves_nothing_partial(
     ran, case_folder, tmp_path, monkeypatch
 ):

@@ -71,6 +71,16 @@ def test_bundle_layout(bundle, phantom_root):
         opt = torch.load(d / "optimizer.pt", weights_only=True)
         assert {g["name"] for g in opt["param_groups"]} >= {"backbone", "head"}
         assert (d / "checkpoints" / "last.json").is_file()
+    # the last fold refits one calibration map on the pooled out-of-fold cases (issue 15)
+    cals = [json.loads((out / f"fold_{k}" / "calibration.json").read_text()) for k in (0, 1)]
+    assert all(c["scope"] == "pooled" and c["n_cases"] == len(labels) for c in cals)
+    assert {c["method"] for c in cals} <= {"identity", "temperature", "platt", "isotonic"}
+    assert cals[0]["temperature"] == cals[1]["temperature"] and set(cals[0]["selection"]) == {
+        "identity",
+        "temperature",
+        "platt",
+        "isotonic",
+    }
 
 
 def test_bundle_opens_in_the_predictor(bundle):
@@ -95,7 +105,7 @@ def test_oof_equals_the_predictor_of_each_fold(bundle, phantom_root):
         predictor = MRNPredictor.from_bundle(out, device="cpu", folds=[k])
         for r in rows[:2]:
             pred = predictor.predict_case(load_case(files[r["case_id"]]))
-            assert pred.p_pd == pytest.approx(r["p_pd"], abs=1e-5), (k, r["case_id"])
+            assert pred.p_pd_raw == pytest.approx(r["p_pd"], abs=1e-5), (k, r["case_id"])
 
 
 def test_rerun_refuses_then_resume_keeps_finished_folds(bundle, phantom_root):

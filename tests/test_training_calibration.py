@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def write_bundle(root, n_folds=2, sharp=4.0):
 def test_calibrate_bundle_writes_provenance_and_loads(tmp_path):
     root = write_bundle(tmp_path / "bundle")
     assert load_calibrations(root, [0, 1]) == {}  # old bundle: uncalibrated
-    cals = calibrate_bundle(root)
+    cals = calibrate_bundle(root, "fold-temperature")
     assert sorted(cals) == [0, 1]
     data = json.loads((root / "fold_1" / CALIBRATION_FILE).read_text())
     assert data["method"] == "temperature" and data["n_cases"] == 60
@@ -142,10 +143,101 @@ def test_cli_calibrate(tmp_path):
     from mrn_engine.cli import cli
 
     root = write_bundle(tmp_path / "bundle")
+    res = CliRunner().invoke(cli, ["calibrate", str(root), "--method", "fold-temperature"])
+    assert res.exit_code == 0, res.output
+    assert "fold 0" in res.output and "fold 1" in res.output and "T =" in res.output
     res = CliRunner().invoke(cli, ["calibrate", str(root)])
     assert res.exit_code == 0, res.output
-    assert "fold 0" in res.output and "T =" in res.output
+    assert "pooled cases" in res.output and "cross-fitted" in res.output and "15 bins" in res.output
+    assert "folds [0, 1]:" in res.output
     assert (root / "fold_0" / CALIBRATION_FILE).is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(load_calibrations(root, [0, 1])) == [0, 1]
+
+
+def shifted_rows(n_folds: int, n: int, shift: float, seed: int) -> dict[int, list[dict]]:
+    """Out-of-fold rows of a model whose logit is the true one plus ``shift`` (a moved threshold)."""
+    rows = {}
+    for k in range(n_folds):
+        rng = np.random.default_rng(seed + k)
+        z = rng.normal(0.0, 1.5, n)
+        y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+        p = 1 / (1 + np.exp(-(z + shift)))
+        rows[k] = [{"label": int(a), "p_pd": float(b)} for a, b in zip(y, p, strict=True)]
+    return rows
+
+
+def test_pooled_platt_removes_a_shifted_threshold_temperature_cannot():
+    from mrn_engine.training.calibration_pooled import fit_pooled
+
+    rows = shifted_rows(3, 80, shift=1.5, seed=3)
+    rng = np.random.default_rng(77)  # held-out cases of the same model
+    z = rng.normal(0.0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    p = 1 / (1 + np.exp(-(z + 1.5)))
+    raw = expected_calibration_error(y, p)
+    platt = fit_pooled(rows, "platt")
+    temp = fit_pooled(rows, "temperature")
+    assert sorted(platt) == [0, 1, 2] and platt[0] == replace(platt[2], fold=0)  # one map
+    assert platt[1].scope == "pooled" and platt[1].n_cases == 240
+    assert platt[1].intercept == pytest.approx(-1.5, abs=0.5)
+    assert expected_calibration_error(y, platt[0].apply(p)) < raw / 3
+    assert expected_calibration_error(y, platt[0].apply(p)) < expected_calibration_error(
+        y, temp[0].apply(p)
+    )
+    auto = fit_pooled(rows, "auto")[0]
+    assert auto.method in ("platt", "isotonic") and "cross-fitted" in auto.note
+    sel = auto.selection
+    assert sel["platt"]["ece_crossfit"] < sel["identity"]["ece_crossfit"]
+
+
+def test_pooled_isotonic_round_trip_matches_sklearn(tmp_path):
+    from sklearn.isotonic import IsotonicRegression
+
+    from mrn_engine.training.calibration import write_calibration
+    from mrn_engine.training.calibration_pooled import fit_pooled
+
+    rows = shifted_rows(2, 50, shift=-1.0, seed=5)
+    cal = fit_pooled(rows, "isotonic")[1]
+    write_calibration(tmp_path, cal)
+    back = read_calibration(tmp_path)
+    assert back == cal and back.method == "isotonic" and len(back.knots_x) >= 2
+    y = [r["label"] for k in (0, 1) for r in rows[k]]
+    p = [r["p_pd"] for k in (0, 1) for r in rows[k]]
+    iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(p, y)
+    q = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(back.apply(q), iso.predict(q), atol=1e-12)
+    bad = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    bad["knots_y"] = bad["knots_y"][::-1]  # decreasing: not a calibration map
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(bad))
+    with pytest.raises(InputDataError, match="increasing"):
+        read_calibration(tmp_path)
+
+
+def test_legacy_calibration_file_loads(tmp_path):
+    legacy = {  # a file written before the pooled maps (no intercept / knots / scope)
+        "fold": 0, "method": "temperature", "temperature": 2.0, "n_cases": 24,
+        "fitted_on": "fold_0/oof.csv", "ece_before": 0.1, "ece_after": 0.05,
+        "brier_before": 0.2, "brier_after": 0.19, "note": "", "created": "2026-11-30T07:07:54+00:00",
+    }  # fmt: skip
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(legacy))
+    cal = read_calibration(tmp_path)
+    assert cal.scope == "fold" and cal.intercept == 0.0
+    assert float(cal.apply(0.8)) == pytest.approx(1 / (1 + np.exp(-np.log(4) / 2)))
+
+
+def test_pooled_errors_are_clear(tmp_path):
+    from mrn_engine.training.calibration_pooled import fit_pooled
+
+    with pytest.raises(InputDataError, match="no out-of-fold rows"):
+        fit_pooled({0: []})
+    one_class = {0: [{"label": 1, "p_pd": 0.7}] * 6}
+    with pytest.raises(InputDataError, match="cannot fit platt"):
+        fit_pooled(one_class, "platt")
+    auto = fit_pooled(one_class)[0]  # auto falls back to the identity, with the reason
+    assert auto.method == "identity"
+    root = write_bundle(tmp_path / "b")
+    (root / "fold_1" / "oof.csv").write_text("case_id,label,p_pd\nx,1,1.5\n")
+    with pytest.raises(InputDataError, match="not a probability"):
+        calibrate_bundle(root)

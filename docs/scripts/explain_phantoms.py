@@ -2,8 +2,9 @@
 
     python docs/scripts/explain_phantoms.py BUNDLE HELDOUT_ROOT OUT.json
 
-- calibration: ECE / Brier of the ensemble P(PD), raw vs per-fold temperature (the bundle's
-  ``calibration.json``; fitted with ``mrn calibrate`` first when absent);
+- calibration: ECE / Brier of the ensemble P(PD), raw vs the bundle's calibration
+  (``calibration.json``; fitted with ``mrn calibrate`` first when absent; see also
+  ``calibration_heldout.py``);
 - uncertainty: share flagged, accuracy on confident vs uncertain cases;
 - per-slice evidence: for the correctly classified PD cases, whether the top (most PD-ward)
   slice of the NM-SN ROI holds NM SN voxels, and the top slice of the QSM midbrain ROI holds

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from mrn_engine.config import atomic_write_text
 from mrn_engine.data import save_volume
 from mrn_engine.errors import InputDataError
-from mrn_engine.inference import write_pd_pred
+from mrn_engine.inference import CaseEvidence, write_pd_pred
+from mrn_engine.inference.uncertainty import Uncertainty, assess_prediction
 from mrn_engine.results import Probabilities
 from napari_mrn._outputs import OutputVolume
 
@@ -42,14 +43,40 @@ def probabilities_record(probs: Probabilities) -> dict[str, Any]:
     }
 
 
+def calibration_record(predictor: Any) -> dict[str, Any]:
+    """Whether P(PD) is calibrated, and with which map (``fold_k/calibration.json``)."""
+    cals = getattr(predictor, "calibration", None) or {}
+    first = next(iter(cals.values()), None)
+    return {
+        "calibrated": bool(cals),
+        "method": first.method if first is not None else None,
+        "scope": first.scope if first is not None else None,
+        "fitted_on": first.fitted_on if first is not None else None,
+    }
+
+
 def _result_record(
-    result: RunResult, shown: Probabilities, table: Sequence[Probabilities], files: list[str]
+    result: RunResult,
+    shown: Probabilities,
+    table: Sequence[Probabilities],
+    files: list[str],
+    uncertainty: Uncertainty | None,
+    evidence: CaseEvidence | None,
 ) -> dict[str, Any]:
     pred, key, bundle = result.prediction, result.key, result.predictor.bundle
     return {
         "case_id": pred.case_id,
         "prediction": probabilities_record(pred.probabilities),
         "shown": probabilities_record(shown),
+        "calibration": calibration_record(result.predictor),
+        "uncertainty": {
+            "prediction": assess_prediction(pred).record(),
+            "shown": uncertainty.record() if uncertainty is not None else None,
+        },
+        "evidence": {
+            "prediction": result.evidence.summary() if result.evidence is not None else None,
+            "shown": evidence.summary() if evidence is not None else None,
+        },
         "masking_table": [probabilities_record(p) for p in table],
         "boxes": {name: asdict(box) for name, box in pred.boxes.items()},
         "mask_source": pred.mask_source,
@@ -87,12 +114,16 @@ def save_result(
     shown: Probabilities,
     table: Sequence[Probabilities],
     outputs: Sequence[OutputVolume],
+    uncertainty: Uncertainty | None = None,
+    evidence: CaseEvidence | None = None,
 ) -> list[Path]:
     """Write ``folder/<case_id>/`` and return the files written (in their final place).
 
     ``PD_pred.txt`` is the full model's call, written by the engine's own writer (the same
     bytes as ``mrn predict``); ``mrn_result.json`` also records the shown (masked) P(PD),
-    the 16-subset table, the ROI boxes, the bundle and the run settings.
+    the 16-subset table, the calibration, the "uncertain" flag with the rule's inputs and the
+    per-slice evidence summary (full model and shown: ``uncertainty`` / ``evidence``), the ROI
+    boxes, the bundle and the run settings.
     """
     root = Path(folder)
     target = root / result.prediction.case_id
@@ -102,7 +133,8 @@ def save_result(
     try:
         names = [save_volume(o.volume, tmp / f"{o.file_stem}.nii.gz").name for o in outputs]
         names.append(write_pd_pred(tmp, result.prediction.probabilities.call).name)
-        record = _result_record(result, shown, table, [*names, RESULT_JSON])
+        files = [*names, RESULT_JSON]
+        record = _result_record(result, shown, table, files, uncertainty, evidence)
         atomic_write_text(tmp / RESULT_JSON, json.dumps(record, indent=2))
         names.append(RESULT_JSON)
         old = None

@@ -232,5 +232,11 @@ class Session:
         result = self._ready()
         shown = self._shown or result.prediction.probabilities
         return save_result(
-            folder, result, shown=shown, table=self.masking_table(), outputs=self.outputs()
+            folder,
+            result,
+            shown=shown,
+            table=self.masking_table(),
+            outputs=self.outputs(),
+            uncertainty=self.uncertainty,
+            evidence=self._evidence,
         )

@@ -1,8 +1,9 @@
 """The report's "Calibration and uncertainty" section.
 
 Reliability diagram (scikit-learn ``calibration_curve``) and ECE / Brier before and after the
-per-fold temperature (``training/calibration.py``), on the out-of-fold cases (in-sample for the
-temperature) and on held-out cases (honest); and the uncertainty rule's share flagged and
+bundle's calibration (``training/calibration.py``: a map fitted on the pooled out-of-fold cases,
+or older per-fold temperatures), on the out-of-fold cases (in-sample for the map) and on
+held-out cases (honest); and the uncertainty rule's share flagged and
 accuracy on confident vs uncertain cases (``analysis/uncertainty.py``).
 """
 
@@ -162,6 +163,17 @@ def uncertainty_rows(oof: CalSet | None, held_rows: Rows) -> list[dict[str, obje
     return out
 
 
+def map_text(c: Calibration) -> str:
+    """``"temperature (T = 1.74)"``, ``"platt (slope 0.6, intercept -0.06)"``, ..."""
+    if c.method == "temperature":
+        return f"temperature (T = {c.temperature:.3g})"
+    if c.method == "platt":
+        return f"Platt (slope {1 / c.temperature:.3g}, intercept {c.intercept:.3g})"
+    if c.method == "isotonic":
+        return f"isotonic ({len(c.knots_x)} knots)"
+    return "identity"
+
+
 def calibration_section(
     fold_dirs: Mapping[int, Path], oof: Mapping[int, Rows], held_rows: Rows
 ) -> tuple[str, Figure | None]:
@@ -174,7 +186,20 @@ def calibration_section(
     sets = [s for s in (o, h) if s is not None]
     if not sets:
         return "", None
-    if cals and len(cals) == len(fold_dirs):
+    if cals and len(cals) == len(fold_dirs) and next(iter(cals.values())).scope == "pooled":
+        c = next(iter(cals.values()))
+        note = (
+            f"One {html.escape(map_text(c))} map fitted on {html.escape(c.fitted_on)}, applied "
+            "to each fold model's P(PD); "
+            + html.escape(
+                "; ".join(
+                    f"{m} {r['ece_crossfit']:.3f}"
+                    for m, r in c.selection.items()
+                    if r.get("ece_crossfit") is not None
+                )
+            ).join(("cross-fitted out-of-fold ECE: ", "."))
+        )
+    elif cals and len(cals) == len(fold_dirs):
         temps = ", ".join(
             f"fold {k}: {c.method} T={c.temperature:.3g} (n={c.n_cases})"
             for k, c in sorted(cals.items())
@@ -187,8 +212,8 @@ def calibration_section(
     unc = uncertainty_rows(o, held_rows)
     body = (
         "<h2>Calibration and uncertainty</h2>"
-        f'<p class="muted">{note} ECE: 10 equal-width bins of P(PD) (torchmetrics); Brier: '
-        "scikit-learn. Out-of-fold figures are in-sample for the temperature; held-out ones are not.</p>"
+        f'<p class="muted">{note} ECE: {N_BINS} equal-width bins of P(PD) (torchmetrics); Brier: '
+        "scikit-learn. Out-of-fold figures are in-sample for the map; held-out ones are not.</p>"
         '<div class="figs">'
         + (_img(_png(fig), "reliability") if fig is not None else "")
         + _table(

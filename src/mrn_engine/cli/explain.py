@@ -1,4 +1,4 @@
-"""``mrn calibrate`` (per-fold temperature of an existing bundle) and ``mrn explain``
+"""``mrn calibrate`` (calibration of an existing bundle) and ``mrn explain``
 (per-slice evidence maps of case folders)."""
 
 from __future__ import annotations
@@ -12,20 +12,42 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
 
 @click.command("calibrate")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def calibrate_cmd(bundle: Path) -> None:
-    """Fit one temperature per fold on BUNDLE/fold_k/oof.csv and write fold_k/calibration.json.
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "identity", "temperature", "platt", "isotonic", "fold-temperature"]),
+    default="auto",
+    show_default=True,
+    help="Map fitted on the pooled out-of-fold predictions (auto: lowest cross-fitted ECE); "
+    "fold-temperature: one temperature per fold on its own cases (the older scheme).",
+)
+def calibrate_cmd(bundle: Path, method: str) -> None:
+    """Fit the calibration of P(PD) on BUNDLE/fold_k/oof.csv and write fold_k/calibration.json.
 
-    For bundles trained before calibration existed (``mrn train`` now does it at the end of
-    each fold). Refits and overwrites existing calibration files; weights are not touched.
+    ``mrn train`` does this when the last fold finishes; use it for older bundles or another
+    method. Refits and overwrites existing calibration files; weights are not touched.
     """
     from mrn_engine.training.calibration import calibrate_bundle
 
-    for k, cal in calibrate_bundle(bundle).items():
-        what = f"T = {cal.temperature:.3f}" if cal.method == "temperature" else cal.note
+    cals = calibrate_bundle(bundle, method)
+    for k, cal in cals.items():
+        what = {
+            "temperature": f"T = {cal.temperature:.3f}",
+            "platt": f"slope {1 / cal.temperature:.3f}, intercept {cal.intercept:.3f}",
+            "isotonic": f"{len(cal.knots_x)} knots",
+        }.get(cal.method, cal.note)
+        who = f"folds {sorted(cals)}" if cal.scope == "pooled" else f"fold {k}"
         click.echo(
-            f"fold {k}: {cal.method} ({what}) on {cal.n_cases} cases; "
-            f"ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f}, "
+            f"{who}: {cal.method} ({what}) on {cal.n_cases} {cal.scope} cases; "
+            f"ECE ({cal.n_bins} bins) {cal.ece_before:.3f} -> {cal.ece_after:.3f}, "
             f"Brier {cal.brier_before:.3f} -> {cal.brier_after:.3f} (in-sample)"
+        )
+        if cal.scope == "pooled":
+            break  # the same map for every fold
+    first = next(iter(cals.values()))
+    for m, row in first.selection.items():
+        click.echo(
+            f"  cross-fitted on the out-of-fold cases: {m:11s} ECE {row['ece_crossfit']:.3f}  "
+            f"Brier {row['brier_crossfit']:.3f}"
         )
 
 

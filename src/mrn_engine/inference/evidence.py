@@ -49,6 +49,45 @@ class CaseEvidence:
         """Source z of the slice with the largest PD-ward evidence of ``roi`` (-1 if padding)."""
         return int(self.source_z[roi][int(np.argmax(self.evidence[roi]))])
 
+    def top_slices(self, roi: str, k: int = 3) -> list[dict[str, float | int]]:
+        """The ``k`` most PD-ward slices of ``roi`` (largest evidence first; padding skipped)."""
+        ev, z = self.evidence[roi], self.source_z[roi]
+        order = [int(s) for s in np.argsort(-ev, kind="stable") if z[int(s)] >= 0][:k]
+        return [
+            {
+                "slice": s,
+                "source_z": int(z[s]),
+                "evidence": float(ev[s]),
+                "p_without": float(self.p_without[roi][s]),
+            }
+            for s in order
+        ]
+
+    def summary(self, k: int = 3) -> dict[str, object]:
+        """JSON form: P(PD), masked ROIs, per ROI the top-``k`` PD-ward slices with their deltas
+        and the most HC-ward slice."""
+        rois = {}
+        for n in ROI_NAMES:
+            real = np.nonzero(self.source_z[n] >= 0)[0]
+            low = int(real[np.argmin(self.evidence[n][real])]) if real.size else -1
+            rois[n] = {
+                "top_pd": self.top_slices(n, k),
+                "top_hc": None
+                if low < 0
+                else {
+                    "slice": low,
+                    "source_z": int(self.source_z[n][low]),
+                    "evidence": float(self.evidence[n][low]),
+                },
+                "n_slices": int(real.size),
+            }
+        return {
+            "p_pd": self.p_pd,
+            "masked": sorted(self.masked, key=ROI_NAMES.index),
+            "definition": "evidence = P(PD) - P(PD with the slice left out of SFA)",
+            "rois": rois,
+        }
+
     def rows(self) -> list[dict[str, object]]:
         """One row per ROI and slice, for CSV/JSON."""
         return [

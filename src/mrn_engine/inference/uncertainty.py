@@ -47,6 +47,25 @@ class Uncertainty:
         """``"uncertain (near-threshold, fold-spread)"`` or ``"confident"``."""
         return f"uncertain ({', '.join(self.reasons)})" if self.uncertain else "confident"
 
+    def record(self) -> dict[str, object]:
+        """JSON form: the flag, its reasons, the rule's inputs and the limits it used."""
+        return {
+            "uncertain": self.uncertain,
+            "label": self.label,
+            "reasons": list(self.reasons),
+            "inputs": {
+                "distance": self.distance,
+                "fold_spread": self.fold_spread,
+                "tta_spread": self.tta_spread,
+            },
+            "rule": {
+                "threshold": THRESHOLD,
+                "margin": MARGIN,
+                "fold_spread": FOLD_SPREAD,
+                "tta_spread": TTA_SPREAD,
+            },
+        }
+
 
 def assess(
     p_pd: float,

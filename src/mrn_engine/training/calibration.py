@@ -1,4 +1,9 @@
-"""Per-fold temperature scaling of P(PD), fitted on the fold's out-of-fold predictions.
+"""Calibration of P(PD): one map per fold, fitted on out-of-fold predictions.
+
+``mrn train`` / ``mrn calibrate`` fit **one map on the pooled out-of-fold predictions of all
+folds** (:mod:`mrn_engine.training.calibration_pooled`: identity, temperature, Platt or
+isotonic, chosen by cross-fitted ECE) and write it to every fold. The per-fold temperature
+below is the older scheme (still written at the end of each fold, and loadable):
 
 Each fold model's validation cases (``fold_k/oof.csv``, never used to train fold ``k``) give
 one temperature ``T_k``: the calibrated probability is ``sigmoid(logit(p) / T_k)`` (for the
@@ -8,7 +13,7 @@ by ``T``). ``1 / T`` is fitted by scikit-learn's ``LogisticRegression`` on the s
 out-of-fold set from driving ``T`` to 0 (it shrinks towards *less* confident, never more).
 
 ``fold_k/calibration.json`` records the method, ``T``, the number of cases, what it was fitted
-on, and ECE (torchmetrics ``BinaryCalibrationError``, 10 equal-width bins, L1) and Brier score
+on, and ECE (torchmetrics ``BinaryCalibrationError``, 15 equal-width bins, L1) and Brier score
 (scikit-learn) before/after on those cases (in-sample for ``T``: the held-out figures in
 ``mrn report`` are the honest ones). A fold whose cases hold one class only, or where the fit
 gives ``T <= 0``, gets the identity (``method = "identity"``) and the reason. A bundle without
@@ -35,8 +40,10 @@ from mrn_engine.errors import InputDataError, MRNWarning
 CALIBRATION_FILE = "calibration.json"
 #: probabilities are clipped to [EPS, 1 - EPS] before the logit
 EPS = 1e-6
-#: reliability bins (ECE and the reliability diagram)
-N_BINS = 10
+#: reliability bins (ECE and the reliability diagram; torchmetrics' default)
+N_BINS = 15
+#: the maps a calibration file may hold
+METHODS = ("identity", "temperature", "platt", "isotonic")
 #: temperatures are kept in this range
 T_RANGE = (0.05, 100.0)
 
@@ -97,10 +104,16 @@ def fit_temperature(y: Sequence[int], p: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class Calibration:
-    """One fold's calibration and its provenance (``fold_k/calibration.json``)."""
+    """One fold's calibration and its provenance (``fold_k/calibration.json``).
+
+    Maps: ``identity``; ``temperature``: ``sigmoid(logit(p) / T)``; ``platt``:
+    ``sigmoid(logit(p) / T + intercept)``; ``isotonic``: piecewise-linear through
+    ``(knots_x, knots_y)`` (scikit-learn's ``IsotonicRegression.predict``, clipped at the ends).
+    Files written before ``intercept`` / ``knots_*`` / ``scope`` existed load with the defaults.
+    """
 
     fold: int
-    method: str  #: "temperature" or "identity"
+    method: str  #: one of METHODS
     temperature: float
     n_cases: int
     fitted_on: str
@@ -112,12 +125,21 @@ class Calibration:
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
+    intercept: float = 0.0  #: platt only
+    knots_x: tuple[float, ...] = ()  #: isotonic only: raw P(PD), increasing
+    knots_y: tuple[float, ...] = ()  #: isotonic only: calibrated P(PD), non-decreasing
+    scope: str = "fold"  #: "fold" (this fold's cases) or "pooled" (all folds' cases)
+    n_bins: int = N_BINS  #: bins of the ECE figures
+    selection: dict[str, dict[str, float]] = field(default_factory=dict)  #: pooled: per method
 
     def apply(self, p: float | Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated P(PD) of raw P(PD) ``p`` (same shape)."""
         if self.method == "identity":
             return np.asarray(p, dtype=np.float64)
-        return 1.0 / (1.0 + np.exp(-logit(p) / self.temperature))
+        if self.method == "isotonic":
+            return np.interp(np.asarray(p, dtype=np.float64), self.knots_x, self.knots_y)
+        z = logit(p) / self.temperature + (self.intercept if self.method == "platt" else 0.0)
+        return 1.0 / (1.0 + np.exp(-z))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -168,13 +190,24 @@ def read_calibration(fold_dir: str | os.PathLike) -> Calibration | None:
         return None
     try:
         data = json.loads(path.read_text())
+        for key in ("knots_x", "knots_y"):
+            if key in data:
+                data[key] = tuple(float(v) for v in data[key])
         cal = Calibration(**data)
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise InputDataError(f"{path}: not a calibration record ({e})") from e
-    if cal.method not in ("temperature", "identity") or not cal.temperature > 0:
+    if cal.method not in METHODS or not cal.temperature > 0:
         raise InputDataError(
             f"{path}: unknown method {cal.method!r} or temperature {cal.temperature}"
         )
+    x, y = np.asarray(cal.knots_x), np.asarray(cal.knots_y)
+    if cal.method == "isotonic" and (
+        len(x) < 2
+        or len(x) != len(y)
+        or not (np.all(np.diff(x) > 0) and np.all(np.diff(y) >= 0))
+        or not (np.all(np.isfinite(y)) and 0 <= y.min() and y.max() <= 1)
+    ):
+        raise InputDataError(f"{path}: isotonic knots must be increasing, with values in [0, 1]")
     return cal
 
 
@@ -216,15 +249,15 @@ def read_oof_rows(path: str | os.PathLike) -> list[dict[str, object]]:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         return [
-            {"case_id": r["case_id"], "label": int(r["label"]), "p_pd": float(r["p_pd"])}
+            {"case_id": r["case_id"], "label": int(r["label"]), "p_pd": _probability(r["p_pd"])}
             for r in rows
         ]
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise InputDataError(f"{path}: not an out-of-fold table case_id,label,p_pd ({e})") from e
 
 
-def calibrate_bundle(root: str | os.PathLike) -> dict[int, Calibration]:
-    """Fit and write ``calibration.json`` for every fold of the bundle (each needs ``oof.csv``)."""
+def bundle_fold_dirs(root: str | os.PathLike) -> dict[int, Path]:
+    """Fold index -> ``fold_k`` folder of every fold with weights (clear error if none)."""
     root = Path(root)
     folds = {
         int(d.name[5:]): d
@@ -236,8 +269,33 @@ def calibrate_bundle(root: str | os.PathLike) -> dict[int, Calibration]:
     missing = sorted(k for k, d in folds.items() if not (d / "oof.csv").is_file())
     if missing:
         raise InputDataError(f"{root}: fold(s) {missing} have no oof.csv to calibrate on")
+    return dict(sorted(folds.items()))
+
+
+def _probability(text: str) -> float:
+    p = float(text)
+    if not 0.0 <= p <= 1.0:  # also NaN
+        raise ValueError(f"p_pd {text!r} is not a probability")
+    return p
+
+
+def calibrate_bundle(root: str | os.PathLike, method: str = "auto") -> dict[int, Calibration]:
+    """Fit and write ``calibration.json`` for every fold of the bundle (each needs ``oof.csv``).
+
+    ``method``: ``auto`` / ``identity`` / ``temperature`` / ``platt`` / ``isotonic`` fit one
+    map on the pooled out-of-fold rows (``calibration_pooled``); ``fold-temperature`` fits one
+    temperature per fold on that fold's rows (the older scheme).
+    """
+    folds = bundle_fold_dirs(root)
     rows = {k: read_oof_rows(d / "oof.csv") for k, d in folds.items()}  # all read before writing
-    return {k: calibrate_fold_dir(folds[k], rows[k], k) for k in sorted(folds)}
+    if method == "fold-temperature":
+        return {k: calibrate_fold_dir(folds[k], rows[k], k) for k in sorted(folds)}
+    from mrn_engine.training.calibration_pooled import fit_pooled
+
+    cals = fit_pooled(rows, method)
+    for k, cal in cals.items():
+        write_calibration(folds[k], cal)
+    return cals
 
 
 def apply_folds(

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from mrn_engine.bundle import DONE_FILE, create_bundle, fold_dir, update_bundle_weights
 from mrn_engine.config import RunConfig
 from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, find_labels
-from mrn_engine.errors import ConfigError, InputDataError
+from mrn_engine.errors import ConfigError, InputDataError, MRNWarning
 from mrn_engine.rois import RoiCache
 from mrn_engine.runtime import seed_everything
 from mrn_engine.training.augment import RoiAugmenter
@@ -230,4 +230,17 @@ def train_bundle(
                 )
             )
     update_bundle_weights(out)
+    _calibrate_when_complete(out, cfg.train.folds)
     return results
+
+
+def _calibrate_when_complete(out: Path, n_folds: int) -> None:
+    """Once every fold is done, refit the calibration on the pooled out-of-fold predictions
+    (``training/calibration_pooled.py``; replaces the per-fold temperatures)."""
+    from mrn_engine.training.calibration import calibrate_bundle
+
+    if all((fold_dir(out, k) / DONE_FILE).is_file() for k in range(n_folds)):
+        try:
+            calibrate_bundle(out)
+        except InputDataError as e:  # e.g. no out-of-fold cases: the per-fold files stay
+            warnings.warn(f"{out}: pooled calibration not fitted: {e}", MRNWarning, stacklevel=2)

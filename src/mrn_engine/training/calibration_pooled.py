@@ -1,0 +1,189 @@
+"""One calibration map for the whole ensemble, fitted on the pooled out-of-fold predictions.
+
+Each fold's ``oof.csv`` holds the cases that fold never trained on; pooled over the folds they
+cover the labelled cohort once. Candidate maps of raw P(PD) (scikit-learn):
+
+- ``identity``: no change;
+- ``temperature``: ``sigmoid(logit(p) / T)`` (``LogisticRegression`` on ``logit(p)``, no
+  intercept, C = 1);
+- ``platt``: ``sigmoid(a logit(p) + b)`` (``LogisticRegression`` with intercept, C = 1): also
+  moves the threshold;
+- ``isotonic``: ``IsotonicRegression`` (monotone, piecewise linear, clipped to [0, 1]).
+
+``auto`` picks the candidate with the lowest **cross-fitted** ECE over the folds (the map for
+fold ``k``'s rows is fitted on the other folds' rows; ties: Brier) and then fits it on all
+rows. Only out-of-fold predictions are used: held-out cases never choose or fit anything.
+The same map is written to every fold and applied to each fold model's P(PD) (the domain it
+was fitted on: single-fold predictions); the ensemble P(PD) is the mean of those.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mrn_engine.errors import InputDataError
+from mrn_engine.training.calibration import (
+    N_BINS,
+    T_RANGE,
+    Calibration,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    logit,
+)
+
+#: the maps ``auto`` chooses from, in the order used to break exact ties
+CANDIDATES = ("identity", "temperature", "platt", "isotonic")
+
+Rows = Sequence[Mapping[str, object]]
+
+
+def _check_classes(y: np.ndarray) -> None:
+    n_hc, n_pd = int((y == 0).sum()), int((y == 1).sum())
+    if len(y) < 4 or min(n_hc, n_pd) < 2:
+        raise ValueError(f"needs >= 2 cases of each class, has {n_hc} HC / {n_pd} PD")
+
+
+def fit_map(method: str, y: Sequence[int], p: Sequence[float]) -> Calibration:
+    """The map ``method`` fitted on ``(y, p)`` (provenance fields left empty).
+
+    Raises
+    ------
+    ValueError: too few cases of a class, or a fit that is not increasing in ``p``.
+    """
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y, dtype=np.int64)
+    p = np.asarray(p, dtype=np.float64)
+    blank = dict(fold=-1, n_cases=len(y), fitted_on="", ece_before=math.nan)
+    blank.update(ece_after=math.nan, brier_before=math.nan, brier_after=math.nan)
+    if method == "identity":
+        return Calibration(method="identity", temperature=1.0, **blank)
+    _check_classes(y)
+    if method == "temperature":
+        return Calibration(method="temperature", temperature=fit_temperature(y, p), **blank)
+    if method == "platt":
+        lr = LogisticRegression(C=1.0).fit(logit(p)[:, None], y)
+        slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        if slope <= 0:
+            raise ValueError(f"fitted slope {slope:.3g} <= 0: P(PD) does not increase with p")
+        t = float(np.clip(1.0 / slope, *T_RANGE))
+        return Calibration(method="platt", temperature=t, intercept=intercept, **blank)
+    if method == "isotonic":
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+        kx, ky = np.asarray(iso.X_thresholds_), np.asarray(iso.y_thresholds_)
+        if len(kx) < 2:
+            raise ValueError("isotonic fit is a single point")
+        return Calibration(
+            method="isotonic",
+            temperature=1.0,
+            knots_x=tuple(float(v) for v in kx),
+            knots_y=tuple(float(v) for v in ky),
+            **blank,
+        )
+    raise ValueError(f"unknown calibration method {method!r}; choose from {CANDIDATES}")
+
+
+def fit_or_identity(method: str, y: Sequence[int], p: Sequence[float]) -> Calibration:
+    """:func:`fit_map`, or the identity where the map cannot be fitted (what ``auto`` does)."""
+    try:
+        return fit_map(method, y, p)
+    except ValueError:
+        return fit_map("identity", y, p)
+
+
+def cross_fitted(method: str, y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """P(PD) of each row through ``method`` fitted on the rows of the *other* groups (folds);
+    a split where the map cannot be fitted keeps the raw P(PD), as the final fit would."""
+    out = np.empty_like(p, dtype=np.float64)
+    for g in np.unique(groups):
+        sel = groups == g
+        out[sel] = fit_or_identity(method, y[~sel], p[~sel]).apply(p[sel])
+    return out
+
+
+def _pooled_arrays(rows: Mapping[int, Rows]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y, p, g = [], [], []
+    for k, fold_rows in sorted(rows.items()):
+        for r in fold_rows:
+            y.append(int(r["label"]))  # type: ignore[arg-type]
+            p.append(float(r["p_pd"]))  # type: ignore[arg-type]
+            g.append(k)
+    return np.asarray(y, np.int64), np.asarray(p, np.float64), np.asarray(g, np.int64)
+
+
+def selection_table(rows: Mapping[int, Rows]) -> dict[str, dict[str, float | None]]:
+    """Per candidate: cross-fitted ECE and Brier on the pooled rows."""
+    y, p, g = _pooled_arrays(rows)
+    table: dict[str, dict[str, float | None]] = {}
+    for method in CANDIDATES:
+        q = cross_fitted(method, y, p, g)
+        table[method] = {
+            "ece_crossfit": expected_calibration_error(y, q),
+            "brier_crossfit": brier_score(y, q),
+        }
+    return table
+
+
+def choose(table: Mapping[str, Mapping[str, float | None]]) -> str:
+    """The candidate with the lowest cross-fitted ECE (then Brier, then CANDIDATES order)."""
+    ok = [m for m in CANDIDATES if table.get(m, {}).get("ece_crossfit") is not None]
+    key: Callable[[str], tuple[float, float, int]] = lambda m: (  # noqa: E731
+        round(float(table[m]["ece_crossfit"]), 12),  # type: ignore[arg-type]
+        float(table[m]["brier_crossfit"]),  # type: ignore[arg-type]
+        CANDIDATES.index(m),
+    )
+    return min(ok, key=key) if ok else "identity"
+
+
+def fit_pooled(rows: Mapping[int, Rows], method: str = "auto") -> dict[int, Calibration]:
+    """One map fitted on the out-of-fold rows of all folds, as each fold's :class:`Calibration`.
+
+    Raises
+    ------
+    InputDataError: no rows, or an explicit ``method`` that cannot be fitted on them.
+    """
+    y, p, _ = _pooled_arrays(rows)
+    if len(y) == 0:
+        raise InputDataError("no out-of-fold rows to calibrate on")
+    if method != "auto" and method not in CANDIDATES:
+        raise InputDataError(f"unknown calibration method {method!r}; choose from {CANDIDATES}")
+    table = selection_table(rows)
+    chosen = choose(table) if method == "auto" else method
+    note = f"chosen by cross-fitted ECE over {len(rows)} folds" if method == "auto" else ""
+    try:
+        fitted = fit_map(chosen, y, p)
+    except ValueError as e:
+        if method != "auto":
+            raise InputDataError(f"cannot fit {method} calibration: {e}") from e
+        fitted, note = fit_map("identity", y, p), f"not fitted: {e}"
+    after = fitted.apply(p)
+    folds = sorted(rows)
+    provenance = dict(
+        n_cases=len(y),
+        fitted_on=f"pooled oof.csv of folds {folds} ({len(y)} cases)",
+        ece_before=expected_calibration_error(y, p),
+        ece_after=expected_calibration_error(y, after),
+        brier_before=brier_score(y, p),
+        brier_after=brier_score(y, after),
+        note=note,
+        scope="pooled",
+        n_bins=N_BINS,
+        selection=table,
+    )
+    return {
+        k: Calibration(
+            fold=k,
+            method=fitted.method,
+            temperature=fitted.temperature,
+            intercept=fitted.intercept,
+            knots_x=fitted.knots_x,
+            knots_y=fitted.knots_y,
+            **provenance,  # type: ignore[arg-type]
+        )
+        for k in folds
+    }
