@@ -173,7 +173,7 @@ def predict_cmd(
     Exit status: 0 all cases predicted; 3 some cases failed (0 with --allow-partial);
     2 no case predicted or an error that stopped the run.
     """
-    from mrn_engine.inference.cohort import default_workers, parse_shard
+    from mrn_engine.inference.cohort import parse_shard
     from mrn_engine.inference.timing import format_summary
 
     chosen = parse_shard(shard)  # bad syntax fails before the bundle is read
@@ -185,7 +185,7 @@ def predict_cmd(
         out,
         progress=not quiet,
         nuclei=not no_nuclei,
-        workers=default_workers() if workers is None else workers,
+        workers=workers,
         shard=chosen,
         overwrite=overwrite,
     )
