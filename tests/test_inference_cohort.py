@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mrn_engine.badinput.cases import write_bundle, write_case
@@ -285,3 +286,27 @@ def test_cases_needing_the_segmenter_are_prepared_in_the_main_process(bundle, ca
     direct = p.predict_case(load_case(cases / "RJPD_003"))
     row = {r["case_id"]: r for r in result.rows}["RJPD_003"]
     assert row["mask_source"] == "segmenter" and row["p_pd"] == direct.p_pd
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_worker_items_equal_in_process_items(predictor, cases, monkeypatch, shared):
+    import numpy as np
+
+    import mrn_engine.inference.cohort as cohort
+    from mrn_engine.data import discover_cases
+
+    monkeypatch.setattr(cohort, "shared_memory_ok", lambda: shared)
+    files = [f for f in discover_cases(cases) if f.case_id in ("RJPD_002", "RJPD_004")]
+    stream = cohort.CaseStream(files, predictor.config.roi)
+    here, there = list(cohort.stream_cases(stream, 0)), list(cohort.stream_cases(stream, 1))
+    assert [i.error for i in there] == [i.error for i in here]
+    assert here[1].error.startswith("RJPD_004: ") and here[0].error is None
+    a, b = here[0], there[0]
+    assert type(b.case.nm.array) is np.ndarray and b.case.t1 is None
+    for k in ("nm", "qsm", "nm_mask", "qsm_mask"):
+        x, y = getattr(a.case, k).array, getattr(b.case, k).array
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    assert b.prepared.case is b.case and b.prepared.mask_source == "case"
+    for name, x in a.prepared.images.items():
+        assert torch.equal(x, b.prepared.images[name])
+    assert set(b.prepared.timings) == {"read", "masks", "crop"}

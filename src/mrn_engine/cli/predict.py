@@ -189,7 +189,7 @@ def predict_cmd(
         shard=chosen,
         overwrite=overwrite,
     )
-    done = f" ({len(result.skipped)} already done, skipped)" if result.skipped else ""
+    done = f" ({len(result.skipped)} by an earlier run, skipped)" if result.skipped else ""
     click.echo(f"{result.n_ok} case(s) predicted{done} -> {out}")
     click.echo(format_summary(result.timing))
     if result.errors:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +169,20 @@ def _one_thread(_: int) -> None:
 
 
 # The arrays of a case cross from a worker as torch tensors: DataLoader moves those through
-# shared memory instead of pickling ~100 MB per case through a pipe.
+# shared memory instead of pickling ~100 MB per case through a pipe. Docker's default
+# /dev/shm is 64 MB, too small for a few cases in flight: there the arrays are pickled.
+#: /dev/shm free space below which volumes are pickled instead of shared
+MIN_SHARED_MEMORY = 2 << 30
+
+
+def shared_memory_ok(path: str = "/dev/shm") -> bool:
+    """Whether ``path`` (POSIX shared memory) has room for several cases in flight."""
+    try:
+        return shutil.disk_usage(path).free >= MIN_SHARED_MEMORY
+    except OSError:
+        return False
+
+
 def _volume_out(v: Volume | None) -> Any:
     if v is None or not (v.array.flags.writeable and v.array.dtype.isnative):
         return v  # torch takes neither read-only nor byte-swapped arrays: pickle those
@@ -229,7 +243,7 @@ def stream_cases(stream: CaseStream, workers: int = 0) -> Iterator[LoadedCase]:
         yield from (stream[i] for i in range(len(stream)))
         return
     loader = DataLoader(
-        _SharedMemoryStream(stream),
+        _SharedMemoryStream(stream) if shared_memory_ok() else stream,
         batch_size=None,
         shuffle=False,
         num_workers=min(workers, len(stream)),
@@ -239,3 +253,58 @@ def stream_cases(stream: CaseStream, workers: int = 0) -> Iterator[LoadedCase]:
     )
     for item in loader:
         yield _restore(item)
+
+
+def _predict_item(predictor: Any, item: LoadedCase, nuclei: bool) -> tuple[Any, str | None]:
+    """``(prediction, None)`` or ``(None, error)`` for one streamed case."""
+    if item.error is not None:
+        return None, item.error
+    try:
+        prepared = item.prepared
+        if prepared is None:  # needs the segmenter: prepared here, in the main process
+            prepared = predictor.prepare(item.case)
+            prepared.timings = {**item.timings, **prepared.timings}
+        return predictor.predict_prepared(prepared, nuclei=nuclei), None
+    except CASE_ERRORS as e:
+        return None, case_error(item.files.case_id, e)
+
+
+def stream_predictions(
+    predictor: Any,
+    files: list[CaseFiles],
+    *,
+    labels: dict[str, int] | None = None,
+    workers: int = 0,
+    nuclei: bool = True,
+    on_case: Callable[[str, int, int], None] | None = None,
+    bar: Any = None,
+) -> Iterator[tuple[LoadedCase, Any, str | None]]:
+    """``(item, prediction, None)`` or ``(item, None, error)`` per case, in ``files`` order.
+
+    ``predictor``: an ``MRNPredictor`` (``prepare`` / ``predict_prepared``). Reading and ROI
+    cropping run ``workers`` cases ahead in DataLoader workers (0 = in this process).
+    ``pred.timings`` gets ``wait``: how long the model loop waited for the case (workers > 0).
+    """
+    stream = CaseStream(
+        files,
+        predictor.config.roi,
+        ignore_masks=bool(getattr(predictor.masks, "ignore_masks", False)),
+        needs_masks=bool(getattr(predictor.model, "needs_masks", False)),
+        labels=labels,
+    )
+    items = stream_cases(stream, workers)
+    for i in range(len(files)):
+        waited: dict[str, float] = {}
+        with timed(waited, "wait"):
+            item = next(items)
+        cid = item.files.case_id
+        if on_case:
+            on_case(cid, i, len(files))
+        if bar is not None:
+            bar.set_postfix_str(cid)
+        pred, error = _predict_item(predictor, item, nuclei)
+        if error is not None and bar is not None:
+            bar.write(f"skipped {error}")
+        if pred is not None and workers > 0:
+            pred.timings["wait"] = waited["wait"]
+        yield item, pred, error

@@ -35,14 +35,10 @@ from mrn_engine.data.tables import write_csv, write_json
 from mrn_engine.errors import ConfigError, InputDataError, MRNError
 from mrn_engine.fileio import make_temp_dir
 from mrn_engine.inference.cohort import (
-    CASE_ERRORS,
-    CaseStream,
-    LoadedCase,
     Shard,
-    case_error,
     default_workers,
     parse_shard,
-    stream_cases,
+    stream_predictions,
 )
 from mrn_engine.inference.manifest import (
     MANIFEST,
@@ -155,61 +151,6 @@ def write_case_outputs(pred: Any, case: Any, out_dir: str | os.PathLike) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _predict_item(predictor: Any, item: LoadedCase, nuclei: bool) -> tuple[Any, str | None]:
-    """``(prediction, None)`` or ``(None, error)`` for one streamed case."""
-    if item.error is not None:
-        return None, item.error
-    try:
-        prepared = item.prepared
-        if prepared is None:  # needs the segmenter: prepared here, in the main process
-            prepared = predictor.prepare(item.case)
-            prepared.timings = {**item.timings, **prepared.timings}
-        return predictor.predict_prepared(prepared, nuclei=nuclei), None
-    except CASE_ERRORS as e:
-        return None, case_error(item.files.case_id, e)
-
-
-def stream_predictions(
-    predictor: Any,
-    files: list[CaseFiles],
-    *,
-    labels: dict[str, int] | None = None,
-    workers: int = 0,
-    nuclei: bool = True,
-    on_case: Callable[[str, int, int], None] | None = None,
-    bar: Any = None,
-) -> Iterator[tuple[LoadedCase, Any, str | None]]:
-    """``(item, prediction, None)`` or ``(item, None, error)`` per case, in ``files`` order.
-
-    ``predictor``: an ``MRNPredictor`` (``prepare`` / ``predict_prepared``). Reading and ROI
-    cropping run ``workers`` cases ahead in DataLoader workers (0 = in this process).
-    ``pred.timings`` gets ``wait``: how long the model loop waited for the case (workers > 0).
-    """
-    stream = CaseStream(
-        files,
-        predictor.config.roi,
-        ignore_masks=bool(getattr(predictor.masks, "ignore_masks", False)),
-        needs_masks=bool(getattr(predictor.model, "needs_masks", False)),
-        labels=labels,
-    )
-    items = stream_cases(stream, workers)
-    for i in range(len(files)):
-        waited: dict[str, float] = {}
-        with timed(waited, "wait"):
-            item = next(items)
-        cid = item.files.case_id
-        if on_case:
-            on_case(cid, i, len(files))
-        if bar is not None:
-            bar.set_postfix_str(cid)
-        pred, error = _predict_item(predictor, item, nuclei)
-        if error is not None and bar is not None:
-            bar.write(f"skipped {error}")
-        if pred is not None and workers > 0:
-            pred.timings["wait"] = waited["wait"]
-        yield item, pred, error
 
 
 def iter_predictions(
