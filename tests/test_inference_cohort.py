@@ -310,3 +310,27 @@ def test_worker_items_equal_in_process_items(predictor, cases, monkeypatch, shar
     for name, x in a.prepared.images.items():
         assert torch.equal(x, b.prepared.images[name])
     assert set(b.prepared.timings) == {"read", "masks", "crop"}
+
+
+def test_a_forked_child_never_keeps_the_output_locked(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    started, stop = ctx.Event(), ctx.Event()
+
+    def worker():  # a loader worker, say, still running after the run released its lock
+        started.set()
+        stop.wait(10)
+
+    with out_dir_lock(out):
+        child = ctx.Process(target=worker)
+        child.start()
+        assert started.wait(10)
+    try:
+        with out_dir_lock(out):  # the child inherited the descriptor but closed it
+            pass
+    finally:
+        stop.set()
+        child.join()

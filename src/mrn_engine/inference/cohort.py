@@ -10,9 +10,14 @@ runs in the main process (it may hold the GPU). The predictions are those of
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import os
 import re
 import shutil
+import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,9 +168,29 @@ def _first(batch: Any) -> Any:
     return batch
 
 
-def _one_thread(_: int) -> None:
-    """Worker init: one torch thread per worker (the model keeps the main process's)."""
+#: Linux ``prctl`` option: signal this process when its parent dies
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this worker when ``parent`` dies, even by SIGKILL.
+
+    Else an orphaned worker can block for ever writing a case into the pipe nobody reads.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _worker_init(parent: int, _: int) -> None:
+    """Worker init: one torch thread (the model keeps the main process's), die with the parent."""
     torch.set_num_threads(1)
+    _die_with_parent(parent)
 
 
 # The arrays of a case cross from a worker as torch tensors: DataLoader moves those through
@@ -248,7 +273,7 @@ def stream_cases(stream: CaseStream, workers: int = 0) -> Iterator[LoadedCase]:
         shuffle=False,
         num_workers=min(workers, len(stream)),
         collate_fn=_first,
-        worker_init_fn=_one_thread,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()),
         prefetch_factor=2,
     )
     for item in loader:

@@ -204,16 +204,34 @@ def write_manifest(
     return path
 
 
+#: descriptors of the held output locks, closed in forked children (loader workers), so that
+#: a child outliving a killed run never keeps the folder locked
+_LOCK_FDS: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
 @contextlib.contextmanager
 def out_dir_lock(out_dir: Path) -> Iterator[None]:
     """Refuse a second ``mrn predict`` writing into the same ``out_dir`` (``flock`` on the folder).
 
-    Where ``fcntl`` is missing (Windows) there is no lock.
+    The lock ends with the process (also when it is killed). Where ``fcntl`` is missing
+    (Windows) there is no lock.
     """
     if fcntl is None:
         yield
         return
-    fd = os.open(out_dir, os.O_RDONLY)
+    fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    _LOCK_FDS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -224,4 +242,5 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
             ) from None
         yield
     finally:
+        _LOCK_FDS.discard(fd)
         os.close(fd)
