@@ -194,12 +194,15 @@ def test_killed_run_resumes_and_skips_done_cases(predictor, cases, single, tmp_p
     assert sorted(p.name for p in out.iterdir()) == [STAGE_DIR]  # no table: not a submission
     # a kill while writing RJPD_003: its folder exists in the stage but has no record
     shutil.copytree(out / STAGE_DIR / "RJPD_002", out / STAGE_DIR / "RJPD_003")
+    # ... or killed inside write_case_outputs; and a staged case no longer in the cohort
+    shutil.copytree(out / STAGE_DIR / "RJPD_002", out / STAGE_DIR / ".RJPD_005.x1.tmp")
+    shutil.copytree(out / STAGE_DIR / "RJPD_002", out / STAGE_DIR / "RJPD_099")
     rerun = Counting(predictor, monkeypatch)
     result = predict_cases(predictor, cases, out, progress=False, workers=0)
     assert rerun.seen == ["RJPD_003", "RJPD_005"]  # 001, 002 done; 004 fails before the model
     assert result.skipped == ["RJPD_001", "RJPD_002"]
     assert submission_bytes(out) == submission_bytes(single)
-    assert not (out / STAGE_DIR).exists()
+    assert not (out / STAGE_DIR).exists() and not [p for p in out.rglob(".*")]
     # a finished run: nothing to do; a damaged output is predicted again; --overwrite: all
     rerun.seen.clear()
     assert predict_cases(predictor, cases, out, progress=False, workers=0).skipped == [

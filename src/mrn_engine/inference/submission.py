@@ -324,6 +324,18 @@ def publish_staged(stage: Path, out_dir: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
+def _tidy_stage(stage: Path, case_ids: set[str]) -> None:
+    """Drop what a killed run left in ``stage`` that this run will not publish: half-written
+    ``.<case>.*.tmp`` folders and folders of cases outside this run's selection."""
+    for q in stage.iterdir():
+        if (
+            q.is_dir()
+            and q.name != RECORDS_DIR
+            and (q.name.startswith(".") or q.name not in case_ids)
+        ):
+            shutil.rmtree(q, ignore_errors=True)
+
+
 def error_row(case_id: str, folds: list[int], error: str) -> dict[str, object]:
     """The ``probabilities.csv`` row of a case that failed."""
     row: dict[str, object] = {"case_id": case_id}
@@ -351,6 +363,7 @@ def _predict_into(
     records: dict[str, CaseRecord] = dict(done)
     timings: list[dict[str, object]] = []
     todo = [f for f in files if f.case_id not in done]
+    _tidy_stage(stage, {f.case_id for f in files})
     start = time.perf_counter()
     with tqdm(
         total=len(files), initial=len(done), desc="predict", unit="case", disable=not progress
