@@ -39,7 +39,10 @@ def timing_row(case_id: str, timings: Mapping[str, float]) -> dict[str, object]:
 def summarize(
     rows: Sequence[Mapping[str, object]], *, wall_s: float, workers: int, skipped: int = 0
 ) -> dict[str, object]:
-    """Totals and means per stage over the cases predicted in this run, plus throughput."""
+    """Totals and means per stage over the cases predicted in this run, plus throughput.
+
+    ``wall_s``: the prediction loop's wall time (start-up and bundle loading excluded).
+    """
     n = len(rows)
     stages = {}
     for s in (*STAGES, "wait"):
