@@ -104,6 +104,31 @@ def build_predictor(model: Path, folds: str | None, tta: bool, device: str, igno
     )
 
 
+def cohort_options(f):
+    """``--workers``, ``--shard``, ``--overwrite``: streaming, splitting and resuming a cohort."""
+    f = click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Predict every case again (default: skip cases an earlier run with the same "
+        "bundle and settings already wrote to OUT, e.g. a killed run).",
+    )(f)
+    f = click.option(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="Only the I-th of N slices of the sorted case ids (1 <= I <= N); one OUT per "
+        "shard, joined by mrn merge-shards.",
+    )(f)
+    f = click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Loader processes reading and cropping cases ahead of the model "
+        "(default: 0 on 1-2 cores, else half the free cores, at most 4).",
+    )(f)
+    return f
+
+
 #: exit status of ``mrn predict`` when some (not all) cases failed, without --allow-partial
 EXIT_PARTIAL = 3
 #: exit status when no case could be predicted (and of every other engine error)
@@ -123,6 +148,7 @@ EXIT_FAILED = 2
     help="Diagnosis only: skip the DPT segmentation head (same P(PD), faster); "
     "no NM_pred/QSM_pred files.",
 )
+@cohort_options
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -134,17 +160,38 @@ def predict_cmd(
     quiet: bool,
     allow_partial: bool,
     no_nuclei: bool,
+    workers: int | None,
+    shard: str | None,
+    overwrite: bool,
 ) -> None:
     """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR.
+
+    A rerun skips the cases an earlier (killed or finished) run with the same bundle and
+    settings has already written; --shard I/N runs one slice of a big cohort (merge the
+    slices with mrn merge-shards).
 
     Exit status: 0 all cases predicted; 3 some cases failed (0 with --allow-partial);
     2 no case predicted or an error that stopped the run.
     """
+    from mrn_engine.inference.cohort import parse_shard
+    from mrn_engine.inference.timing import format_summary
+
+    chosen = parse_shard(shard)  # bad syntax fails before the bundle is read
     predictor = build_predictor(model, folds, tta, device, ignore_masks)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
-    result = predictor.predict_cases(cases_dir, out, progress=not quiet, nuclei=not no_nuclei)
-    click.echo(f"{result.n_ok} case(s) predicted -> {out}")
+    result = predictor.predict_cases(
+        cases_dir,
+        out,
+        progress=not quiet,
+        nuclei=not no_nuclei,
+        workers=workers,
+        shard=chosen,
+        overwrite=overwrite,
+    )
+    done = f" ({len(result.skipped)} by an earlier run, skipped)" if result.skipped else ""
+    click.echo(f"{result.n_ok} case(s) predicted{done} -> {out}")
+    click.echo(format_summary(result.timing))
     if result.errors:
         for e in result.errors:
             click.echo(f"  {e['error']}", err=True)
@@ -161,5 +208,8 @@ def predict_cmd(
 
 
 def register(group: click.Group) -> None:
-    """Add ``predict`` to the ``mrn`` group."""
+    """Add ``predict`` and ``merge-shards`` to the ``mrn`` group."""
+    from mrn_engine.cli.merge import merge_shards_cmd
+
     group.add_command(predict_cmd)
+    group.add_command(merge_shards_cmd)

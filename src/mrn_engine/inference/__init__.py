@@ -12,9 +12,11 @@ from mrn_engine.bundle import (
     read_oof,
     record_demo_bundle,
 )
+from mrn_engine.inference.cohort import Shard, default_workers, parse_shard
 from mrn_engine.inference.evidence import CaseEvidence, case_evidence, evidence_volume
 from mrn_engine.inference.mask_source import MaskSource, Segmenter
 from mrn_engine.inference.masking import RoiMasker
+from mrn_engine.inference.merge import merge_shards
 from mrn_engine.inference.predictor import CasePrediction, MRNPredictor
 from mrn_engine.inference.submission import (
     SubmissionResult,
@@ -36,13 +38,17 @@ __all__ = [
     "Probabilities",
     "RoiMasker",
     "Segmenter",
+    "Shard",
     "case_evidence",
     "evidence_volume",
     "SubmissionResult",
+    "default_workers",
     "demo_record_path",
     "iter_predictions",
     "last_demo_bundle",
+    "merge_shards",
     "open_bundle",
+    "parse_shard",
     "predict_cases",
     "read_oof",
     "record_demo_bundle",

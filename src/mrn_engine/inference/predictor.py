@@ -33,15 +33,17 @@ from mrn_engine.inference.mask_source import (
     mask_array,
     volume_array,
 )
-from mrn_engine.inference.masking import ProgressFn, RoiMasker, check_subset
+from mrn_engine.inference.masking import ProgressFn, RoiMasker
+from mrn_engine.inference.prepare import PreparedCase, prepare_case
 from mrn_engine.inference.sanity import check_finite_probabilities
 from mrn_engine.inference.submission import SubmissionResult, predict_cases
+from mrn_engine.inference.timing import timed
 from mrn_engine.models import build_model
 from mrn_engine.models.checkpoint import check_state_fits
 from mrn_engine.models.ensemble import FoldEnsemble
 from mrn_engine.models.evidence import capture_slice_tokens
 from mrn_engine.results import Probabilities
-from mrn_engine.rois import CropBox, RoiCrop, extract_rois, paste_back_all
+from mrn_engine.rois import CropBox, RoiCrop, paste_back_all
 from mrn_engine.runtime import resolve_device
 from mrn_engine.training.calibration import Calibration, apply_folds, load_calibrations
 
@@ -74,6 +76,9 @@ class CasePrediction:
     slice_tokens: per fold, ROI name -> SFA input ``(V, S, D)`` on CPU, when asked for
         (``keep_slice_tokens``): per-slice evidence (``inference/evidence.py``) without a new pass.
     crops: ROI name -> ``RoiCrop`` (with ``keep_slice_tokens``): maps slices back to source z.
+    timings: stage -> wall seconds for this case (``masks``, ``crop``, ``model``, ``paste``;
+        ``read`` / ``write`` / ``wait`` when ``mrn predict`` streamed it), see
+        :mod:`mrn_engine.inference.timing`.
     """
 
     case_id: str
@@ -93,6 +98,7 @@ class CasePrediction:
     tta_spread: list[float] = field(default_factory=list)
     slice_tokens: list[dict[str, torch.Tensor]] | None = None
     crops: dict[str, RoiCrop] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def p_pd_raw(self) -> float:
@@ -133,26 +139,6 @@ class CasePrediction:
             "tta_spread": max(self.tta_spread) if self.tta_spread else None,
             "mask_source": self.mask_source,
         }
-
-
-def _model_inputs(
-    crops: Mapping[str, RoiCrop], zeroed: frozenset[str], with_masks: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """``(1, S, H, W)`` images per ROI (and merged-class masks for models that need them)."""
-    images: dict[str, torch.Tensor] = {}
-    masks: dict[str, torch.Tensor] | None = {} if with_masks else None
-    for name in ROI_NAMES:
-        crop = crops[name]
-        x = torch.as_tensor(np.asarray(crop.image), dtype=torch.float32)[None]
-        images[name] = torch.zeros_like(x) if name in zeroed else x
-        if masks is not None:
-            if crop.mask is None:
-                raise InputDataError(
-                    f"{getattr(crop, 'case_id', '') or name}: the model needs masks for ROI {name}"
-                )
-            m = torch.as_tensor(np.asarray(crop.mask), dtype=torch.long)[None]
-            masks[name] = torch.zeros_like(m) if name in zeroed else m
-    return images, masks
 
 
 def _pasted(
@@ -338,7 +324,7 @@ class MRNPredictor:
         keep_slice_tokens: bool = False,
         nuclei: bool = True,
     ) -> CasePrediction:
-        """Predict one case with every fold (and TTA if on).
+        """Predict one case with every fold (and TTA if on): :meth:`prepare` + :meth:`predict_prepared`.
 
         Parameters
         ----------
@@ -358,26 +344,59 @@ class MRNPredictor:
         ------
         InputDataError: no masks for cropping (and no segmenter), or unusable input.
         """
-        zeroed = frozenset(zero_rois)
-        check_subset(zeroed, case.case_id)
-        steps = len(self.folds) + 2
         if progress:
             progress(0.0, f"{case.case_id}: masks and ROI crops")
-        nm_m, qsm_m, mask_source = self.masks.masks_for(case, nm_mask, qsm_mask)
-        crops = extract_rois(case, self.config.roi, nm_mask=nm_m, qsm_mask=qsm_m)
-        missing = [n for n in ROI_NAMES if n not in crops]
-        if missing:
-            raise InputDataError(f"{case.case_id}: no ROI crop for {missing}")
-        images, masks = _model_inputs(crops, zeroed, getattr(self.model, "needs_masks", False))
+        prepared = self.prepare(case, nm_mask=nm_mask, qsm_mask=qsm_mask, zero_rois=zero_rois)
+        return self.predict_prepared(
+            prepared,
+            progress=progress,
+            warm_masking=warm_masking,
+            keep_slice_tokens=keep_slice_tokens,
+            nuclei=nuclei,
+        )
 
+    def prepare(
+        self,
+        case: Any,
+        *,
+        nm_mask: Any = None,
+        qsm_mask: Any = None,
+        zero_rois: Iterable[str] = (),
+    ) -> PreparedCase:
+        """Cropping masks (nnU-Net if needed), ROI crops and model inputs of one case."""
+        return prepare_case(
+            case,
+            self.config.roi,
+            self.masks,
+            needs_masks=bool(getattr(self.model, "needs_masks", False)),
+            nm_mask=nm_mask,
+            qsm_mask=qsm_mask,
+            zero_rois=frozenset(zero_rois),
+        )
+
+    def predict_prepared(
+        self,
+        prepared: PreparedCase,
+        *,
+        progress: ProgressFn | None = None,
+        warm_masking: bool = False,
+        keep_slice_tokens: bool = False,
+        nuclei: bool = True,
+    ) -> CasePrediction:
+        """The fold ensemble on a :class:`PreparedCase` (options as in :meth:`predict_case`)."""
+        case, crops, zeroed = prepared.case, prepared.crops, prepared.zeroed
+        timings = dict(prepared.timings)
+        steps = len(self.folds) + 2
         p_folds: list[float] = []
         tokens: list[dict[str, torch.Tensor]] = []
         kept: list[dict[str, torch.Tensor]] | None = [] if keep_slice_tokens else None
         spread: list[float] = []
         seg_mean: dict[str, torch.Tensor] = {}
         capture = capture_slice_tokens(self.model) if keep_slice_tokens else nullcontext({})
-        with capture as store:
-            for i, out in enumerate(self.ensemble.run(images, masks, with_seg=nuclei)):
+        with timed(timings, "model"), capture as store:
+            for i, out in enumerate(
+                self.ensemble.run(prepared.images, prepared.masks, with_seg=nuclei)
+            ):
                 if kept is not None:  # this fold's SFA inputs, caught by the forward hook
                     kept.append({n: t.float().cpu() for n, t in store.items()})
                 if len(out.p_views) == 2:
@@ -393,18 +412,19 @@ class MRNPredictor:
                         (i + 2) / steps, f"{case.case_id}: fold {out.fold} P(PD)={out.p_pd:.3f}"
                     )
 
-        if nuclei:
-            seg_source, qsm_labels, nm_labels = _segmentation(case, crops, seg_mean)
-        else:
-            seg_source = "none"
-            qsm_labels = np.zeros(volume_array(case.qsm).shape, np.uint8)
-            nm_labels = np.zeros(volume_array(case.nm).shape, np.uint8)
+        with timed(timings, "paste"):
+            if nuclei:
+                seg_source, qsm_labels, nm_labels = _segmentation(case, crops, seg_mean)
+            else:
+                seg_source = "none"
+                qsm_labels = np.zeros(volume_array(case.qsm).shape, np.uint8)
+                nm_labels = np.zeros(volume_array(case.nm).shape, np.uint8)
         check_finite_probabilities(case.case_id, self.folds, p_folds)
         raw = Probabilities.from_folds(self.folds, p_folds)
         probs = self.calibrate(raw)
         if progress:
             progress(1.0, f"{case.case_id}: P(PD)={probs.p_pd:.3f}")
-        from_segmenter = mask_source == "segmenter"
+        from_segmenter = prepared.mask_source == "segmenter"
         return CasePrediction(
             case_id=case.case_id,
             probabilities=probs,
@@ -414,15 +434,16 @@ class MRNPredictor:
             boxes={n: crops[n].box for n in ROI_NAMES},
             label=getattr(case, "label", None),
             seg_source=seg_source,
-            mask_source=mask_source,
-            nm_mask=mask_array(nm_m) if from_segmenter else None,
-            qsm_mask=mask_array(qsm_m) if from_segmenter else None,
+            mask_source=prepared.mask_source,
+            nm_mask=mask_array(prepared.nm_mask) if from_segmenter else None,
+            qsm_mask=mask_array(prepared.qsm_mask) if from_segmenter else None,
             zeroed=zeroed,
             calibrated=self.calibrated,
             raw=raw,
             tta_spread=spread,
             slice_tokens=kept,
             crops=dict(crops) if keep_slice_tokens else None,
+            timings=timings,
         )
 
     def predict_cases(

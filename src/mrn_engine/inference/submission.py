@@ -3,11 +3,17 @@
 Per case ``OUT/RJPD_xxx/``: ``NM_pred.nii.gz`` and ``QSM_pred.nii.gz`` (uint8 masks on the
 input grids, challenge label values) and ``PD_pred.txt`` (``0`` or ``1``). At the top of
 ``OUT``: ``label_predict.csv`` (``patient_id,prediction``), ``probabilities.csv`` / ``.json``
-(per-fold P(PD), mean, std, call, and an ``error`` for cases that failed), ``errors.json`` and
-the ``config.json`` of the model. A run writes everything into a hidden staging folder
-``OUT/.mrn-predict-*.partial`` and moves it into ``OUT`` at the end, case folders first and the
-tables last; a run that fails to write (disk full) removes the staging folder and raises
-:class:`OutputWriteError`, so ``OUT`` never holds half a submission.
+(per-fold P(PD), mean, std, call, and an ``error`` for cases that failed), ``errors.json``, the
+``config.json`` of the model, ``timing.csv`` / ``timing.json`` (seconds per stage and case) and
+``predict.json`` (the run record: :mod:`mrn_engine.inference.manifest`).
+
+A run writes into the hidden staging folder ``OUT/.mrn-predict.partial`` (each case folder
+atomically, then its record) and moves it into ``OUT`` at the end, case folders first and the
+tables last. A killed run leaves the staging folder; the same command then skips the cases
+already done. A run that fails to write (disk full) removes the staging folder and raises
+:class:`OutputWriteError`, so ``OUT`` never holds half a submission. Cases stream through
+:mod:`mrn_engine.inference.cohort` (read and cropped ahead in loader workers); ``shard`` picks
+one slice of the cohort, and :mod:`mrn_engine.inference.merge` joins the slices.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +30,31 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mrn_engine.config import atomic_write_text
-from mrn_engine.data import discover_cases, load_case, save_volume
+from mrn_engine.data import CaseFiles, discover_cases, save_volume
 from mrn_engine.data.tables import write_csv, write_json
-from mrn_engine.errors import InputDataError, MRNError
+from mrn_engine.errors import ConfigError, InputDataError, MRNError
 from mrn_engine.fileio import make_temp_dir
+from mrn_engine.inference.cohort import (
+    Shard,
+    default_workers,
+    parse_shard,
+    stream_predictions,
+)
+from mrn_engine.inference.manifest import (
+    MANIFEST,
+    RECORDS_DIR,
+    STAGE_DIR,
+    STAGE_RUN,
+    CaseRecord,
+    done_cases,
+    folder_digests,
+    out_dir_lock,
+    read_json,
+    run_fingerprint,
+    write_manifest,
+    write_record,
+)
+from mrn_engine.inference.timing import STAGES, summarize, timed, timing_row
 from mrn_engine.results import THRESHOLD
 
 #: per-case output file names (challenge Docker route)
@@ -38,6 +66,11 @@ LABEL_CSV = "label_predict.csv"
 PROB_CSV = "probabilities.csv"
 PROB_JSON = "probabilities.json"
 ERRORS_JSON = "errors.json"
+CONFIG_JSON = "config.json"
+TIMING_CSV = "timing.csv"
+TIMING_JSON = "timing.json"
+#: the challenge submission: what a merge of shards reproduces byte for byte
+SUBMISSION_TABLES = (LABEL_CSV, PROB_CSV, PROB_JSON, ERRORS_JSON, CONFIG_JSON)
 
 
 class OutputWriteError(MRNError):
@@ -58,11 +91,15 @@ class SubmissionResult:
     rows: one summary row per case (``case_id``, ``p_pd_fold<k>``..., ``p_pd``, ``p_pd_std``,
         ``call``, ``error``).
     errors: ``{case_id, error}`` for the cases that failed.
+    skipped: cases not predicted again (done by an earlier run with the same settings).
+    timing: per-stage summary of this run (:func:`mrn_engine.inference.timing.summarize`).
     """
 
     out_dir: Path
     rows: list[dict[str, object]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    timing: dict[str, object] = field(default_factory=dict)
 
     @property
     def n_ok(self) -> int:
@@ -125,6 +162,7 @@ def iter_predictions(
     progress: bool = True,
     on_case: Callable[[str, int, int], None] | None = None,
     nuclei: bool = True,
+    workers: int = 0,
 ) -> Iterator[tuple[Any, Any, str | None]]:
     """Load and predict every case under ``cases_dir``.
 
@@ -133,32 +171,59 @@ def iter_predictions(
     ``(case, prediction, None)`` or ``(case_files, None, error message)`` per case; an input
     problem with one case never stops the others. ``only`` restricts to those case ids.
     ``nuclei=False``: diagnosis only (``predict_case(nuclei=False)``, no DPT head).
+    ``workers``: DataLoader workers reading ahead (:func:`stream_predictions`).
     """
     files = discover_cases(cases_dir)
     if only is not None:
         files = [f for f in files if f.case_id in only]
     if not files:
         raise InputDataError(f"{cases_dir}: no case folders (with NM/QSM files) found")
-    bar = tqdm(files, desc="predict", unit="case", disable=not progress)
-    for i, cf in enumerate(bar):
-        if on_case:
-            on_case(cf.case_id, i, len(files))
-        bar.set_postfix_str(cf.case_id)
-        try:
-            case = load_case(cf, label=(labels or {}).get(cf.case_id))
-            pred = predictor.predict_case(case, **({} if nuclei else {"nuclei": False}))
-        except (MRNError, OSError, ValueError) as e:
-            msg = str(e) if isinstance(e, MRNError) else f"{type(e).__name__}: {e}"
-            if not msg.startswith(cf.case_id):
-                msg = f"{cf.case_id}: {msg}"
-            bar.write(f"skipped {msg}")
-            yield cf, None, msg
-            continue
-        yield case, pred, None
+    with tqdm(total=len(files), desc="predict", unit="case", disable=not progress) as bar:
+        for item, pred, error in stream_predictions(
+            predictor,
+            files,
+            labels=labels,
+            workers=workers,
+            nuclei=nuclei,
+            on_case=on_case,
+            bar=bar,
+        ):
+            bar.update(1)
+            yield (item.files, None, error) if error is not None else (item.case, pred, None)
 
 
-def _config_of(predictor: Any) -> Any:
-    return getattr(predictor, "config", None)
+def submission_meta(predictor: Any) -> dict[str, object]:
+    """The ``meta`` of ``probabilities.json``."""
+    return {
+        "folds": list(getattr(predictor, "folds", [])),
+        "tta": bool(getattr(predictor, "tta", False)),
+        "device": str(getattr(predictor, "device", "")),
+        "model": str(predictor.bundle.root)
+        if getattr(predictor, "bundle", None) is not None
+        else None,
+        "threshold": THRESHOLD,
+        "calibrated": bool(getattr(predictor, "calibrated", False)),
+    }
+
+
+def _check_out_dir(cases_dir: Path, out_dir: Path) -> None:
+    if out_dir.resolve() == cases_dir.resolve():
+        raise InputDataError(f"{out_dir}: the output folder must differ from the input folder")
+    if cases_dir.resolve() in out_dir.resolve().parents:
+        raise InputDataError(
+            f"{out_dir}: the output folder must not lie inside the input folder {cases_dir} "
+            "(its RJPD_xxx folders would be found as cases next time)"
+        )
+
+
+def _open_stage(out_dir: Path, run: dict[str, object], overwrite: bool) -> Path:
+    """``OUT/.mrn-predict.partial``: kept from a killed run of the same settings, else new."""
+    stage = out_dir / STAGE_DIR
+    if stage.exists() and (overwrite or read_json(stage / STAGE_RUN) != run):
+        shutil.rmtree(stage)
+    stage.mkdir(exist_ok=True)
+    write_json(run, stage / STAGE_RUN)
+    return stage
 
 
 def predict_cases(
@@ -169,6 +234,9 @@ def predict_cases(
     progress: bool = True,
     on_case: Callable[[str, int, int], None] | None = None,
     nuclei: bool = True,
+    workers: int | None = None,
+    shard: Shard | str | None = None,
+    overwrite: bool = False,
 ) -> SubmissionResult:
     """Predict every case under ``cases_dir`` and write the submission to ``out_dir``.
 
@@ -177,35 +245,57 @@ def predict_cases(
     predictor: an ``MRNPredictor``.
     cases_dir: folder searched recursively for case folders.
     out_dir: output folder (neither ``cases_dir`` nor inside it).
-    progress: tqdm bar.
+    progress: tqdm bar (with ETA).
     on_case: ``callback(case_id, index, total)`` before each case (GUI progress).
     nuclei: False = diagnosis only: no DPT head, no NM_pred/QSM_pred files.
+    workers: DataLoader workers reading and cropping ahead (None = :func:`default_workers`).
+    shard: ``"i/n"`` or :class:`Shard`: only the i-th of n slices of the sorted case ids.
+    overwrite: predict every case again, even those an earlier run (killed or finished, same
+        bundle and settings) has already done; by default those are skipped.
     """
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
-    if out_dir.resolve() == cases_dir.resolve():
-        raise InputDataError(f"{out_dir}: the output folder must differ from the input folder")
-    if cases_dir.resolve() in out_dir.resolve().parents:
+    _check_out_dir(cases_dir, out_dir)
+    shard = shard if isinstance(shard, Shard) else parse_shard(shard)
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise ConfigError(f"workers={workers}: must be 0 (read in this process) or more")
+    files = discover_cases(cases_dir)
+    if not files:
+        raise InputDataError(f"{cases_dir}: no case folders (with NM/QSM files) found")
+    cohort = [f.case_id for f in files]
+    chosen = set(shard.select(cohort))
+    files = [f for f in files if f.case_id in chosen]
+    if not files:
         raise InputDataError(
-            f"{out_dir}: the output folder must not lie inside the input folder {cases_dir} "
-            "(its RJPD_xxx folders would be found as cases next time)"
+            f"{cases_dir}: shard {shard} is empty ({len(cohort)} case(s)); "
+            f"use at most {len(cohort)} shards"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(make_temp_dir(out_dir, prefix=".mrn-predict-", suffix=STAGE_SUFFIX))
-    try:
-        result = _predict_into(
-            predictor, cases_dir, stage, progress=progress, on_case=on_case, nuclei=nuclei
-        )
-        publish_staged(stage, out_dir)
-    except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise OutputWriteError(
-            f"{e.filename or out_dir}: cannot write the outputs ({e.strerror or e}); "
-            f"nothing was written to {out_dir}"
-            + (" (disk full: free some space and rerun)" if e.errno == errno.ENOSPC else "")
-        ) from e
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    fingerprint = run_fingerprint(predictor, nuclei=nuclei)
+    run = {"fingerprint": fingerprint, "shard": str(shard)}
+    with out_dir_lock(out_dir):
+        stage = _open_stage(out_dir, run, overwrite)
+        try:
+            result = _predict_into(
+                predictor,
+                files,
+                stage,
+                out_dir,
+                run={**run, "cohort": cohort},
+                done={} if overwrite else done_cases(chosen, stage, out_dir, fingerprint),
+                progress=progress,
+                on_case=on_case,
+                nuclei=nuclei,
+                workers=workers,
+            )
+            publish_staged(stage, out_dir)
+        except OSError as e:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise OutputWriteError(
+                f"{e.filename or out_dir}: cannot write the outputs ({e.strerror or e}); "
+                f"nothing was written to {out_dir}"
+                + (" (disk full: free some space and rerun)" if e.errno == errno.ENOSPC else "")
+            ) from e
     result.out_dir = out_dir
     return result
 
@@ -213,10 +303,15 @@ def predict_cases(
 def publish_staged(stage: Path, out_dir: Path) -> None:
     """Move every case folder, then the tables, from ``stage`` into ``out_dir``; drop ``stage``.
 
-    The tables (``label_predict.csv`` ...) move last: a submission whose CSVs exist is complete.
+    The tables (``label_predict.csv`` ...) move last and ``predict.json`` after them: a
+    submission whose ``predict.json`` exists is complete. The stage's own records stay behind.
     """
-    tables = {LABEL_CSV, PROB_CSV, PROB_JSON, ERRORS_JSON, "config.json"}
-    entries = sorted(stage.iterdir(), key=lambda q: (q.name in tables, q.name))
+    tables = {*SUBMISSION_TABLES, TIMING_CSV, TIMING_JSON}
+    internal = {RECORDS_DIR, STAGE_RUN}
+    entries = sorted(
+        (q for q in stage.iterdir() if q.name not in internal),
+        key=lambda q: (q.name == MANIFEST, q.name in tables, q.name),
+    )
     for src in entries:
         dst = out_dir / src.name
         if src.is_dir() and dst.is_dir():
@@ -229,41 +324,107 @@ def publish_staged(stage: Path, out_dir: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
 
 
+def _tidy_stage(stage: Path, case_ids: set[str]) -> None:
+    """Drop what a killed run left in ``stage`` that this run will not publish: half-written
+    ``.<case>.*.tmp`` folders and folders of cases outside this run's selection."""
+    for q in stage.iterdir():
+        if (
+            q.is_dir()
+            and q.name != RECORDS_DIR
+            and (q.name.startswith(".") or q.name not in case_ids)
+        ):
+            shutil.rmtree(q, ignore_errors=True)
+
+
+def error_row(case_id: str, folds: list[int], error: str) -> dict[str, object]:
+    """The ``probabilities.csv`` row of a case that failed."""
+    row: dict[str, object] = {"case_id": case_id}
+    row.update({f"p_pd_fold{k}": "" for k in folds})
+    row.update(p_pd="", p_pd_std="", call="", p_pd_raw="", mask_source="", error=error)
+    return row
+
+
 def _predict_into(
     predictor: Any,
-    cases_dir: Path,
+    files: list[CaseFiles],
+    stage: Path,
     out_dir: Path,
     *,
+    run: dict[str, Any],
+    done: dict[str, CaseRecord],
     progress: bool,
     on_case: Callable[[str, int, int], None] | None,
-    nuclei: bool = True,
+    nuclei: bool,
+    workers: int,
 ) -> SubmissionResult:
-    result = SubmissionResult(out_dir)
+    """Predict the cases not ``done`` into ``stage``, then write the tables for all of them."""
+    fingerprint = run["fingerprint"]
     folds = list(getattr(predictor, "folds", []))
-    for case, pred, error in iter_predictions(
-        predictor, cases_dir, progress=progress, on_case=on_case, nuclei=nuclei
-    ):
-        if error is None:
-            try:
-                write_case_outputs(pred, case, out_dir)
-            except MRNError as e:
-                error = str(e)
-        if error is not None:
-            row: dict[str, object] = {"case_id": case.case_id}
-            row.update({f"p_pd_fold{k}": "" for k in folds})
-            row.update(p_pd="", p_pd_std="", call="", p_pd_raw="", mask_source="", error=error)
-            result.errors.append({"case_id": case.case_id, "error": error})
-        else:
-            row = pred.summary()
-            row["error"] = ""
-        result.rows.append(row)
-    _write_tables(result, predictor, folds)
+    records: dict[str, CaseRecord] = dict(done)
+    timings: list[dict[str, object]] = []
+    todo = [f for f in files if f.case_id not in done]
+    _tidy_stage(stage, {f.case_id for f in files})
+    start = time.perf_counter()
+    with tqdm(
+        total=len(files), initial=len(done), desc="predict", unit="case", disable=not progress
+    ) as bar:
+        for item, pred, error in stream_predictions(
+            predictor, todo, workers=workers, nuclei=nuclei, on_case=on_case, bar=bar
+        ):
+            cid = item.files.case_id
+            digests: dict[str, str] = {}
+            if error is None:
+                try:
+                    with timed(pred.timings, "write"):
+                        digests = folder_digests(write_case_outputs(pred, item.case, stage))
+                except MRNError as e:
+                    error = str(e)
+            if error is None:
+                row = {**pred.summary(), "error": ""}
+                timings.append(timing_row(cid, pred.timings))
+            else:
+                shutil.rmtree(stage / cid, ignore_errors=True)  # a stale folder of a killed run
+                row = error_row(cid, folds, error)
+            records[cid] = CaseRecord(cid, row, digests, dict(fingerprint))
+            write_record(stage, records[cid])
+            bar.update(1)
+    ordered = [records[f.case_id] for f in files]
+    result = SubmissionResult(stage, rows=[r.row for r in ordered])
+    result.errors = [
+        {"case_id": r.case_id, "error": str(r.row["error"])} for r in ordered if not r.ok
+    ]
+    result.skipped = [f.case_id for f in files if f.case_id in done]
+    result.timing = summarize(
+        timings, wall_s=time.perf_counter() - start, workers=workers, skipped=len(done)
+    )
+    meta = submission_meta(predictor)
+    write_tables(stage, result.rows, result.errors, folds, meta)
+    cfg = getattr(predictor, "config", None)
+    if cfg is not None:
+        cfg.save(stage / CONFIG_JSON)
+    write_csv(timings, stage / TIMING_CSV, columns=("case_id", *STAGES, "wait", "total"))
+    write_json(result.timing, stage / TIMING_JSON)
+    index, count = (int(v) for v in str(run["shard"]).split("/"))
+    write_manifest(
+        stage,
+        fingerprint=fingerprint,
+        meta=meta,
+        shard={"index": index, "count": count},
+        cohort=run["cohort"],
+        records=ordered,
+    )
     return result
 
 
-def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) -> None:
-    out = result.out_dir
-    ok = [r for r in result.rows if not r["error"]]
+def write_tables(
+    out: Path,
+    rows: list[dict[str, object]],
+    errors: list[dict[str, str]],
+    folds: list[int],
+    meta: dict[str, object],
+) -> None:
+    """``label_predict.csv``, ``probabilities.csv`` / ``.json`` and ``errors.json`` into ``out``."""
+    ok = [r for r in rows if not r["error"]]
     write_csv(
         [{"patient_id": r["case_id"], "prediction": r["call"]} for r in ok],
         out / LABEL_CSV,
@@ -279,9 +440,9 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
         "mask_source",
         "error",
     ]
-    write_csv(result.rows, out / PROB_CSV, columns=cols)
+    write_csv(rows, out / PROB_CSV, columns=cols)
     json_rows = []
-    for r in result.rows:
+    for r in rows:
         json_rows.append(
             {
                 "case_id": r["case_id"],
@@ -295,18 +456,5 @@ def _write_tables(result: SubmissionResult, predictor: Any, folds: list[int]) ->
                 "error": r["error"] or None,
             }
         )
-    meta = {
-        "folds": folds,
-        "tta": bool(getattr(predictor, "tta", False)),
-        "device": str(getattr(predictor, "device", "")),
-        "model": str(predictor.bundle.root)
-        if getattr(predictor, "bundle", None) is not None
-        else None,
-        "threshold": THRESHOLD,
-        "calibrated": bool(getattr(predictor, "calibrated", False)),
-    }
     write_json({"meta": meta, "cases": json_rows}, out / PROB_JSON)
-    write_json(result.errors, out / ERRORS_JSON)
-    cfg = _config_of(predictor)
-    if cfg is not None:
-        cfg.save(out / "config.json")
+    write_json(errors, out / ERRORS_JSON)
