@@ -19,7 +19,7 @@ from mrn_engine.inference import MRNPredictor, predict_cases
 from mrn_engine.inference.cohort import Shard, default_workers, parse_shard
 from mrn_engine.inference.manifest import STAGE_DIR, out_dir_lock
 from mrn_engine.inference.merge import merge_shards
-from mrn_engine.inference.timing import STAGES
+from mrn_engine.inference.timing import STAGES, stage_line
 from mrn_engine.models import build_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -247,6 +247,14 @@ def test_stage_timings_in_the_result_files_and_summary(predictor, cases, single,
     pred = predictor.predict_case(load_case(cases / "RJPD_001"))
     assert set(pred.timings) == {"masks", "crop", "model", "paste"}
     assert all(v >= 0 for v in pred.timings.values()) and pred.timings["model"] > 0
+    line = stage_line(pred.timings)  # the panel's status line
+    assert (
+        line.startswith("masks ")
+        and ", model " in line
+        and line.index("crop") < line.index("model")
+    )
+    assert stage_line({"wait": 0.3, "read": 1.0}) == "read 1.0 s, wait 0.3 s"
+    assert stage_line({}) == ""
     rows = list(csv.DictReader(open(single / "timing.csv")))
     assert [r["case_id"] for r in rows] == ["RJPD_001", "RJPD_002", "RJPD_003", "RJPD_005"]
     assert list(rows[0]) == ["case_id", *STAGES, "wait", "total"]

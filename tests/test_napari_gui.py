@@ -258,6 +258,8 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
     assert model_threads and all(t is not threading.main_thread() for t in model_threads)
     assert len(ticks) >= 3
     assert widget.session.result is not None, widget.status.text()
+    # the status line gives the time per stage (issue 16)
+    assert "done in" in widget.status.text() and "model" in widget.status.text()
     assert widget.progress.value() == 1000 and len(reports) >= 3
     # typed progress signals: Progress records, fractions rising to 1 (the first report may
     # come before this test connected its slot)

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from mrn_engine.errors import MRNError
+from mrn_engine.inference import stage_line
 from napari_mrn._case import layer_mapping
 from napari_mrn._compat import guard_triton
 from napari_mrn._display import DisplayMapping
@@ -197,7 +198,9 @@ class MRNDiagnosisWidget(QWidget):
         self.show_outputs()
         self.show_evidence(replace=True)
         self.viewer.layers.selection.active = self.viewer.layers[NUCLEI_LAYER]
-        self._set_status(f"{result.prediction.case_id}: done in {result.seconds:.1f} s.")
+        stages = stage_line(result.prediction.timings)
+        done = f"{result.prediction.case_id}: done in {result.seconds:.1f} s"
+        self._set_status(f"{done} ({stages})." if stages else f"{done}.")
 
     def _on_finished(self) -> None:
         """The run ended (result, Cancel or error): the shown result is usable again."""

@@ -25,6 +25,7 @@ from mrn_engine.inference.submission import (
     write_case_outputs,
     write_pd_pred,
 )
+from mrn_engine.inference.timing import stage_line
 from mrn_engine.models.evidence import supports_slice_evidence
 from mrn_engine.results import Probabilities
 from mrn_engine.runtime import resolve_device
@@ -53,6 +54,7 @@ __all__ = [
     "read_oof",
     "record_demo_bundle",
     "resolve_device",
+    "stage_line",
     "supports_slice_evidence",
     "write_case_outputs",
     "write_pd_pred",

@@ -27,6 +27,15 @@ def timed(timings: MutableMapping[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+def stage_line(timings: Mapping[str, float]) -> str:
+    """One line for a status bar: the stages a case went through, in pipeline order.
+
+    ``{"masks": 0.01, "model": 2.0}`` -> ``"masks 0.0 s, model 2.0 s"``; ``""`` when empty.
+    """
+    order = (*STAGES, "wait")
+    return ", ".join(f"{s} {timings[s]:.1f} s" for s in order if s in timings)
+
+
 def timing_row(case_id: str, timings: Mapping[str, float]) -> dict[str, object]:
     """One CSV row: ``case_id``, every stage (0 when absent), ``wait`` and ``total``."""
     row: dict[str, object] = {"case_id": case_id}
