@@ -6,6 +6,9 @@ version) and ``fold_k/`` per fold (``model.safetensors``, ``config.json``, ``met
 ``oof.csv``, ``optimizer.pt``, ``checkpoints/``); the layout is ``mrn_engine.bundle``'s. Each
 fold can be trained alone (``folds=[k]``) so folds can run in parallel processes on one bundle:
 every read-modify-write of ``bundle.json`` holds ``mrn_engine.bundle.bundle_lock``.
+
+Under torchrun (``training/distributed.py``) every rank trains the same folds together; rank 0
+alone creates the bundle, fills the ROI cache and records the weights, the others wait for it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, find_la
 from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.rois import RoiCache
 from mrn_engine.runtime import seed_everything
+from mrn_engine.training import distributed
 from mrn_engine.training.augment import RoiAugmenter
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
@@ -184,7 +188,10 @@ def train_bundle(
     out = Path(out)
     if overwrite and resume:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if overwrite:
+    distributed.check_launch()
+    main = distributed.is_main()
+    progress = progress and main
+    if overwrite and main:
         discard_run(out)
     cohort = load_labelled_cohort(cases_root)
     wanted = list(range(cfg.train.folds)) if folds is None else sorted(set(int(k) for k in folds))
@@ -194,9 +201,13 @@ def train_bundle(
     check_stages(cfg)
     seed_everything(epoch_seed(cfg.train.seed, 0, 0))
     provenance = dict(getattr(MRNObjective(cfg).student, "weights_provenance", {}))
-    out, all_folds = prepare_bundle(out, cohort, cfg, provenance)
     cache = RoiCache(cache_dir if cache_dir is not None else out.parent / "roi_cache")
-    cache_rois(cohort, cfg, cache, progress)
+    if main:
+        out, all_folds = prepare_bundle(out, cohort, cfg, provenance)
+        cache_rois(cohort, cfg, cache, progress)
+    distributed.barrier()  # the bundle and the ROI cache exist before the other ranks read them
+    if not main:
+        all_folds = make_folds(cohort.labels, cfg.train.folds, cfg.train.cv_seed)
     load = roi_loader(cohort.files, cfg, cache)
     results = []
     for k in wanted:
@@ -229,5 +240,7 @@ def train_bundle(
                     progress=progress,
                 )
             )
-    update_bundle_weights(out)
+    if main:
+        update_bundle_weights(out)
+    distributed.barrier()
     return results
