@@ -333,6 +333,8 @@ def train_fold(
                     f"loss {row.get('loss', math.nan):.4f} "
                     f"val_acc {row['val_acc']:.3f} val_auc {row['val_auc']:.3f}"
                 )
+    if writer is not None:
+        writer.close()
     finished = last >= total
     result = FoldResult(
         fold=fold, out_dir=out_dir, epochs_done=last, finished=finished, metrics=rows
