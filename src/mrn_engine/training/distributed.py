@@ -92,8 +92,15 @@ def backend_for(device: torch.device) -> str:
 def local_device(name: str | torch.device = "auto") -> torch.device:
     """:func:`resolve_device`, pinned to ``cuda:LOCAL_RANK`` for CUDA under torchrun."""
     device = resolve_device(name)
-    if device.type != "cuda" or launch_env()[1] == 1 or device.index is not None:
+    if device.type not in ("cuda", "cpu") and launch_env()[1] > 1:
+        raise ConfigError(f"device {device}: distributed training runs on CUDA or CPU only")
+    if device.type != "cuda" or launch_env()[1] == 1:
         return device
+    if device.index is not None:
+        raise ConfigError(
+            f"device {device}: under torchrun every rank takes cuda:LOCAL_RANK; pass --device cuda"
+            " (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
+        )
     local = launch_env()[2]
     if local >= torch.cuda.device_count():
         raise ConfigError(
