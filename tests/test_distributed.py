@@ -15,7 +15,8 @@ that gradient's float rounding noise (~1e-10, which depends on the summation ord
 size and moves them by up to the learning rate (measured: up to 1.3e-4 apart).
 
 Without the keys' all-gather or the global-batch BatchNorm the head norm's weight ends 4e-3
-away (both checked by breaking them). Takes 60-80 s on 2 shared cores (load ~9) (each spawned rank imports torch and MONAI); marked slow.
+away (both checked by breaking them). Takes 60-80 s on 2 shared cores at load ~9 (each
+spawned rank imports torch and MONAI); marked slow.
 """
 
 from __future__ import annotations
