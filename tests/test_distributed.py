@@ -1,4 +1,4 @@
-"""Distributed training (DDP, gloo on CPU): 2 ranks train exactly what 1 process trains.
+"""Distributed training (DDP, gloo on CPU): 2 ranks train what 1 process trains.
 
 The equality test trains a cpu-tiny MRN with mSupMoCo and the head's BatchNorm (28 px, two
 slices per ROI, 8 training cases, global batch 4: 2 steps per epoch, one pretraining and one
@@ -209,6 +209,9 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
         assert device == torch.device("cpu")
         assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
         assert not torch.distributed.is_initialized()
+        norm = torch.nn.BatchNorm1d(3)
+        with distributed.synced_batch_norms(norm) as n:
+            assert n == 0 and type(norm) is torch.nn.BatchNorm1d  # untouched in one process
     distributed.check_launch()  # no torchrun: fine
 
 

@@ -274,10 +274,10 @@ def synced_batch_norms(module: nn.Module) -> Iterator[int]:
 
     The layers keep their parameters, buffers and ``isinstance`` type (only their class is
     swapped for a subclass, and swapped back on exit), so state dicts and the head's
-    precise-BN code are unaffected. Outside a process group the subclass is plain BatchNorm.
+    precise-BN code are unaffected. Outside a process group nothing is swapped.
     PyTorch's ``SyncBatchNorm`` is not used: it runs on GPUs only, and replaces the modules.
     """
-    swapped = [m for m in module.modules() if type(m) in _GLOBAL]
+    swapped = [m for m in module.modules() if type(m) in _GLOBAL] if is_distributed() else []
     for m in swapped:
         m.__class__ = _GLOBAL[type(m)]
     try:
