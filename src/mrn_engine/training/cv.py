@@ -37,6 +37,7 @@ from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
 from mrn_engine.training.trainer import (
     FoldResult,
+    check_global_batch,
     check_stages,
     epoch_seed,
     train_fold,
@@ -189,6 +190,7 @@ def train_bundle(
     if overwrite and resume:
         raise ConfigError("--resume and --overwrite exclude each other")
     distributed.check_launch()
+    check_global_batch(cfg.train.batch_size, distributed.world_size())  # before any file
     main = distributed.is_main()
     progress = progress and main
     if overwrite and main:

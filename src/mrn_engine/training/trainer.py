@@ -372,6 +372,17 @@ def stage_of(epoch: int, pretrain_epochs: int) -> str:
     return "pretrain" if epoch <= pretrain_epochs else "train"
 
 
+def check_global_batch(batch_size: int, world: int) -> int:
+    """Cases per rank; ``ConfigError`` unless the global ``batch_size`` divides by ``world``."""
+    per_rank, rest = divmod(int(batch_size), world)
+    if rest or per_rank < 1:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is the global batch and must divide by the {world} "
+            "ranks (--batch-size)"
+        )
+    return per_rank
+
+
 def check_world(objective: nn.Module, train_ds: RoiStackDataset, batch_size: int, world: int):
     """``ConfigError`` unless ``world`` ranks can split the global batch ``batch_size``.
 
@@ -381,12 +392,7 @@ def check_world(objective: nn.Module, train_ds: RoiStackDataset, batch_size: int
     """
     if world == 1:
         return
-    per_rank, rest = divmod(int(batch_size), world)
-    if rest or per_rank < 1:
-        raise ConfigError(
-            f"train.batch_size={batch_size} is the global batch and must divide by the {world} "
-            "ranks (--batch-size)"
-        )
+    per_rank = check_global_batch(batch_size, world)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in objective.modules())
     if has_bn and per_rank < 2:
         raise ConfigError(
