@@ -1,4 +1,8 @@
-"""``mrn train`` (k-fold ensemble into a model bundle) and ``mrn compare`` (baselines)."""
+"""``mrn train`` (k-fold ensemble into a model bundle) and ``mrn compare`` (baselines).
+
+``mrn train`` also runs under ``torchrun`` (DistributedDataParallel, one process per device;
+docs/training.md "Distributed training"): ``torchrun --nproc_per_node N -m mrn_engine.cli train ...``.
+"""
 
 from __future__ import annotations
 
@@ -139,8 +143,12 @@ def train_cmd(
     quiet: bool,
 ) -> None:
     """Train the k-fold MRN ensemble on the labelled cases of CASES_ROOT
-    (train_cases.csv + val_cases.csv) into a model bundle."""
+    (train_cases.csv + val_cases.csv) into a model bundle.
+
+    Under torchrun every process trains the same folds with DistributedDataParallel
+    (--batch-size is the global batch; only rank 0 writes and prints)."""
     from mrn_engine.bundle import CONFIG_FILE
+    from mrn_engine.training import distributed
     from mrn_engine.training.cv import train_bundle
 
     _threads(threads)
@@ -154,17 +162,23 @@ def train_cmd(
         ),
         {"backbone_weights": weights},
     )
-    results = train_bundle(
-        cases_root,
-        out,
-        cfg,
-        folds=_folds(fold),
-        cache_dir=cache,
-        resume=resume,
-        stop_after=stop_after,
-        progress=not quiet,
-        overwrite=overwrite,
-    )
+    with distributed.session(cfg.train.device):
+        results = train_bundle(
+            cases_root,
+            out,
+            cfg,
+            folds=_folds(fold),
+            cache_dir=cache,
+            resume=resume,
+            stop_after=stop_after,
+            progress=not quiet,
+            overwrite=overwrite,
+        )
+        main, world = distributed.is_main(), distributed.world_size()
+    if not main:
+        return
+    if world > 1:
+        click.echo(f"distributed: {world} ranks (DDP), global batch {cfg.train.batch_size}")
     for r in results:
         state = "done" if r.finished else f"stopped after epoch {r.epochs_done} (use --resume)"
         last = r.metrics[-1] if r.metrics else {}

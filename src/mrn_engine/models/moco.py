@@ -14,6 +14,11 @@ keys, the student forward and the contrastive loss, enqueues the keys, and retur
 student's :class:`MRNOutput` with ``contrastive`` set; the trainer then calls
 :func:`mrn_engine.models.losses.compute_losses` and steps its optimiser. During inference the
 teacher, the projection head and the banks are discarded (only ``wrapper.model`` is saved).
+
+Under DDP (``training/distributed.py``) the batch's keys and labels are all-gathered from every
+rank before they enter the loss and the banks (MoCo v2's ``concat_all_gather``), so every rank
+sees the global batch's keys and holds the same banks; the EMA update is the same on every rank
+because DDP leaves the student's parameters equal after each step.
 """
 
 from __future__ import annotations
@@ -22,12 +27,27 @@ import copy
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mrn_engine.config import ModelConfig
 from mrn_engine.models.multiroi import MultiRoiClassifier
 from mrn_engine.models.outputs import MRNOutput
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (B, ...) of every rank concatenated in rank order; itself without DDP.
+
+    Every rank must pass the same shape (the trainer gives every rank an equal batch). No
+    gradient flows through the result (it is used for the teacher's keys only).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def momentum_for_steps(half_life: float, planned_steps: int) -> float:
@@ -234,12 +254,15 @@ class MSupMoCo(nn.Module):
         out = self.model(rois, masks if self.model.needs_masks else None)
         q = self.projection(out.patient)
         bank_keys, bank_labels = self.bank.entries()
-        all_keys = torch.cat([bank_keys, keys.to(bank_keys.dtype)])
-        all_labels = torch.cat([bank_labels, labels.to(bank_labels.device)])
+        # the global batch's keys (all ranks, rank order) under DDP; this batch's otherwise
+        keys = concat_all_gather(keys.detach().to(bank_keys.dtype))
+        key_labels = concat_all_gather(labels.to(bank_labels.device))
+        all_keys = torch.cat([bank_keys, keys])
+        all_labels = torch.cat([bank_labels, key_labels])
         out.contrastive = supervised_contrastive_loss(
             q.float(), labels, all_keys.float(), all_labels, self.temperature
         )
-        self.bank.enqueue(keys.detach(), labels)
+        self.bank.enqueue(keys, key_labels)
         return out
 
     def forward(self, batch: Mapping) -> MRNOutput:

@@ -6,6 +6,9 @@ version) and ``fold_k/`` per fold (``model.safetensors``, ``config.json``, ``met
 ``oof.csv``, ``optimizer.pt``, ``checkpoints/``); the layout is ``mrn_engine.bundle``'s. Each
 fold can be trained alone (``folds=[k]``) so folds can run in parallel processes on one bundle:
 every read-modify-write of ``bundle.json`` holds ``mrn_engine.bundle.bundle_lock``.
+
+Under torchrun (``training/distributed.py``) every rank trains the same folds together; rank 0
+alone creates the bundle, fills the ROI cache and records the weights, the others wait for it.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, find_la
 from mrn_engine.errors import ConfigError, InputDataError, MRNWarning
 from mrn_engine.rois import RoiCache
 from mrn_engine.runtime import seed_everything
+from mrn_engine.training import distributed
 from mrn_engine.training.augment import RoiAugmenter
+from mrn_engine.training.calibration import calibrate_bundle
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
 from mrn_engine.training.trainer import (
     FoldResult,
+    check_global_batch,
     check_stages,
     epoch_seed,
     train_fold,
@@ -184,7 +190,11 @@ def train_bundle(
     out = Path(out)
     if overwrite and resume:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if overwrite:
+    distributed.check_launch()
+    check_global_batch(cfg.train.batch_size, distributed.world_size())  # before any file
+    main = distributed.is_main()
+    progress = progress and main
+    if overwrite and main:
         discard_run(out)
     cohort = load_labelled_cohort(cases_root)
     wanted = list(range(cfg.train.folds)) if folds is None else sorted(set(int(k) for k in folds))
@@ -194,9 +204,13 @@ def train_bundle(
     check_stages(cfg)
     seed_everything(epoch_seed(cfg.train.seed, 0, 0))
     provenance = dict(getattr(MRNObjective(cfg).student, "weights_provenance", {}))
-    out, all_folds = prepare_bundle(out, cohort, cfg, provenance)
     cache = RoiCache(cache_dir if cache_dir is not None else out.parent / "roi_cache")
-    cache_rois(cohort, cfg, cache, progress)
+    if main:
+        out, all_folds = prepare_bundle(out, cohort, cfg, provenance)
+        cache_rois(cohort, cfg, cache, progress)
+    distributed.barrier()  # the bundle and the ROI cache exist before the other ranks read them
+    if not main:
+        all_folds = make_folds(cohort.labels, cfg.train.folds, cfg.train.cv_seed)
     load = roi_loader(cohort.files, cfg, cache)
     results = []
     for k in wanted:
@@ -229,16 +243,16 @@ def train_bundle(
                     progress=progress,
                 )
             )
-    update_bundle_weights(out)
-    _calibrate_when_complete(out, cfg.train.folds)
+    if main:
+        update_bundle_weights(out)
+        _calibrate_when_complete(out, cfg.train.folds)
+    distributed.barrier()
     return results
 
 
 def _calibrate_when_complete(out: Path, n_folds: int) -> None:
     """Once every fold is done, refit the calibration on the pooled out-of-fold predictions
     (``training/calibration_pooled.py``; replaces the per-fold temperatures)."""
-    from mrn_engine.training.calibration import calibrate_bundle
-
     if all((fold_dir(out, k) / DONE_FILE).is_file() for k in range(n_folds)):
         try:
             calibrate_bundle(out)

@@ -12,10 +12,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+)
 
 from mrn_engine.errors import InputDataError
 from mrn_engine.training.augment import RoiAugmenter
+from mrn_engine.training.distributed import RankBatchSampler
 
 #: case id -> {roi name: {"image": (S,H,W), "mask": (S,H,W) | None}}
 RoiLoader = Callable[[str], Mapping[str, Mapping[str, np.ndarray | None]]]
@@ -103,10 +110,27 @@ def make_loader(
     epoch: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A ``DataLoader`` whose order depends only on ``(seed, epoch)`` (reproducible on resume)."""
+    """A ``DataLoader`` whose order depends only on ``(seed, epoch)`` (reproducible on resume).
+
+    With ``world_size > 1`` ``batch_size`` is the global batch: rank ``rank`` gets its
+    contiguous ``batch_size / world_size`` piece of each batch of the single-process order
+    (``distributed.RankBatchSampler``), and a short last batch is always dropped.
+    """
     dataset.set_epoch(epoch)
     gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    if world_size > 1:
+        # the same sampler and generator use as DataLoader(shuffle=...) builds for one process
+        order = RandomSampler(dataset, generator=gen) if shuffle else SequentialSampler(dataset)
+        return DataLoader(
+            dataset,
+            batch_sampler=RankBatchSampler(order, batch_size, rank, world_size),
+            generator=gen,
+            num_workers=num_workers,
+            collate_fn=default_collate,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -11,6 +11,11 @@ network (``.student``) and whatever else training needs (teacher, memory banks),
 
 Its ``state_dict()`` (student, teacher, banks) is the checkpoint; ``student.state_dict()`` is
 the fold's ``model.safetensors``.
+
+Under torchrun (an initialised process group, ``training/distributed.py``) the objective runs
+in ``DistributedDataParallel``: ``train.batch_size`` is the global batch split over the ranks,
+BatchNorm uses global-batch statistics, the epoch's losses are summed over the ranks, and only
+rank 0 validates, writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from mrn_engine.models import save_model
 from mrn_engine.models.ensemble import autocast, inference_step, p_pd_of
 from mrn_engine.models.losses import loss_terms
 from mrn_engine.results import THRESHOLD
-from mrn_engine.runtime import resolve_device, seed_everything
+from mrn_engine.runtime import seed_everything
+from mrn_engine.training import distributed
 from mrn_engine.training.checkpoint import (
     load_latest_usable,
     refuse_stale_checkpoints,
@@ -220,8 +226,11 @@ def train_fold(
     model_cfg = getattr(getattr(objective, "cfg", None), "model", None)
     if isinstance(model_cfg, ModelConfig):  # the objective's own model (stand-ins have none)
         check_stages(cfg, model_cfg)
+    world, main = distributed.world_size(), distributed.is_main()
+    check_world(objective, train_ds, tc.batch_size, world)
+    progress = progress and main
     ckpt_dir = out_dir / CHECKPOINTS_DIR
-    device = resolve_device(tc.device)
+    device = distributed.local_device(tc.device)
     objective.to(device)
     optimizer = build_optimizer(objective, tc)
     total = int(tc.pretrain_epochs) + int(tc.epochs)
@@ -250,11 +259,13 @@ def train_fold(
         set_rng_states(info["rng"])
         rows = list(info.get("metrics", []))
         start = int(info["epoch"]) + 1
-        # metrics.csv may run ahead of the checkpoint (killed between the two writes)
-        write_rows_csv(out_dir / "metrics.csv", rows, METRIC_FIELDS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / CONFIG_FILE)
-    writer = _tensorboard(out_dir)
+    distributed.barrier()  # every rank has checked and read out_dir before rank 0 writes to it
+    if main:
+        if found is not None:  # metrics.csv may run ahead of the checkpoint (killed in between)
+            write_rows_csv(out_dir / METRICS_FILE, rows, METRIC_FIELDS)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / CONFIG_FILE)
+    writer = _tensorboard(out_dir) if main else None
     # which backbone weights file (and its sha256) the student started from, in every checkpoint
     provenance = getattr(
         objective.student if hasattr(objective, "student") else objective,
@@ -264,107 +275,71 @@ def train_fold(
 
     if hasattr(objective, "plan_steps"):  # mSupMoCo's EMA momentum from the run's length
         objective.plan_steps(total * (len(train_ds) // max(int(tc.batch_size), 1)))
+    model = distributed.wrap(objective, device)
     last = start - 1
-    for epoch in range(start, total + 1):
-        if stop_after is not None and epoch > stop_after:
-            break
-        stage = "pretrain" if epoch <= tc.pretrain_epochs else "train"
-        seed_everything(epoch_seed(tc.seed, fold, epoch))
-        t0 = time.perf_counter()
-        objective.train()
-        loader = make_loader(
-            train_ds,
-            tc.batch_size,
-            shuffle=True,
-            seed=tc.seed * 31 + fold,
-            epoch=epoch,
-            num_workers=tc.num_workers,
-            drop_last=True,
-        )
-        sums: dict[str, float] = {}
-        n_seen, n_correct = 0, 0
-        bar = tqdm(
-            loader,
-            desc=f"fold {fold} epoch {epoch}/{total} [{stage}]",
-            leave=False,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for batch in bar:
-            batch = to_device(batch, device)
-            with autocast(device, tc.amp):
-                out = objective(batch, stage=stage)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"fold {fold} epoch {epoch}: loss is {loss.item()} (lower the learning rates)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            objective.after_step()
-            b = int(batch["label"].shape[0])
-            n_seen += b
-            for k, v in out.items():
-                if k.startswith("loss") and torch.is_tensor(v):
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
-            if "logits" in out:
-                n_correct += int((out["logits"].detach().argmax(1) == batch["label"]).sum())
-            bar.set_postfix({k: f"{v / n_seen:.3f}" for k, v in sums.items()})
-        bar.close()
-        row: dict[str, Any] = {"epoch": epoch, "stage": stage}
-        row.update({k: v / max(n_seen, 1) for k, v in sums.items()})
-        row["train_acc"] = n_correct / n_seen if n_seen and stage == "train" else math.nan
-        if hasattr(objective, "epoch_metrics"):
-            row.update(objective.epoch_metrics())
-        recalibrate_head_norm(
-            objective.student if hasattr(objective, "student") else objective,
-            train_ds,
-            batch_size=tc.batch_size,
-            device=device,
-        )
-        oof = (
-            predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp)
-            if val_ds is not None and len(val_ds)
-            else []
-        )
-        row.update(_val_metrics(oof))
-        lrs = {g.get("name", ""): g["lr"] for g in optimizer.param_groups}
-        row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone_no_decay", math.nan))
-        row["lr_head"] = lrs.get("head", lrs.get("head_no_decay", math.nan))
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        if writer is not None:
-            for k, v in row.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    writer.add_scalar(k, v, epoch)
-        write_rows_csv(out_dir / METRICS_FILE, rows, METRIC_FIELDS)
-        save_checkpoint(
-            ckpt_dir,
-            epoch,
-            objective.state_dict(),
-            optimizer.state_dict(),
-            {
-                "config": cfg.to_dict(),
-                "fold": fold,
-                "metrics": rows,
-                "weights_provenance": provenance,
-            },
-        )
-        last = epoch
-        if progress:
-            tqdm.write(
-                f"fold {fold} epoch {epoch}/{total} [{stage}] loss {row.get('loss', math.nan):.4f} "
-                f"val_acc {row['val_acc']:.3f} val_auc {row['val_auc']:.3f}"
+    with distributed.synced_batch_norms(objective):
+        for epoch in range(start, total + 1):
+            if stop_after is not None and epoch > stop_after:
+                break
+            row = _train_epoch(
+                model, objective, optimizer, train_ds, cfg, fold, epoch, device, progress
             )
+            recalibrate_head_norm(
+                objective.student if hasattr(objective, "student") else objective,
+                train_ds,
+                batch_size=tc.batch_size,
+                device=device,
+            )
+            # every rank computed the same statistics; rank 0's are the ones it saves
+            distributed.broadcast_buffers(objective)
+            last = epoch
+            if not main:
+                distributed.barrier()  # rank 0 validates and writes the checkpoint
+                continue
+            oof = (
+                predict_dataset(
+                    objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp
+                )
+                if val_ds is not None and len(val_ds)
+                else []
+            )
+            row.update(_val_metrics(oof))
+            lrs = {g.get("name", ""): g["lr"] for g in optimizer.param_groups}
+            row["lr_backbone"] = lrs.get("backbone", lrs.get("backbone_no_decay", math.nan))
+            row["lr_head"] = lrs.get("head", lrs.get("head_no_decay", math.nan))
+            row["seconds"] = time.perf_counter() - row.pop("_t0")
+            rows.append(row)
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, float) and math.isfinite(v):
+                        writer.add_scalar(k, v, epoch)
+            write_rows_csv(out_dir / METRICS_FILE, rows, METRIC_FIELDS)
+            save_checkpoint(
+                ckpt_dir,
+                epoch,
+                objective.state_dict(),
+                optimizer.state_dict(),
+                {
+                    "config": cfg.to_dict(),
+                    "fold": fold,
+                    "metrics": rows,
+                    "weights_provenance": provenance,
+                },
+            )
+            distributed.barrier()
+            if progress:
+                tqdm.write(
+                    f"fold {fold} epoch {epoch}/{total} [{stage_of(epoch, tc.pretrain_epochs)}] "
+                    f"loss {row.get('loss', math.nan):.4f} "
+                    f"val_acc {row['val_acc']:.3f} val_auc {row['val_auc']:.3f}"
+                )
     if writer is not None:
         writer.close()
-
     finished = last >= total
     result = FoldResult(
         fold=fold, out_dir=out_dir, epochs_done=last, finished=finished, metrics=rows
     )
-    if finished:
+    if finished and main:
         oof = (
             predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp)
             if val_ds is not None and len(val_ds)
@@ -388,4 +363,117 @@ def train_fold(
         save_torch(optimizer.state_dict(), out_dir / OPTIMIZER_FILE)
         atomic_write_text(out_dir / DONE_FILE, json.dumps({"fold": fold, "epochs": last}))
         result.oof = oof
+    distributed.barrier()  # the fold's files exist before any rank moves on
     return result
+
+
+def stage_of(epoch: int, pretrain_epochs: int) -> str:
+    """``"pretrain"`` for the first ``pretrain_epochs`` epochs, then ``"train"``."""
+    return "pretrain" if epoch <= pretrain_epochs else "train"
+
+
+def check_global_batch(batch_size: int, world: int) -> int:
+    """Cases per rank; ``ConfigError`` unless the global ``batch_size`` divides by ``world``."""
+    per_rank, rest = divmod(int(batch_size), world)
+    if rest or per_rank < 1:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is the global batch and must divide by the {world} "
+            "ranks (--batch-size)"
+        )
+    return per_rank
+
+
+def check_world(objective: nn.Module, train_ds: RoiStackDataset, batch_size: int, world: int):
+    """``ConfigError`` unless ``world`` ranks can split the global batch ``batch_size``.
+
+    Each rank needs ``batch_size / world`` cases per step (an integer), at least 2 when the
+    model has BatchNorm (the head falls back to running statistics for a single case, which
+    would differ from the single-process step), and the fold at least one global batch.
+    """
+    if world == 1:
+        return
+    per_rank = check_global_batch(batch_size, world)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in objective.modules())
+    if has_bn and per_rank < 2:
+        raise ConfigError(
+            f"train.batch_size={batch_size} over {world} ranks gives 1 case per rank; this "
+            f"model has BatchNorm and needs at least 2 (--batch-size {2 * world})"
+        )
+    if len(train_ds) < batch_size:
+        raise ConfigError(
+            f"{len(train_ds)} training cases are fewer than one global batch of {batch_size}"
+        )
+
+
+def _train_epoch(
+    model: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_ds: RoiStackDataset,
+    cfg: RunConfig,
+    fold: int,
+    epoch: int,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """One epoch of optimiser steps; the metrics row (losses over all ranks' cases)."""
+    tc = cfg.train
+    total = int(tc.pretrain_epochs) + int(tc.epochs)
+    stage = stage_of(epoch, tc.pretrain_epochs)
+    seed_everything(epoch_seed(tc.seed, fold, epoch))
+    t0 = time.perf_counter()
+    objective.train()
+    loader = make_loader(
+        train_ds,
+        tc.batch_size,
+        shuffle=True,
+        seed=tc.seed * 31 + fold,
+        epoch=epoch,
+        num_workers=tc.num_workers,
+        drop_last=True,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+    sums: dict[str, float] = {}
+    n_seen, n_correct = 0, 0
+    bar = tqdm(
+        loader,
+        desc=f"fold {fold} epoch {epoch}/{total} [{stage}]",
+        leave=False,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for batch in bar:
+        batch = to_device(batch, device)
+        with autocast(device, tc.amp):
+            out = model(batch, stage=stage)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise ConfigError(
+                f"fold {fold} epoch {epoch}: loss is {loss.item()} (lower the learning rates)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        objective.after_step()
+        b = int(batch["label"].shape[0])
+        n_seen += b
+        for k, v in out.items():
+            if k.startswith("loss") and torch.is_tensor(v):
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
+        if "logits" in out:
+            n_correct += int((out["logits"].detach().argmax(1) == batch["label"]).sum())
+        bar.set_postfix({k: f"{v / n_seen:.3f}" for k, v in sums.items()})
+    bar.close()
+    names = sorted(sums)
+    on = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors
+    local = torch.tensor([*(sums[k] for k in names), n_seen, n_correct], dtype=torch.float64)
+    totals = distributed.all_reduce_sum(local.to(on)).tolist()
+    sums = dict(zip(names, totals[: len(names)], strict=True))
+    n_seen, n_correct = int(totals[-2]), int(totals[-1])
+    row: dict[str, Any] = {"epoch": epoch, "stage": stage, "_t0": t0}
+    row.update({k: v / max(n_seen, 1) for k, v in sums.items()})
+    row["train_acc"] = n_correct / n_seen if n_seen and stage == "train" else math.nan
+    if hasattr(objective, "epoch_metrics"):
+        row.update(objective.epoch_metrics())
+    return row
