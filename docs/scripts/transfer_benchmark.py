@@ -227,7 +227,7 @@ def main() -> None:
     t_train = time.perf_counter() - t0 - t_gen
     print(f"training: {t_train:.0f} s", flush=True)
     predictor = MRNPredictor.from_bundle(bundle, device="cpu")
-    folds = list(predictor.fold_states)
+    folds = list(predictor.folds)
     tag = args.intensity if len(folds) == args.folds else f"{args.intensity}_folds{len(folds)}"
     for root in roots.values():
         _wait_for(root)
