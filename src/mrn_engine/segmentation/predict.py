@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from mrn_engine.segmentation.safe_model import (
     initialize_predictor,
     trust_pickled_default,
 )
+from mrn_engine.segmentation.settings import NNUNET_DEFAULT, SegInferenceSettings
 
 #: nnU-Net readers whose array order is the NIfTI voxel order reversed, (Z, Y, X)
 REVERSED_AXIS_READERS = ("SimpleITKIO", "NibabelIO")
@@ -147,18 +148,27 @@ class NNUNetSegmenter:
         *,
         device: Any = "auto",
         folds: list[int | str] | dict[str, list[int | str]] | None = None,
-        use_mirroring: bool = True,
-        tile_step_size: float = 0.5,
+        use_mirroring: bool | None = None,
+        tile_step_size: float | None = None,
         checkpoint_name: str = CHECKPOINT_NAME,
         progress: bool = False,
         trust_pickled: bool | None = None,
+        settings: SegInferenceSettings | None = None,
     ) -> None:
-        if not 0 < tile_step_size <= 1:
+        if tile_step_size is not None and not 0 < tile_step_size <= 1:
             raise WeightsError(f"tile_step_size must lie in (0, 1], got {tile_step_size}")
+        base = settings or NNUNET_DEFAULT
+        over = {
+            k: v
+            for k, v in (("use_mirroring", use_mirroring), ("tile_step_size", tile_step_size))
+            if v is not None
+        }
+        #: how masks are predicted (mirroring, tile step, localisation); default nnU-Net's own
+        self.settings = replace(base, **over) if over else base
+        #: figures of the last :meth:`predict_volume` per modality (seconds, tiles, window)
+        self.last_figures: dict[str, dict] = {}
         self.model_dirs = {m: Path(p) for m, p in model_dirs.items()}
         self.device = resolve_device("auto" if device is None else device)
-        self.use_mirroring = use_mirroring
-        self.tile_step_size = float(tile_step_size)
         self.checkpoint_name = checkpoint_name
         self.progress = progress
         #: full unpickling of legacy checkpoints (opt-in; default from MRN_TRUST_PICKLED_NNUNET)
@@ -198,8 +208,8 @@ class NNUNetSegmenter:
         bundle_or_nnunet_dir: str | os.PathLike,
         device: Any = "auto",
         folds: list[int | str] | None = None,
-        use_mirroring: bool = True,
-        tile_step_size: float = 0.5,
+        use_mirroring: bool | None = None,
+        tile_step_size: float | None = None,
         **kwargs: Any,
     ) -> NNUNetSegmenter:
         """Segmenter of ``BUNDLE/nnunet/{NM,QSM}`` (or of an ``nnunet`` folder directly).
@@ -219,14 +229,22 @@ class NNUNetSegmenter:
             **kwargs,
         )
 
+    @property
+    def use_mirroring(self) -> bool:
+        return self.settings.use_mirroring
+
+    @property
+    def tile_step_size(self) -> float:
+        return self.settings.tile_step_size
+
     # -- loading ---------------------------------------------------------------------------
     def _predictor(self, modality: str):
         if modality not in self._predictors:
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            from mrn_engine.segmentation.windowed import WindowedPredictor
 
             d = self.model_dirs[modality]
             with nnunet_environment(None):
-                pred = nnUNetPredictor(
+                pred = WindowedPredictor(
                     tile_step_size=self.tile_step_size,
                     use_gaussian=True,
                     use_mirroring=self.use_mirroring,
@@ -263,7 +281,11 @@ class NNUNetSegmenter:
             None
         ]
         props = {"spacing": [float(s) for s in image.spacing[::-1]]}
-        seg = pred.predict_single_npy_array(data, props, None, None, False)
+        if hasattr(pred, "predict_case"):  # our WindowedPredictor (a stand-in may lack it)
+            seg, figures = pred.predict_case(data, props, self.settings, name=image.name)
+            self.last_figures[modality] = figures
+        else:
+            seg = pred.predict_single_npy_array(data, props, None, None, False)
         seg = np.asarray(seg).transpose(2, 1, 0)
         if seg.shape != image.shape:
             raise SegmentationError(
