@@ -95,13 +95,59 @@ def predictor_options(out_help: str):
     return apply
 
 
-def build_predictor(model: Path, folds: str | None, tta: bool, device: str, ignore_masks: bool):
-    """``MRNPredictor`` of a bundle from the command-line values."""
-    from mrn_engine.inference import MRNPredictor
+def seg_options(f):
+    """nnU-Net speed settings of the mask-free path (``SegInferenceSettings``)."""
+    for option in reversed(
+        (
+            click.option(
+                "--seg-mirroring/--no-seg-mirroring",
+                default=None,
+                help="nnU-Net test-time mirroring for cases without masks (default: off).",
+            ),
+            click.option(
+                "--seg-tile-step",
+                type=click.FloatRange(0.5, 1.0),
+                default=None,
+                help="nnU-Net sliding-window step, fraction of the patch (default 0.75).",
+            ),
+            click.option(
+                "--seg-localize/--no-seg-localize",
+                default=None,
+                help="Coarse pass first, full sliding window only around the nuclei (default: on).",
+            ),
+        )
+    ):
+        f = option(f)
+    return f
 
-    return MRNPredictor.from_bundle(
+
+def seg_settings(mirroring: bool | None, step: float | None, localize: bool | None):
+    """``SegInferenceSettings`` from the options (None when none was given: the defaults)."""
+    from dataclasses import replace
+
+    from mrn_engine.segmentation.settings import SegInferenceSettings
+
+    given = {
+        k: v
+        for k, v in (("use_mirroring", mirroring), ("tile_step_size", step), ("localize", localize))
+        if v is not None
+    }
+    return replace(SegInferenceSettings(), **given) if given else None
+
+
+def build_predictor(
+    model: Path, folds: str | None, tta: bool, device: str, ignore_masks: bool, seg=None
+):
+    """``MRNPredictor`` of a bundle from the command-line values (``seg``: nnU-Net settings)."""
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.inference.mask_source import bundle_segmenter_factory
+
+    predictor = MRNPredictor.from_bundle(
         model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
     )
+    if seg is not None and predictor.bundle is not None:
+        predictor.masks.segmenter_factory = bundle_segmenter_factory(predictor.bundle, device, seg)
+    return predictor
 
 
 #: exit status of ``mrn predict`` when some (not all) cases failed, without --allow-partial
@@ -123,6 +169,7 @@ EXIT_FAILED = 2
     help="Diagnosis only: skip the DPT segmentation head (same P(PD), faster); "
     "no NM_pred/QSM_pred files.",
 )
+@seg_options
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -134,13 +181,17 @@ def predict_cmd(
     quiet: bool,
     allow_partial: bool,
     no_nuclei: bool,
+    seg_mirroring: bool | None,
+    seg_tile_step: float | None,
+    seg_localize: bool | None,
 ) -> None:
     """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR.
 
     Exit status: 0 all cases predicted; 3 some cases failed (0 with --allow-partial);
     2 no case predicted or an error that stopped the run.
     """
-    predictor = build_predictor(model, folds, tta, device, ignore_masks)
+    seg = seg_settings(seg_mirroring, seg_tile_step, seg_localize)
+    predictor = build_predictor(model, folds, tta, device, ignore_masks, seg)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
     result = predictor.predict_cases(cases_dir, out, progress=not quiet, nuclei=not no_nuclei)

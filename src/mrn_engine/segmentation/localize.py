@@ -22,9 +22,7 @@ def foreground_box(labels: np.ndarray) -> Box | None:
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
 
 
-def grow_box(
-    box: Box, patch: Sequence[int], margin_patches: float, shape: Sequence[int]
-) -> Box:
+def grow_box(box: Box, patch: Sequence[int], margin_patches: float, shape: Sequence[int]) -> Box:
     """``box`` grown by ``margin_patches`` x the patch size on every side, clipped to ``shape``."""
     out = []
     for sl, p, n in zip(box, patch, shape, strict=True):
@@ -49,9 +47,7 @@ def tile_intersects(tile: Sequence[slice], window: Box, offset: Sequence[int]) -
     return True
 
 
-def select_tiles(
-    slicers: Sequence[tuple], window: Box, offset: Sequence[int]
-) -> list[tuple]:
+def select_tiles(slicers: Sequence[tuple], window: Box, offset: Sequence[int]) -> list[tuple]:
     """The nnU-Net tile slicers (``(slice(None), sz, sy, sx)``) that overlap ``window``.
 
     Keeping the full-volume tiles (same positions, same order) instead of laying a new grid

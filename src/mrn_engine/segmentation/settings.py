@@ -60,3 +60,14 @@ class SegInferenceSettings:
 
 #: nnU-Net's own defaults (overlap 0.5, mirroring, whole volume): the quality reference
 NNUNET_DEFAULT = SegInferenceSettings(use_mirroring=True, tile_step_size=0.5, localize=False)
+
+#: settings compared by ``mrn bench seg``: {mirror|nomirror}-STEP-{whole|local}, reference first
+BENCH_SETTINGS = (
+    "mirror-0.5-whole",
+    "nomirror-0.5-whole",
+    "mirror-0.5-local",
+    "nomirror-0.5-local",
+    "nomirror-0.75-local",
+    "nomirror-1.0-whole",
+    "nomirror-1.0-local",
+)

@@ -181,7 +181,5 @@ def write_random_bundle(
     """
     root = Path(bundle) / NNUNET_DIR
     for i, mod in enumerate(("NM", "QSM")):
-        write_random_model(
-            root / mod, mod, preset=preset, folds=folds, seed=seed + i, **overrides
-        )
+        write_random_model(root / mod, mod, preset=preset, folds=folds, seed=seed + i, **overrides)
     return root
