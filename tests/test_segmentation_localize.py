@@ -220,3 +220,58 @@ def test_real_random_network_full_and_localised(bundle):
     inside[win[2][0] : win[2][1], win[1][0] : win[1][1], win[0][0] : win[0][1]] = True
     assert np.mean(m_loc[inside] == m_full[inside]) >= 0.999
     assert f["calls_per_tile"] == 4  # mirroring along Z and Y, never left-right
+
+
+# -- settings on the diagnosis path --------------------------------------------------------
+def test_predict_options_reach_the_bundle_segmenter(tmp_path):
+    """``mrn predict --no-seg-localize --seg-tile-step 1.0 --seg-mirroring`` -> the segmenter the
+    predictor builds for mask-free cases runs with exactly those settings; without options it
+    runs with the measured defaults (``SegInferenceSettings()``)."""
+    from click.testing import CliRunner
+
+    from mrn_engine.badinput.cases import write_bundle
+    from mrn_engine.cli import predict as cli_predict
+
+    bundle = write_bundle(tmp_path / "bundle", folds=(0,))
+    write_random_bundle(bundle, patch=PATCH, spacing=SPACING, features=(4, 8, 16))
+    seen = {}
+
+    def fake_build(model, folds, tta, device, ignore_masks, seg=None):
+        predictor = orig_build(model, folds, tta, device, ignore_masks, seg)
+        seen["settings"] = predictor.segmenter_factory().settings
+        raise SystemExit(0)
+
+    orig_build = cli_predict.build_predictor
+    cli_predict.build_predictor = fake_build
+    try:
+        args = [str(tmp_path), "--model", str(bundle), "--out", str(tmp_path / "o")]
+        runner = CliRunner()
+        runner.invoke(cli_predict.predict_cmd, args, catch_exceptions=False)
+        assert seen["settings"] == SegInferenceSettings()
+        more = ["--no-seg-localize", "--seg-tile-step", "1.0", "--seg-mirroring"]
+        runner.invoke(cli_predict.predict_cmd, args + more, catch_exceptions=False)
+        assert seen["settings"] == SegInferenceSettings(
+            use_mirroring=True, tile_step_size=1.0, localize=False
+        )
+        bad = runner.invoke(cli_predict.predict_cmd, args + ["--seg-tile-step", "0.2"])
+        assert bad.exit_code == 2 and "0.5<=x<=1.0" in bad.output
+    finally:
+        cli_predict.build_predictor = orig_build
+
+
+def test_bench_setting_names_and_dice():
+    from mrn_engine.segmentation.bench import mean_dice, parse_setting
+
+    assert parse_setting("mirror-0.5-whole") == NNUNET_DEFAULT
+    assert parse_setting("nomirror-0.75-local") == SegInferenceSettings(
+        use_mirroring=False, tile_step_size=0.75, localize=True
+    )
+    for bad in ("mirror-0.5", "fast-0.5-local", "mirror-x-local", "mirror-2-local"):
+        with pytest.raises(ConfigError):
+            parse_setting(bad)
+    a = np.zeros((4, 4), np.uint8)
+    b = a.copy()
+    assert mean_dice(a, b) == 1.0
+    a[0, :2], b[0, 1:3] = 1, 1  # label 1: overlap 1 of 2 + 2 -> 0.5
+    a[3, 3] = 2  # label 2 only in a -> 0
+    assert mean_dice(a, b) == pytest.approx(0.25)

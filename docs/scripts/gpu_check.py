@@ -99,7 +99,11 @@ def mask_free(work: Path, preset: str, nn_preset: str, folds: int, n_cases: int,
     out["phantoms_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bundle = random_mrn_bundle(work / "bundle", preset, folds)
-    nnunet = write_random_bundle(work / "bundle", preset=nn_preset, folds=tuple(range(folds)))
+    # smoke: the tiny networks at a 4 mm grid (few tiles) so the CPU run takes minutes
+    coarse = {"spacing": (4.0, 4.0, 4.0)} if nn_preset == "tiny" else {}
+    nnunet = write_random_bundle(
+        work / "bundle", preset=nn_preset, folds=tuple(range(folds)), **coarse
+    )
     out["random_models_s"] = time.perf_counter() - t0
     runs = {
         "nnU-Net default (mirroring, step 0.5, whole volume)": SegInferenceSettings(

@@ -28,17 +28,14 @@ DEFAULT_SETTINGS = BENCH_SETTINGS
 
 
 def parse_setting(name: str) -> SegInferenceSettings:
-    """``{mirror|nomirror}-{step}-{whole|local}`` -> settings (ConfigError otherwise)."""
+    """``{mirror|nomirror}-{step}-{whole|local|oracle}`` -> settings (ConfigError otherwise).
+
+    ``oracle`` = ``local`` whose window comes from the case's true masks (timing of
+    random-weight models; the coarse pass still runs).
+    """
     parts = name.strip().split("-")
-    if (
-        len(parts) != 3
-        or parts[0] not in ("mirror", "nomirror")
-        or parts[2]
-        not in (
-            "whole",
-            "local",
-        )
-    ):
+    ok = len(parts) == 3 and parts[0] in ("mirror", "nomirror")
+    if not ok or parts[2] not in ("whole", "local", "oracle"):
         raise ConfigError(
             f"segmentation setting {name!r}: expected {{mirror|nomirror}}-STEP-{{whole|local}}, "
             "e.g. nomirror-0.75-local"
@@ -50,7 +47,7 @@ def parse_setting(name: str) -> SegInferenceSettings:
             f"segmentation setting {name!r}: step {parts[1]!r} is not a number"
         ) from None
     return SegInferenceSettings(
-        use_mirroring=parts[0] == "mirror", tile_step_size=step, localize=parts[2] == "local"
+        use_mirroring=parts[0] == "mirror", tile_step_size=step, localize=parts[2] != "whole"
     )
 
 
@@ -112,7 +109,13 @@ def bench_segmentation(
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MRNWarning)
-                nm, qsm = seg.predict(case, strict=False)
+                if name.endswith("-oracle"):
+                    if case.nm_mask is None or case.qsm_mask is None:
+                        raise InputDataError(f"{case.case_id}: -oracle settings need mask files")
+                    nm = seg.predict_volume(case.nm, "NM", oracle=case.nm_mask)
+                    qsm = seg.predict_volume(case.qsm, "QSM", oracle=case.qsm_mask)
+                else:
+                    nm, qsm = seg.predict(case, strict=False)
             times.append(time.perf_counter() - t0)
             figs = seg.last_figures.values()
             tiles.append(sum(f["tiles_evaluated"] for f in figs))

@@ -272,8 +272,14 @@ class NNUNetSegmenter:
         return self
 
     # -- prediction ------------------------------------------------------------------------
-    def predict_volume(self, image: Volume, modality: str) -> Volume:
-        """Mask of one image (challenge labels, uint8) on the image's own grid."""
+    def predict_volume(
+        self, image: Volume, modality: str, *, oracle: Volume | None = None
+    ) -> Volume:
+        """Mask of one image (challenge labels, uint8) on the image's own grid.
+
+        ``oracle``: benchmarks of random-weight models only -- a reference mask whose nuclei
+        box stands in for the coarse pass's (see ``WindowedPredictor.predict_case``).
+        """
         if modality not in self.model_dirs:
             raise WeightsError(f"no nnU-Net {modality} model loaded")
         pred = self._predictor(modality)
@@ -282,7 +288,10 @@ class NNUNetSegmenter:
         ]
         props = {"spacing": [float(s) for s in image.spacing[::-1]]}
         if hasattr(pred, "predict_case"):  # our WindowedPredictor (a stand-in may lack it)
-            seg, figures = pred.predict_case(data, props, self.settings, name=image.name)
+            ref = None if oracle is None else np.asarray(oracle.array).transpose(2, 1, 0)
+            seg, figures = pred.predict_case(
+                data, props, self.settings, name=image.name, oracle=ref
+            )
             self.last_figures[modality] = figures
         else:
             seg = pred.predict_single_npy_array(data, props, None, None, False)

@@ -138,12 +138,20 @@ class WindowedPredictor(nnUNetPredictor):
         return np.asarray(seg).transpose(self.plans_manager.transpose_backward)
 
     def predict_case(
-        self, image: np.ndarray, properties: dict, settings: SegInferenceSettings, name: str = ""
+        self,
+        image: np.ndarray,
+        properties: dict,
+        settings: SegInferenceSettings,
+        name: str = "",
+        oracle: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict]:
         """Label map ``(Z, Y, X)`` of one ``(1, Z, Y, X)`` image and the run's figures.
 
         Figures: seconds per step, tiles evaluated (coarse, fine), tiles of a full-volume run
         at the fine step, window fraction of the preprocessed volume, ``fallback``.
+        ``oracle`` (benchmarks only): a reference label map on the image's grid whose nuclei
+        box replaces the coarse pass's (which still runs and is timed) -- the window a
+        trained coarse pass would find, for timing untrained (random-weight) models.
         """
         t0 = time.perf_counter()
         pre = self.configuration_manager.preprocessor_class(verbose=False)
@@ -167,6 +175,8 @@ class WindowedPredictor(nnUNetPredictor):
             t = time.perf_counter()
             coarse = self._logits(data, settings.coarse_tile_step_size, False, params[:1], None)
             box = foreground_box(self.label_manager.convert_logits_to_segmentation(coarse))
+            if oracle is not None:
+                box = _to_preprocessed(foreground_box(oracle), props, shape)
             fig["tiles_coarse"], self.tiles_evaluated = self.tiles_evaluated, 0
             fig["coarse_s"] = time.perf_counter() - t
             if box is None:
@@ -214,3 +224,17 @@ class WindowedPredictor(nnUNetPredictor):
         fig["tiles_evaluated"] = fig["tiles_coarse"] + fig["tiles_fine"]
         fig["total_s"] = time.perf_counter() - t0
         return np.asarray(seg), fig
+
+
+def _to_preprocessed(box: Box | None, props: dict, shape: tuple[int, ...]) -> Box | None:
+    """A box on the original (Z, Y, X) grid -> nnU-Net's cropped and resampled grid."""
+    if box is None:
+        return None
+    crop = props["shape_after_cropping_and_before_resampling"]
+    out = []
+    for sl, (lo, _), c, n in zip(box, props["bbox_used_for_cropping"], crop, shape, strict=True):
+        f = n / c
+        start = int(np.clip(np.floor((sl.start - lo) * f), 0, n - 1))
+        stop = int(np.clip(np.ceil((sl.stop - lo) * f), start + 1, n))
+        out.append(slice(start, stop))
+    return tuple(out)
