@@ -201,6 +201,7 @@ def test_no_nucleus_found_falls_back_to_the_whole_volume(bundle):
     assert f["tiles_fine"] == f["tiles_full"] and not mask.array.any()
 
 
+@pytest.mark.slow
 def test_real_random_network_full_and_localised(bundle):
     """A real (random-weight) nnU-Net PlainConvUNet through the whole path, two folds with
     mirroring: the localised run's mask equals the full run inside its window."""
