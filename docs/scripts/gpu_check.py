@@ -68,7 +68,11 @@ def random_mrn_bundle(root: Path, preset: str, folds: int) -> Path:
     from mrn_engine.config import get_preset
     from mrn_engine.models import build_model, save_model
 
-    cfg = get_preset(preset).replace(model={"allow_random_init": True, "backbone_weights": None})
+    # percentile intensity mapping: random nnU-Net masks have no usable NM reference region
+    cfg = get_preset(preset).replace(
+        model={"allow_random_init": True, "backbone_weights": None},
+        roi={"intensity": "percentile"},
+    )
     root.mkdir(parents=True, exist_ok=True)
     cfg.save(root / "config.json")
     info = {

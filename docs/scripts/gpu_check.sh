@@ -31,6 +31,8 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/mrn_gpu_check.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export MRN_CACHE_DIR="$work/cache"
-# 8-minute budget: the script stops itself and still writes what it has
-timeout --signal=INT 480 python docs/scripts/gpu_check.py $smoke --out "$out" --work "$work" \
+# 8-minute budget on the GPU (30 on the CPU smoke run): stopped, it still writes what it has
+budget=480
+[[ -n "$smoke" ]] && budget=1800
+timeout --signal=INT "$budget" python docs/scripts/gpu_check.py $smoke --out "$out" --work "$work" \
   --cases "$cases"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mrn_engine.data import discover_cases, load_case
-from mrn_engine.errors import ConfigError, InputDataError, MRNWarning
+from mrn_engine.errors import ConfigError, InputDataError, MRNError, MRNWarning
 from mrn_engine.segmentation.predict import NNUNetSegmenter
 from mrn_engine.segmentation.settings import BENCH_SETTINGS, SegInferenceSettings
 
@@ -145,7 +145,11 @@ def bench_segmentation(
             f"{name}: {row['s_per_case']:.1f} s/case, Dice vs reference {row['dice_vs_reference']:.3f}"
         )
     if diagnose is not None:
-        result["diagnosis"] = _bench_diagnosis(diagnose, nnunet_dir, cases, parsed, device)
+        try:
+            result["diagnosis"] = _bench_diagnosis(diagnose, nnunet_dir, cases, parsed, device)
+        except MRNError as e:  # e.g. random-weight masks that MRN's preprocessing refuses
+            result["diagnosis_error"] = str(e)
+            log(f"mask-free diagnosis failed: {e}")
     result["load_avg_end"] = _load_avg()
     return result
 
@@ -182,6 +186,8 @@ def format_result(result: dict[str, Any]) -> str:
             f"{r['network_calls_per_case']:.0f} | {r['window_fraction_nm_qsm']} | "
             f"{r['dice_vs_reference']:.3f}, {r['dice_vs_reference_min']:.3f} |"
         )
+    if "diagnosis_error" in result:
+        lines += ["", f"mask-free diagnosis failed: {result['diagnosis_error']}"]
     if "diagnosis" in result:
         d = result["diagnosis"]
         lines += [
