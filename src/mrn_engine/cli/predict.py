@@ -108,7 +108,7 @@ def seg_options(f):
                 "--seg-tile-step",
                 type=click.FloatRange(0.5, 1.0),
                 default=None,
-                help="nnU-Net sliding-window step, fraction of the patch (default 0.75).",
+                help="nnU-Net sliding-window step, fraction of the patch (default 1.0).",
             ),
             click.option(
                 "--seg-localize/--no-seg-localize",

@@ -2,7 +2,8 @@
 
 ``SegInferenceSettings`` is what ``mrn predict --seg-mirroring/--seg-tile-step/--seg-localize``
 set and what :class:`~mrn_engine.segmentation.NNUNetSegmenter` runs with. The defaults are the
-measured speed/Dice trade-off of ``docs/performance.md`` (mask-free diagnosis).
+fastest setting measured in ``docs/performance.md`` (mask-free diagnosis; its Dice cost needs
+trained models to measure).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class SegInferenceSettings:
     """
 
     use_mirroring: bool = False
-    tile_step_size: float = 0.75
+    tile_step_size: float = 1.0
     localize: bool = True
     margin_patches: float = 0.5
     coarse_tile_step_size: float = 1.0
