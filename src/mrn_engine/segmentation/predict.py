@@ -139,7 +139,11 @@ class NNUNetSegmenter:
     """NM + QSM nucleus segmentation with trained nnU-Net v2 models, in this process.
 
     Build with :meth:`from_bundle`; call :meth:`predict` per case. Networks are loaded on first
-    use (or by :meth:`load`) and kept for all later cases.
+    use (or by :meth:`load`) and kept for all later cases. ``settings``
+    (:class:`~mrn_engine.segmentation.settings.SegInferenceSettings`; default nnU-Net's own:
+    mirroring, step 0.5, whole volume) choose mirroring, tile step and localisation;
+    ``use_mirroring`` / ``tile_step_size`` override them. :attr:`last_figures` holds the
+    seconds, tiles and window of the last prediction per modality.
     """
 
     def __init__(
