@@ -345,3 +345,19 @@ def test_a_forked_child_never_keeps_the_output_locked(tmp_path):
     finally:
         stop.set()
         child.join()
+
+
+def test_nnunet_settings_are_part_of_the_run_fingerprint(predictor):
+    """Other nnU-Net settings give other masks: a rerun with them must not resume."""
+    from mrn_engine.inference.manifest import run_fingerprint
+    from mrn_engine.segmentation.settings import SegInferenceSettings
+
+    before = run_fingerprint(predictor, nuclei=True)
+    try:
+        predictor.masks.seg_settings = SegInferenceSettings()
+        assert run_fingerprint(predictor, nuclei=True) == before  # the defaults, spelled out
+        predictor.masks.seg_settings = SegInferenceSettings(use_mirroring=True)
+        changed = run_fingerprint(predictor, nuclei=True)
+    finally:
+        predictor.masks.seg_settings = None
+    assert changed != before and changed["seg"]["use_mirroring"] is True

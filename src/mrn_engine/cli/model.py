@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.segmentation.settings import BENCH_SETTINGS as DEFAULT_SEG_SETTINGS
+
 
 @click.group("bench")
 def bench_group() -> None:
@@ -89,10 +91,101 @@ def bench_model_cmd(
         atomic_write_text(json_path, json.dumps(result, indent=2))
 
 
+@bench_group.command("seg")
+@click.argument("cases_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--nnunet",
+    "nnunet_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Bundle (or its nnunet/ folder) with the NM and QSM models.",
+)
+@click.option(
+    "--random",
+    "random_preset",
+    type=click.Choice(["tiny", "full"]),
+    default=None,
+    help="Instead of --nnunet: random-weight models (speed only; masks meaningless).",
+)
+@click.option("--random-folds", default=1, show_default=True, help="Folds of --random models.")
+@click.option(
+    "--settings",
+    default=",".join(DEFAULT_SEG_SETTINGS),
+    show_default=True,
+    help="Comma-separated {mirror|nomirror}-STEP-{whole|local}; the first is the reference.",
+)
+@click.option("--cases", "n_cases", default=2, show_default=True, help="Cases to time.")
+@click.option(
+    "--model",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="MRN bundle: also time the mask-free diagnosis with the last setting.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU.")
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the figures as JSON.",
+)
+def bench_seg_cmd(
+    cases_dir: Path,
+    nnunet_dir: Path | None,
+    random_preset: str | None,
+    random_folds: int,
+    settings: str,
+    n_cases: int,
+    model: Path | None,
+    device: str,
+    threads: int | None,
+    json_path: Path | None,
+) -> None:
+    """Seconds per case, tiles and Dice vs the reference of nnU-Net mask settings (mask-free
+    diagnosis path) on the case folders of CASES_DIR (their mask files are not used)."""
+    import tempfile
+
+    import torch
+
+    from mrn_engine.config import atomic_write_text
+    from mrn_engine.errors import ConfigError
+    from mrn_engine.segmentation.bench import bench_segmentation, format_result, random_nnunet
+
+    if (nnunet_dir is None) == (random_preset is None):
+        raise ConfigError("give exactly one of --nnunet DIR and --random tiny|full")
+    if threads:
+        torch.set_num_threads(threads)
+
+    def diagnose(seg):
+        from mrn_engine.inference import MRNPredictor
+
+        mrn = MRNPredictor.from_bundle(model, device=device, segmenter=seg, ignore_masks=True)
+        return mrn.predict_case
+
+    with tempfile.TemporaryDirectory(prefix="mrn_bench_seg_") as tmp:
+        if random_preset:
+            nnunet_dir = random_nnunet(tmp, random_preset, tuple(range(random_folds)))
+        result = bench_segmentation(
+            nnunet_dir,
+            cases_dir,
+            settings=[s for s in settings.split(",") if s.strip()],
+            n_cases=n_cases,
+            device=device,
+            diagnose=diagnose if model else None,
+            log=lambda m: click.echo(m, err=True),
+        )
+    result["random_weights"] = random_preset
+    click.echo(format_result(result))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+
+
 def register(group: click.Group) -> None:
-    """Add ``bench model`` to the ``mrn`` group (the ``bench`` group is created if absent)."""
+    """Add ``bench model`` / ``bench seg`` to the ``mrn`` group (``bench`` created if absent)."""
     existing = group.commands.get("bench")
     if isinstance(existing, click.Group):
         existing.add_command(bench_model_cmd)
+        existing.add_command(bench_seg_cmd)
     else:
         group.add_command(bench_group)

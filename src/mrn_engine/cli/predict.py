@@ -95,13 +95,60 @@ def predictor_options(out_help: str):
     return apply
 
 
-def build_predictor(model: Path, folds: str | None, tta: bool, device: str, ignore_masks: bool):
-    """``MRNPredictor`` of a bundle from the command-line values."""
-    from mrn_engine.inference import MRNPredictor
+def seg_options(f):
+    """nnU-Net speed settings of the mask-free path (``SegInferenceSettings``)."""
+    for option in reversed(
+        (
+            click.option(
+                "--seg-mirroring/--no-seg-mirroring",
+                default=None,
+                help="nnU-Net test-time mirroring for cases without masks (default: off).",
+            ),
+            click.option(
+                "--seg-tile-step",
+                type=click.FloatRange(0.5, 1.0),
+                default=None,
+                help="nnU-Net sliding-window step, fraction of the patch (default 1.0).",
+            ),
+            click.option(
+                "--seg-localize/--no-seg-localize",
+                default=None,
+                help="Coarse pass first, full sliding window only around the nuclei (default: on).",
+            ),
+        )
+    ):
+        f = option(f)
+    return f
 
-    return MRNPredictor.from_bundle(
+
+def seg_settings(mirroring: bool | None, step: float | None, localize: bool | None):
+    """``SegInferenceSettings`` from the options (None when none was given: the defaults)."""
+    from dataclasses import replace
+
+    from mrn_engine.segmentation.settings import SegInferenceSettings
+
+    given = {
+        k: v
+        for k, v in (("use_mirroring", mirroring), ("tile_step_size", step), ("localize", localize))
+        if v is not None
+    }
+    return replace(SegInferenceSettings(), **given) if given else None
+
+
+def build_predictor(
+    model: Path, folds: str | None, tta: bool, device: str, ignore_masks: bool, seg=None
+):
+    """``MRNPredictor`` of a bundle from the command-line values (``seg``: nnU-Net settings)."""
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.inference.mask_source import bundle_segmenter_factory
+
+    predictor = MRNPredictor.from_bundle(
         model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
     )
+    if seg is not None and predictor.bundle is not None:
+        predictor.masks.segmenter_factory = bundle_segmenter_factory(predictor.bundle, device, seg)
+        predictor.masks.seg_settings = seg
+    return predictor
 
 
 def cohort_options(f):
@@ -149,6 +196,7 @@ EXIT_FAILED = 2
     "no NM_pred/QSM_pred files.",
 )
 @cohort_options
+@seg_options
 def predict_cmd(
     cases_dir: Path,
     model: Path,
@@ -163,6 +211,9 @@ def predict_cmd(
     workers: int | None,
     shard: str | None,
     overwrite: bool,
+    seg_mirroring: bool | None,
+    seg_tile_step: float | None,
+    seg_localize: bool | None,
 ) -> None:
     """Predict PD/HC and the nuclei masks for every case folder under CASES_DIR.
 
@@ -177,7 +228,8 @@ def predict_cmd(
     from mrn_engine.inference.timing import format_summary
 
     chosen = parse_shard(shard)  # bad syntax fails before the bundle is read
-    predictor = build_predictor(model, folds, tta, device, ignore_masks)
+    seg = seg_settings(seg_mirroring, seg_tile_step, seg_localize)
+    predictor = build_predictor(model, folds, tta, device, ignore_masks, seg)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
     result = predictor.predict_cases(

@@ -24,6 +24,7 @@ from mrn_engine.bundle import CONFIG_FILE, ModelBundle
 from mrn_engine.data.tables import write_json
 from mrn_engine.errors import InputDataError
 from mrn_engine.runtime import file_sha256
+from mrn_engine.segmentation.settings import SegInferenceSettings
 from mrn_engine.training.calibration import CALIBRATION_FILE
 
 try:
@@ -75,6 +76,8 @@ def run_fingerprint(predictor: Any, *, nuclei: bool) -> dict[str, object]:
         "tta": bool(getattr(predictor, "tta", False)),
         "nuclei": bool(nuclei),
         "ignore_masks": bool(getattr(masks, "ignore_masks", False)),
+        # nnU-Net settings change the masks of cases without mask files
+        "seg": asdict(getattr(masks, "seg_settings", None) or SegInferenceSettings()),
     }
 
 

@@ -12,6 +12,7 @@ from mrn_engine.bundle import ModelBundle
 from mrn_engine.errors import InputDataError
 from mrn_engine.runtime import resolve_device
 from mrn_engine.segmentation import NNUNetSegmenter
+from mrn_engine.segmentation.settings import SegInferenceSettings
 
 
 class Segmenter(Protocol):
@@ -52,6 +53,8 @@ class MaskSource:
         self.segmenter = segmenter
         self.segmenter_factory = segmenter_factory
         self.ignore_masks = ignore_masks
+        #: nnU-Net settings the factory was built with (None: ``SegInferenceSettings()``)
+        self.seg_settings: SegInferenceSettings | None = None
 
     def masks_for(
         self, case: Any, nm_mask: Any = None, qsm_mask: Any = None
@@ -90,13 +93,22 @@ class MaskSource:
 
 
 def bundle_segmenter_factory(
-    bundle: ModelBundle, device: str | torch.device
+    bundle: ModelBundle,
+    device: str | torch.device,
+    settings: SegInferenceSettings | None = None,
 ) -> Callable[[], Segmenter] | None:
-    """Builds ``NNUNetSegmenter`` of ``BUNDLE/nnunet`` when first needed (None without one)."""
+    """Builds ``NNUNetSegmenter`` of ``BUNDLE/nnunet`` when first needed (None without one).
+
+    ``settings``: mirroring, tile step and localisation of the mask prediction (default
+    ``SegInferenceSettings()``, the measured speed/Dice choice of docs/performance.md).
+    """
     if bundle.nnunet_dir is None:
         return None
+    chosen = settings or SegInferenceSettings()
 
     def make() -> Segmenter:
-        return NNUNetSegmenter.from_bundle(bundle.root, device=resolve_device(device))
+        return NNUNetSegmenter.from_bundle(
+            bundle.root, device=resolve_device(device), settings=chosen
+        )
 
     return make

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from mrn_engine.segmentation.safe_model import (
     initialize_predictor,
     trust_pickled_default,
 )
+from mrn_engine.segmentation.settings import NNUNET_DEFAULT, SegInferenceSettings
 
 #: nnU-Net readers whose array order is the NIfTI voxel order reversed, (Z, Y, X)
 REVERSED_AXIS_READERS = ("SimpleITKIO", "NibabelIO")
@@ -138,7 +139,11 @@ class NNUNetSegmenter:
     """NM + QSM nucleus segmentation with trained nnU-Net v2 models, in this process.
 
     Build with :meth:`from_bundle`; call :meth:`predict` per case. Networks are loaded on first
-    use (or by :meth:`load`) and kept for all later cases.
+    use (or by :meth:`load`) and kept for all later cases. ``settings``
+    (:class:`~mrn_engine.segmentation.settings.SegInferenceSettings`; default nnU-Net's own:
+    mirroring, step 0.5, whole volume) choose mirroring, tile step and localisation;
+    ``use_mirroring`` / ``tile_step_size`` override them. :attr:`last_figures` holds the
+    seconds, tiles and window of the last prediction per modality.
     """
 
     def __init__(
@@ -147,18 +152,27 @@ class NNUNetSegmenter:
         *,
         device: Any = "auto",
         folds: list[int | str] | dict[str, list[int | str]] | None = None,
-        use_mirroring: bool = True,
-        tile_step_size: float = 0.5,
+        use_mirroring: bool | None = None,
+        tile_step_size: float | None = None,
         checkpoint_name: str = CHECKPOINT_NAME,
         progress: bool = False,
         trust_pickled: bool | None = None,
+        settings: SegInferenceSettings | None = None,
     ) -> None:
-        if not 0 < tile_step_size <= 1:
+        if tile_step_size is not None and not 0 < tile_step_size <= 1:
             raise WeightsError(f"tile_step_size must lie in (0, 1], got {tile_step_size}")
+        base = settings or NNUNET_DEFAULT
+        over = {
+            k: v
+            for k, v in (("use_mirroring", use_mirroring), ("tile_step_size", tile_step_size))
+            if v is not None
+        }
+        #: how masks are predicted (mirroring, tile step, localisation); default nnU-Net's own
+        self.settings = replace(base, **over) if over else base
+        #: figures of the last :meth:`predict_volume` per modality (seconds, tiles, window)
+        self.last_figures: dict[str, dict] = {}
         self.model_dirs = {m: Path(p) for m, p in model_dirs.items()}
         self.device = resolve_device("auto" if device is None else device)
-        self.use_mirroring = use_mirroring
-        self.tile_step_size = float(tile_step_size)
         self.checkpoint_name = checkpoint_name
         self.progress = progress
         #: full unpickling of legacy checkpoints (opt-in; default from MRN_TRUST_PICKLED_NNUNET)
@@ -198,8 +212,8 @@ class NNUNetSegmenter:
         bundle_or_nnunet_dir: str | os.PathLike,
         device: Any = "auto",
         folds: list[int | str] | None = None,
-        use_mirroring: bool = True,
-        tile_step_size: float = 0.5,
+        use_mirroring: bool | None = None,
+        tile_step_size: float | None = None,
         **kwargs: Any,
     ) -> NNUNetSegmenter:
         """Segmenter of ``BUNDLE/nnunet/{NM,QSM}`` (or of an ``nnunet`` folder directly).
@@ -219,14 +233,22 @@ class NNUNetSegmenter:
             **kwargs,
         )
 
+    @property
+    def use_mirroring(self) -> bool:
+        return self.settings.use_mirroring
+
+    @property
+    def tile_step_size(self) -> float:
+        return self.settings.tile_step_size
+
     # -- loading ---------------------------------------------------------------------------
     def _predictor(self, modality: str):
         if modality not in self._predictors:
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            from mrn_engine.segmentation.windowed import WindowedPredictor
 
             d = self.model_dirs[modality]
             with nnunet_environment(None):
-                pred = nnUNetPredictor(
+                pred = WindowedPredictor(
                     tile_step_size=self.tile_step_size,
                     use_gaussian=True,
                     use_mirroring=self.use_mirroring,
@@ -254,8 +276,14 @@ class NNUNetSegmenter:
         return self
 
     # -- prediction ------------------------------------------------------------------------
-    def predict_volume(self, image: Volume, modality: str) -> Volume:
-        """Mask of one image (challenge labels, uint8) on the image's own grid."""
+    def predict_volume(
+        self, image: Volume, modality: str, *, oracle: Volume | None = None
+    ) -> Volume:
+        """Mask of one image (challenge labels, uint8) on the image's own grid.
+
+        ``oracle``: benchmarks of random-weight models only -- a reference mask whose nuclei
+        box stands in for the coarse pass's (see ``WindowedPredictor.predict_case``).
+        """
         if modality not in self.model_dirs:
             raise WeightsError(f"no nnU-Net {modality} model loaded")
         pred = self._predictor(modality)
@@ -263,7 +291,14 @@ class NNUNetSegmenter:
             None
         ]
         props = {"spacing": [float(s) for s in image.spacing[::-1]]}
-        seg = pred.predict_single_npy_array(data, props, None, None, False)
+        if hasattr(pred, "predict_case"):  # our WindowedPredictor (a stand-in may lack it)
+            ref = None if oracle is None else np.asarray(oracle.array).transpose(2, 1, 0)
+            seg, figures = pred.predict_case(
+                data, props, self.settings, name=image.name, oracle=ref
+            )
+            self.last_figures[modality] = figures
+        else:
+            seg = pred.predict_single_npy_array(data, props, None, None, False)
         seg = np.asarray(seg).transpose(2, 1, 0)
         if seg.shape != image.shape:
             raise SegmentationError(

@@ -254,6 +254,34 @@ def fold_files(model_dir: Path, fold: int | str) -> list[str]:
     return [f"fold_{fold}/{PICKLED_CHECKPOINT}"]
 
 
+def build_network(plans: dict, dataset_json: dict, meta: dict, where: Path) -> tuple:
+    """``(network, plans_manager, configuration_manager)`` from checked plans and fold metadata.
+
+    ``plans`` must have passed :func:`check_plans_safe`; ``where`` names the model in errors.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    try:
+        pm = PlansManager(plans)
+        cm = pm.get_configuration(meta["configuration"])
+        n_in = determine_num_input_channels(pm, cm, dataset_json)
+        if meta["trainer_name"] == "nnUNetTrainer":  # no search through nnU-Net's modules
+            from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+            trainer_class = nnUNetTrainer
+        else:
+            trainer_class = recursive_find_trainer_class_by_name(meta["trainer_name"])
+        n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+        network = trainer_class.build_network_architecture(
+            pm, cm, n_in, n_out, enable_deep_supervision=False
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise WeightsError(f"{where}: cannot build the nnU-Net network ({e})") from e
+    return network, pm, cm
+
+
 def initialize_predictor(
     predictor: Any, model_dir: Path, folds: list[int | str], *, trust_pickled: bool = False
 ) -> None:
@@ -262,10 +290,6 @@ def initialize_predictor(
     Verifies the recorded sha256 of every file first (a folder without ``mrn_nnunet.json`` is
     accepted only with ``trust_pickled``), then builds the network from the checked plans.
     """
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     rels = [r for f in folds for r in fold_files(model_dir, f)]
     if (model_dir / PROVENANCE_FILE).is_file() or not trust_pickled:
         verify_hashes(model_dir, rels, optional=("plans.json", "dataset.json"))
@@ -278,17 +302,7 @@ def initialize_predictor(
         meta = meta or m
         params.append(state)
     assert meta is not None
-    try:
-        pm = PlansManager(plans)
-        cm = pm.get_configuration(meta["configuration"])
-        n_in = determine_num_input_channels(pm, cm, dataset_json)
-        trainer_class = recursive_find_trainer_class_by_name(meta["trainer_name"])
-        n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-        network = trainer_class.build_network_architecture(
-            pm, cm, n_in, n_out, enable_deep_supervision=False
-        )
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise WeightsError(f"{model_dir}: cannot build the nnU-Net network ({e})") from e
+    network, pm, cm = build_network(plans, dataset_json, meta, model_dir)
     try:
         network.load_state_dict(params[0])
     except RuntimeError as e:
