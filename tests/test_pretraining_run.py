@@ -130,6 +130,9 @@ def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
     assert all(torch.equal(vit.state_dict()[k], a[k]) for k in a)
     assert model.weights_provenance["sha256"] == written["weights_sha256"]
     assert model.weights_provenance["format"] == "timm"
+    prov_card = model.weights_provenance["card"]  # the card's provenance rides along
+    assert prov_card["matches"] is True and prov_card["loss"]["variant"] == "local"
+    assert prov_card["data_sha256"] == written["data"]["sha256"]
     torch.manual_seed(1)
     scratch = build_model(small_cfg()).res.patchnizer.vit.state_dict()
     assert any(not torch.equal(scratch[k], a[k]) for k in a if k.endswith("weight"))

@@ -27,7 +27,7 @@ from torch import nn
 from mrn_engine.config import ModelConfig, RoiConfig
 from mrn_engine.errors import ConfigError, WeightsError
 from mrn_engine.models.multiroi import MultiRoiClassifier
-from mrn_engine.models.weights import read_state_dict
+from mrn_engine.models.weights import card_provenance, read_state_dict
 from mrn_engine.runtime import file_sha256
 
 
@@ -105,9 +105,14 @@ def load_trunk_weights(trunk: ResNet18Trunk, path: str | os.PathLike) -> dict:
             f"{unexpected[:3]}, {len(wrong)} shape mismatch(es) {wrong[:3]}"
         )
     trunk.load_state_dict(state, strict=True)
-    return {
+    sha = file_sha256(path)
+    out = {
         "backbone": "resnet18-3d",
         "path": str(path),
-        "sha256": file_sha256(path),
+        "sha256": sha,
         "format": "mrn-anatcl3d",
     }
+    card = card_provenance(path, sha)
+    if card:
+        out["card"] = card
+    return out
