@@ -8,6 +8,8 @@
 ``probe``: linear-probe ROC AUC (PD vs HC; labels used only to score) of the cpu-tiny ViT's
 pooled embedding, from random initialisation and from ``--weights``: 5-fold out-of-fold AUC on
 the cohort and the AUC on the held-out cases of a probe fitted on the whole cohort.
+``compare3d``: ``mrn compare --variants anatcl3d`` (AnatCL pretraining of the 3D ResNet-18 for
+``--pretrain-epochs`` epochs, then the same folds / epochs / seed as ``train``).
 ``train``: a cpu-tiny ensemble (same folds and seeds whatever the weights) and its out-of-fold
 and held-out scores. Results are JSON files under ``--out``.
 """
@@ -70,9 +72,30 @@ def train(args) -> dict:
     }
 
 
+def compare3d(args) -> dict:
+    from mrn_engine.pretraining.loop import PretrainOptions
+    from mrn_engine.workflows.compare import compare_variants
+
+    cfg = get_preset(args.preset).replace(
+        train={"folds": args.folds, "epochs": args.epochs, "seed": args.seed, "device": "cpu"}
+    )
+    t0 = time.time()
+    opts = PretrainOptions(arch="anatcl3d", epochs=args.pretrain_epochs)
+    rows = compare_variants(
+        args.cohort,
+        args.out,
+        cfg,
+        ["anatcl3d"],
+        heldout_root=args.heldout,
+        progress=not args.quiet,
+        anatcl=opts,
+    )
+    return {"rows": rows, "pretrain_epochs": args.pretrain_epochs, "seconds": time.time() - t0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["probe", "train"])
+    p.add_argument("what", choices=["probe", "train", "compare3d"])
     p.add_argument("--cohort", required=True)
     p.add_argument("--heldout", required=True)
     p.add_argument("--weights")
@@ -82,14 +105,15 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--pretrain-epochs", type=int, default=12, help="compare3d: AnatCL epochs")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = probe(args) if args.what == "probe" else train(args)
+    result = {"probe": probe, "train": train, "compare3d": compare3d}[args.what](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.what}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    (out / f"{args.what}.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":
