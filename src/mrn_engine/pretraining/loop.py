@@ -32,7 +32,12 @@ from mrn_engine.errors import ConfigError, WeightsError
 from mrn_engine.models.yaware import VARIANTS, anatcl_loss
 from mrn_engine.pretraining.cohort import PretrainCohort, load_pretrain_cohort
 from mrn_engine.pretraining.data import TwoViewDataset
-from mrn_engine.pretraining.descriptors import descriptor_names, region_groups, standardise
+from mrn_engine.pretraining.descriptors import (
+    Standardised,
+    descriptor_names,
+    region_groups,
+    standardise,
+)
 from mrn_engine.pretraining.encoder import build_embedder
 from mrn_engine.rois.cache import RoiCache, config_hash
 from mrn_engine.runtime import file_sha256, resolve_device, seed_everything
@@ -232,7 +237,7 @@ def _card(
     cfg: RunConfig,
     opts: PretrainOptions,
     cohort: PretrainCohort,
-    std,
+    std: Standardised,
     curve: list[dict[str, float]],
     finished: bool,
     seconds: float,
