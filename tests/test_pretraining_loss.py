@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from mrn_engine.errors import ConfigError
-from mrn_engine.models.yaware import anatcl_loss, rbf_kernel, yaware_loss
+from mrn_engine.models.yaware import (
+    anatcl_floor,
+    anatcl_loss,
+    rbf_kernel,
+    weight_entropy,
+    yaware_loss,
+)
 
 
 def supcon_reference(z: torch.Tensor, groups: list[int], tau: float) -> float:
@@ -125,3 +131,20 @@ def test_bad_arguments_are_config_errors():
         anatcl_loss(torch.randn(7, 3), d)
     with pytest.raises(ConfigError, match="sigma"):
         rbf_kernel(d, 0.0)
+
+
+def test_floor_bounds_the_loss_and_flags_an_uninformative_kernel():
+    g = torch.Generator().manual_seed(5)
+    desc = torch.randn(8, 5, generator=g)
+    assert float(weight_entropy(torch.ones(16, 16))) == pytest.approx(math.log(15), rel=1e-6)
+    for sigma in (0.3, 1.0, 5.0):
+        floor = float(anatcl_floor(desc, sigma=sigma))
+        for _ in range(5):
+            z = torch.randn(16, 4, generator=g)
+            assert float(anatcl_loss(z, desc, sigma=sigma)) >= floor - 1e-5
+    # wide kernels approach the collapsed value log(2B - 1); narrow ones approach log(1) = 0
+    assert float(anatcl_floor(desc, sigma=100.0)) == pytest.approx(math.log(15), abs=1e-3)
+    assert float(anatcl_floor(desc, sigma=0.01)) == pytest.approx(0.0, abs=1e-3)
+    local = anatcl_floor(desc, sigma=1.0, variant="local", groups=[[0, 1], [2, 3, 4]])
+    parts = [anatcl_floor(desc[:, grp], sigma=1.0) for grp in ([0, 1], [2, 3, 4])]
+    assert float(local) == pytest.approx(float(sum(parts) / 2), rel=1e-6)

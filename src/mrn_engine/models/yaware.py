@@ -70,6 +70,35 @@ def yaware_loss(z: torch.Tensor, weights: torch.Tensor, temperature: float = 0.1
     return per_anchor.mean()
 
 
+def weight_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Mean over anchors of the entropy of the normalised off-diagonal weights.
+
+    The kernel-weighted cross-entropy of an anchor is at least this entropy (reached when its
+    softmax equals its normalised weights), so it is the loss's floor for these weights; at
+    ``log(N - 1)`` (uniform weights, sigma too wide) the kernel carries no information.
+    """
+    n = weights.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=weights.device)
+    w = weights.float().masked_fill(eye, 0.0)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return -(w * torch.log(w.clamp_min(1e-30))).sum(dim=1).mean()
+
+
+def anatcl_floor(
+    desc: torch.Tensor,
+    views: int = 2,
+    *,
+    sigma: float = 1.0,
+    variant: str = "global",
+    groups: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """The floor of :func:`anatcl_loss` for a batch of descriptors (:func:`weight_entropy`)."""
+    full = desc.float().repeat(views, 1)
+    if variant == "global" or not groups:
+        return weight_entropy(rbf_kernel(full, sigma))
+    return torch.stack([weight_entropy(rbf_kernel(full[:, list(g)], sigma)) for g in groups]).mean()
+
+
 def anatcl_loss(
     z: torch.Tensor,
     desc: torch.Tensor,

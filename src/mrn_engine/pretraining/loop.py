@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError, WeightsError
-from mrn_engine.models.yaware import VARIANTS, anatcl_loss
+from mrn_engine.models.yaware import VARIANTS, anatcl_floor, anatcl_loss
 from mrn_engine.pretraining.cohort import PretrainCohort, load_pretrain_cohort
 from mrn_engine.pretraining.data import TwoViewDataset
 from mrn_engine.pretraining.descriptors import (
@@ -177,7 +177,7 @@ def pretrain(
             drop_last=len(dataset) > opts.batch_size,
         )
         model.train()
-        losses = []
+        losses, floors = [], []
         bar = tqdm(
             loader,
             desc=f"pretrain {epoch + 1}/{opts.epochs}",
@@ -201,6 +201,16 @@ def pretrain(
             loss.backward()
             optim.step()
             losses.append(float(loss.detach()))
+            floors.append(
+                float(
+                    anatcl_floor(
+                        desc[batch["index"]],
+                        sigma=opts.sigma,
+                        variant=opts.variant,
+                        groups=groups,
+                    )
+                )
+            )
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         curve.append(
             {
@@ -210,7 +220,11 @@ def pretrain(
             }
         )
         if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {curve[-1]['loss']:.4f}")
+            c = curve[-1]
+            tqdm.write(
+                f"epoch {epoch + 1}: loss {c['loss']:.4f} (floor {c['floor']:.4f}, "
+                f"collapsed {c['uniform']:.4f})"
+            )
         save_checkpoint(
             ckpt,
             epoch + 1,
