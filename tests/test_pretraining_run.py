@@ -133,6 +133,20 @@ def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
     prov_card = model.weights_provenance["card"]  # the card's provenance rides along
     assert prov_card["matches"] is True and prov_card["loss"]["variant"] == "local"
     assert prov_card["data_sha256"] == written["data"]["sha256"]
+    # a second stage may start from these (or DINOv2) weights instead of random init
+    again = dataclasses.replace(opts, epochs=1)
+    cont = pretrain(
+        cohort,
+        tmp_path / "c" / "w.safetensors",
+        small_cfg(backbone_weights=str(full)),
+        again,
+        cache_dir=cache,
+        progress=False,
+    )
+    assert (
+        cont["init"]["sha256"] == written["weights_sha256"]
+        and written["init"]["format"] == "random-init"
+    )
     torch.manual_seed(1)
     scratch = build_model(small_cfg()).res.patchnizer.vit.state_dict()
     assert any(not torch.equal(scratch[k], a[k]) for k in a if k.endswith("weight"))

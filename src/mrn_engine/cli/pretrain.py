@@ -35,6 +35,11 @@ import click
     show_default=True,
     help="AnatCL kernel on all descriptors (global) or one per nucleus, losses averaged (local).",
 )
+@click.option(
+    "--init-weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Start the ViT from these weights (e.g. DINOv2 .safetensors) instead of random init.",
+)
 @click.option("--sigma", type=float, default=1.0, show_default=True, help="RBF width (cohort SDs).")
 @click.option("--temperature", type=float, default=0.1, show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
@@ -63,6 +68,7 @@ def pretrain_cmd(
     config: Path | None,
     arch: str,
     variant: str,
+    init_weights: Path | None,
     sigma: float,
     temperature: float,
     epochs: int,
@@ -94,6 +100,8 @@ def pretrain_cmd(
             f"{out}: the weights file must end in .safetensors", param_hint="--out"
         )
     cfg = RunConfig.load(config) if config is not None else get_preset(preset)
+    if init_weights is not None:
+        cfg = cfg.replace(model={"backbone_weights": str(init_weights)})
     opts = PretrainOptions(
         arch=arch,
         variant=variant,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.models.weights import load_backbone_weights
 from mrn_engine.models.yaware import VARIANTS, anatcl_floor, anatcl_loss
 from mrn_engine.pretraining.cohort import PretrainCohort, load_pretrain_cohort
 from mrn_engine.pretraining.data import TwoViewDataset
@@ -138,7 +139,12 @@ def pretrain(
 
     seed_everything(opts.seed)
     model = build_embedder(cfg, opts.arch)
-    if opts.arch == "vit" and cfg.train.random_init_layerscale > 0:
+    init: dict[str, Any] = {"format": "random-init"}
+    if opts.arch == "vit" and cfg.model.backbone_weights:  # continue from e.g. DINOv2 weights
+        init = load_backbone_weights(
+            model.patchnizer.vit, cfg.model.backbone_weights, cfg.model.backbone
+        )
+    elif opts.arch == "vit" and cfg.train.random_init_layerscale > 0:
         reset_layerscale(model, cfg.train.random_init_layerscale)  # as mrn train from scratch
     model.to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
@@ -196,7 +202,10 @@ def pretrain(
                 groups=groups,
             )
             if not torch.isfinite(loss):
-                raise WeightsError(f"pretraining loss is {loss.item()} at epoch {epoch + 1}")
+                raise WeightsError(
+                    f"{weights_out}: pretraining loss is {loss.item()} at epoch {epoch + 1} "
+                    "(diverged; lower --lr)"
+                )
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -234,6 +243,7 @@ def pretrain(
         )
     finished = len(curve) >= opts.epochs
     card = _card(cfg, opts, cohort, std, curve, finished, time.time() - t0, cache)
+    card["init"] = init
     if finished:
         save_state_dict(model.backbone_state(), weights_out)
         card["weights_sha256"] = file_sha256(weights_out)
