@@ -94,7 +94,7 @@ def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
     opts = PretrainOptions(epochs=2, batch_size=4, device="cpu", variant="local", sigma=2.0)
     cache = tmp_path / "cache"
     full = tmp_path / "full" / "w.safetensors"
-    card = pretrain(cohort, full, cfg, opts, cache_dir=cache, progress=False)
+    card = pretrain(cohort, full, cfg, opts, cache_dir=cache, progress=True)  # tqdm lines too
     assert card["finished"] and full.is_file() and card_path(full).is_file()
 
     part = tmp_path / "part" / "w.safetensors"
@@ -122,6 +122,9 @@ def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
     assert written["data"]["n_cases"] == 6 and written["data"]["labels_read"] is False
     assert len(written["data"]["sha256"]) == 64 and written["seed"] == 1
     assert [c["epoch"] for c in written["loss_curve"]] == [1, 2]
+    for c in written["loss_curve"]:  # the floor bounds the loss; log(2B - 1) = collapsed
+        assert 0 <= c["floor"] <= c["uniform"] == pytest.approx(math.log(7))
+        assert c["loss"] >= c["floor"] - 1e-4
 
     # mrn train --weights FILE: the model factory loads it as DINOv2 weights
     model = build_model(small_cfg(backbone_weights=str(full)))

@@ -40,7 +40,7 @@ import click
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Start the ViT from these weights (e.g. DINOv2 .safetensors) instead of random init.",
 )
-@click.option("--sigma", type=float, default=1.0, show_default=True, help="RBF width (cohort SDs).")
+@click.option("--sigma", type=float, default=0.5, show_default=True, help="RBF width (cohort SDs).")
 @click.option("--temperature", type=float, default=0.1, show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
