@@ -43,7 +43,8 @@ def probe(args) -> dict:
     fx, y = labelled(args.cohort)
     hx, hy = labelled(args.heldout)
     out = {}
-    for name, weights in (("random_init", None), ("anatcl", args.weights)):
+    runs = [("random_init", None)] + [(w, w) for w in args.weights.split(",")]
+    for name, weights in runs:
         model = vit_embedder(cfg, weights, seed=args.seed)
         xa, xh = embed_cases(model, fx, cfg, cache), embed_cases(model, hx, cfg, cache)
         out[name] = probe_auc(xa, y, xh, hy, seed=args.seed)
@@ -98,7 +99,7 @@ def main() -> None:
     p.add_argument("what", choices=["probe", "train", "compare3d"])
     p.add_argument("--cohort", required=True)
     p.add_argument("--heldout", required=True)
-    p.add_argument("--weights")
+    p.add_argument("--weights", help="probe: comma-separated weights files")
     p.add_argument("--out", required=True)
     p.add_argument("--cache", required=True, help="ROI cache folder")
     p.add_argument("--preset", default="cpu-tiny")
