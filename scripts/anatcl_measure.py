@@ -53,10 +53,12 @@ def probe(args) -> dict:
 
 
 def train(args) -> dict:
-    cfg = get_preset(args.preset).replace(
-        train={"folds": args.folds, "epochs": args.epochs, "seed": args.seed, "device": "cpu"},
-        model={"backbone_weights": args.weights},
-    )
+    model = {"backbone_weights": args.weights}
+    train = {"folds": args.folds, "epochs": args.epochs, "seed": args.seed, "device": "cpu"}
+    if args.arch == "anatcl3d":  # as mrn compare's variant: no MRN pretraining stage
+        model.update(arch="anatcl3d", use_moco=False)
+        train["pretrain_epochs"] = 0
+    cfg = get_preset(args.preset).replace(train=train, model=model)
     t0 = time.time()
     train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=not args.quiet)
     oof = oof_metrics(args.out)
@@ -64,6 +66,7 @@ def train(args) -> dict:
     keep = ("accuracy", "auc", "f1", "n")
     return {
         "weights": args.weights,
+        "arch": args.arch,
         "folds": args.folds,
         "epochs": f"{cfg.train.pretrain_epochs}+{args.epochs}",
         "seed": args.seed,
@@ -103,6 +106,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cache", required=True, help="ROI cache folder")
     p.add_argument("--preset", default="cpu-tiny")
+    p.add_argument("--arch", default="mrn", choices=["mrn", "anatcl3d"], help="train: network")
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
