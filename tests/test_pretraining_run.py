@@ -209,7 +209,8 @@ def test_compare_includes_the_anatcl3d_row(cohort, tmp_path):
         anatcl=PretrainOptions(arch="anatcl3d", epochs=1, batch_size=4),
     )
     assert [r["variant"] for r in rows] == ["anatcl3d"] and rows[0]["n_oof"] == 6
-    assert "AnatCL 3D ResNet-18" in (tmp_path / "cmp" / "comparison.md").read_text()
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| AnatCL 3D ResNet-18 |" in table and "pretrained first with AnatCL" in table
     weights = tmp_path / "cmp" / "anatcl3d_pretrain" / "anatcl3d.safetensors"
     assert json.loads(card_path(weights).read_text())["finished"]
     bundle = json.loads((tmp_path / "cmp" / "anatcl3d" / "bundle.json").read_text())

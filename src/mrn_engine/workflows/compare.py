@@ -231,7 +231,21 @@ def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig)
             {"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}
         )
     )
-    skipped = [r["variant"] for r in rows if t.pretrain_epochs and r["pretrain_epochs"] == 0]
+    skipped = [
+        r["variant"]
+        for r in rows
+        if t.pretrain_epochs and r["pretrain_epochs"] == 0 and r["variant"] not in ANATCL_PRETRAINED
+    ]
+    anatcl = [r["variant"] for r in rows if r["variant"] in ANATCL_PRETRAINED]
+    if anatcl:
+        note += (
+            "\n\n"
+            + ", ".join(TITLES.get(v, v) for v in anatcl)
+            + ": trunk pretrained first with AnatCL's anatomy-aware contrastive loss on the "
+            "cases' images and nucleus descriptors (labels unread; card: "
+            "anatcl3d_pretrain/anatcl3d.card.json), then fine-tuned for "
+            f"{t.epochs} epochs (no MRN segmentation/contrastive stage)."
+        )
     if skipped:
         note += (
             "\n\nNo pretraining objective (no segmentation head, no mSupMoCo), pretraining "
