@@ -88,6 +88,19 @@ def test_standardise_and_region_groups():
     assert region_groups(["r.a", "r.b", "s.a", "age"]) == {"r": [0, 1], "s": [2], "age": [3]}
 
 
+def test_ages_table(tmp_path):
+    from mrn_engine.errors import InputDataError
+    from mrn_engine.pretraining.cohort import read_ages
+
+    f = tmp_path / "ages.csv"
+    f.write_text("case_id,age\nRJPD_000,61.5\nRJPD_001,\nRJPD_002,n/a\n")
+    assert read_ages(f) == {"RJPD_000": 61.5}  # unknown ages are left out (imputed later)
+    assert descriptor_names(with_age=True)[-1] == "age"
+    (tmp_path / "bad.csv").write_text("case,years\nRJPD_000,60\n")
+    with pytest.raises(InputDataError, match="bad.csv"):
+        read_ages(tmp_path / "bad.csv")
+
+
 # ---------------------------------------------------------------- a tiny run
 def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
     cfg = small_cfg()
