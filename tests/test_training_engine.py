@@ -174,6 +174,7 @@ def test_loss_terms_of_the_variants():
         "seres10": (),
         "seres10-moco": ("con",),
         "dinov2-only": (),
+        "anatcl3d": (),
     }
     assert loss_terms(variant_config(base, "seres10").model, "train") == ("cls",)
     assert loss_terms(base.model.__class__(lambda_seg=0.0, use_moco=False), "pretrain") == ()
@@ -218,6 +219,7 @@ def test_variant_config_skips_an_empty_pretraining_stage():
         "seres10": (0, 200),
         "seres10-moco": (400, 200),
         "dinov2-only": (0, 200),
+        "anatcl3d": (0, 200),
     }
     # the model section is still only the variant's change; everything else is the base's
     s = variant_config(base, "seres10")

@@ -90,7 +90,9 @@ class RoiConfig:
 class ModelConfig:
     """The MRN network (paper 3.2-3.4, 4.1.2)."""
 
-    arch: str = "mrn"  #: "mrn" (the paper's network) or "seres10" (paper 4.2 CNN baseline)
+    #: "mrn" (the paper's network), "seres10" (paper 4.2 CNN baseline) or "anatcl3d" (AnatCL's
+    #: 3D ResNet-18 on the ROI volumes, models/anatcl3d.py)
+    arch: str = "mrn"
     backbone: str = "vit_base_patch14_reg4_dinov2"  #: timm model name (or "tiny" for tests)
     backbone_weights: str | None = None  #: local .safetensors / Meta .pth file
     allow_random_init: bool = False  #: train a pretrained-backbone preset without weights

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "rois",
     "model",
     "train",
+    "pretrain",
     "predict",
     "analysis",
     "segmentation",

@@ -8,7 +8,7 @@ from mrn_engine.models.moco import MSupMoCo, PlainStep
 from mrn_engine.models.multiroi import MultiRoiClassifier
 from mrn_engine.models.weights import load_backbone_weights
 
-ARCHS = ("mrn", "seres10")
+ARCHS = ("mrn", "seres10", "anatcl3d")
 
 
 def _split(
@@ -24,7 +24,8 @@ def _split(
 def build_model(
     cfg: RunConfig | ModelConfig, roi_cfg: RoiConfig | None = None, *, pretrained: bool = True
 ) -> MultiRoiClassifier:
-    """Build MRN (``model.arch="mrn"``) or the SERes10 baseline (``"seres10"``).
+    """Build MRN (``model.arch="mrn"``), the SERes10 baseline (``"seres10"``) or AnatCL's 3D
+    ResNet-18 baseline (``"anatcl3d"``, its trunk from ``model.backbone_weights`` if given).
 
     Parameters
     ----------
@@ -43,6 +44,13 @@ def build_model(
         from mrn_engine.models.seres import SERes10
 
         return SERes10(model_cfg, roi)
+    if model_cfg.arch == "anatcl3d":
+        from mrn_engine.models.anatcl3d import AnatCL3D, load_trunk_weights
+
+        net = AnatCL3D(model_cfg, roi)
+        if pretrained and model_cfg.backbone_weights:
+            net.weights_provenance = load_trunk_weights(net.trunk, model_cfg.backbone_weights)
+        return net
     if model_cfg.arch != "mrn":
         raise ConfigError(f"unknown model.arch {model_cfg.arch!r}; choose one of {ARCHS}")
     from mrn_engine.models.mrn import MRN

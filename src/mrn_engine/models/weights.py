@@ -19,6 +19,7 @@ are *not* supported: they are recognised and refused with a message saying so.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -145,4 +146,39 @@ def load_backbone_weights(vit: nn.Module, path: str | os.PathLike, name: str = "
             f"{name or 'matching'} DINOv2 checkpoint"
         )
     vit.load_state_dict(state, strict=True)
-    return {"backbone": name, "path": str(path), "sha256": file_sha256(path), "format": fmt}
+    sha = file_sha256(path)
+    out = {"backbone": name, "path": str(path), "sha256": sha, "format": fmt}
+    card = card_provenance(path, sha)
+    if card:
+        out["card"] = card
+    return out
+
+
+#: card entries copied into a bundle's weights provenance
+_CARD_KEYS = ("kind", "preset", "arch", "loss", "epochs", "seed", "created", "code_version")
+
+
+def card_provenance(path: str | os.PathLike, sha256: str) -> dict:
+    """Summary of the ``mrn pretrain`` card beside ``path`` (``x.card.json``), or ``{}``.
+
+    ``matches`` says whether the card describes these very bytes (its ``weights_sha256``).
+    An unreadable card is reported as such, never an error: the weights stand on their own.
+    """
+    card_file = Path(path).with_suffix(".card.json")
+    if not card_file.is_file():
+        return {}
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {"file": str(card_file), "error": f"unreadable card ({e})"}
+    if not isinstance(card, dict):
+        return {"file": str(card_file), "error": "not a JSON object"}
+    out = {k: card[k] for k in _CARD_KEYS if k in card}
+    data = card.get("data") if isinstance(card.get("data"), dict) else {}
+    out.update(
+        file=str(card_file),
+        data_sha256=data.get("sha256"),
+        n_cases=data.get("n_cases"),
+        matches=card.get("weights_sha256") == sha256,
+    )
+    return out

@@ -39,11 +39,14 @@ from mrn_engine.data.labels import ROI_BY_NAME
 _MAX_SEED = 2**32 - 1
 
 
-def build_roi_transform(with_mask: bool = True, modality: str = "QSM") -> Compose:
+def build_roi_transform(
+    with_mask: bool = True, modality: str = "QSM", mirror: bool = True
+) -> Compose:
     """The random transform applied to one ROI (``{"image": (S,H,W)[, "mask": (S,H,W)]}``).
 
     Images are in ``[0, 255]``; intensity magnitudes are chosen for that range. ``modality``
-    (``"NM"`` or ``"QSM"``) sets the scanner-variation part (module docstring).
+    (``"NM"`` or ``"QSM"``) sets the scanner-variation part (module docstring). ``mirror=False``
+    drops the left/right flip (anatomy-aware pretraining: left/right asymmetry is a weak label).
     """
     both = ["image", "mask"] if with_mask else ["image"]
     modes = ["bilinear", "nearest"] if with_mask else ["bilinear"]
@@ -61,7 +64,7 @@ def build_roi_transform(with_mask: bool = True, modality: str = "QSM") -> Compos
         ]
     return Compose(
         [
-            RandFlipd(keys=both, prob=0.5, spatial_axis=0),  # left/right mirror (H = X)
+            RandFlipd(keys=both, prob=0.5 if mirror else 0.0, spatial_axis=0),  # L/R (H = X)
             RandRotated(
                 keys=both,
                 range_x=math.radians(10),
@@ -93,10 +96,10 @@ class RoiAugmenter:
     position), so a resumed run augments exactly as an uninterrupted one.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, mirror: bool = True) -> None:
         self.seed = int(seed)
         self._transforms = {
-            (mod, m): build_roi_transform(with_mask=m, modality=mod)
+            (mod, m): build_roi_transform(with_mask=m, modality=mod, mirror=mirror)
             for mod in ("NM", "QSM")
             for m in (True, False)
         }

@@ -5,7 +5,12 @@ Variants (each a change of the base configuration's model section):
 * ``mrn`` -- the full MRN of the preset;
 * ``seres10`` -- the SERes10 CNN baseline (``model.arch="seres10"``, no mSupMoCo);
 * ``seres10-moco`` -- SERes10-mSupMoCo;
-* ``dinov2-only`` -- DINOv2 slice tokens averaged, no FFA/SFA/DPT/mSupMoCo (``dinov2_only``).
+* ``dinov2-only`` -- DINOv2 slice tokens averaged, no FFA/SFA/DPT/mSupMoCo (``dinov2_only``);
+* ``anatcl3d`` -- AnatCL's baseline: a MONAI 3D ResNet-18 on the ROI volumes
+  (:mod:`mrn_engine.models.anatcl3d`), first pretrained on the cohort's cases with AnatCL's
+  anatomy-aware contrastive loss (``mrn pretrain --arch anatcl3d``; diagnosis labels unread,
+  the validation folds' images included), then fine-tuned for PD/HC per fold. Its weights and
+  card are ``out/anatcl3d_pretrain/anatcl3d.safetensors`` / ``.card.json``.
 
 The folds depend only on the labels, ``train.folds`` and ``train.cv_seed``, so every variant
 is trained and scored on the same splits.
@@ -26,6 +31,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from tqdm.auto import tqdm
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError
 from mrn_engine.models.losses import loss_terms
+from mrn_engine.pretraining.loop import PretrainOptions, card_path, pretrain
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics
 
@@ -48,12 +55,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "use_dpt": False,
         "use_moco": False,
     },
+    "anatcl3d": {"arch": "anatcl3d", "use_moco": False},
 }
+#: variants whose backbone is pretrained with AnatCL's loss before fine-tuning
+ANATCL_PRETRAINED = ("anatcl3d",)
+#: default AnatCL pretraining of the ``anatcl3d`` variant (epochs etc.; seed/device from the run)
+ANATCL3D_PRETRAIN = PretrainOptions(arch="anatcl3d", variant="global", epochs=20)
 TITLES = {
     "mrn": "MRN",
     "seres10": "SERes10",
     "seres10-moco": "SERes10-mSupMoCo",
     "dinov2-only": "DINOv2 only",
+    "anatcl3d": "AnatCL 3D ResNet-18",
 }
 COLUMNS = (
     "variant",
@@ -117,10 +130,12 @@ def compare_variants(
     heldout_root: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    anatcl: PretrainOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Train every variant on the same folds into ``out/<variant>/`` and tabulate the scores.
 
     Writes ``out/comparison.md`` and ``out/comparison.csv`` (rewritten after each variant).
+    ``anatcl``: the AnatCL pretraining of ``anatcl3d`` (default :data:`ANATCL3D_PRETRAIN`).
     """
     out = Path(out)
     cfgs = {v: variant_config(base, v) for v in variants}  # validate all names first
@@ -132,6 +147,8 @@ def compare_variants(
                 f"{v}: no pretraining objective (no segmentation head, no mSupMoCo): "
                 f"pretraining stage skipped (train.pretrain_epochs = 0, {cfg.train.epochs} epochs)"
             )
+        if v in ANATCL_PRETRAINED:
+            cfg = anatcl_pretrained(cases_root, out, cfg, anatcl, resume=resume, progress=progress)
         train_bundle(
             cases_root, bundle, cfg, cache_dir=out / "roi_cache", resume=resume, progress=progress
         )
@@ -162,6 +179,42 @@ def compare_variants(
     return rows
 
 
+def anatcl_pretrained(
+    cases_root: str | os.PathLike,
+    out: Path,
+    cfg: RunConfig,
+    opts: PretrainOptions | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunConfig:
+    """Pretrain the ``anatcl3d`` trunk on ``cases_root`` (no labels) and return ``cfg`` using it.
+
+    A finished earlier pretraining (its card says so) is reused when ``resume``.
+    """
+    base = opts or ANATCL3D_PRETRAIN
+    opts = PretrainOptions(
+        **{**asdict(base), "arch": "anatcl3d", "seed": cfg.train.seed, "device": cfg.train.device}
+    )
+    weights = out / "anatcl3d_pretrain" / "anatcl3d.safetensors"
+    done = False
+    if resume and weights.is_file() and card_path(weights).is_file():
+        done = bool(json.loads(card_path(weights).read_text()).get("finished"))
+    if not done:
+        if progress:
+            tqdm.write(f"anatcl3d: AnatCL pretraining of the 3D ResNet-18 ({opts.epochs} epochs)")
+        pretrain(
+            cases_root,
+            weights,
+            cfg,
+            opts,
+            cache_dir=out / "roi_cache",
+            resume=resume,
+            progress=progress,
+        )
+    return cfg.replace(model={"backbone_weights": str(weights)})
+
+
 def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig) -> None:
     """``comparison.csv`` + ``comparison.md`` (atomic)."""
     buf = io.StringIO()
@@ -178,7 +231,21 @@ def write_comparison(out: Path, rows: Sequence[dict[str, Any]], base: RunConfig)
             {"lr_backbone": t.lr_backbone, "lr_head": t.lr_head, "batch_size": t.batch_size}
         )
     )
-    skipped = [r["variant"] for r in rows if t.pretrain_epochs and r["pretrain_epochs"] == 0]
+    skipped = [
+        r["variant"]
+        for r in rows
+        if t.pretrain_epochs and r["pretrain_epochs"] == 0 and r["variant"] not in ANATCL_PRETRAINED
+    ]
+    anatcl = [r["variant"] for r in rows if r["variant"] in ANATCL_PRETRAINED]
+    if anatcl:
+        note += (
+            "\n\n"
+            + ", ".join(TITLES.get(v, v) for v in anatcl)
+            + ": trunk pretrained first with AnatCL's anatomy-aware contrastive loss on the "
+            "cases' images and nucleus descriptors (labels unread; card: "
+            "anatcl3d_pretrain/anatcl3d.card.json), then fine-tuned for "
+            f"{t.epochs} epochs (no MRN segmentation/contrastive stage)."
+        )
     if skipped:
         note += (
             "\n\nNo pretraining objective (no segmentation head, no mSupMoCo), pretraining "

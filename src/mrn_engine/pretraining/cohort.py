@@ -1,0 +1,138 @@
+"""The unlabelled cohort of ``mrn pretrain``: cases with masks, their descriptors, a data hash.
+
+Diagnosis labels are never read here (no ``train_cases.csv`` / ``val_cases.csv``): cases are
+discovered by folder, loaded with ``label=None``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mrn_engine.config import RoiConfig, atomic_write_text
+from mrn_engine.data.cases import CaseFiles, discover_cases, load_case
+from mrn_engine.data.tables import read_csv
+from mrn_engine.errors import InputDataError, MRNWarning
+from mrn_engine.pretraining.descriptors import AGE, case_descriptors
+from mrn_engine.rois.cache import inputs_hash
+from mrn_engine.runtime import file_sha256
+
+#: the files whose bytes make the data hash (T1 is not used)
+HASHED = ("nm", "qsm", "nm_mask", "qsm_mask")
+
+
+@dataclass
+class PretrainCohort:
+    """Usable cases (``files``), their raw descriptors, and the data hash."""
+
+    root: Path
+    files: dict[str, CaseFiles]
+    descriptors: dict[str, dict[str, float]]
+    data_sha256: str
+    skipped: dict[str, str]
+
+
+def read_ages(path: str | os.PathLike) -> dict[str, float]:
+    """``case_id,age`` CSV (with that header) -> {case id: age}; empty / non-numeric = unknown."""
+    rows = read_csv(path, required=("case_id", "age"))
+    out: dict[str, float] = {}
+    for r in rows:
+        try:
+            age = float(r["age"])
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(age):
+            out[r["case_id"].strip()] = age
+    return out
+
+
+def file_hashes(files: CaseFiles) -> dict[str, str]:
+    """SHA-256 of a case's NM, QSM and mask files."""
+    return {name: file_sha256(getattr(files, name)) for name in HASHED}
+
+
+def data_hash(hashes: dict[str, dict[str, str]]) -> str:
+    """SHA-256 over the case ids and the SHA-256 of their NM, QSM and mask files."""
+    digest = hashlib.sha256()
+    for cid in sorted(hashes):
+        digest.update(cid.encode())
+        for name in HASHED:
+            digest.update(f"{name}:{hashes[cid][name]}".encode())
+    return digest.hexdigest()
+
+
+def _read_memo(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(
+            f"{path}: unreadable descriptor cache ({e}); recomputing", MRNWarning, stacklevel=3
+        )
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def load_pretrain_cohort(
+    root: str | os.PathLike,
+    cfg: RoiConfig,
+    ages: dict[str, float] | None = None,
+    *,
+    memo_file: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> PretrainCohort:
+    """Discover cases under ``root`` and compute their descriptors (labels are not read).
+
+    A case without both masks, or whose descriptors cannot be measured, is skipped with an
+    :class:`MRNWarning` naming it. ``InputDataError`` when fewer than 2 cases remain.
+    ``memo_file`` (JSON) keeps each case's descriptors and file hashes, keyed by its inputs
+    (path, size, mtime, as the ROI cache), so a resumed or repeated run does not reload them.
+    """
+    memo_path = Path(memo_file) if memo_file is not None else None
+    memo = _read_memo(memo_path)
+    hashes: dict[str, dict[str, str]] = {}
+    root = Path(root)
+    if not root.is_dir():
+        raise InputDataError(f"{root}: cases folder not found")
+    files: dict[str, CaseFiles] = {}
+    table: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    for f in tqdm(discover_cases(root), desc="descriptors", unit="case", disable=not progress):
+        absent = [n for n in HASHED if getattr(f, n) is None]
+        if absent:
+            skipped[f.case_id] = f"no {', '.join(absent)}"
+            continue
+        key = inputs_hash(f)
+        entry = memo.get(f.case_id)
+        if not (isinstance(entry, dict) and entry.get("inputs") == key):
+            try:
+                desc = case_descriptors(load_case(f, None), cfg)
+            except InputDataError as e:
+                skipped[f.case_id] = str(e)
+                continue
+            entry = {"inputs": key, "sha256": file_hashes(f), "descriptors": desc}
+            memo[f.case_id] = entry
+        desc = dict(entry["descriptors"])
+        hashes[f.case_id] = entry["sha256"]
+        if ages is not None:
+            desc[AGE] = ages.get(f.case_id, math.nan)
+        files[f.case_id] = f
+        table[f.case_id] = desc
+    for cid, why in skipped.items():
+        warnings.warn(f"{cid}: skipped for pretraining ({why})", MRNWarning, stacklevel=2)
+    if len(files) < 2:
+        raise InputDataError(
+            f"{root}: {len(files)} usable case(s) with NM/QSM images and both masks; "
+            "pretraining needs at least 2"
+        )
+    if memo_path is not None:
+        atomic_write_text(memo_path, json.dumps(memo))
+    return PretrainCohort(root, files, table, data_hash(hashes), skipped)
