@@ -1,8 +1,8 @@
 """Measure AnatCL pretraining (docs/pretraining.md): linear probe and downstream ensembles.
 
-    PYTHONPATH=src python scripts/anatcl_measure.py probe --cohort C --heldout H \
+    PYTHONPATH=src python docs/scripts/anatcl_measure.py probe --cohort C --heldout H \
         --weights W.safetensors --out DIR
-    PYTHONPATH=src python scripts/anatcl_measure.py train --cohort C --heldout H \
+    PYTHONPATH=src python docs/scripts/anatcl_measure.py train --cohort C --heldout H \
         [--weights W.safetensors] --out DIR/arm --folds 2 --epochs 8 --seed 1
 
 ``probe``: linear-probe ROC AUC (PD vs HC; labels used only to score) of the cpu-tiny ViT's
