@@ -126,7 +126,6 @@ def test_mask_free_pipeline_gives_a_diagnosis(seg_bundle, small, tmp_path, monke
     masks -> ROIs -> diagnosis -> written masks), model quality is measured in
     docs/segmentation.md.
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from mrn_engine.cli import cli
     from mrn_engine.config import get_preset
@@ -149,18 +148,17 @@ def test_mask_free_pipeline_gives_a_diagnosis(seg_bundle, small, tmp_path, monke
     shutil.copytree(src, cases / src.name)
     assert sorted(p.name for p in (cases / src.name).iterdir()) == ["NM.nii.gz", "QSM.nii.gz"]
     truth_case = load_case(small / "unseen_gt" / src.name)
-    real_predict = nnUNetPredictor.predict_single_npy_array
+    real_predict = NNUNetSegmenter.predict_volume
     calls = []
 
-    def predict_then_truth(self, data, props, *args, **kwargs):
-        seg = real_predict(self, data, props, *args, **kwargs)  # the trained network runs
-        is_nm = len(self.dataset_json["labels"]) == len(NM_LABELS) + 1
-        truth = (truth_case.nm_mask if is_nm else truth_case.qsm_mask).array.transpose(2, 1, 0)
-        assert seg.shape == truth.shape and set(np.unique(seg)) <= set(range(17))
-        calls.append("NM" if is_nm else "QSM")
-        return truth.astype(seg.dtype)
+    def predict_then_truth(self, image, modality, **kwargs):
+        seg = real_predict(self, image, modality, **kwargs)  # the trained network runs
+        truth = truth_case.nm_mask if modality == "NM" else truth_case.qsm_mask
+        assert seg.shape == truth.shape and set(np.unique(seg.array)) <= set(range(17))
+        calls.append(modality)
+        return truth
 
-    monkeypatch.setattr(nnUNetPredictor, "predict_single_npy_array", predict_then_truth)
+    monkeypatch.setattr(NNUNetSegmenter, "predict_volume", predict_then_truth)
     out = tmp_path / "out"
     res = CliRunner().invoke(
         cli,

@@ -540,7 +540,12 @@ SCENARIOS: list[Scenario] = [
             "not on the grid",
         ),
     ),
-    Scenario("t1-corrupt", "image", "corrupt optional T1 (not read by prediction, case predicted)", _t1_case),
+    Scenario(
+        "t1-corrupt",
+        "image",
+        "corrupt optional T1 (not read by prediction, case predicted)",
+        _t1_case,
+    ),
     # -- masks ---------------------------------------------------------------------------
     Scenario(
         "nm-mask-label",

@@ -193,7 +193,7 @@ def train_cmd(
     "--variants",
     default="mrn,seres10,seres10-moco,dinov2-only",
     show_default=True,
-    help="Comma-separated: mrn, seres10, seres10-moco, dinov2-only.",
+    help="Comma-separated: mrn, seres10, seres10-moco, dinov2-only, anatcl3d (AnatCL-pretrained 3D ResNet-18).",
 )
 @click.option(
     "--out",
