@@ -10,7 +10,6 @@ bundle path), staged and moved into place like ``mrn predict``'s.
 
 from __future__ import annotations
 
-import errno
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,11 +215,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> Submi
         publish_staged(stage, out_dir)
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
-        raise OutputWriteError(
-            f"{e.filename or out_dir}: cannot write the merged outputs ({e.strerror or e}); "
-            f"nothing was written to {out_dir}"
-            + (" (disk full: free some space and rerun)" if e.errno == errno.ENOSPC else "")
-        ) from e
+        raise OutputWriteError.from_os_error(e, out_dir, "the merged outputs") from e
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -76,6 +76,15 @@ SUBMISSION_TABLES = (LABEL_CSV, PROB_CSV, PROB_JSON, ERRORS_JSON, CONFIG_JSON)
 class OutputWriteError(MRNError):
     """The outputs could not be written (disk full, permissions); nothing was left behind."""
 
+    @classmethod
+    def from_os_error(cls, e: OSError, out_dir: Path, what: str) -> OutputWriteError:
+        """``FILE: cannot write WHAT (reason); nothing was written to OUT`` (+ a disk-full hint)."""
+        return cls(
+            f"{e.filename or out_dir}: cannot write {what} ({e.strerror or e}); "
+            f"nothing was written to {out_dir}"
+            + (" (disk full: free some space and rerun)" if e.errno == errno.ENOSPC else "")
+        )
+
 
 #: suffix of the hidden staging folder of a run (left only if the process is killed)
 STAGE_SUFFIX = ".partial"
@@ -291,11 +300,7 @@ def predict_cases(
             publish_staged(stage, out_dir)
         except OSError as e:
             shutil.rmtree(stage, ignore_errors=True)
-            raise OutputWriteError(
-                f"{e.filename or out_dir}: cannot write the outputs ({e.strerror or e}); "
-                f"nothing was written to {out_dir}"
-                + (" (disk full: free some space and rerun)" if e.errno == errno.ENOSPC else "")
-            ) from e
+            raise OutputWriteError.from_os_error(e, out_dir, "the outputs") from e
     result.out_dir = out_dir
     return result
 
