@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = (
     "train",
     "pretrain",
     "predict",
+    "site",
     "analysis",
     "segmentation",
     "demo",

@@ -19,12 +19,15 @@ def ablate_rois_cmd(
     tta: bool,
     device: str,
     ignore_masks: bool,
+    site_adaptation: Path | None,
     quiet: bool,
 ) -> None:
     """ROI masking analysis on labelled cases: no masking + the 15 masked ROI subsets."""
     from mrn_engine.workflows import masking_markdown, run_masking_analysis
 
-    predictor = build_predictor(model, folds, tta, device, ignore_masks)
+    predictor = build_predictor(
+        model, folds, tta, device, ignore_masks, site_adaptation=site_adaptation
+    )
     result = run_masking_analysis(predictor, cases_dir, out, progress=not quiet)
     click.echo(masking_markdown(result.masking))
     click.echo(f"tables written to {out}")

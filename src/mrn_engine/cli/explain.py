@@ -67,6 +67,7 @@ def explain_cmd(
     tta: bool,
     device: str,
     ignore_masks: bool,
+    site_adaptation: Path | None,
     quiet: bool,
     masked: tuple[str, ...],
 ) -> None:
@@ -77,7 +78,9 @@ def explain_cmd(
     """
     from mrn_engine.inference.explain import explain_cases
 
-    predictor = build_predictor(model, folds, tta, device, ignore_masks)
+    predictor = build_predictor(
+        model, folds, tta, device, ignore_masks, site_adaptation=site_adaptation
+    )
     if not predictor.calibrated:
         click.echo(f"{model}: bundle is uncalibrated (no calibration.json); P(PD) is raw", err=True)
 

@@ -85,6 +85,14 @@ def predictor_options(out_help: str):
                     is_flag=True,
                     help="Ignore mask files in the case folders (segment with nnU-Net).",
                 ),
+                click.option(
+                    "--site-adaptation",
+                    "site_adaptation",
+                    default=None,
+                    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                    help="Site harmonisation file from mrn site-adapt (the new scanner's "
+                    "controls aligned with the training controls).",
+                ),
                 click.option("--quiet", is_flag=True, help="No progress bar."),
                 trust_option,
             )
@@ -136,14 +144,25 @@ def seg_settings(mirroring: bool | None, step: float | None, localize: bool | No
 
 
 def build_predictor(
-    model: Path, folds: str | None, tta: bool, device: str, ignore_masks: bool, seg=None
+    model: Path,
+    folds: str | None,
+    tta: bool,
+    device: str,
+    ignore_masks: bool,
+    seg=None,
+    site_adaptation: Path | None = None,
 ):
     """``MRNPredictor`` of a bundle from the command-line values (``seg``: nnU-Net settings)."""
     from mrn_engine.inference import MRNPredictor
     from mrn_engine.inference.mask_source import bundle_segmenter_factory
 
     predictor = MRNPredictor.from_bundle(
-        model, device=device, folds=_parse_folds(folds), tta=tta, ignore_masks=ignore_masks
+        model,
+        device=device,
+        folds=_parse_folds(folds),
+        tta=tta,
+        ignore_masks=ignore_masks,
+        site_adaptation=site_adaptation,
     )
     if seg is not None and predictor.bundle is not None:
         predictor.masks.segmenter_factory = bundle_segmenter_factory(predictor.bundle, device, seg)
@@ -205,6 +224,7 @@ def predict_cmd(
     tta: bool,
     device: str,
     ignore_masks: bool,
+    site_adaptation: Path | None,
     quiet: bool,
     allow_partial: bool,
     no_nuclei: bool,
@@ -229,9 +249,11 @@ def predict_cmd(
 
     chosen = parse_shard(shard)  # bad syntax fails before the bundle is read
     seg = seg_settings(seg_mirroring, seg_tile_step, seg_localize)
-    predictor = build_predictor(model, folds, tta, device, ignore_masks, seg)
+    predictor = build_predictor(model, folds, tta, device, ignore_masks, seg, site_adaptation)
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
+    if predictor.site_adaptation is not None:
+        click.echo(f"site adaptation: {predictor.site_adaptation.site}", err=True)
     result = predictor.predict_cases(
         cases_dir,
         out,

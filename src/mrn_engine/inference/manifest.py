@@ -78,7 +78,19 @@ def run_fingerprint(predictor: Any, *, nuclei: bool) -> dict[str, object]:
         "ignore_masks": bool(getattr(masks, "ignore_masks", False)),
         # nnU-Net settings change the masks of cases without mask files
         "seg": asdict(getattr(masks, "seg_settings", None) or SegInferenceSettings()),
+        # a site harmonisation changes every P(PD)
+        "site_adaptation": _site_digest(getattr(predictor, "site_adaptation", None)),
     }
+
+
+def _site_digest(adaptation: Any) -> str | None:
+    """SHA-256 of the site shifts (None without site adaptation)."""
+    if adaptation is None:
+        return None
+    digest = hashlib.sha256()
+    for k in sorted(adaptation.shift):
+        digest.update(f"fold_{k}:".encode() + adaptation.shift[k].float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def folder_digests(folder: Path) -> dict[str, str]:

@@ -36,6 +36,7 @@ from mrn_engine.inference.mask_source import (
 from mrn_engine.inference.masking import ProgressFn, RoiMasker
 from mrn_engine.inference.prepare import PreparedCase, prepare_case
 from mrn_engine.inference.sanity import check_finite_probabilities
+from mrn_engine.inference.site_adaptation import SiteAdaptation, load_site_adaptation
 from mrn_engine.inference.submission import SubmissionResult, predict_cases
 from mrn_engine.inference.timing import timed
 from mrn_engine.models import build_model
@@ -79,6 +80,7 @@ class CasePrediction:
     timings: stage -> wall seconds for this case (``masks``, ``crop``, ``model``, ``paste``;
         ``read`` / ``write`` / ``wait`` when ``mrn predict`` streamed it), see
         :mod:`mrn_engine.inference.timing`.
+    site: the site harmonisation the prediction went through (its site name), None if none.
     """
 
     case_id: str
@@ -99,6 +101,7 @@ class CasePrediction:
     slice_tokens: list[dict[str, torch.Tensor]] | None = None
     crops: dict[str, RoiCrop] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    site: str | None = None
 
     @property
     def p_pd_raw(self) -> float:
@@ -138,6 +141,7 @@ class CasePrediction:
             "calibrated": self.calibrated,
             "tta_spread": max(self.tta_spread) if self.tta_spread else None,
             "mask_source": self.mask_source,
+            "site_adaptation": self.site,
         }
 
 
@@ -199,10 +203,18 @@ class MRNPredictor:
         bundle: ModelBundle | None = None,
         segmenter_factory: Callable[[], Segmenter] | None = None,
         calibration: Mapping[int, Calibration] | None = None,
+        site_adaptation: SiteAdaptation | str | os.PathLike | None = None,
     ) -> None:
         self.config = config
         self.bundle = bundle
         self.device = resolve_device(device)
+        if site_adaptation is not None and not isinstance(site_adaptation, SiteAdaptation):
+            site_adaptation = load_site_adaptation(site_adaptation)
+        #: the site harmonisation folded into each fold's head (None: the bundle as trained)
+        self.site_adaptation: SiteAdaptation | None = site_adaptation
+        if site_adaptation is not None:
+            site_adaptation.check_bundle(bundle, fold_states)
+            fold_states = {k: site_adaptation.adapt_state(k, s) for k, s in fold_states.items()}
         self.ensemble = FoldEnsemble(
             model,
             fold_states,
@@ -233,6 +245,7 @@ class MRNPredictor:
         segmenter: Segmenter | None = None,
         ignore_masks: bool = False,
         model_factory: Callable[[RunConfig], nn.Module] | None = None,
+        site_adaptation: SiteAdaptation | str | os.PathLike | None = None,
     ) -> MRNPredictor:
         """Build the network from ``BUNDLE/config.json`` and read the chosen folds' weights.
 
@@ -244,6 +257,10 @@ class MRNPredictor:
             weights: the weights come from the fold checkpoints).
         segmenter: mask provider for cases without masks; default: the bundle's ``nnunet/``
             models through ``mrn_engine.segmentation.NNUNetSegmenter`` when both exist.
+
+        site_adaptation: a site harmonisation (``mrn site-adapt`` file or object) fitted
+            for this bundle's weights, folded into each fold's head
+            (:mod:`mrn_engine.inference.site_adaptation`).
 
         P(PD) is calibrated when every chosen fold has ``fold_k/calibration.json``; older
         bundles load uncalibrated (``predictor.calibrated`` is False).
@@ -271,6 +288,7 @@ class MRNPredictor:
             bundle=bundle,
             segmenter_factory=None if segmenter else bundle_segmenter_factory(bundle, device),
             calibration=load_calibrations(bundle.root, chosen),
+            site_adaptation=site_adaptation,
         )
 
     # ------------------------------------------------------------------ read-only views
@@ -444,6 +462,7 @@ class MRNPredictor:
             slice_tokens=kept,
             crops=dict(crops) if keep_slice_tokens else None,
             timings=timings,
+            site=self.site_adaptation.site if self.site_adaptation else None,
         )
 
     def predict_cases(

@@ -1,0 +1,92 @@
+"""``mrn site-adapt``: align a bundle with a new scanner through its healthy controls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("site-adapt")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("reference", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Site adaptation file to write (.safetensors); give it to mrn predict --site-adaptation.",
+)
+@click.option(
+    "--train-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The bundle's labelled training cases (default: the cohort bundle.json records).",
+)
+@click.option(
+    "--all-controls",
+    is_flag=True,
+    help="Every case under REFERENCE is a healthy control (it has no label files).",
+)
+@click.option("--site", default=None, help="Site name recorded in the file (default: folder name).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
+@click.option("--threads", type=int, help="torch CPU threads (default: the cores not busy).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def site_adapt_cmd(
+    bundle: Path,
+    reference: Path,
+    out: Path,
+    train_root: Path | None,
+    all_controls: bool,
+    site: str | None,
+    device: str,
+    threads: int | None,
+    quiet: bool,
+) -> None:
+    """Fit BUNDLE's site harmonisation on the healthy controls of a new scanner (REFERENCE).
+
+    The patient vectors of REFERENCE's controls are shifted, fold by fold, onto those of the
+    controls the bundle trained on; PD cases of the new site are never needed, so its PD share
+    does not matter. Use at least 10 controls scanned with the protocol of the cases to
+    predict. Nothing is written but OUT.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from mrn_engine.inference.site_adaptation import shift_norms
+    from mrn_engine.workflows.site_adaptation import fit_site
+
+    if out.suffix != ".safetensors":
+        raise click.BadParameter(f"{out}: give a .safetensors file name", param_hint="--out")
+    if threads:
+        torch.set_num_threads(threads)
+    bar = None if quiet else tqdm(total=1000, desc="patient vectors", unit="‰")
+
+    def progress(fraction: float, message: str) -> None:
+        if bar is not None:
+            bar.n = int(fraction * 1000)
+            bar.set_postfix_str(message, refresh=True)
+
+    try:
+        adaptation = fit_site(
+            bundle,
+            reference,
+            train_root=train_root,
+            all_controls=all_controls,
+            site=site,
+            device=device,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    adaptation.save(out)
+    norms = ", ".join(f"fold {k} |shift| {v:.3f}" for k, v in shift_norms(adaptation).items())
+    click.echo(
+        f"site {adaptation.site}: {adaptation.info['n_site_controls']} reference controls; "
+        f"{norms} -> {out}"
+    )
+
+
+def register(group: click.Group) -> None:
+    """Add ``site-adapt`` to the ``mrn`` group."""
+    group.add_command(site_adapt_cmd)

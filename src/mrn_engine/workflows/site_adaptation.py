@@ -1,0 +1,155 @@
+"""``mrn site-adapt``: fit a bundle's site harmonisation on a new site's healthy controls.
+
+The method and its assumptions: :mod:`mrn_engine.inference.site_adaptation`. This module finds
+the cases: the training controls of every fold (the bundle's ``cohort_root`` and fold splits,
+or ``train_root``), and the reference controls of the new site (cases labelled HC in the
+reference folder's label files, or every case with ``all_controls``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from mrn_engine.data import discover_cases, find_labels, load_case
+from mrn_engine.errors import InputDataError, MRNWarning
+from mrn_engine.inference import MRNPredictor
+from mrn_engine.inference.site_adaptation import (
+    FEW_CONTROLS,
+    SiteAdaptation,
+    fit_site_adaptation,
+    patient_vectors,
+)
+
+ProgressFn = Callable[[float, str], None]
+
+
+def training_controls(
+    predictor: MRNPredictor, train_root: Path
+) -> tuple[dict[int, list[str]], Path]:
+    """Fold -> HC case ids that fold trained on, and the training cohort folder used."""
+    bundle = predictor.bundle
+    info = bundle.info if bundle is not None else {}
+    labels = {str(c): int(v) for c, v in dict(info.get("labels") or {}).items()}
+    if not labels:
+        labels = find_labels(train_root)
+    if not labels:
+        raise InputDataError(
+            f"{train_root}: no labels for the training cases (bundle.json has none and the "
+            "folder has no train_cases.csv/val_cases.csv)"
+        )
+    controls = {c for c, y in labels.items() if y == 0}
+    splits = bundle.splits if bundle is not None else {}
+    out = {}
+    for k in predictor.folds:
+        ids = splits.get(k, {}).get("train") or sorted(labels)
+        out[k] = sorted(c for c in ids if c in controls)
+    return out, train_root
+
+
+def _resolve_train_root(predictor: MRNPredictor, train_root: str | os.PathLike | None) -> Path:
+    if train_root is not None:
+        root = Path(train_root)
+    else:
+        recorded = (predictor.bundle.info if predictor.bundle else {}).get("cohort_root")
+        if not recorded:
+            raise InputDataError(
+                "the bundle does not record its training cohort: pass --train-root DIR "
+                "(the labelled cases it was trained on)"
+            )
+        root = Path(recorded)
+    if not root.is_dir():
+        raise InputDataError(
+            f"{root}: training cohort not found (the bundle's controls are the anchor); "
+            "pass --train-root DIR"
+        )
+    return root
+
+
+def reference_controls(reference_root: Path, *, all_controls: bool) -> list[str]:
+    """The site's control case ids: labelled HC, or every case with ``all_controls``."""
+    cases = [c.case_id for c in discover_cases(reference_root)]
+    if not cases:
+        raise InputDataError(f"{reference_root}: no cases found")
+    labels = find_labels(reference_root)
+    if all_controls:
+        pd = sorted(c for c in cases if labels.get(c) == 1)
+        if pd:
+            raise InputDataError(
+                f"{reference_root}: --all-controls, but the label files call {pd[:5]} PD"
+            )
+        return cases
+    if not labels:
+        raise InputDataError(
+            f"{reference_root}: no label files, so the controls are unknown; add "
+            "train_cases.csv (HC = 0) or pass --all-controls if every case is a healthy control"
+        )
+    return [c for c in cases if labels.get(c) == 0]
+
+
+def fit_site(
+    bundle: str | os.PathLike,
+    reference_root: str | os.PathLike,
+    *,
+    train_root: str | os.PathLike | None = None,
+    all_controls: bool = False,
+    site: str | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+) -> SiteAdaptation:
+    """Fit the site harmonisation of ``bundle`` for the scanner of ``reference_root``.
+
+    Every fold's training controls and every reference control get one diagnosis-only
+    prediction (the patient vectors); nothing else is read or written.
+    """
+    reference_root = Path(reference_root)
+    predictor = MRNPredictor.from_bundle(bundle, device=device)
+    root = _resolve_train_root(predictor, train_root)
+    per_fold, root = training_controls(predictor, root)
+    site_ids = reference_controls(reference_root, all_controls=all_controls)
+    if len(site_ids) < FEW_CONTROLS:
+        warnings.warn(
+            f"{reference_root}: only {len(site_ids)} reference controls; the site shift is "
+            f"noisy below {FEW_CONTROLS}",
+            MRNWarning,
+            stacklevel=2,
+        )
+    train_ids = sorted({c for ids in per_fold.values() for c in ids})
+    train_files = {c.case_id: c for c in discover_cases(root)}
+    missing = [c for c in train_ids if c not in train_files]
+    if missing:
+        raise InputDataError(
+            f"{root}: training controls {missing[:5]} not found; is this the bundle's training "
+            "cohort?"
+        )
+    site_files = {c.case_id: c for c in discover_cases(reference_root)}
+    n_all = len(train_ids) + len(site_ids)
+
+    def _part(offset: int, n: int) -> ProgressFn | None:
+        if progress is None:
+            return None
+        return lambda f, msg: progress((offset + f * n) / n_all, msg)
+
+    train_vec = patient_vectors(
+        predictor,
+        (load_case(train_files[c]) for c in train_ids),
+        len(train_ids),
+        _part(0, len(train_ids)),
+    )
+    site_vec = patient_vectors(
+        predictor,
+        (load_case(site_files[c]) for c in site_ids),
+        len(site_ids),
+        _part(len(train_ids), len(site_ids)),
+    )
+    info = {
+        "site": site or reference_root.name,
+        "reference_root": str(reference_root.resolve()),
+        "train_root": str(root.resolve()),
+        "bundle": str(Path(bundle).resolve()),
+        "bundle_weights": dict(predictor.bundle.weights_sha256) if predictor.bundle else {},
+        "folds": predictor.folds,
+    }
+    return fit_site_adaptation(train_vec, per_fold, site_vec, site_ids, info)
