@@ -35,7 +35,9 @@ A stack slice stands for the source slices that paste-back maps to it. Measures 
    Its slices differ only by the slice position embedding, so whatever it shows is position
    and removal (one slice fewer in SFA's softmax), not content. Reported: its hit share, the
    share of cases where its top slice is the case's top slice, Spearman(evidence, control), and
-   the level (mean over slices) against the slice-to-slice spread.
+   the level (mean over slices) against the slice-to-slice spread. (Always reported: the SFA
+   ROI token's attention on the slices, min / max over slices and cases, and its mean weight
+   on itself.)
 6. ``occlusion``: exact, a full forward per slice: ``P(PD) - P(PD with that slice's image set
    to pad_value)``; its hit share, Spearman with the effect amount and with the evidence.
 
@@ -194,6 +196,11 @@ def summarise(cases: list[dict], ig: bool) -> dict[str, dict]:
             "spearman_positive": int(np.sum(rho > 0)),
             "spearman_defined": int(np.sum(~np.isnan(rho))),
         }
+        att = [np.asarray(r["attention"]) for r in rs if "attention" in r]
+        if att:  # SFA ROI-token attention per slice (last block): a sink would show here
+            s["attention_min"] = float(min(a.min() for a in att))
+            s["attention_max"] = float(max(a.max() for a in att))
+            s["attention_on_roi_token_mean"] = float(np.mean([1.0 - a.sum() for a in att]))
         same = len({len(r["evidence"]) for r in rs}) == 1
         if same and rs:  # position-only baselines (every case's stack has the same slices)
             holds = np.array([r["holds"] for r in rs], dtype=float)
@@ -324,6 +331,7 @@ def main() -> None:
                 "upper_half": bool(amount[top] >= med),
                 "upper_half_chance": float((amount[real] >= med).mean()),
                 "spearman": spearman(ev.evidence[roi][real], amount[real]),
+                "attention": ev.attention[roi][real].tolist(),
             }
             if a.controls:
                 c = control_evidence(predictor, inputs, pred.crops, roi, control_cache)
