@@ -157,3 +157,29 @@ def test_mean_pooling_ablation_and_unsupported_models():
         slice_evidence(base, store)
     with pytest.raises(InputDataError, match="unknown masked"):
         slice_evidence(model, store, masked={"putamen"})
+
+
+def test_content_free_roi_has_evidence_from_removal_and_slice_position():
+    """Issue 15: leave-one-out is not content alone. With every slice the same neutral image, a
+    slice still has evidence: an offset shared by all slices (one slice fewer in SFA's softmax
+    shifts weight onto the ROI token) plus a profile that comes from the slice position
+    embedding only (it vanishes when all positions share one embedding)."""
+    cfg, model = tiny_model()
+    rois = images(cfg, batch=1, seed=5)
+    rois["nm_sn"] = torch.full_like(rois["nm_sn"], 25.5)  # content-free: neutral tissue
+    with torch.no_grad():
+        model.res.slice_pos.copy_(torch.randn(model.res.slice_pos.shape) * 0.5)
+    _, store = cached(model, rois)
+    ev = slice_evidence(model, store).evidence["nm_sn"][0]
+    assert ev.abs().min() > 1e-4  # no content, yet every slice "moves" P(PD)
+    assert ev.max() - ev.min() > 1e-4  # and the slices differ: by position
+    ref = p_with_slice_deleted(model, rois, "nm_sn", 2)  # it is what a real deletion does
+    torch.testing.assert_close(
+        slice_evidence(model, store).p_without["nm_sn"][:, 2], ref, atol=1e-5, rtol=0
+    )
+    with torch.no_grad():
+        model.res.slice_pos.copy_(model.res.slice_pos[:, :1].expand_as(model.res.slice_pos))
+    _, store = cached(model, rois)
+    same = slice_evidence(model, store).evidence["nm_sn"][0]
+    torch.testing.assert_close(same, same[:1].expand_as(same), atol=1e-6, rtol=0)  # no profile
+    assert same.abs().min() > 1e-4  # the removal offset stays

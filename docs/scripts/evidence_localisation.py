@@ -1,6 +1,6 @@
 """Do the top-evidence slices fall where the phantom's PD effect sits? (+ captum comparison)
 
-    python docs/scripts/evidence_localisation.py BUNDLE HELDOUT OUT.json [--ig-steps 16]
+    python docs/scripts/evidence_localisation.py BUNDLE HELDOUT OUT.json [--ig-steps 16] [--controls]
 
 For every held-out PD phantom that the bundle calls PD, per-slice evidence (leave-one-slice-out
 of SFA, ``inference/evidence.py``) of the ROI that holds each PD effect of the generator
@@ -27,6 +27,19 @@ A stack slice stands for the source slices that paste-back maps to it. Measures 
    boxes are centred on their nuclei, so a fixed middle slice may hit every time), and
    ``centred_spearman``: the rank correlation of each case's deviation from the cohort's mean
    evidence profile with its deviation from the mean effect profile (the case-specific part).
+
+``--controls``: two checks of what leave-one-out measures (issue 15's "why the last NM slice"):
+
+5. ``control``: the same leave-one-out evidence with the ROI's image replaced by a content-free
+   volume (every voxel the crop's ``pad_value``, neutral tissue; the other ROIs as in the case).
+   Its slices differ only by the slice position embedding, so whatever it shows is position
+   and removal (one slice fewer in SFA's softmax), not content. Reported: its hit share, the
+   share of cases where its top slice is the case's top slice, Spearman(evidence, control), and
+   the level (mean over slices) against the slice-to-slice spread. (Always reported: the SFA
+   ROI token's attention on the slices, min / max over slices and cases, and its mean weight
+   on itself.)
+6. ``occlusion``: exact, a full forward per slice: ``P(PD) - P(PD with that slice's image set
+   to pad_value)``; its hit share, Spearman with the effect amount and with the evidence.
 
 ``--ig-steps N`` (N > 0, needs captum): integrated gradients (captum, all-zero baseline = an
 empty ROI, N steps, on the PD-HC logit, mean over folds) summed per slice, and its Spearman
@@ -100,6 +113,47 @@ def integrated_gradients(predictor, pred_inputs, roi: str, steps: int) -> np.nda
     return np.mean(out, axis=0)
 
 
+def control_evidence(predictor, pred_inputs, crops, roi: str, cache: dict) -> dict[str, np.ndarray]:
+    """(S,) ``control`` and ``occlusion`` of ``roi`` (module docstring, 5-6): mean over folds,
+    each fold's P(PD) calibrated like ``case_evidence``. ``cache``: (fold, ROI, pad) -> the
+    content-free volume's slice tokens (one RES pass per fold and ROI, reused across cases)."""
+    import torch
+
+    from mrn_engine.inference.evidence import _calibrated
+    from mrn_engine.models.ensemble import p_pd_of
+    from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
+
+    model = predictor.model
+    x, pad = pred_inputs[roi], float(crops[roi].pad_value)
+    n = x.shape[1]
+    control, occlusion = [], []
+    for k in predictor.folds:
+        predictor.ensemble.load(k)
+        with torch.inference_mode(), capture_slice_tokens(model) as store:
+            p_full = float(p_pd_of(model(pred_inputs, with_seg=False).logits)[0])
+        tokens = dict(store)
+        key = (k, roi, round(pad, 4))
+        if key not in cache:
+            empty = {**pred_inputs, roi: torch.full_like(x, pad)}
+            with torch.inference_mode(), capture_slice_tokens(model) as st:
+                model(empty, with_seg=False)
+            cache[key] = st[roi].clone()
+        ev = slice_evidence(model, {**tokens, roi: cache[key]})
+        p0 = _calibrated(predictor, k, ev.p_full.numpy())
+        control.append(p0 - _calibrated(predictor, k, ev.p_without[roi][0].numpy()))
+        occluded = x.repeat(n, 1, 1, 1)
+        occluded[torch.arange(n), torch.arange(n)] = pad
+        batch = {
+            m: (occluded if m == roi else t.expand(n, *t.shape[1:])) for m, t in pred_inputs.items()
+        }
+        with torch.inference_mode():
+            p_occ = p_pd_of(model(batch, with_seg=False).logits).float().numpy()
+        occlusion.append(
+            _calibrated(predictor, k, np.array([p_full])) - _calibrated(predictor, k, p_occ)
+        )
+    return {"control": np.mean(control, axis=0), "occlusion": np.mean(occlusion, axis=0)}
+
+
 def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -142,6 +196,11 @@ def summarise(cases: list[dict], ig: bool) -> dict[str, dict]:
             "spearman_positive": int(np.sum(rho > 0)),
             "spearman_defined": int(np.sum(~np.isnan(rho))),
         }
+        att = [np.asarray(r["attention"]) for r in rs if "attention" in r]
+        if att:  # SFA ROI-token attention per slice (last block): a sink would show here
+            s["attention_min"] = float(min(a.min() for a in att))
+            s["attention_max"] = float(max(a.max() for a in att))
+            s["attention_on_roi_token_mean"] = float(np.mean([1.0 - a.sum() for a in att]))
         same = len({len(r["evidence"]) for r in rs}) == 1
         if same and rs:  # position-only baselines (every case's stack has the same slices)
             holds = np.array([r["holds"] for r in rs], dtype=float)
@@ -157,6 +216,34 @@ def summarise(cases: list[dict], ig: bool) -> dict[str, dict]:
             ]
             s["centred_spearman_mean"] = float(np.nanmean(dev))
             s["centred_spearman_positive"] = int(np.sum(np.asarray(dev) > 0))
+        if rs and "control" in rs[0]:
+            ev_all = [np.asarray(r["evidence"]) for r in rs]
+            ctl = [np.asarray(r["control"]) for r in rs]
+            occ = [np.asarray(r["occlusion"]) for r in rs]
+            s.update(
+                evidence_level_mean=float(np.mean([e.mean() for e in ev_all])),
+                evidence_spread_mean=float(np.mean([np.ptp(e) for e in ev_all])),
+                control_hit_share=float(np.mean([r["control_hit"] for r in rs])),
+                control_same_top_share=float(
+                    np.mean(
+                        [np.argmax(e) == np.argmax(c) for e, c in zip(ev_all, ctl, strict=True)]
+                    )
+                ),
+                control_vs_evidence_spearman_mean=float(
+                    np.nanmean([spearman(e, c) for e, c in zip(ev_all, ctl, strict=True)])
+                ),
+                control_level_mean=float(np.mean([c.mean() for c in ctl])),
+                control_top_slices=np.bincount([int(np.argmax(c)) for c in ctl]).tolist(),
+                evidence_top_slices=np.bincount([int(np.argmax(e)) for e in ev_all]).tolist(),
+                occlusion_hit_share=float(np.mean([r["occlusion_hit"] for r in rs])),
+                occlusion_top_slices=np.bincount([int(np.argmax(o)) for o in occ]).tolist(),
+                occlusion_spearman_amount_mean=float(
+                    np.nanmean([r["occlusion_spearman_amount"] for r in rs])
+                ),
+                occlusion_vs_evidence_spearman_mean=float(
+                    np.nanmean([spearman(e, o) for e, o in zip(ev_all, occ, strict=True)])
+                ),
+            )
         if ig:
             ig_rho = np.array([r["ig_vs_evidence_spearman"] for r in rs])
             s.update(
@@ -185,6 +272,9 @@ def main() -> None:
     ap.add_argument("heldout")
     ap.add_argument("out")
     ap.add_argument("--ig-steps", type=int, default=0)
+    ap.add_argument(
+        "--controls", action="store_true", help="content-free control and exact occlusion (5-6)"
+    )
     ap.add_argument("--limit", type=int, default=0, help="stop after this many PD cases (tests)")
     ap.add_argument(
         "--resummarise", action="store_true", help="recompute the summary of an existing OUT.json"
@@ -207,6 +297,7 @@ def main() -> None:
     predictor = MRNPredictor.from_bundle(a.bundle, device="cpu")
     labels = find_labels(a.heldout)
     cases, t0 = [], time.perf_counter()
+    control_cache: dict = {}
     n_pd = 0
     for cf in discover_cases(a.heldout):
         if labels.get(cf.case_id) != 1 or (a.limit and n_pd >= a.limit):
@@ -218,7 +309,7 @@ def main() -> None:
             continue
         ev = case_evidence(predictor, pred)
         inputs = None
-        if a.ig_steps > 0:
+        if a.ig_steps > 0 or a.controls:
             inputs = {
                 n: torch.as_tensor(np.asarray(c.image), dtype=torch.float32)[None]
                 for n, c in pred.crops.items()
@@ -240,8 +331,20 @@ def main() -> None:
                 "upper_half": bool(amount[top] >= med),
                 "upper_half_chance": float((amount[real] >= med).mean()),
                 "spearman": spearman(ev.evidence[roi][real], amount[real]),
+                "attention": ev.attention[roi][real].tolist(),
             }
-            if inputs is not None:
+            if a.controls:
+                c = control_evidence(predictor, inputs, pred.crops, roi, control_cache)
+                top_occ = int(np.argmax(np.where(real, c["occlusion"], -np.inf)))
+                top_ctl = int(np.argmax(np.where(real, c["control"], -np.inf)))
+                r.update(
+                    control=c["control"][real].tolist(),
+                    control_hit=bool(holds[top_ctl]),
+                    occlusion=c["occlusion"][real].tolist(),
+                    occlusion_hit=bool(holds[top_occ]),
+                    occlusion_spearman_amount=spearman(c["occlusion"][real], amount[real]),
+                )
+            if a.ig_steps > 0:
                 ig = integrated_gradients(predictor, inputs, roi, a.ig_steps)
                 top_ig = int(np.argmax(np.where(real, ig, -np.inf)))
                 r.update(
@@ -261,6 +364,7 @@ def main() -> None:
         "held_out_pd": n_pd,
         "pd_called_pd": len(cases),
         "ig_steps": a.ig_steps,
+        "controls": a.controls,
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": f"{_cpu()} ({platform.machine()}), {torch.get_num_threads()} torch thread(s)",
         "summary": summary,
