@@ -600,6 +600,24 @@ def test_unusable_bundle_is_a_message_naming_the_folder(panel, qtbot, tmp_path):
     assert not any(w.isEnabled() for w in result_controls(widget))
 
 
+def test_bad_site_file_is_a_message_naming_the_file(panel, qtbot, tmp_path, tiny_bundle):
+    viewer, widget = panel
+    viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
+    widget.set_bundle(tiny_bundle)
+    widget.model.device_combo.setCurrentText("cpu")
+    bad = tmp_path / "site.safetensors"
+    bad.write_bytes(b"not a site file")
+    widget.model.site_edit.setText(str(bad))
+    assert widget.model.key().site == bad
+    assert widget.run() is not None
+    wait_done(qtbot, widget)
+    text = widget.status.text()
+    assert text.startswith(str(bad)) and "not a site adaptation file" in text, text
+    assert widget.session.result is None and widget.run_button.isEnabled()
+    widget.model.site_edit.setText("")
+    assert widget.model.key().site is None
+
+
 def test_baseline_bundle_runs_without_evidence(panel, qtbot, tmp_path):
     from napari_mrn._result import NO_EVIDENCE, UNCALIBRATED
 

@@ -68,6 +68,29 @@ def test_predictor_cached_by_typed_key(bundle, one_torch_thread):
         key.device = "cuda"  # type: ignore[misc]
 
 
+def test_site_file_in_the_key_gives_a_site_adapted_predictor(bundle, tmp_path, one_torch_thread):
+    """The panel's site file: its own predictor, the shift folded into each fold's head."""
+    import torch
+
+    from mrn_engine.inference.site_adaptation import SiteAdaptation
+    from napari_mrn._result import calibration_text
+
+    session = Session()
+    plain = session.predictor(PredictorKey(bundle, "cpu"))
+    dim = plain.model.head.mlp[0].num_features
+    site = SiteAdaptation({k: torch.full((dim,), 0.5) for k in (0, 1)}, {"site": "scanner-B"})
+    path = site.save(tmp_path / "b.safetensors")
+    adapted = session.predictor(PredictorKey(bundle, "cpu", site=path))
+    assert adapted is not plain and adapted.site_adaptation.site == "scanner-B"
+    key = "head.mlp.0.running_mean"
+    for k in (0, 1):
+        before, after = plain.ensemble.fold_states[k][key], adapted.ensemble.fold_states[k][key]
+        assert torch.allclose(before - after, torch.full((dim,), 0.5))
+    assert "site-adapted to scanner-B" in calibration_text(True, 0.4, "scanner-B")
+    with pytest.raises(InputDataError, match="site adaptation file not found"):
+        session.predictor(PredictorKey(bundle, "cpu", site=tmp_path / "none.safetensors"))
+
+
 def test_run_reports_typed_progress_and_leaves_the_shown_result(ran):
     session, result, reports = ran
     assert all(isinstance(r, Progress) for r in reports) and len(reports) >= 5
@@ -184,7 +207,14 @@ def test_save_writes_the_cli_pd_pred_and_a_typed_record(ran, tmp_path):
     assert record["shown"]["masked"] == ["nm_sn"]
     assert record["shown"]["p_pd"] == pytest.approx(session.probabilities.p_pd)
     assert [r["masked"] for r in record["masking_table"]][:2] == [[], ["nm_sn"]]
-    assert record["settings"] == {"device": "cpu", "folds": None, "tta": False, "masked": ["nm_sn"]}
+    assert record["settings"] == {
+        "device": "cpu",
+        "folds": None,
+        "tta": False,
+        "site": None,
+        "masked": ["nm_sn"],
+    }
+    assert record["site_adaptation"] is None
     assert record["bundle"]["config"]["preset"] == "cpu-tiny"
     assert set(record["boxes"]) == set(result.prediction.boxes)
     # saving again replaces the folder; no temporary folders are left behind

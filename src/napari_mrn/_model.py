@@ -1,4 +1,5 @@
-"""The panel's model settings: bundle folder, device (with a CPU/CUDA warning), folds and TTA."""
+"""The panel's model settings: bundle folder, device (with a CPU/CUDA warning), folds, TTA and
+an optional site harmonisation file (``mrn site-adapt``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -68,6 +70,18 @@ class ModelWidget(QGroupBox):
         form.addRow("Folds", self.folds_spin)
         self.tta_check = QCheckBox("test-time augmentation (mirror; 2x slower)")
         form.addRow(self.tta_check)
+        self.site_edit = QLineEdit()
+        self.site_edit.setPlaceholderText("none: the bundle as trained")
+        self.site_edit.setToolTip(
+            "Site harmonisation file made by `mrn site-adapt` from this scanner's healthy "
+            "controls (cases from another scanner than the training ones)"
+        )
+        self.site_button = QPushButton("Browse...")
+        self.site_button.clicked.connect(self._browse_site)
+        site_row = QHBoxLayout()
+        site_row.addWidget(self.site_edit, 1)
+        site_row.addWidget(self.site_button)
+        form.addRow("Site file", site_row)
         self._fill_bundles()
         self.bundle_combo.currentTextChanged.connect(self._bundle_changed)
         self._bundle_changed(self.bundle_combo.currentText())
@@ -90,6 +104,19 @@ class ModelWidget(QGroupBox):
         path = QFileDialog.getExistingDirectory(self, "Choose an MRN model bundle", start)
         if path:
             self.set_bundle(path)
+
+    def _browse_site(self) -> None:
+        start = self.site_edit.text().strip() or self.bundle_path() or str(Path.home())
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose a site adaptation file", start, "Site adaptation (*.safetensors)"
+        )
+        if path:
+            self.site_edit.setText(path)
+
+    def site_path(self) -> Path | None:
+        """The chosen site harmonisation file (None: the bundle as trained)."""
+        text = self.site_edit.text().strip()
+        return Path(text) if text else None
 
     def set_bundle(self, path: str | os.PathLike) -> None:
         """Choose a model bundle folder."""
@@ -139,4 +166,5 @@ class ModelWidget(QGroupBox):
             device=self.device(),
             folds=self.folds(),
             tta=self.tta_check.isChecked(),
+            site=self.site_path(),
         )

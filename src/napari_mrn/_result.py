@@ -59,12 +59,13 @@ def uncertainty_text(u: Uncertainty) -> str:
     return f"<b style='color:{FLAG_COLOURS[u.uncertain]}'>{word}</b>{reasons}: {detail}"
 
 
-def calibration_text(calibrated: bool, raw_p_pd: float | None) -> str:
-    """Whether P(PD) is calibrated; the raw (uncalibrated) full-model value when it is."""
+def calibration_text(calibrated: bool, raw_p_pd: float | None, site: str | None = None) -> str:
+    """Whether P(PD) is calibrated (the raw full-model value when it is) and site-adapted."""
+    adapted = f"; site-adapted to {site} (mrn site-adapt)" if site else ""
     if not calibrated:
-        return UNCALIBRATED
+        return UNCALIBRATED + adapted
     raw = f" (raw model output {raw_p_pd:.3f})" if raw_p_pd is not None else ""
-    return f"P(PD) calibrated{raw}"
+    return f"P(PD) calibrated{raw}{adapted}"
 
 
 def masked_titles(probs: Probabilities) -> str:
@@ -202,10 +203,12 @@ class ResultWidget(QWidget):
         self.label.setText(probabilities_html(probs))
         self.chart.show_probabilities(probs)
 
-    def show_assessment(self, flag: Uncertainty, calibrated: bool, raw_p_pd: float | None) -> None:
-        """The uncertainty flag with its reason and the calibration line."""
+    def show_assessment(
+        self, flag: Uncertainty, calibrated: bool, raw_p_pd: float | None, site: str | None = None
+    ) -> None:
+        """The uncertainty flag with its reason and the calibration (and site) line."""
         self.flag_label.setText(uncertainty_text(flag))
-        self.calibration_label.setText(calibration_text(calibrated, raw_p_pd))
+        self.calibration_label.setText(calibration_text(calibrated, raw_p_pd, site))
         self.calibration_label.setStyleSheet("" if calibrated else "color: #ffb000")
 
     def show_evidence(self, evidence: CaseEvidence | None) -> None:

@@ -69,6 +69,7 @@ def _result_record(
         "prediction": probabilities_record(pred.probabilities),
         "shown": probabilities_record(shown),
         "calibration": calibration_record(result.predictor),
+        "site_adaptation": site.record() if (site := result.predictor.site_adaptation) else None,
         "uncertainty": {
             "prediction": assess_prediction(pred).record(),
             "shown": uncertainty.record() if uncertainty is not None else None,
@@ -89,6 +90,7 @@ def _result_record(
             "device": key.device,
             "folds": list(key.folds) if key.folds is not None else None,
             "tta": key.tta,
+            "site": str(key.site) if key.site is not None else None,
             "masked": shown.masked_names,
         },
         "files": files,

@@ -62,6 +62,7 @@ class PredictorKey:
     device: str = "auto"
     folds: tuple[int, ...] | None = None
     tta: bool = False
+    site: Path | None = None  #: site harmonisation file (``mrn site-adapt``)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Session:
         if self._predictor is None or self._key != key:
             folds = list(key.folds) if key.folds is not None else None
             self._predictor = MRNPredictor.from_bundle(
-                key.bundle, device=key.device, folds=folds, tta=key.tta
+                key.bundle, device=key.device, folds=folds, tta=key.tta, site_adaptation=key.site
             )
             self._key = key
         return self._predictor

@@ -271,7 +271,9 @@ class MRNDiagnosisWidget(QWidget):
         if result is None or flag is None or raw is None:
             return
         calibrated = result.predictor.calibrated
-        self.results.show_assessment(flag, calibrated, raw.p_pd if calibrated else None)
+        self.results.show_assessment(
+            flag, calibrated, raw.p_pd if calibrated else None, result.prediction.site
+        )
         ev = self.session.evidence
         self.results.show_evidence(ev)
         crops = result.prediction.crops

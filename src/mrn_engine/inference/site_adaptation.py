@@ -100,6 +100,11 @@ class SiteAdaptation:
     def site(self) -> str:
         return str(self.info.get("site") or "site")
 
+    def record(self) -> dict[str, Any]:
+        """What a saved result says about the harmonisation it went through."""
+        keys = ("site", "path", "n_site_controls", "reference_root", "created")
+        return {k: self.info.get(k) for k in keys}
+
     def check_bundle(self, bundle: Any, folds: Iterable[int], where: str = "") -> None:
         """``WeightsError`` unless this adaptation was fitted on these folds' weights."""
         where = where or self.site

@@ -212,16 +212,10 @@ def submission_meta(predictor: Any) -> dict[str, object]:
         else None,
         "threshold": THRESHOLD,
         "calibrated": bool(getattr(predictor, "calibrated", False)),
-        "site_adaptation": _site_meta(getattr(predictor, "site_adaptation", None)),
+        "site_adaptation": site.record()
+        if (site := getattr(predictor, "site_adaptation", None))
+        else None,
     }
-
-
-def _site_meta(adaptation: Any) -> dict[str, object] | None:
-    """Which site harmonisation the P(PD) went through (None: the bundle as trained)."""
-    if adaptation is None:
-        return None
-    keys = ("site", "path", "n_site_controls", "reference_root", "created")
-    return {k: adaptation.info.get(k) for k in keys}
 
 
 def _check_out_dir(cases_dir: Path, out_dir: Path) -> None:
