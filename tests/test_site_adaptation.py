@@ -205,3 +205,31 @@ def test_reference_without_labels_needs_all_controls(site_setup, tmp_path):
         fit_site(bundle, train, all_controls=True, device="cpu")
     with pytest.raises(InputDataError, match="training cohort not found"):
         fit_site(bundle, site, train_root=tmp_path / "nowhere", device="cpu")
+
+
+def test_each_fold_is_anchored_on_the_controls_it_never_trained_on(site_setup, tmp_path):
+    import shutil
+
+    from mrn_engine.workflows.site_adaptation import training_controls
+
+    bundle, train, _ = site_setup
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    info = json.loads((copy / "bundle.json").read_text())
+    first, second = [f"RJPD_{i:03d}" for i in range(1, 5)], [f"RJPD_{i:03d}" for i in range(5, 9)]
+    info["folds"] = [
+        {"fold": 0, "train": first, "val": second},
+        {"fold": 1, "train": second, "val": first},
+    ]
+    info["labels"] = {c: int(int(c[-3:]) % 4 == 0) for c in first + second}
+    (copy / "bundle.json").write_text(json.dumps(info))
+    predictor = MRNPredictor.from_bundle(copy, device="cpu")
+    unseen, _ = training_controls(predictor, train)  # default: the fold's out-of-fold controls
+    assert unseen == {
+        0: ["RJPD_005", "RJPD_006", "RJPD_007"],
+        1: ["RJPD_001", "RJPD_002", "RJPD_003"],
+    }
+    seen, _ = training_controls(predictor, train, "train")
+    assert seen == {0: unseen[1], 1: unseen[0]}
+    with pytest.raises(InputDataError, match="anchor"):
+        training_controls(predictor, train, "all")

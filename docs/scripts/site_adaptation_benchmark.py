@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--anchor", choices=("val", "train"), default="val")
     args = ap.parse_args()
 
     import torch
@@ -94,7 +95,7 @@ def main() -> None:
     vectors: dict[str, dict] = torch.load(cache) if cache.is_file() else {}
     predictor = MRNPredictor.from_bundle(args.bundle, device="cpu")
     root = _resolve_train_root(predictor, args.train_root)
-    per_fold, root = training_controls(predictor, root)
+    per_fold, root = training_controls(predictor, root, args.anchor)
 
     def vecs(tag: str, folder: Path, ids: list[str]) -> dict:
         if tag not in vectors:
@@ -105,7 +106,7 @@ def main() -> None:
         return vectors[tag]
 
     train_ids = sorted({c for ids in per_fold.values() for c in ids})
-    train_vec = vecs("train-controls", root, train_ids)
+    train_vec = vecs(f"train-controls-{args.anchor}", root, train_ids)
     rng = np.random.default_rng(args.seed)
     n_controls = [int(v) for v in args.controls.split(",")]
     results: dict[str, dict] = {}
@@ -158,6 +159,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "train_root": str(root),
         "repeats": args.repeats,
+        "anchor": args.anchor,
         "controls": n_controls,
         "seconds": round(time.time() - t0, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

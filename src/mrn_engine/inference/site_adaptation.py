@@ -8,9 +8,12 @@ head's input). Multi-site neuroimaging removes such site effects with a location
 site (ComBat's additive term); we do the same on the patient vector, anchored on **healthy
 controls**, so the new site's PD prevalence never enters:
 
-    delta_k = mean(v | fold k's training cases labelled HC) - mean(v | the site's controls)
+    delta_k = mean(v | anchor controls of fold k) - mean(v | the site's controls)
 
-per fold ``k`` (``v``: patient vector, TTA views averaged). The shift is applied exactly where
+per fold ``k`` (``v``: patient vector, TTA views averaged). The anchor controls are the
+training cohort's HC cases that fold ``k`` did **not** train on (its out-of-fold cases): like
+the site's controls they are unseen by its weights, and they are the cases its calibration was
+fitted on (the cases it trained on sit deeper in the HC region; see docs/results.md). The shift is applied exactly where
 the head reads ``v``: for a head that starts with ``BatchNorm1d`` (``head_input_norm``) its
 running mean moves by ``-delta``; for one that starts with ``Linear`` its bias moves by
 ``W delta``. So every number read from the head -- P(PD), calibration, ROI masking,
@@ -205,12 +208,13 @@ def fit_site_adaptation(
     site_controls: Sequence[str],
     info: Mapping[str, Any] | None = None,
 ) -> SiteAdaptation:
-    """``delta_k`` = mean training-control vector of fold ``k`` - mean site-control vector.
+    """``delta_k`` = mean anchor-control vector of fold ``k`` - mean site-control vector.
 
     Parameters
     ----------
     train_vectors, site_vectors: case id -> fold -> patient vector (:func:`patient_vectors`).
-    train_controls: fold -> the HC case ids that fold trained on.
+    train_controls: fold -> the anchor HC case ids (``workflows.site_adaptation``: the
+        controls that fold did not train on).
     site_controls: the site's reference controls (HC) case ids.
 
     Raises

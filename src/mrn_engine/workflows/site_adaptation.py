@@ -1,8 +1,8 @@
 """``mrn site-adapt``: fit a bundle's site harmonisation on a new site's healthy controls.
 
 The method and its assumptions: :mod:`mrn_engine.inference.site_adaptation`. This module finds
-the cases: the training controls of every fold (the bundle's ``cohort_root`` and fold splits,
-or ``train_root``), and the reference controls of the new site (cases labelled HC in the
+the cases: the anchor controls of every fold (the training cohort's controls that fold did not
+train on, from the bundle's ``cohort_root`` and fold splits, or ``train_root``), and the reference controls of the new site (cases labelled HC in the
 reference folder's label files, or every case with ``all_controls``).
 """
 
@@ -24,12 +24,20 @@ from mrn_engine.inference.site_adaptation import (
 )
 
 ProgressFn = Callable[[float, str], None]
+#: which training controls anchor a fold: those it never trained on (see training_controls)
+ANCHOR = "val"
 
 
 def training_controls(
-    predictor: MRNPredictor, train_root: Path
+    predictor: MRNPredictor, train_root: Path, anchor: str = ANCHOR
 ) -> tuple[dict[int, list[str]], Path]:
-    """Fold -> HC case ids that fold trained on, and the training cohort folder used."""
+    """Fold -> the training cohort's HC case ids that anchor it, and the folder used.
+
+    ``anchor="val"``: the controls the fold did *not* train on (its out-of-fold cases), unseen
+    by its weights like the new site's controls; ``"train"``: the controls it trained on.
+    """
+    if anchor not in ("val", "train"):
+        raise InputDataError(f"anchor {anchor!r}: use 'val' or 'train'")
     bundle = predictor.bundle
     info = bundle.info if bundle is not None else {}
     labels = {str(c): int(v) for c, v in dict(info.get("labels") or {}).items()}
@@ -44,7 +52,7 @@ def training_controls(
     splits = bundle.splits if bundle is not None else {}
     out = {}
     for k in predictor.folds:
-        ids = splits.get(k, {}).get("train") or sorted(labels)
+        ids = splits.get(k, {}).get(anchor) or sorted(labels)
         out[k] = sorted(c for c in ids if c in controls)
     return out, train_root
 
@@ -98,16 +106,18 @@ def fit_site(
     site: str | None = None,
     device: str = "auto",
     progress: ProgressFn | None = None,
+    anchor: str = ANCHOR,
 ) -> SiteAdaptation:
     """Fit the site harmonisation of ``bundle`` for the scanner of ``reference_root``.
 
-    Every fold's training controls and every reference control get one diagnosis-only
+    ``anchor``: ``"val"`` (default) or ``"train"``, see :func:`training_controls`.
+    Every fold's anchor controls and every reference control get one diagnosis-only
     prediction (the patient vectors); nothing else is read or written.
     """
     reference_root = Path(reference_root)
     predictor = MRNPredictor.from_bundle(bundle, device=device)
     root = _resolve_train_root(predictor, train_root)
-    per_fold, root = training_controls(predictor, root)
+    per_fold, root = training_controls(predictor, root, anchor)
     site_ids = reference_controls(reference_root, all_controls=all_controls)
     if len(site_ids) < FEW_CONTROLS:
         warnings.warn(
@@ -151,5 +161,6 @@ def fit_site(
         "bundle": str(Path(bundle).resolve()),
         "bundle_weights": dict(predictor.bundle.weights_sha256) if predictor.bundle else {},
         "folds": predictor.folds,
+        "anchor": f"{anchor}: the training controls each fold {'did not train' if anchor == 'val' else 'trained'} on",
     }
     return fit_site_adaptation(train_vec, per_fold, site_vec, site_ids, info)
