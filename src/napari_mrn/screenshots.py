@@ -10,6 +10,9 @@ Writes ``napari_sample.png`` (the sample case as opened), ``napari_run.png`` (af
 also ``napari_panel_evidence.png`` (the evidence overlay on the midbrain's most PD-ward slice,
 segmentation hidden), and prints what was shown (bundle, case,
 device, probabilities, run time) as JSON.
+
+With ``--site FILE --site-case DIR`` it writes only ``napari_site.png``: the case folder ``DIR``
+(another scanner's case) run with the site harmonisation ``FILE`` (``mrn site-adapt``).
 """
 
 from __future__ import annotations
@@ -159,6 +162,59 @@ def make_screenshots(
     return record
 
 
+def make_site_screenshot(
+    bundle: Path,
+    case_dir: Path,
+    site: Path,
+    out: Path,
+    *,
+    device: str = "auto",
+    size: tuple[int, int] = (1700, 1320),
+    timeout: float = 600.0,
+) -> dict:
+    """Run the panel on a case folder with a site file and save ``napari_site.png``."""
+    guard_triton()
+    import imageio.v3 as iio
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_mrn._save import probabilities_record
+
+    out.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(title="napari-mrn")
+    app = QApplication.instance()
+    viewer.window._qt_window.resize(*size)
+    viewer.open(str(case_dir), plugin="napari-mrn")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mrn", "MRN diagnosis")
+    widget.set_bundle(bundle)
+    widget.model.device_combo.setCurrentText(device)
+    widget.model.site_edit.setText(str(site))
+    _settle(app)
+    if widget.run() is None:
+        raise RuntimeError(f"the panel refused to run: {widget.status.text()}")
+    _wait(app, lambda: widget.worker is None, timeout)
+    result = widget.session.result
+    if result is None:
+        raise RuntimeError(f"run failed: {widget.status.text()}")
+    _show_roi_slice(viewer, widget, "qsm_midbrain")
+    _settle(app, 0.3)
+    widget.results.chart.draw()
+    _settle(app, 0.5)
+    path = out / "napari_site.png"
+    iio.imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
+    record = {
+        "command": f"python -m napari_mrn.screenshots --bundle {bundle} --out {out} "
+        f"--site {site} --site-case {case_dir} --device {device}",
+        "case": result.prediction.case_id,
+        "site": result.prediction.site,
+        "prediction": probabilities_record(result.prediction.probabilities),
+        "calibration_line": widget.results.calibration_label.text(),
+        "files": [str(path)],
+    }
+    viewer.close()
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
@@ -167,7 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--folds", type=int, default=0, help="first N folds (0 = all)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    parser.add_argument(
+        "--site", type=Path, help="site file (mrn site-adapt): napari_site.png only"
+    )
+    parser.add_argument("--site-case", type=Path, help="case folder run with --site")
     args = parser.parse_args(argv)
+    if args.site is not None or args.site_case is not None:
+        if args.site is None or args.site_case is None:
+            parser.error("--site and --site-case go together")
+        record = make_site_screenshot(
+            args.bundle, args.site_case, args.site, args.out, device=args.device
+        )
+        print(json.dumps(record, indent=2))
+        return
     record = make_screenshots(
         args.bundle, args.out, case=args.case, device=args.device, folds=args.folds, tta=args.tta
     )
