@@ -18,6 +18,7 @@ from mrn_engine.inference import MRNPredictor
 from mrn_engine.inference.site_adaptation import (
     MIN_CONTROLS,
     SiteAdaptation,
+    anchors_from_vectors,
     fit_site_adaptation,
     load_site_adaptation,
     patient_vectors,
@@ -68,15 +69,16 @@ def test_fit_moves_the_site_controls_onto_the_training_controls():
     train |= _vectors([f"P{i}" for i in range(10)], pd, rng)  # PD cases never enter the shift
     site = _vectors([f"S{i}" for i in range(12)], hc + offset, rng)
     controls = {0: [f"T{i}" for i in range(10)], 1: [f"T{i}" for i in range(5, 10)]}
-    fitted = fit_site_adaptation(train, controls, site, list(site), {"site": "B"})
+    anchors = anchors_from_vectors(train, controls)
+    fitted = fit_site_adaptation(anchors, site, list(site), {"site": "B"})
     for k in (0, 1):
         assert np.allclose(fitted.shift[k].numpy(), -offset, atol=0.02)
     assert fitted.site == "B" and fitted.info["n_site_controls"] == 12
     assert fitted.info["n_train_controls"] == {"0": 10, "1": 5}
     with pytest.raises(InputDataError, match=f"at least {MIN_CONTROLS} reference controls"):
-        fit_site_adaptation(train, controls, site, list(site)[: MIN_CONTROLS - 1])
-    with pytest.raises(InputDataError, match="fold 1 has 2 training controls"):
-        fit_site_adaptation(train, {0: controls[0], 1: ["T1", "T2"]}, site, list(site))
+        fit_site_adaptation(anchors, site, list(site)[: MIN_CONTROLS - 1])
+    with pytest.raises(InputDataError, match="fold 1 has 2 anchor controls"):
+        anchors_from_vectors(train, {0: controls[0], 1: ["T1", "T2"]})
 
 
 def test_file_round_trip_and_bad_files(tmp_path):

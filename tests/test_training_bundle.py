@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mrn_engine.config import RunConfig, get_preset
 from mrn_engine.data import file_sha256, find_labels
-from mrn_engine.errors import ConfigError
+from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.models import build_model
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.compare import comparison_markdown, variant_config
@@ -233,3 +233,41 @@ def test_random_init_layerscale_reset():
     kept = MRNObjective(cfg.replace(train={"random_init_layerscale": 0.0})).student
     vit_gamma = dict(kept.named_parameters())["res.patchnizer.vit.blocks.0.ls1.gamma"]
     assert float(vit_gamma.abs().max()) < 1e-3  # the model's own DINOv2 init (1e-5)
+
+
+def test_each_fold_stores_its_out_of_fold_controls_for_site_adaptation(
+    bundle, phantom_root, monkeypatch
+):
+    """fold_k/anchor_controls.safetensors = mean patient vector of the fold's val HC cases,
+    equal to what the predictor computes; mrn site-adapt then needs no training case."""
+    from mrn_engine.data import discover_cases, load_case
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.inference import site_adaptation as sa
+    from mrn_engine.training.anchor import read_anchor
+    from mrn_engine.workflows.site_adaptation import fit_site
+
+    out, _ = bundle
+    info = json.loads((out / "bundle.json").read_text())
+    labels = find_labels(phantom_root)
+    files = {f.case_id: f for f in discover_cases(phantom_root)}
+    predictor = MRNPredictor.from_bundle(out, device="cpu")
+    for k in (0, 1):
+        mean, ids = read_anchor(out / f"fold_{k}")
+        assert sorted(ids) == sorted(c for c in info["folds"][k]["val"] if labels[c] == 0)
+        vectors = sa.patient_vectors(predictor, [load_case(files[c]) for c in ids])
+        expected = torch.stack([vectors[c][k] for c in ids]).mean(0)
+        assert torch.allclose(mean, expected, atol=1e-4), (k, (mean - expected).abs().max())
+    with pytest.raises(InputDataError, match="at least 5 reference controls, got 4"):
+        fit_site(out, phantom_root, device="cpu")
+    monkeypatch.setattr(sa, "MIN_CONTROLS", 3)  # the 4 cohort controls pass, 2 per fold do not
+    with pytest.raises(InputDataError, match="fold 0 has 2 anchor controls"):
+        fit_site(out, phantom_root, device="cpu")
+    monkeypatch.setattr(sa, "MIN_CONTROLS", 2)
+    adaptation = fit_site(out, phantom_root, device="cpu")
+    assert adaptation.info["train_root"].startswith("stored in the bundle")
+    site_hc = [c for c in labels if labels[c] == 0]
+    site = sa.patient_vectors(predictor, [load_case(files[c]) for c in site_hc])
+    for k in (0, 1):
+        mean, _ = read_anchor(out / f"fold_{k}")
+        site_mean = torch.stack([site[c][k] for c in site_hc]).mean(0)
+        assert torch.allclose(adaptation.shift[k], mean - site_mean, atol=1e-6)

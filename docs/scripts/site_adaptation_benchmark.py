@@ -86,7 +86,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from mrn_engine.data import discover_cases, find_labels, load_case
     from mrn_engine.inference import MRNPredictor
-    from mrn_engine.inference.site_adaptation import fit_site_adaptation, patient_vectors
+    from mrn_engine.inference.site_adaptation import (
+        anchors_from_vectors,
+        fit_site_adaptation,
+        patient_vectors,
+    )
     from mrn_engine.workflows.site_adaptation import _resolve_train_root, training_controls
 
     t0 = time.time()
@@ -107,6 +111,7 @@ def main() -> None:
 
     train_ids = sorted({c for ids in per_fold.values() for c in ids})
     train_vec = vecs(f"train-controls-{args.anchor}", root, train_ids)
+    anchors = anchors_from_vectors(train_vec, per_fold)
     rng = np.random.default_rng(args.seed)
     n_controls = [int(v) for v in args.controls.split(",")]
     results: dict[str, dict] = {}
@@ -135,7 +140,7 @@ def main() -> None:
                 for h in (0, 1):
                     ref, tgt = halves[h], halves[1 - h]
                     ref_hc = [ids[i] for i in ref if y[i] == 0][:n_c]
-                    fitted = fit_site_adaptation(train_vec, per_fold, v, ref_hc)
+                    fitted = fit_site_adaptation(anchors, v, ref_hc)
                     tgt_ids = [ids[i] for i in tgt]
                     p[tgt] = _head_p(predictor, fitted, v, tgt_ids)
                     keep_hc = [i for i in tgt if y[i] == 0][: max(1, (y[tgt] == 0).sum() // 3)]

@@ -201,20 +201,43 @@ def load_site_adaptation(path: str | os.PathLike) -> SiteAdaptation:
     return SiteAdaptation(shift=shift, info=info)
 
 
-def fit_site_adaptation(
+Anchors = Mapping[int, tuple[torch.Tensor, Sequence[str]]]
+
+
+def anchors_from_vectors(
     train_vectors: Mapping[str, Mapping[int, torch.Tensor]],
     train_controls: Mapping[int, Sequence[str]],
+) -> dict[int, tuple[torch.Tensor, list[str]]]:
+    """Fold -> (mean patient vector, case ids) of its anchor controls, from their vectors.
+
+    ``train_controls``: fold -> the anchor HC case ids (``workflows.site_adaptation``: the
+    controls that fold did not train on). Cases without vectors are left out.
+    """
+    out = {}
+    for k, ids in sorted(train_controls.items()):
+        ids = [c for c in ids if c in train_vectors]
+        if len(ids) < MIN_CONTROLS:
+            raise InputDataError(
+                f"site adaptation: fold {k} has {len(ids)} anchor controls with vectors "
+                f"(need {MIN_CONTROLS}); is the training cohort complete?"
+            )
+        out[k] = (_mean(train_vectors, ids, k), ids)
+    return out
+
+
+def fit_site_adaptation(
+    anchors: Anchors,
     site_vectors: Mapping[str, Mapping[int, torch.Tensor]],
     site_controls: Sequence[str],
     info: Mapping[str, Any] | None = None,
 ) -> SiteAdaptation:
-    """``delta_k`` = mean anchor-control vector of fold ``k`` - mean site-control vector.
+    """``delta_k`` = fold ``k``'s anchor mean - the mean site-control vector.
 
     Parameters
     ----------
-    train_vectors, site_vectors: case id -> fold -> patient vector (:func:`patient_vectors`).
-    train_controls: fold -> the anchor HC case ids (``workflows.site_adaptation``: the
-        controls that fold did not train on).
+    anchors: fold -> (mean patient vector, case ids) of its anchor controls
+        (:func:`anchors_from_vectors`, or stored by ``mrn train``: ``training.anchor``).
+    site_vectors: case id -> fold -> patient vector (:func:`patient_vectors`).
     site_controls: the site's reference controls (HC) case ids.
 
     Raises
@@ -231,20 +254,18 @@ def fit_site_adaptation(
     if missing:
         raise InputDataError(f"site adaptation: no patient vectors for {missing[:5]}")
     shift = {}
-    for k, ids in sorted(train_controls.items()):
-        ids = [c for c in ids if c in train_vectors]
+    for k, (mean, ids) in sorted(anchors.items()):
         if len(ids) < MIN_CONTROLS:
             raise InputDataError(
-                f"site adaptation: fold {k} has {len(ids)} training controls with vectors "
-                f"(need {MIN_CONTROLS}); is the training cohort complete?"
+                f"site adaptation: fold {k} has {len(ids)} anchor controls (need {MIN_CONTROLS})"
             )
-        shift[k] = _mean(train_vectors, ids, k) - _mean(site_vectors, site_controls, k)
+        shift[k] = mean.float() - _mean(site_vectors, site_controls, k)
     meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": "location shift of the patient vector, anchored on healthy controls",
         "n_site_controls": len(site_controls),
         "site_controls": site_controls,
-        "n_train_controls": {str(k): len(v) for k, v in train_controls.items()},
+        "n_train_controls": {str(k): len(ids) for k, (_, ids) in sorted(anchors.items())},
         **dict(info or {}),
     }
     return SiteAdaptation(shift=shift, info=meta)

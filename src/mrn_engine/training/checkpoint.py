@@ -54,7 +54,7 @@ def _write_failed(path: Path, e: BaseException) -> CheckpointWriteError:
     )
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def atomic_file(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -73,7 +73,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
     """Write a ``state_dict`` as safetensors, atomically (shared storage is copied)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp))
+    atomic_file(path, lambda tmp: save_file(tensors, tmp))
     return path
 
 
@@ -91,7 +91,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically (for optimiser state dicts)."""
     path = Path(path)
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_file(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 

@@ -53,6 +53,7 @@ from mrn_engine.models.losses import loss_terms
 from mrn_engine.results import THRESHOLD
 from mrn_engine.runtime import seed_everything
 from mrn_engine.training import distributed
+from mrn_engine.training.anchor import write_anchor
 from mrn_engine.training.checkpoint import (
     load_latest_usable,
     refuse_stale_checkpoints,
@@ -119,16 +120,26 @@ def predict_dataset(
     batch_size: int = 8,
     device: torch.device | None = None,
     amp: bool = False,
+    patients: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """P(PD) of every case of ``dataset`` (eval mode): rows ``{case_id, label, p_pd}``.
 
     Each batch goes through the predictor's inference step (``models.ensemble``): the same
     ``inference_mode``, bf16 autocast rule and P(PD) read-out as ``MRNPredictor``.
+    ``patients``: filled with case id -> patient vector (the head's input), for models that
+    have a ``head``.
     """
     device = device or next(objective.parameters()).device
     was_training = objective.training
     objective.eval()
     rows: list[dict[str, Any]] = []
+    caught: list[torch.Tensor] = []
+    head = getattr(getattr(objective, "student", None), "head", None)
+    hook = (
+        head.register_forward_pre_hook(lambda _m, args: caught.append(args[0].detach().float()))
+        if patients is not None and isinstance(head, nn.Module)
+        else None
+    )
     try:
         for batch in make_loader(dataset, batch_size, shuffle=False):
             batch = to_device(batch, device)
@@ -138,8 +149,14 @@ def predict_dataset(
                 batch["case_id"], batch["label"].cpu().tolist(), p, strict=True
             ):
                 rows.append({"case_id": cid, "label": int(lab), "p_pd": float(pp)})
+            if hook is not None and patients is not None and caught:
+                for cid, v in zip(batch["case_id"], caught.pop().cpu(), strict=True):
+                    patients[cid] = v
+                caught.clear()
     finally:
         objective.train(was_training)
+        if hook is not None:
+            hook.remove()
     return rows
 
 
@@ -340,11 +357,21 @@ def train_fold(
         fold=fold, out_dir=out_dir, epochs_done=last, finished=finished, metrics=rows
     )
     if finished and main:
+        patients: dict[str, torch.Tensor] = {}
         oof = (
-            predict_dataset(objective, val_ds, batch_size=tc.batch_size, device=device, amp=tc.amp)
+            predict_dataset(
+                objective,
+                val_ds,
+                batch_size=tc.batch_size,
+                device=device,
+                amp=tc.amp,
+                patients=patients,
+            )
             if val_ds is not None and len(val_ds)
             else []
         )
+        # the out-of-fold controls' mean patient vector: the anchor of mrn site-adapt
+        write_anchor(out_dir, patients, [r["case_id"] for r in oof if r["label"] == 0])
         write_rows_csv(
             out_dir / OOF_FILE,
             [{**r, "fold": fold} for r in oof],

@@ -19,9 +19,11 @@ from mrn_engine.inference import MRNPredictor
 from mrn_engine.inference.site_adaptation import (
     FEW_CONTROLS,
     SiteAdaptation,
+    anchors_from_vectors,
     fit_site_adaptation,
     patient_vectors,
 )
+from mrn_engine.training.anchor import read_anchor
 
 ProgressFn = Callable[[float, str], None]
 #: which training controls anchor a fold: those it never trained on (see training_controls)
@@ -110,14 +112,14 @@ def fit_site(
 ) -> SiteAdaptation:
     """Fit the site harmonisation of ``bundle`` for the scanner of ``reference_root``.
 
-    ``anchor``: ``"val"`` (default) or ``"train"``, see :func:`training_controls`.
+    ``anchor``: ``"val"`` (default) or ``"train"``, see :func:`training_controls`. With the
+    default and no ``train_root``, the anchors ``mrn train`` stored in the bundle are used when
+    every fold has one (no training case is read); otherwise they are computed from the cases.
     Every fold's anchor controls and every reference control get one diagnosis-only
     prediction (the patient vectors); nothing else is read or written.
     """
     reference_root = Path(reference_root)
     predictor = MRNPredictor.from_bundle(bundle, device=device)
-    root = _resolve_train_root(predictor, train_root)
-    per_fold, root = training_controls(predictor, root, anchor)
     site_ids = reference_controls(reference_root, all_controls=all_controls)
     if len(site_ids) < FEW_CONTROLS:
         warnings.warn(
@@ -126,41 +128,66 @@ def fit_site(
             MRNWarning,
             stacklevel=2,
         )
-    train_ids = sorted({c for ids in per_fold.values() for c in ids})
-    train_files = {c.case_id: c for c in discover_cases(root)}
-    missing = [c for c in train_ids if c not in train_files]
-    if missing:
-        raise InputDataError(
-            f"{root}: training controls {missing[:5]} not found; is this the bundle's training "
-            "cohort?"
-        )
+    stored = stored_anchors(predictor) if train_root is None and anchor == "val" else None
+    todo: list[tuple[Path, str]] = []
+    if stored is None:
+        root = _resolve_train_root(predictor, train_root)
+        per_fold, root = training_controls(predictor, root, anchor)
+        train_files = {c.case_id: c for c in discover_cases(root)}
+        train_ids = sorted({c for ids in per_fold.values() for c in ids})
+        missing = [c for c in train_ids if c not in train_files]
+        if missing:
+            raise InputDataError(
+                f"{root}: training controls {missing[:5]} not found; is this the bundle's "
+                "training cohort?"
+            )
+        todo = [(train_files[c].folder, c) for c in train_ids]
     site_files = {c.case_id: c for c in discover_cases(reference_root)}
-    n_all = len(train_ids) + len(site_ids)
+    n_all = len(todo) + len(site_ids)
 
     def _part(offset: int, n: int) -> ProgressFn | None:
         if progress is None:
             return None
         return lambda f, msg: progress((offset + f * n) / n_all, msg)
 
-    train_vec = patient_vectors(
-        predictor,
-        (load_case(train_files[c]) for c in train_ids),
-        len(train_ids),
-        _part(0, len(train_ids)),
-    )
+    if stored is None:
+        train_vec = patient_vectors(
+            predictor,
+            (load_case(train_files[c]) for _, c in todo),
+            len(todo),
+            _part(0, len(todo)),
+        )
+        anchors = anchors_from_vectors(train_vec, per_fold)
+        anchor_source = str(root.resolve())
+    else:
+        anchors, anchor_source = stored, "stored in the bundle (fold_k/anchor_controls.safetensors)"
     site_vec = patient_vectors(
         predictor,
         (load_case(site_files[c]) for c in site_ids),
         len(site_ids),
-        _part(len(train_ids), len(site_ids)),
+        _part(len(todo), len(site_ids)),
     )
     info = {
         "site": site or reference_root.name,
         "reference_root": str(reference_root.resolve()),
-        "train_root": str(root.resolve()),
+        "train_root": anchor_source,
         "bundle": str(Path(bundle).resolve()),
         "bundle_weights": dict(predictor.bundle.weights_sha256) if predictor.bundle else {},
         "folds": predictor.folds,
-        "anchor": f"{anchor}: the training controls each fold {'did not train' if anchor == 'val' else 'trained'} on",
+        "anchor": f"{anchor}: the training controls each fold "
+        f"{'did not train' if anchor == 'val' else 'trained'} on",
     }
-    return fit_site_adaptation(train_vec, per_fold, site_vec, site_ids, info)
+    return fit_site_adaptation(anchors, site_vec, site_ids, info)
+
+
+def stored_anchors(predictor: MRNPredictor) -> dict[int, tuple] | None:
+    """Fold -> (mean, case ids) that ``mrn train`` stored; None unless every fold has one."""
+    if predictor.bundle is None:
+        return None
+    out = {}
+    for k in predictor.folds:
+        found = read_anchor(predictor.bundle.fold_dir(k))
+        if found is None:
+            return None
+        out[k] = found
+    return out
