@@ -237,8 +237,8 @@ def test_predict_options_reach_the_bundle_segmenter(tmp_path):
     write_random_bundle(bundle, patch=PATCH, spacing=SPACING, features=(4, 8, 16))
     seen = {}
 
-    def fake_build(model, folds, tta, device, ignore_masks, seg=None):
-        predictor = orig_build(model, folds, tta, device, ignore_masks, seg)
+    def fake_build(model, folds, tta, device, ignore_masks, seg=None, **kw):
+        predictor = orig_build(model, folds, tta, device, ignore_masks, seg, **kw)
         seen["settings"] = predictor.segmenter_factory().settings
         raise SystemExit(0)
 

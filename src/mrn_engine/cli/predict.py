@@ -249,7 +249,9 @@ def predict_cmd(
 
     chosen = parse_shard(shard)  # bad syntax fails before the bundle is read
     seg = seg_settings(seg_mirroring, seg_tile_step, seg_localize)
-    predictor = build_predictor(model, folds, tta, device, ignore_masks, seg, site_adaptation)
+    predictor = build_predictor(
+        model, folds, tta, device, ignore_masks, seg, site_adaptation=site_adaptation
+    )
     if predictor.device.type == "cpu" and not quiet:
         click.echo("note: running on CPU (slow for ViT backbones)", err=True)
     if predictor.site_adaptation is not None:
