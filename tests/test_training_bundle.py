@@ -232,9 +232,10 @@ def test_random_init_layerscale_reset():
     assert len(gammas) >= 8 and all(torch.all(p == 1.0) for p in gammas.values())
     kept = MRNObjective(cfg.replace(train={"random_init_layerscale": 0.0})).student
     vit_gamma = dict(kept.named_parameters())["res.patchnizer.vit.blocks.0.ls1.gamma"]
-    assert float(vit_gamma.abs().max()) < 1e-3  # the model's own DINOv2 init (1e-5)
+    assert float(vit_gamma.detach().abs().max()) < 1e-3  # the model's own DINOv2 init (1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*the site shift is noisy")  # 4 controls in this cohort
 def test_each_fold_stores_its_out_of_fold_controls_for_site_adaptation(
     bundle, phantom_root, monkeypatch
 ):
