@@ -20,6 +20,7 @@ from mrn_engine.inference.site_adaptation import (
     SiteAdaptation,
     anchors_from_vectors,
     fit_site_adaptation,
+    head_p_pd,
     load_site_adaptation,
     patient_vectors,
 )
@@ -165,6 +166,15 @@ def test_fit_site_end_to_end_aligns_the_controls(site_setup, tmp_path):
             p = torch.softmax(model.head(v), -1)[0, 1].item()
         assert got.p_pd_folds_raw[j] == pytest.approx(p, abs=1e-5)
     assert got.site == "siteB" and got.summary()["site_adaptation"] == "siteB"
+    # the head-only helper (mrn site-adapt's report, the benchmark) gives the same P(PD)
+    (p_head,) = head_p_pd(plain, v_site, [case.case_id], adaptation)
+    assert p_head == pytest.approx(got.p_pd, abs=1e-6)
+    assert plain.predict_case(case, nuclei=False).p_pd == pytest.approx(
+        head_p_pd(plain, v_site, [case.case_id])[0], abs=1e-6
+    )  # and the plain predictor is untouched by it
+    report = adaptation.info["site_controls_p_pd"]
+    site_p = head_p_pd(plain, v_site, list(v_site), adaptation)
+    assert report["adapted"] == pytest.approx(sum(site_p) / len(site_p), abs=1e-9)
     # fitting on the training controls themselves gives (numerically) no shift
     own = fit_site(bundle, train, device="cpu")
     assert max(float(s.abs().max()) for s in own.shift.values()) < 1e-5
@@ -177,6 +187,7 @@ def test_site_adapt_cli_and_predict_round_trip(site_setup, tmp_path):
     res = runner.invoke(cli, ["site-adapt", str(bundle), str(site), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "7 reference controls" in res.output and out.is_file()
+    assert "the site's controls: mean P(PD)" in res.output and "adapted; called PD" in res.output
     pred_dir = tmp_path / "pred"
     res = runner.invoke(
         cli,

@@ -32,31 +32,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _head_p(predictor, adaptation, vectors: dict, ids: list[str]) -> np.ndarray:
-    """Calibrated ensemble P(PD) of ``ids`` from their patient vectors (shift folded in)."""
-    import torch
-
-    from mrn_engine.results import Probabilities
-
-    model = predictor.model
-    p = np.zeros((len(ids), len(predictor.folds)))
-    for j, k in enumerate(predictor.folds):
-        state = predictor.ensemble.fold_states[k]
-        if adaptation is not None:
-            state = adaptation.adapt_state(k, state)
-        model.load_state_dict(state)
-        model.eval()
-        v = torch.stack([vectors[c][k] for c in ids])
-        with torch.no_grad():
-            p[:, j] = torch.softmax(model.head(v).float(), -1)[:, 1].numpy()
-    predictor.ensemble._loaded = None  # the model holds other weights now: force a reload
-    out = []
-    for row in p:
-        probs = predictor.calibrate(Probabilities.from_folds(predictor.folds, list(row)))
-        out.append(probs.p_pd)
-    return np.asarray(out)
-
-
 def _score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
@@ -89,6 +64,7 @@ def main() -> None:
     from mrn_engine.inference.site_adaptation import (
         anchors_from_vectors,
         fit_site_adaptation,
+        head_p_pd,
         patient_vectors,
     )
     from mrn_engine.workflows.site_adaptation import _resolve_train_root, training_controls
@@ -123,7 +99,7 @@ def main() -> None:
         ids = sorted(labels)
         y = np.array([labels[c] for c in ids])
         v = vecs(name, folder, ids)
-        p_plain = _head_p(predictor, None, v, ids)
+        p_plain = np.asarray(head_p_pd(predictor, v, ids))
         res = {"n": len(ids), "n_pd": int(y.sum()), "trained": _score(y, p_plain)}
         curves[name] = {"y": y.tolist(), "plain": p_plain.tolist()}
         for n_c in n_controls:
@@ -142,7 +118,7 @@ def main() -> None:
                     ref_hc = [ids[i] for i in ref if y[i] == 0][:n_c]
                     fitted = fit_site_adaptation(anchors, v, ref_hc)
                     tgt_ids = [ids[i] for i in tgt]
-                    p[tgt] = _head_p(predictor, fitted, v, tgt_ids)
+                    p[tgt] = head_p_pd(predictor, v, tgt_ids, fitted)
                     keep_hc = [i for i in tgt if y[i] == 0][: max(1, (y[tgt] == 0).sum() // 3)]
                     keep = [i for i in tgt if y[i] == 1] + keep_hc
                     imb_y += y[keep].tolist()

@@ -85,6 +85,13 @@ def site_adapt_cmd(
         f"site {adaptation.site}: {adaptation.info['n_site_controls']} reference controls; "
         f"{norms} -> {out}"
     )
+    p = adaptation.info.get("site_controls_p_pd")
+    if p:
+        click.echo(
+            f"the site's controls: mean P(PD) {p['as_trained']:.3f} as trained -> "
+            f"{p['adapted']:.3f} adapted; called PD {p['called_pd_as_trained']:.0%} -> "
+            f"{p['called_pd_adapted']:.0%}"
+        )
 
 
 def register(group: click.Group) -> None:

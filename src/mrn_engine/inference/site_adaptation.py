@@ -271,6 +271,36 @@ def fit_site_adaptation(
     return SiteAdaptation(shift=shift, info=meta)
 
 
+def head_p_pd(
+    predictor: Any,
+    vectors: Mapping[str, Mapping[int, torch.Tensor]],
+    ids: Sequence[str],
+    adaptation: SiteAdaptation | None = None,
+) -> list[float]:
+    """Calibrated ensemble P(PD) of ``ids`` from their patient vectors, with ``adaptation``
+    folded into each fold's head as :class:`MRNPredictor` does (head passes only).
+
+    ``predictor`` must be the bundle *as trained* (no site adaptation of its own).
+    """
+    from mrn_engine.results import Probabilities
+
+    ensemble = predictor.ensemble
+    model = ensemble.model
+    p = torch.zeros(len(ids), len(predictor.folds))
+    try:
+        for j, k in enumerate(predictor.folds):
+            state = ensemble.fold_states[k]
+            model.load_state_dict(adaptation.adapt_state(k, state) if adaptation else state)
+            model.eval()
+            v = torch.stack([vectors[c][k] for c in ids]).to(ensemble.device)
+            with torch.no_grad():
+                p[:, j] = torch.softmax(model.head(v).float(), dim=-1)[:, 1].cpu()
+    finally:
+        ensemble._loaded = None  # the model holds other weights now: reload on next use
+    folds = predictor.folds
+    return [predictor.calibrate(Probabilities.from_folds(folds, row.tolist())).p_pd for row in p]
+
+
 def shift_norms(adaptation: SiteAdaptation) -> dict[int, float]:
     """Fold -> |delta| (how far the site's controls sat from training's)."""
     return {k: float(v.norm()) for k, v in sorted(adaptation.shift.items())}

@@ -21,6 +21,7 @@ from mrn_engine.inference.site_adaptation import (
     SiteAdaptation,
     anchors_from_vectors,
     fit_site_adaptation,
+    head_p_pd,
     patient_vectors,
 )
 from mrn_engine.training.anchor import read_anchor
@@ -177,7 +178,16 @@ def fit_site(
         "anchor": f"{anchor}: the training controls each fold "
         f"{'did not train' if anchor == 'val' else 'trained'} on",
     }
-    return fit_site_adaptation(anchors, site_vec, site_ids, info)
+    adaptation = fit_site_adaptation(anchors, site_vec, site_ids, info)
+    before = head_p_pd(predictor, site_vec, site_ids)
+    after = head_p_pd(predictor, site_vec, site_ids, adaptation)
+    adaptation.info["site_controls_p_pd"] = {
+        "as_trained": float(sum(before) / len(before)),
+        "adapted": float(sum(after) / len(after)),
+        "called_pd_as_trained": sum(p >= 0.5 for p in before) / len(before),
+        "called_pd_adapted": sum(p >= 0.5 for p in after) / len(after),
+    }
+    return adaptation
 
 
 def stored_anchors(predictor: MRNPredictor) -> dict[int, tuple] | None:
