@@ -242,12 +242,12 @@ def test_each_fold_is_anchored_on_the_controls_it_never_trained_on(site_setup, t
     info["labels"] = {c: int(int(c[-3:]) % 4 == 0) for c in first + second}
     (copy / "bundle.json").write_text(json.dumps(info))
     predictor = MRNPredictor.from_bundle(copy, device="cpu")
-    unseen, _ = training_controls(predictor, train)  # default: the fold's out-of-fold controls
+    unseen = training_controls(predictor, train)  # default: the fold's out-of-fold controls
     assert unseen == {
         0: ["RJPD_005", "RJPD_006", "RJPD_007"],
         1: ["RJPD_001", "RJPD_002", "RJPD_003"],
     }
-    seen, _ = training_controls(predictor, train, "train")
+    seen = training_controls(predictor, train, "train")
     assert seen == {0: unseen[1], 1: unseen[0]}
     with pytest.raises(InputDataError, match="anchor"):
         training_controls(predictor, train, "all")

@@ -67,15 +67,15 @@ def main() -> None:
         head_p_pd,
         patient_vectors,
     )
-    from mrn_engine.workflows.site_adaptation import _resolve_train_root, training_controls
+    from mrn_engine.workflows.site_adaptation import resolve_train_root, training_controls
 
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "vectors.pt"
     vectors: dict[str, dict] = torch.load(cache) if cache.is_file() else {}
     predictor = MRNPredictor.from_bundle(args.bundle, device="cpu")
-    root = _resolve_train_root(predictor, args.train_root)
-    per_fold, root = training_controls(predictor, root, args.anchor)
+    root = resolve_train_root(predictor, args.train_root)
+    per_fold = training_controls(predictor, root, args.anchor)
 
     def vecs(tag: str, folder: Path, ids: list[str]) -> dict:
         if tag not in vectors:

@@ -31,7 +31,7 @@ def write_anchor(
         return None
     mean = torch.stack([patients[c].float() for c in ids]).mean(dim=0).contiguous()
     path = Path(fold_dir) / ANCHOR_FILE
-    meta = {"case_ids": json.dumps(ids), "n": str(len(ids))}
+    meta = {"case_ids": json.dumps(ids)}
 
     def save(tmp: str) -> None:
         from safetensors.torch import save_file

@@ -2,8 +2,9 @@
 
 The method and its assumptions: :mod:`mrn_engine.inference.site_adaptation`. This module finds
 the cases: the anchor controls of every fold (the training cohort's controls that fold did not
-train on, from the bundle's ``cohort_root`` and fold splits, or ``train_root``), and the reference controls of the new site (cases labelled HC in the
-reference folder's label files, or every case with ``all_controls``).
+train on: stored by ``mrn train``, or from the bundle's ``cohort_root`` and fold splits, or
+``train_root``), and the reference controls of the new site (cases labelled HC in the reference
+folder's label files, or every case with ``all_controls``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ ANCHOR = "val"
 
 def training_controls(
     predictor: MRNPredictor, train_root: Path, anchor: str = ANCHOR
-) -> tuple[dict[int, list[str]], Path]:
-    """Fold -> the training cohort's HC case ids that anchor it, and the folder used.
+) -> dict[int, list[str]]:
+    """Fold -> the training cohort's HC case ids that anchor it.
 
     ``anchor="val"``: the controls the fold did *not* train on (its out-of-fold cases), unseen
     by its weights like the new site's controls; ``"train"``: the controls it trained on.
@@ -57,10 +58,10 @@ def training_controls(
     for k in predictor.folds:
         ids = splits.get(k, {}).get(anchor) or sorted(labels)
         out[k] = sorted(c for c in ids if c in controls)
-    return out, train_root
+    return out
 
 
-def _resolve_train_root(predictor: MRNPredictor, train_root: str | os.PathLike | None) -> Path:
+def resolve_train_root(predictor: MRNPredictor, train_root: str | os.PathLike | None) -> Path:
     if train_root is not None:
         root = Path(train_root)
     else:
@@ -130,10 +131,10 @@ def fit_site(
             stacklevel=2,
         )
     stored = stored_anchors(predictor) if train_root is None and anchor == "val" else None
-    todo: list[tuple[Path, str]] = []
+    train_ids: list[str] = []
     if stored is None:
-        root = _resolve_train_root(predictor, train_root)
-        per_fold, root = training_controls(predictor, root, anchor)
+        root = resolve_train_root(predictor, train_root)
+        per_fold = training_controls(predictor, root, anchor)
         train_files = {c.case_id: c for c in discover_cases(root)}
         train_ids = sorted({c for ids in per_fold.values() for c in ids})
         missing = [c for c in train_ids if c not in train_files]
@@ -142,9 +143,8 @@ def fit_site(
                 f"{root}: training controls {missing[:5]} not found; is this the bundle's "
                 "training cohort?"
             )
-        todo = [(train_files[c].folder, c) for c in train_ids]
     site_files = {c.case_id: c for c in discover_cases(reference_root)}
-    n_all = len(todo) + len(site_ids)
+    n_all = len(train_ids) + len(site_ids)
 
     def _part(offset: int, n: int) -> ProgressFn | None:
         if progress is None:
@@ -154,9 +154,9 @@ def fit_site(
     if stored is None:
         train_vec = patient_vectors(
             predictor,
-            (load_case(train_files[c]) for _, c in todo),
-            len(todo),
-            _part(0, len(todo)),
+            (load_case(train_files[c]) for c in train_ids),
+            len(train_ids),
+            _part(0, len(train_ids)),
         )
         anchors = anchors_from_vectors(train_vec, per_fold)
         anchor_source = str(root.resolve())
@@ -166,7 +166,7 @@ def fit_site(
         predictor,
         (load_case(site_files[c]) for c in site_ids),
         len(site_ids),
-        _part(len(todo), len(site_ids)),
+        _part(len(train_ids), len(site_ids)),
     )
     info = {
         "site": site or reference_root.name,
