@@ -41,9 +41,8 @@ from typing import Any
 
 import torch
 
-from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import ConfigError, InputDataError, WeightsError
-from mrn_engine.fileio import make_temp_file, publish
+from mrn_engine.training.checkpoint import atomic_file
 
 #: fewest reference controls accepted (the mean of fewer moves with each subject)
 MIN_CONTROLS = 5
@@ -55,11 +54,6 @@ FORMAT = 1
 ProgressFn = Callable[[float, str], None]
 
 
-def patient_vector(roi_tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(4D,)`` patient vector of one fold: ROI tokens in ``ROI_NAMES`` order, views averaged."""
-    return torch.cat([roi_tokens[n].float().mean(dim=0) for n in ROI_NAMES])
-
-
 def patient_vectors(
     predictor: Any, cases: Iterable[Any], n: int = 0, progress: ProgressFn | None = None
 ) -> dict[str, dict[int, torch.Tensor]]:
@@ -69,13 +63,15 @@ def patient_vectors(
     ``progress``. The vectors are the head's input *before* any site adaptation (the shift lives in the
     head), so a predictor that already carries one gives the same vectors.
     """
+    patient = predictor.model.patient  # the head's input, as the model builds it
     out: dict[str, dict[int, torch.Tensor]] = {}
     for i, case in enumerate(cases):
         pred = predictor.predict_case(case, nuclei=False)
         if not pred.roi_tokens or not pred.roi_tokens[0]:
             raise ConfigError("site adaptation needs a model that gives ROI tokens (MRN, SERes10)")
-        out[case.case_id] = {
-            k: patient_vector(t) for k, t in zip(pred.folds, pred.roi_tokens, strict=True)
+        out[case.case_id] = {  # TTA views averaged
+            k: patient({n: v.float().mean(dim=0, keepdim=True) for n, v in t.items()})[0]
+            for k, t in zip(pred.folds, pred.roi_tokens, strict=True)
         }
         if progress:
             progress((i + 1) / max(n, i + 1), f"{case.case_id}: patient vectors")
@@ -152,17 +148,9 @@ class SiteAdaptation:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ConfigError(f"{path}: site adaptation files must end in .safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"fold_{k}": v.float().contiguous() for k, v in self.shift.items()}
         meta = {METADATA_KEY: json.dumps({"format": FORMAT, **self.info})}
-        fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            publish(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from mrn_engine.data import discover_cases, find_labels, load_case
@@ -19,6 +18,7 @@ from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.inference import MRNPredictor
 from mrn_engine.inference.site_adaptation import (
     FEW_CONTROLS,
+    ProgressFn,
     SiteAdaptation,
     anchors_from_vectors,
     fit_site_adaptation,
@@ -27,7 +27,6 @@ from mrn_engine.inference.site_adaptation import (
 )
 from mrn_engine.training.anchor import read_anchor
 
-ProgressFn = Callable[[float, str], None]
 #: which training controls anchor a fold: those it never trained on (see training_controls)
 ANCHOR = "val"
 
