@@ -55,3 +55,18 @@ def test_every_mrn_command_gets_the_default(monkeypatch):
         assert os.environ["OMP_NUM_THREADS"] == "2"
     finally:
         torch.set_num_threads(before)
+
+
+def test_set_threads_sets_torch_only_when_given():
+    import torch
+
+    from mrn_engine.threads import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(None)
+        assert torch.get_num_threads() == before
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -50,3 +50,15 @@ def apply_default_threads() -> int | None:
     if torch is not None:
         torch.set_num_threads(n)
     return n
+
+
+def set_threads(n: int | None) -> None:
+    """A command's ``--threads N``: torch's intra-op threads (nothing when ``n`` is None/0).
+
+    torch is imported here, not at the top: this module sets ``OMP_NUM_THREADS`` before torch's
+    first import.
+    """
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.threads import set_threads
+
 
 @click.command("demo")
 @click.option(
@@ -47,10 +49,7 @@ def demo_cmd(
     """Run the whole MRN job on a built-in synthetic (phantom) cohort, on CPU."""
     from mrn_engine.workflows.demo import DEFAULT, QUICK, run_demo
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     size = QUICK if quick else DEFAULT
     changes = {
         k: v

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mrn_engine.segmentation.settings import BENCH_SETTINGS as DEFAULT_SEG_SETTINGS
+from mrn_engine.threads import set_threads
 
 
 @click.group("bench")
@@ -67,7 +68,6 @@ def bench_model_cmd(
     """Parameters, forward latency / peak memory (one patient), training step (batch B),
     MRN / bare-DINOv2 ratio, 16-subset masking / forward and explain (per-slice evidence) /
     forward ratios, on random weights."""
-    import torch
 
     from mrn_engine.config import RunConfig, atomic_write_text, get_preset
     from mrn_engine.models.bench import bench_model, format_result
@@ -75,8 +75,7 @@ def bench_model_cmd(
     cfg = RunConfig.load(config_path) if config_path else get_preset(preset)
     if arch:
         cfg = cfg.replace(model={"arch": arch})
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     result = bench_model(
         cfg,
         device,
@@ -146,16 +145,13 @@ def bench_seg_cmd(
     diagnosis path) on the case folders of CASES_DIR (their mask files are not used)."""
     import tempfile
 
-    import torch
-
     from mrn_engine.config import atomic_write_text
     from mrn_engine.errors import ConfigError
     from mrn_engine.segmentation.bench import bench_segmentation, format_result, random_nnunet
 
     if (nnunet_dir is None) == (random_preset is None):
         raise ConfigError("give exactly one of --nnunet DIR and --random tiny|full")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
     def diagnose(seg):
         from mrn_engine.inference import MRNPredictor

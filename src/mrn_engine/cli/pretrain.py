@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.threads import set_threads
+
 
 @click.command("pretrain")
 @click.argument("cases_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -91,10 +93,7 @@ def pretrain_cmd(
     from mrn_engine.pretraining.cohort import read_ages
     from mrn_engine.pretraining.loop import PretrainOptions, card_path, pretrain
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     if out.suffix != ".safetensors":
         raise click.BadParameter(
             f"{out}: the weights file must end in .safetensors", param_hint="--out"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.threads import set_threads
+
 
 @click.command("site-adapt")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -49,7 +51,6 @@ def site_adapt_cmd(
     does not matter. Use at least 10 controls scanned with the protocol of the cases to
     predict. Nothing is written but OUT.
     """
-    import torch
     from tqdm import tqdm
 
     from mrn_engine.inference.site_adaptation import shift_norms
@@ -57,8 +58,7 @@ def site_adapt_cmd(
 
     if out.suffix != ".safetensors":
         raise click.BadParameter(f"{out}: give a .safetensors file name", param_hint="--out")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     bar = None if quiet else tqdm(total=1000, desc="patient vectors", unit="‰")
 
     def progress(fraction: float, message: str) -> None:

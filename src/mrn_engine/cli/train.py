@@ -10,16 +10,11 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.threads import set_threads
+
 
 def _folds(values: tuple[int, ...]) -> list[int] | None:
     return sorted(set(values)) if values else None
-
-
-def _threads(n: int | None) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
 
 
 def build_config(
@@ -151,7 +146,7 @@ def train_cmd(
     from mrn_engine.training import distributed
     from mrn_engine.training.cv import train_bundle
 
-    _threads(threads)
+    set_threads(threads)
     if resume and config is None and (out / CONFIG_FILE).is_file():
         config = out / CONFIG_FILE
     cfg = build_config(
@@ -231,7 +226,7 @@ def compare_cmd(
     """Train MRN and the paper's baselines on the same folds and print the comparison table."""
     from mrn_engine.workflows.compare import compare_variants, comparison_markdown
 
-    _threads(threads)
+    set_threads(threads)
     cfg = build_config(
         preset,
         config,
