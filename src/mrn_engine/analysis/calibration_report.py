@@ -59,7 +59,7 @@ def oof_set(oof: Mapping[int, Rows], cals: Mapping[int, Calibration]) -> CalSet 
         after = np.concatenate(
             [cals[k].apply([_num(r["p_pd"]) for r in oof[k]]) for k in sorted(oof)]
         )
-    return "out-of-fold (T fitted on these)", y, raw, after
+    return "out-of-fold (calibration fitted on these)", y, raw, after
 
 
 def held_out_set(rows: Rows, cals: Mapping[int, Calibration]) -> CalSet | None:
