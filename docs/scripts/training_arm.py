@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
+from mrn_engine.analysis import binary_metrics
 from mrn_engine.config import get_preset
 from mrn_engine.data.cases import discover_cases, find_labels, load_case
 from mrn_engine.inference.predictor import MRNPredictor
+from mrn_engine.results import THRESHOLD
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.compare import variant_config
 from mrn_engine.workflows.evaluate import oof_metrics
@@ -40,13 +41,17 @@ def score(predictor: MRNPredictor, root: str) -> dict[str, object]:
             y.append(labels[files.case_id])
             p.append(pred.p_pd)
             folds.append(pred.p_pd_folds_raw)
-    y_, p_, f_ = np.asarray(y), np.asarray(p), np.asarray(folds)
+    ensemble = binary_metrics(y, p, where=root)
+    per_fold = np.asarray(folds)
     return {
         "n": len(y),
-        "accuracy": float(np.mean((p_ >= 0.5) == y_)),
-        "auc": float(roc_auc_score(y_, p_)),
-        "pd_share": float(np.mean(p_ >= 0.5)),
-        "fold_auc": [round(float(roc_auc_score(y_, f_[:, k])), 3) for k in range(f_.shape[1])],
+        "accuracy": float(ensemble.accuracy),
+        "auc": float(ensemble.auc),
+        "pd_share": float(np.mean(np.asarray(p) >= THRESHOLD)),
+        "fold_auc": [
+            round(float(binary_metrics(y, per_fold[:, k], where=root).auc), 3)
+            for k in range(per_fold.shape[1])
+        ],
     }
 
 
