@@ -9,6 +9,7 @@ from mrn_engine.analysis.calibration_report import held_out_set
 from mrn_engine.training.calibration import (
     brier_score,
     calibrate_bundle,
+    ece_noise_floor,
     expected_calibration_error,
     read_calibration,
 )
@@ -51,7 +52,10 @@ def test_calibrated_bundle_before_after_and_uncertainty(tmp_path):
     assert cells[0] == "12"
     assert cells[1] == f"{expected_calibration_error(y, raw):.3f}"
     assert cells[2] == f"{expected_calibration_error(y, after):.3f}"
-    assert cells[4] == f"{brier_score(y, after):.3f}"
+    floor, floor95 = ece_noise_floor(after)
+    assert cells[3] == f"{floor:.3f}" and cells[4] == f"{floor95:.3f}"
+    assert float(cells[3]) > 0.05  # 12 cases: ECE is mostly sampling noise
+    assert cells[6] == f"{brier_score(y, after):.3f}"
     unc = _cells(text, "held-out (ensemble: all three criteria)")
     assert unc[0] == "12" and int(unc[1]) > 0  # the fabricated fold-1 values sit near 0.5
 

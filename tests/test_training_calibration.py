@@ -16,6 +16,7 @@ from mrn_engine.training.calibration import (
     Calibration,
     brier_score,
     calibrate_bundle,
+    ece_noise_floor,
     expected_calibration_error,
     fit_fold_calibration,
     load_calibrations,
@@ -241,3 +242,25 @@ def test_pooled_errors_are_clear(tmp_path):
     (root / "fold_1" / "oof.csv").write_text("case_id,label,p_pd\nx,1,1.5\n")
     with pytest.raises(InputDataError, match="not a probability"):
         calibrate_bundle(root)
+
+
+def test_ece_noise_floor_shrinks_with_cases_and_bounds_a_calibrated_model() -> None:
+    """A perfectly calibrated model's ECE is large on 60 cases and small on 5000: the floor
+    says so, and a calibrated sample's ECE falls under its 95th percentile."""
+    rng = np.random.default_rng(3)
+    small = rng.uniform(0.2, 0.8, 60)
+    large = rng.uniform(0.2, 0.8, 5000)
+    mean_small, p95_small = ece_noise_floor(small, draws=200)
+    mean_large, _ = ece_noise_floor(large, draws=50)
+    assert 0.08 < mean_small < 0.25 and p95_small > mean_small
+    assert mean_large < 0.03
+    inside = 0
+    for seed in range(20):
+        y = np.random.default_rng(100 + seed).binomial(1, small)
+        inside += expected_calibration_error(y, small) <= p95_small
+    assert inside >= 16  # about 95 % of calibrated samples
+    # a badly overconfident model on many cases is far above its floor
+    y = rng.binomial(1, large)
+    sharp = 1 / (1 + np.exp(-4 * np.log(large / (1 - large))))
+    assert expected_calibration_error(y, sharp) > 5 * ece_noise_floor(sharp, draws=50)[1]
+    assert all(np.isnan(ece_noise_floor([])))

@@ -1,7 +1,8 @@
 """Train one cpu-tiny arm (a setting, or a `mrn compare` variant) and score it per fold.
 
     python docs/scripts/training_arm.py --cohort C --cache C_CACHE --out DIR --seed 1 \
-        [--lr-backbone 3e-5] [--variant seres10-moco] --heldout demo=H1 --heldout new=H2
+        [--lr-backbone 3e-5] [--variant seres10-moco] [--model use_sfa=false] \
+        --heldout demo=H1 --heldout new=H2
 
 Used for docs/results.md "Backbone learning rate 3e-4 -> 3e-5": the preset's folds (5 for
 cpu-tiny) on the labelled cases of ``--cohort``, then the fold ensemble (and every fold model
@@ -63,6 +64,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--lr-backbone", type=float)
     ap.add_argument("--variant", help="a mrn compare variant (default: the preset's MRN)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="KEY=VALUE override of the model section, e.g. use_moco=false (repeatable)",
+    )
     ap.add_argument("--heldout", action="append", default=[], help="NAME=DIR (repeatable)")
     ap.add_argument("--score-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -75,6 +82,9 @@ def main() -> None:
     cfg = get_preset("cpu-tiny").replace(train=train)
     if args.variant:
         cfg = variant_config(cfg, args.variant)
+    model = {k: json.loads(v) for k, v in (m.split("=", 1) for m in args.model)}
+    if model:
+        cfg = cfg.replace(model=model)
     t0 = time.time()
     if not args.score_only:
         train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=False)
@@ -84,6 +94,7 @@ def main() -> None:
         "seed": args.seed,
         "lr_backbone": cfg.train.lr_backbone,
         "variant": args.variant or "mrn",
+        "model": model,
         "oof": {"accuracy": oof["accuracy"], "auc": oof["auc"], "n": oof["n"]},
         "heldout": {
             name: score(predictor, root) for name, root in (h.split("=", 1) for h in args.heldout)

@@ -22,6 +22,7 @@ from mrn_engine.training.calibration import (
     N_BINS,
     Calibration,
     brier_score,
+    ece_noise_floor,
     expected_calibration_error,
     read_calibration,
 )
@@ -93,9 +94,14 @@ def held_out_set(rows: Rows, cals: Mapping[int, Calibration]) -> CalSet | None:
 
 
 def calibration_rows(sets: Sequence[CalSet]) -> list[dict[str, object]]:
-    """ECE and Brier before / after per set."""
+    """ECE and Brier before / after per set, and the ECE noise floor of the set's P(PD).
+
+    ``ece_floor`` / ``ece_floor_p95``: the ECE a perfectly calibrated model with these
+    (calibrated, else raw) probabilities would show on this many cases (``ece_noise_floor``).
+    """
     out = []
     for name, y, raw, after in sets:
+        floor, floor95 = ece_noise_floor(after if after is not None else raw)
         out.append(
             {
                 "set": name,
@@ -106,6 +112,8 @@ def calibration_rows(sets: Sequence[CalSet]) -> list[dict[str, object]]:
                 else math.nan,
                 "brier_raw": brier_score(y, raw),
                 "brier_calibrated": brier_score(y, after) if after is not None else math.nan,
+                "ece_floor": floor,
+                "ece_floor_p95": floor95,
             }
         )
     return out
@@ -213,12 +221,24 @@ def calibration_section(
     body = (
         "<h2>Calibration and uncertainty</h2>"
         f'<p class="muted">{note} ECE: {N_BINS} equal-width bins of P(PD) (torchmetrics); Brier: '
-        "scikit-learn. Out-of-fold figures are in-sample for the map; held-out ones are not.</p>"
+        "scikit-learn. Out-of-fold figures are in-sample for the map; held-out ones are not. "
+        "ece_floor: the mean (and 95th percentile) ECE that a perfectly calibrated model with "
+        "these P(PD) would show on this many cases (labels drawn from P(PD)); an ECE below "
+        "the 95th percentile is not evidence of miscalibration.</p>"
         '<div class="figs">'
         + (_img(_png(fig), "reliability") if fig is not None else "")
         + _table(
             calibration_rows(sets),
-            ("set", "n", "ece_raw", "ece_calibrated", "brier_raw", "brier_calibrated"),
+            (
+                "set",
+                "n",
+                "ece_raw",
+                "ece_calibrated",
+                "ece_floor",
+                "ece_floor_p95",
+                "brier_raw",
+                "brier_calibrated",
+            ),
         )
         + "</div>"
         + (
