@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -106,6 +107,32 @@ def test_oof_equals_the_predictor_of_each_fold(bundle, phantom_root):
         for r in rows[:2]:
             pred = predictor.predict_case(load_case(files[r["case_id"]]))
             assert pred.p_pd_raw == pytest.approx(r["p_pd"], abs=1e-5), (k, r["case_id"])
+
+
+def test_score_folder_matches_the_oof_of_each_fold_and_binary_metrics(bundle, phantom_root):
+    """score_folder: every labelled case once, fold k's raw P(PD) on its own validation cases
+    equals the trainer's out-of-fold value, and the ensemble row is binary_metrics of P(PD)."""
+    from mrn_engine.analysis import binary_metrics
+    from mrn_engine.bundle import read_oof
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.workflows import score_folder
+
+    out, _ = bundle
+    seen: list[str] = []
+    s = score_folder(MRNPredictor.from_bundle(out, device="cpu"), phantom_root, on_case=seen.append)
+    rows = {r["case_id"]: r for r in s["rows"]}
+    assert s["n"] == 8 and sorted(seen) == sorted(rows) == sorted(find_labels(phantom_root))
+    for k, oof in read_oof(out).items():
+        for r in oof:
+            assert rows[r["case_id"]]["p_pd_folds_raw"][k] == pytest.approx(r["p_pd"], abs=1e-5)
+    y = [r["label"] for r in s["rows"]]
+    p = [r["p_pd"] for r in s["rows"]]
+    m = binary_metrics(y, p)
+    assert (s["accuracy"], s["auc"]) == (m.accuracy, m.auc) or np.isnan(s["auc"])
+    assert s["pd_share"] == np.mean(np.asarray(p) >= 0.5) and len(s["fold_auc"]) == 2
+    assert 0 < s["ece_floor"] <= s["ece_floor_p95"] <= 1
+    with pytest.raises(InputDataError, match="no labelled case"):
+        score_folder(MRNPredictor.from_bundle(out, device="cpu"), out)
 
 
 def test_rerun_refuses_then_resume_keeps_finished_folds(bundle, phantom_root):

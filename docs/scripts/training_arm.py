@@ -19,41 +19,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mrn_engine.analysis import binary_metrics
 from mrn_engine.config import get_preset
-from mrn_engine.data.cases import discover_cases, find_labels, load_case
 from mrn_engine.inference.predictor import MRNPredictor
-from mrn_engine.results import THRESHOLD
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.compare import variant_config
-from mrn_engine.workflows.evaluate import oof_metrics
-
-
-def score(predictor: MRNPredictor, root: str) -> dict[str, object]:
-    """Ensemble accuracy / AUC / PD share and each fold model's AUC on a labelled folder."""
-    labels = find_labels(root)
-    y, p, folds = [], [], []
-    for files in discover_cases(root):
-        if files.case_id in labels:
-            pred = predictor.predict_case(load_case(files), nuclei=False)
-            y.append(labels[files.case_id])
-            p.append(pred.p_pd)
-            folds.append(pred.p_pd_folds_raw)
-    ensemble = binary_metrics(y, p, where=root)
-    per_fold = np.asarray(folds)
-    return {
-        "n": len(y),
-        "accuracy": float(ensemble.accuracy),
-        "auc": float(ensemble.auc),
-        "pd_share": float(np.mean(np.asarray(p) >= THRESHOLD)),
-        "fold_auc": [
-            round(float(binary_metrics(y, per_fold[:, k], where=root).auc), 3)
-            for k in range(per_fold.shape[1])
-        ],
-    }
+from mrn_engine.workflows.evaluate import oof_metrics, score_folder
 
 
 def main() -> None:
@@ -97,7 +69,8 @@ def main() -> None:
         "model": model,
         "oof": {"accuracy": oof["accuracy"], "auc": oof["auc"], "n": oof["n"]},
         "heldout": {
-            name: score(predictor, root) for name, root in (h.split("=", 1) for h in args.heldout)
+            name: {k: v for k, v in score_folder(predictor, root).items() if k != "rows"}
+            for name, root in (h.split("=", 1) for h in args.heldout)
         },
         "seconds": round(time.time() - t0, 1),
     }

@@ -9,7 +9,7 @@ from mrn_engine.workflows.compare import (
     variant_config,
 )
 from mrn_engine.workflows.demo import DEFAULT, QUICK, DemoSize, run_demo
-from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics, pooled_oof
+from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics, pooled_oof, score_folder
 
 __all__ = [
     "DEFAULT",
@@ -25,5 +25,6 @@ __all__ = [
     "pooled_oof",
     "run_demo",
     "run_masking_analysis",
+    "score_folder",
     "variant_config",
 ]

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mrn_engine.analysis import binary_metrics
 from mrn_engine.bundle import read_oof
+from mrn_engine.data.cases import discover_cases, find_labels, load_case
 from mrn_engine.errors import InputDataError
 from mrn_engine.inference import MRNPredictor
+from mrn_engine.results import THRESHOLD
+from mrn_engine.training.calibration import (
+    brier_score,
+    ece_noise_floor,
+    expected_calibration_error,
+)
 from mrn_engine.workflows.ablation import run_masking_analysis
 
 
@@ -53,3 +63,63 @@ def heldout_metrics(
     )
     ensemble = next(r for r in result.metrics if r.get("set") == "ensemble")
     return {**ensemble, "errors": len(result.errors), "masking": result.masking}
+
+
+def score_folder(
+    predictor: MRNPredictor,
+    cases_root: str | os.PathLike,
+    *,
+    on_case: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The fold ensemble and each fold model on the labelled cases under ``cases_root``.
+
+    Predicts P(PD) only (no nuclei masks, no masking analysis). Returns ``n``; the ensemble's
+    ``accuracy``, ``auc``, ``pd_share`` (share called PD) and ``p_pd_range``; ``fold_auc``
+    (each fold model alone: one at or below 0.5 has not learned); ``ece`` / ``brier`` of the
+    reported and the raw P(PD) with ``ece_floor`` / ``ece_floor_p95``
+    (:func:`~mrn_engine.training.calibration.ece_noise_floor`); and the per-case ``rows``.
+    Cases without a label are skipped; labels are used only to score.
+    """
+    labels = find_labels(cases_root)
+    rows: list[dict[str, Any]] = []
+    for files in discover_cases(cases_root):
+        if files.case_id not in labels:
+            continue
+        pred = predictor.predict_case(load_case(files), nuclei=False)
+        rows.append(
+            {
+                "case_id": files.case_id,
+                "label": int(labels[files.case_id]),
+                "p_pd": float(pred.p_pd),
+                "p_pd_raw": float(pred.p_pd_raw),
+                "p_pd_folds_raw": [float(x) for x in pred.p_pd_folds_raw],
+            }
+        )
+        if on_case is not None:
+            on_case(files.case_id)
+    if not rows:
+        raise InputDataError(f"{cases_root}: no labelled case to score")
+    y = [r["label"] for r in rows]
+    p = np.array([r["p_pd"] for r in rows])
+    raw = np.array([r["p_pd_raw"] for r in rows])
+    folds = np.array([r["p_pd_folds_raw"] for r in rows])
+    ensemble = binary_metrics(y, p, where=str(cases_root))
+    floor, floor95 = ece_noise_floor(p)
+    return {
+        "n": len(rows),
+        "accuracy": float(ensemble.accuracy),
+        "auc": float(ensemble.auc),
+        "pd_share": float(np.mean(p >= THRESHOLD)),
+        "p_pd_range": [float(p.min()), float(p.max())],
+        "fold_auc": [
+            float(binary_metrics(y, folds[:, k], where=str(cases_root)).auc)
+            for k in range(folds.shape[1])
+        ],
+        "ece": expected_calibration_error(y, p),
+        "ece_raw": expected_calibration_error(y, raw),
+        "ece_floor": floor,
+        "ece_floor_p95": floor95,
+        "brier": brier_score(y, p),
+        "brier_raw": brier_score(y, raw),
+        "rows": rows,
+    }
