@@ -29,33 +29,17 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 DEFAULT_GEOMETRY = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real-geometry"
 
 
 def _score(predictor, root: Path) -> dict:
-    from mrn_engine.analysis import binary_metrics
-    from mrn_engine.data import discover_cases, find_labels, load_case
+    """The ensemble's accuracy, AUC and PD share on a labelled cohort, beside its oracle."""
+    from mrn_engine.workflows import score_folder
 
-    labels = find_labels(root)
-    ys, ps = [], []
-    for files in discover_cases(root):
-        case = load_case(files, labels.get(files.case_id))
-        pred = predictor.predict_case(case)
-        ys.append(int(labels[files.case_id]))
-        ps.append(float(pred.p_pd))
-    m = binary_metrics(ys, ps, where=str(root)).as_row()
+    s = score_folder(predictor, root)
     oracle = json.loads((root / "oracle.json").read_text())
-    p = np.asarray(ps)
-    return {
-        "n": len(ys),
-        "accuracy": float(m["accuracy"]),
-        "auc": float(m["auc"]),
-        "pd_share": float(np.mean(p >= 0.5)),
-        "p_pd_range": [float(p.min()), float(p.max())],
-        "oracle_accuracy": float(oracle["accuracy_empirical"]),
-    }
+    keep = ("n", "accuracy", "auc", "pd_share", "p_pd_range")
+    return {**{k: s[k] for k in keep}, "oracle_accuracy": float(oracle["accuracy_empirical"])}
 
 
 def _split_geometry(geometry: Path, holdout: list[str], out: Path) -> tuple[Path, Path]:
