@@ -34,7 +34,7 @@ class Probabilities:
     ----------
     folds: fold indices, in the order of ``p_pd_folds``.
     p_pd_folds: P(PD) of each fold model (TTA-averaged when TTA is on).
-    p_pd: ensemble mean over folds.
+    p_pd: ensemble P(PD): the mean over folds, or an ensemble calibration's combination.
     p_pd_std: standard deviation over folds (0 for one fold).
     call: 1 = PD, 0 = HC (``p_pd >= THRESHOLD``).
     masked: ROI names whose input was replaced by an empty volume (empty = none).
@@ -53,8 +53,13 @@ class Probabilities:
         folds: Sequence[int],
         p_pd_folds: Sequence[float] | np.ndarray,
         masked: Iterable[str] = (),
+        p_pd: float | None = None,
     ) -> Probabilities:
-        """The one constructor: mean, spread and call from the per-fold probabilities."""
+        """The one constructor: mean, spread and call from the per-fold probabilities.
+
+        ``p_pd``: the ensemble P(PD) when it is not the plain mean (an ensemble calibration,
+        ``training.ensemble_calibration``); the spread is still that of the folds.
+        """
         p = np.asarray(p_pd_folds, dtype=np.float64).reshape(-1)
         if len(folds) != p.size or p.size == 0:
             raise ValueError(f"{len(folds)} fold indices for {p.size} fold probabilities")
@@ -62,7 +67,7 @@ class Probabilities:
         unknown = masked - set(ROI_NAMES)
         if unknown:
             raise ValueError(f"unknown ROI name(s) {sorted(unknown)}; use {list(ROI_NAMES)}")
-        mean = float(p.mean())
+        mean = float(p.mean()) if p_pd is None else float(p_pd)
         return cls(
             folds=tuple(int(k) for k in folds),
             p_pd_folds=tuple(float(x) for x in p),

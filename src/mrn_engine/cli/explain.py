@@ -20,11 +20,20 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
     help="Map fitted on the pooled out-of-fold predictions (auto: lowest cross-fitted ECE); "
     "fold-temperature: one temperature per fold on its own cases (the older scheme).",
 )
-def calibrate_cmd(bundle: Path, method: str) -> None:
+@click.option(
+    "--unlabeled",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of cases the bundle never trained on (labels not needed, >= 10 cases): "
+    "measure how far the fold models agree and sharpen the ensemble P(PD) accordingly "
+    "(BUNDLE/ensemble_calibration.json; docs/inference.md).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+def calibrate_cmd(bundle: Path, method: str, unlabeled: Path | None, device: str) -> None:
     """Fit the calibration of P(PD) on BUNDLE/fold_k/oof.csv and write fold_k/calibration.json.
 
     ``mrn train`` does this when the last fold finishes; use it for older bundles or another
-    method. Refits and overwrites existing calibration files; weights are not touched.
+    method. Refits and overwrites existing calibration files; weights are not touched. With
+    ``--unlabeled``, also the ensemble calibration (the fold models' agreement on unseen cases).
     """
     from mrn_engine.training.calibration import calibrate_bundle
 
@@ -48,6 +57,21 @@ def calibrate_cmd(bundle: Path, method: str) -> None:
         click.echo(
             f"  cross-fitted on the out-of-fold cases: {m:11s} ECE {row['ece_crossfit']:.3f}  "
             f"Brier {row['brier_crossfit']:.3f}"
+        )
+    if unlabeled is not None:
+        from tqdm.auto import tqdm
+
+        from mrn_engine.workflows.ensemble_calibration import calibrate_ensemble
+
+        with tqdm(desc="unseen cases", unit="case") as bar:
+            ens = calibrate_ensemble(
+                bundle, unlabeled, device=device, on_case=lambda _: bar.update()
+            )
+        k = len(ens.folds)
+        click.echo(
+            f"ensemble: fold logits correlate at rho = {ens.rho_measured:.3f} on {ens.n_cases} "
+            f"unseen cases; the {k}-fold ensemble logit is multiplied by {ens.factor(k):.2f} "
+            f"({bundle / 'ensemble_calibration.json'})"
         )
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from mrn_engine.bundle import ModelBundle, open_bundle
 from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.data.roi_subsets import MASK_SUBSETS
-from mrn_engine.errors import InputDataError, WeightsError
+from mrn_engine.errors import InputDataError, MRNWarning, WeightsError
 from mrn_engine.inference.mask_source import (
     MaskSource,
     Segmenter,
@@ -47,6 +48,11 @@ from mrn_engine.results import Probabilities
 from mrn_engine.rois import CropBox, RoiCrop, paste_back_all
 from mrn_engine.runtime import resolve_device
 from mrn_engine.training.calibration import Calibration, apply_folds, load_calibrations
+from mrn_engine.training.ensemble_calibration import (
+    EnsembleCalibration,
+    read_ensemble_calibration,
+    usable_for,
+)
 
 __all__ = ["CasePrediction", "MRNPredictor", "ProgressFn", "Segmenter"]
 
@@ -204,6 +210,7 @@ class MRNPredictor:
         segmenter_factory: Callable[[], Segmenter] | None = None,
         calibration: Mapping[int, Calibration] | None = None,
         site_adaptation: SiteAdaptation | str | os.PathLike | None = None,
+        ensemble_calibration: EnsembleCalibration | None = None,
     ) -> None:
         self.config = config
         self.bundle = bundle
@@ -232,6 +239,9 @@ class MRNPredictor:
                 f"predictor: calibration for folds {sorted(self.calibration)}, "
                 f"weights for {self.folds}"
             )
+        #: the fold agreement that sharpens the ensemble P(PD) (None: plain mean); used only
+        #: with the per-fold calibration it was measured on
+        self.ensemble_calibration = ensemble_calibration if self.calibration else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -263,7 +273,9 @@ class MRNPredictor:
             (:mod:`mrn_engine.inference.site_adaptation`).
 
         P(PD) is calibrated when every chosen fold has ``fold_k/calibration.json``; older
-        bundles load uncalibrated (``predictor.calibrated`` is False).
+        bundles load uncalibrated (``predictor.calibrated`` is False). With
+        ``ensemble_calibration.json`` too, the folds' calibrated P(PD) are combined by
+        ``training.ensemble_calibration`` instead of their plain mean.
         """
         bundle = open_bundle(path)
         chosen = bundle.folds if folds is None else sorted({int(k) for k in folds})
@@ -271,6 +283,16 @@ class MRNPredictor:
         if missing:
             raise InputDataError(
                 f"{bundle.root}: fold(s) {missing} not in the bundle (has {bundle.folds})"
+            )
+        ensemble, why = usable_for(
+            read_ensemble_calibration(bundle.root), chosen, bundle.info.get("weights") or {}
+        )
+        if why:
+            warnings.warn(
+                f"{bundle.root}: ensemble_calibration.json ignored ({why}); re-run "
+                "`mrn calibrate --unlabeled`",
+                MRNWarning,
+                stacklevel=2,
             )
         factory = model_factory or (lambda cfg: build_model(cfg, pretrained=False))
         model = factory(bundle.config)
@@ -289,6 +311,7 @@ class MRNPredictor:
             segmenter_factory=None if segmenter else bundle_segmenter_factory(bundle, device),
             calibration=load_calibrations(bundle.root, chosen),
             site_adaptation=site_adaptation,
+            ensemble_calibration=ensemble,
         )
 
     # ------------------------------------------------------------------ read-only views
@@ -322,7 +345,9 @@ class MRNPredictor:
         if not self.calibration:
             return raw
         p = apply_folds(self.calibration, raw.folds, raw.p_pd_folds)
-        return Probabilities.from_folds(raw.folds, p, masked=raw.masked)
+        ens = self.ensemble_calibration
+        combined = ens.combine(p) if ens is not None and len(p) > 1 else None
+        return Probabilities.from_folds(raw.folds, p, masked=raw.masked, p_pd=combined)
 
     @property
     def can_mask(self) -> bool:
