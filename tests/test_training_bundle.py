@@ -299,3 +299,50 @@ def test_each_fold_stores_its_out_of_fold_controls_for_site_adaptation(
         mean, _ = read_anchor(out / f"fold_{k}")
         site_mean = torch.stack([site[c][k] for c in site_hc]).mean(0)
         assert torch.allclose(adaptation.shift[k], mean - site_mean, atol=1e-6)
+
+
+def test_ensemble_calibration_from_unseen_cases_end_to_end(bundle, phantom_root, tmp_path):
+    """`mrn calibrate --unlabeled` on unseen phantoms writes the record; the predictor then
+    combines the calibrated folds by it (full and masked predictions); training cases are
+    refused; a retrained fold voids it with a warning."""
+    import shutil
+
+    from mrn_engine.cli import cli
+    from mrn_engine.data import discover_cases, load_case
+    from mrn_engine.errors import MRNWarning
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.phantom import generate_cohort
+    from mrn_engine.training.ensemble_calibration import ENSEMBLE_FILE, read_ensemble_calibration
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle[0], out)
+    res = CliRunner().invoke(cli, ["calibrate", str(out), "--unlabeled", str(phantom_root)])
+    assert isinstance(res.exception, InputDataError)
+    assert "8 training case(s) left out" in str(res.exception)
+    assert not (out / ENSEMBLE_FILE).exists()
+
+    unseen = tmp_path / "unseen"
+    generate_cohort(unseen, n=10, seed=4242, workers=2, progress=False)
+    res = CliRunner().invoke(
+        cli, ["calibrate", str(out), "--unlabeled", str(unseen), "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    ens = read_ensemble_calibration(out)
+    assert ens is not None and ens.n_cases == 10 and ens.folds == (0, 1)
+    assert f"multiplied by {ens.factor(2):.2f}" in res.output
+
+    case = load_case(next(iter(discover_cases(phantom_root))))
+    predictor = MRNPredictor.from_bundle(out, device="cpu")
+    pred = predictor.predict_case(case, nuclei=False)
+    assert pred.p_pd == pytest.approx(ens.combine(pred.probabilities.p_pd_folds), abs=1e-12)
+    plain = MRNPredictor.from_bundle(bundle[0], device="cpu").predict_case(case, nuclei=False)
+    assert pred.p_pd_folds == plain.p_pd_folds and pred.p_pd_raw == plain.p_pd_raw
+    masked = predictor.masked_prediction(pred, ["nm_sn"])
+    assert masked.p_pd == pytest.approx(ens.combine(masked.p_pd_folds), abs=1e-12)
+
+    info = json.loads((out / "bundle.json").read_text())
+    info["weights"]["fold_1"] = "0" * 64
+    (out / "bundle.json").write_text(json.dumps(info))
+    with pytest.warns(MRNWarning, match=r"fold\(s\) \[1\] retrained"):
+        stale = MRNPredictor.from_bundle(out, device="cpu")
+    assert stale.ensemble_calibration is None
