@@ -19,6 +19,7 @@ from mrn_engine.training.calibration import (
     ece_noise_floor,
     expected_calibration_error,
     fit_fold_calibration,
+    fit_logistic,
     load_calibrations,
     read_calibration,
 )
@@ -264,3 +265,21 @@ def test_ece_noise_floor_shrinks_with_cases_and_bounds_a_calibrated_model() -> N
     sharp = 1 / (1 + np.exp(-4 * np.log(large / (1 - large))))
     assert expected_calibration_error(y, sharp) > 5 * ece_noise_floor(sharp, draws=50)[1]
     assert all(np.isnan(ece_noise_floor([])))
+
+
+def test_fit_logistic_is_scale_free_and_finite_on_separable_cases() -> None:
+    """Platt-target fit: small logits get a proportionally larger slope (an L2 penalty shrank
+    it), the true slope is recovered on many cases, and a separable set stays finite."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 1.0, 4000)
+    y = rng.binomial(1, 1 / (1 + np.exp(-(2.0 * z - 0.5))))
+    a, b = fit_logistic(z, y, intercept=True)
+    assert a == pytest.approx(2.0, rel=0.1) and b == pytest.approx(-0.5, abs=0.15)
+    a_small, b_small = fit_logistic(0.1 * z[:72], y[:72], intercept=True)
+    a_unit, b_unit = fit_logistic(z[:72], y[:72], intercept=True)
+    assert a_small == pytest.approx(10 * a_unit, rel=1e-3) and b_small == pytest.approx(
+        b_unit, abs=1e-3
+    )
+    sep = np.array([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])
+    a_sep, _ = fit_logistic(sep, np.array([0, 0, 0, 1, 1, 1]), intercept=False)
+    assert 0.3 < a_sep < 10.0  # targets 0.2 / 0.8: finite

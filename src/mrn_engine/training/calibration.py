@@ -8,9 +8,11 @@ below is the older scheme (still written at the end of each fold, and loadable):
 Each fold model's validation cases (``fold_k/oof.csv``, never used to train fold ``k``) give
 one temperature ``T_k``: the calibrated probability is ``sigmoid(logit(p) / T_k)`` (for the
 two-class softmax, dividing both logits by ``T`` divides their difference, the binary logit,
-by ``T``). ``1 / T`` is fitted by scikit-learn's ``LogisticRegression`` on the single feature
-``logit(p)`` without intercept; its default L2 penalty (C = 1) keeps a small or separable
-out-of-fold set from driving ``T`` to 0 (it shrinks towards *less* confident, never more).
+by ``T``). ``1 / T`` is fitted by :func:`fit_logistic` on the single feature ``logit(p)``
+without intercept: an unpenalised logistic fit to Platt's smoothed targets, which keeps a
+small or separable out-of-fold set from driving ``T`` to 0 without depending on the scale of
+the logits (an L2 penalty on the slope, used before 2026-11-30, shrank small-logit models
+towards *under*confidence: see docs/results.md, "Ensemble calibration").
 
 ``fold_k/calibration.json`` records the method, ``T``, the number of cases, what it was fitted
 on, and ECE (torchmetrics ``BinaryCalibrationError``, 15 equal-width bins, L1) and Brier score
@@ -101,6 +103,30 @@ def brier_score(y: Sequence[int], p: Sequence[float]) -> float:
     )
 
 
+def fit_logistic(
+    z: Sequence[float] | np.ndarray, y: Sequence[int] | np.ndarray, *, intercept: bool
+) -> tuple[float, float]:
+    """``(a, b)`` of ``P(PD) = sigmoid(a z + b)`` (``b = 0`` without intercept), fitted to
+    Platt's (1999) smoothed targets ``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)``.
+
+    scikit-learn's ``LogisticRegression`` without penalty (``C = inf``) on each case twice,
+    weighted by its target and one minus it: the smoothing is the prior that keeps a
+    separable set finite, and unlike an L2 penalty it does not depend on the scale of ``z``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    z = np.asarray(z, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    n_pd, n_hc = int((y == 1).sum()), int((y == 0).sum())
+    t = np.where(y == 1, (n_pd + 1.0) / (n_pd + 2.0), 1.0 / (n_hc + 2.0))
+    x = np.concatenate([z, z])[:, None]
+    target = np.concatenate([np.ones_like(y), np.zeros_like(y)])
+    weight = np.concatenate([t, 1.0 - t])
+    lr = LogisticRegression(C=np.inf, fit_intercept=intercept, max_iter=1000)
+    lr.fit(x, target, sample_weight=weight)
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0]) if intercept else 0.0
+
+
 def fit_temperature(y: Sequence[int], p: Sequence[float]) -> float:
     """Temperature ``T`` of ``sigmoid(logit(p) / T)`` (see the module docstring).
 
@@ -108,15 +134,13 @@ def fit_temperature(y: Sequence[int], p: Sequence[float]) -> float:
     ------
     ValueError: fewer than two cases of each class, or a non-positive fitted slope.
     """
-    from sklearn.linear_model import LogisticRegression
 
     y = np.asarray(y, dtype=np.int64)
     if len(y) < 4 or min(int((y == 0).sum()), int((y == 1).sum())) < 2:
         raise ValueError(
             f"needs >= 2 cases of each class, has {int((y == 0).sum())} HC / {int((y == 1).sum())} PD"
         )
-    z = logit(p)[:, None]
-    slope = float(LogisticRegression(fit_intercept=False, C=1.0).fit(z, y).coef_[0, 0])
+    slope, _ = fit_logistic(logit(p), y, intercept=False)
     if slope <= 0:
         raise ValueError(f"fitted slope {slope:.3g} <= 0: P(PD) does not increase with the logit")
     return float(np.clip(1.0 / slope, *T_RANGE))

@@ -4,10 +4,10 @@ Each fold's ``oof.csv`` holds the cases that fold never trained on; pooled over 
 cover the labelled cohort once. Candidate maps of raw P(PD) (scikit-learn):
 
 - ``identity``: no change;
-- ``temperature``: ``sigmoid(logit(p) / T)`` (``LogisticRegression`` on ``logit(p)``, no
-  intercept, C = 1);
-- ``platt``: ``sigmoid(a logit(p) + b)`` (``LogisticRegression`` with intercept, C = 1): also
-  moves the threshold;
+- ``temperature``: ``sigmoid(logit(p) / T)`` (``calibration.fit_logistic`` on ``logit(p)``, no
+  intercept: unpenalised, Platt's smoothed targets);
+- ``platt``: ``sigmoid(a logit(p) + b)`` (``fit_logistic`` with intercept): also moves the
+  threshold;
 - ``isotonic``: ``IsotonicRegression`` (monotone, piecewise linear, clipped to [0, 1]).
 
 ``auto`` picks the candidate with the lowest **cross-fitted** ECE over the folds (the map for
@@ -31,6 +31,7 @@ from mrn_engine.training.calibration import (
     Calibration,
     brier_score,
     expected_calibration_error,
+    fit_logistic,
     fit_temperature,
     logit,
 )
@@ -55,7 +56,6 @@ def fit_map(method: str, y: Sequence[int], p: Sequence[float]) -> Calibration:
     ValueError: too few cases of a class, or a fit that is not increasing in ``p``.
     """
     from sklearn.isotonic import IsotonicRegression
-    from sklearn.linear_model import LogisticRegression
 
     y = np.asarray(y, dtype=np.int64)
     p = np.asarray(p, dtype=np.float64)
@@ -67,8 +67,7 @@ def fit_map(method: str, y: Sequence[int], p: Sequence[float]) -> Calibration:
     if method == "temperature":
         return Calibration(method="temperature", temperature=fit_temperature(y, p), **blank)
     if method == "platt":
-        lr = LogisticRegression(C=1.0).fit(logit(p)[:, None], y)
-        slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        slope, intercept = fit_logistic(logit(p), y, intercept=True)
         if slope <= 0:
             raise ValueError(f"fitted slope {slope:.3g} <= 0: P(PD) does not increase with p")
         t = float(np.clip(1.0 / slope, *T_RANGE))
