@@ -40,6 +40,10 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     assert summary["sizes"]["folds"] == 2
     assert summary["heldout"]["n"] == summary["sizes"]["heldout"] == 4
     assert summary["oof"]["n"] == summary["sizes"]["cases"] == 8
+    # the fold agreement measured on 10 unlabelled cases (their label files removed)
+    assert summary["ensemble_calibration"]["n_cases"] == 10
+    assert (out / "bundle" / "ensemble_calibration.json").is_file()
+    assert not list((out / "unlabeled").glob("*.csv"))
     assert 0.5 <= summary["oracle"]["population"] <= 1.0
     bundle = open_bundle(out / "bundle")
     assert bundle.folds == [0, 1]

@@ -26,6 +26,7 @@ from mrn_engine.errors import InputDataError
 from mrn_engine.runtime import file_sha256
 from mrn_engine.segmentation.settings import SegInferenceSettings
 from mrn_engine.training.calibration import CALIBRATION_FILE
+from mrn_engine.training.ensemble_calibration import ENSEMBLE_FILE
 
 try:
     import fcntl
@@ -44,7 +45,8 @@ FORMAT = 1
 
 
 def bundle_digest(bundle: ModelBundle | None, folds: Iterable[int]) -> str | None:
-    """SHA-256 over the bundle's ``config.json`` and the chosen folds' weights and calibrations.
+    """SHA-256 over the bundle's ``config.json``, the chosen folds' weights and calibrations and
+    the ensemble calibration.
 
     The bundle's ``nnunet/`` files enter by relative path and size (they can be gigabytes).
     None for a predictor built without a bundle.
@@ -53,7 +55,7 @@ def bundle_digest(bundle: ModelBundle | None, folds: Iterable[int]) -> str | Non
         return None
     root = Path(bundle.root)
     digest = hashlib.sha256()
-    paths = [root / CONFIG_FILE]
+    paths = [root / CONFIG_FILE, root / ENSEMBLE_FILE]
     for k in sorted(folds):
         paths += [bundle.weights_path(k), bundle.fold_dir(k) / CALIBRATION_FILE]
     for p in paths:

@@ -16,7 +16,8 @@ variance and correlation ``rho_e``. A fold model's calibration absorbs its atten
     factor(K) = 1 / (rho + (1 - rho) / K),   rho = mean pairwise correlation of the fold logits
 
 (the correlation ``rho`` of the whole logits, ``Var(s) / Var(s + e)`` when errors are
-independent). ``rho`` is measured on cases **none of the fold models trained on**; their
+independent; measured on the raw logits, whose correlation a temperature or Platt map does not
+change). ``rho`` is measured on cases **none of the fold models trained on**; their
 labels are not needed (``mrn calibrate BUNDLE --unlabeled DIR``; ``mrn demo`` makes such
 cases). The ensemble P(PD) is then ``sigmoid(factor(K) * mean_k logit(p_k))``, with ``p_k``
 the calibrated fold probabilities: scaling about logit 0 keeps the PD/HC call of the mean
@@ -61,7 +62,7 @@ def sharpening_factor(rho: float, k: int) -> float:
 class EnsembleCalibration:
     """The fold models' agreement on unseen cases and its provenance."""
 
-    rho: float  #: mean pairwise Pearson correlation of the calibrated fold logits (clipped)
+    rho: float  #: mean pairwise Pearson correlation of the fold logits (clipped)
     rho_measured: float  #: before clipping to [RHO_MIN, 1]
     folds: tuple[int, ...]  #: the folds it was measured on
     n_cases: int
@@ -92,7 +93,8 @@ def fit_ensemble_calibration(
     fitted_on: str,
     weights: Mapping[str, str] | None = None,
 ) -> EnsembleCalibration:
-    """``rho`` from the calibrated fold probabilities ``p_folds`` (cases x folds) of unseen cases.
+    """``rho`` from the fold probabilities ``p_folds`` (cases x folds) of unseen cases (raw:
+    a temperature or Platt map leaves the correlation of the logits unchanged).
 
     Raises
     ------

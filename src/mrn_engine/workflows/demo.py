@@ -2,8 +2,9 @@
 
 1. generate a labelled phantom cohort (``DIR/cohort``) and a separate held-out one
    (``DIR/heldout``, other seed; its labels are used only for scoring);
-2. train the ``cpu-tiny`` k-fold ensemble into ``DIR/bundle`` (a bundle napari-mrn opens) and
-   record its path in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so
+2. train the ``cpu-tiny`` k-fold ensemble into ``DIR/bundle`` (a bundle napari-mrn opens),
+   measure the fold models' agreement on ``DIR/unlabeled`` (seed + 50 000, label files removed)
+   for the ensemble calibration (``mrn calibrate --unlabeled``), and record its path in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so
    the napari panel offers it wherever ``DIR`` is;
 3. score the fold ensemble on the held-out cases with ``MRNPredictor`` and run the ROI-masking
    analysis (``DIR/bundle/ablation``);
@@ -22,10 +23,15 @@ from typing import Any
 from mrn_engine.analysis import write_report
 from mrn_engine.bundle import record_demo_bundle
 from mrn_engine.config import RunConfig, atomic_write_text, get_preset
-from mrn_engine.errors import ConfigError
+from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.phantom import generate_cohort
 from mrn_engine.training.cv import train_bundle
+from mrn_engine.training.ensemble_calibration import MIN_CASES
+from mrn_engine.workflows.ensemble_calibration import calibrate_ensemble
 from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics
+
+#: label files a phantom cohort writes; removed from the demo's unlabelled folder
+LABEL_FILES = ("train_cases.csv", "val_cases.csv", "phantom_latents.csv")
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,13 @@ class DemoSize:
     folds: int
     pretrain_epochs: int
     epochs: int
+    #: unlabelled cases for the ensemble calibration (0: none; fewer than 10 cannot be used)
+    unlabeled: int = 0
 
 
 #: the default demo (measured in docs/results.md) and the ``--quick`` smoke run
-DEFAULT = DemoSize(cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12)
-QUICK = DemoSize(cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1)
+DEFAULT = DemoSize(cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12, unlabeled=24)
+QUICK = DemoSize(cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1, unlabeled=10)
 
 
 def demo_config(size: DemoSize, seed: int = 1, preset: str = "cpu-tiny") -> RunConfig:
@@ -84,18 +92,33 @@ def run_demo(
             f"demo: {size.cases} cases cannot make {size.folds} folds (need >= {2 * size.folds})"
             f" and held-out needs >= 2 cases"
         )
+    if 0 < size.unlabeled < MIN_CASES:
+        raise ConfigError(f"demo: the ensemble calibration needs >= {MIN_CASES} unlabelled cases")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
-    log(f"[1/4] phantom cohort: {size.cases} labelled + {size.heldout} held-out cases -> {out}")
+    log(
+        f"[1/4] phantom cohort: {size.cases} labelled + {size.heldout} held-out"
+        f" + {size.unlabeled} unlabelled cases -> {out}"
+    )
     labelled = generate_cohort(
         out / "cohort", n=size.cases, seed=seed, workers=workers, progress=progress
     )
     held = generate_cohort(
         out / "heldout", n=size.heldout, seed=seed + 10_000, workers=workers, progress=progress
     )
+    if size.unlabeled:
+        generate_cohort(
+            out / "unlabeled",
+            n=size.unlabeled,
+            seed=seed + 50_000,
+            workers=workers,
+            progress=progress,
+        )
+        for name in LABEL_FILES:
+            (out / "unlabeled" / name).unlink(missing_ok=True)
     times["phantom"] = time.perf_counter() - t0
 
     cfg = demo_config(size, seed)
@@ -107,6 +130,18 @@ def run_demo(
     train_bundle(
         out / "cohort", bundle, cfg, cache_dir=out / "roi_cache", resume=True, progress=progress
     )
+    ensemble = None
+    if size.unlabeled:
+        try:
+            ensemble = calibrate_ensemble(bundle, out / "unlabeled", device="cpu")
+        except InputDataError as e:  # e.g. a fold model that did not learn: plain mean
+            log(f"note: no ensemble calibration ({e})")
+    if ensemble is not None:
+        log(
+            f"      ensemble calibration: fold logits correlate at {ensemble.rho_measured:.2f} on "
+            f"{ensemble.n_cases} unlabelled cases -> ensemble logit x "
+            f"{ensemble.factor(len(ensemble.folds)):.2f}"
+        )
     times["training"] = time.perf_counter() - t1
     record = _record_bundle(bundle, log)
 
@@ -128,6 +163,13 @@ def run_demo(
         "report": str(report),
         "cohort": str(out / "cohort"),
         "heldout_cases": str(out / "heldout"),
+        "ensemble_calibration": {
+            "rho": ensemble.rho_measured,
+            "factor": ensemble.factor(len(ensemble.folds)),
+            "n_cases": ensemble.n_cases,
+        }
+        if ensemble is not None
+        else None,
         "sizes": size.__dict__,
         "seed": seed,
         "oof": {k: oof[k] for k in ("n", "accuracy", "auc", "f1")},

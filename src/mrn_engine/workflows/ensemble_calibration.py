@@ -18,7 +18,6 @@ import numpy as np
 from mrn_engine.data import discover_cases, file_sha256, load_case
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.inference import MRNPredictor
-from mrn_engine.training.calibration import apply_folds
 from mrn_engine.training.ensemble_calibration import (
     EnsembleCalibration,
     fit_ensemble_calibration,
@@ -44,7 +43,10 @@ def calibrate_ensemble(
     on_case: Callable[[str], None] | None = None,
 ) -> EnsembleCalibration:
     """Predict the cases under ``cases_root`` with every fold, measure the agreement of their
-    calibrated P(PD) and write ``BUNDLE/ensemble_calibration.json``.
+    raw P(PD) and write ``BUNDLE/ensemble_calibration.json``.
+
+    The raw logits are used: a temperature or Platt map does not change their correlation,
+    and an isotonic map's steps would tie cases that the fold models tell apart.
 
     Raises
     ------
@@ -68,8 +70,7 @@ def calibrate_ensemble(
         if seen is not None and files.nm is not None and file_sha256(files.nm) in seen:
             skipped += 1
             continue
-        raw = predictor.predict_case(load_case(files), nuclei=False).raw
-        rows.append(apply_folds(predictor.calibration, raw.folds, raw.p_pd_folds))
+        rows.append(predictor.predict_case(load_case(files), nuclei=False).raw.p_pd_folds)
         if on_case is not None:
             on_case(files.case_id)
     note = f" ({skipped} training case(s) left out)" if skipped else ""
