@@ -48,7 +48,7 @@ class DemoSize:
 
 
 #: the default demo (measured in docs/results.md) and the ``--quick`` smoke run
-DEFAULT = DemoSize(cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12, unlabeled=24)
+DEFAULT = DemoSize(cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12, unlabeled=40)
 QUICK = DemoSize(cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1, unlabeled=10)
 
 
