@@ -78,3 +78,28 @@ def test_pooled_calibration_is_named_with_its_selection(tmp_path):
     assert "One Platt (slope" in text and "pooled oof.csv of folds [0, 1] (24 cases)" in text
     assert f"identity {cals[0].selection['identity']['ece_crossfit']:.3f}" in text
     assert "15 equal-width bins" in text and "Per-fold temperature" not in text
+
+
+def test_report_names_the_ensemble_calibration(tmp_path):
+    """With BUNDLE/ensemble_calibration.json the report says rho, the cases and the factor."""
+    import numpy as np
+
+    from mrn_engine.training.ensemble_calibration import (
+        fit_ensemble_calibration,
+        write_ensemble_calibration,
+    )
+
+    run = make_run_dir(tmp_path / "run", n_val=12)
+    for d in run.glob("fold_*"):
+        (d / "model.safetensors").write_bytes(b"")
+    calibrate_bundle(run, "fold-temperature")
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 1, 20)
+    p = 1 / (1 + np.exp(-(s[:, None] + rng.normal(0, 1, (20, 2)))))
+    ens = fit_ensemble_calibration(p, [0, 1], "unseen-cases")
+    text = write_report(run, tmp_path / "a.html", eval_predictions=held_out_rows(12)).read_text()
+    assert "Ensemble calibration" not in text
+    write_ensemble_calibration(run, ens)
+    text = write_report(run, tmp_path / "b.html", eval_predictions=held_out_rows(12)).read_text()
+    assert f"rho = {ens.rho_measured:.2f} on 20 unseen cases (unseen-cases)" in text
+    assert f"x {ens.factor(2):.2f}" in text

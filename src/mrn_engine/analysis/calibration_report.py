@@ -26,6 +26,7 @@ from mrn_engine.training.calibration import (
     expected_calibration_error,
     read_calibration,
 )
+from mrn_engine.training.ensemble_calibration import read_ensemble_calibration
 
 Rows = Sequence[Mapping[str, object]]
 #: one evaluated set: (name, labels, raw P(PD), calibrated P(PD) or None)
@@ -215,6 +216,13 @@ def calibration_section(
         note = f"Per-fold temperature scaling fitted on each fold's out-of-fold cases ({html.escape(temps)})."
     else:
         note = "<b>This bundle is uncalibrated</b> (no fold_k/calibration.json; run <code>mrn calibrate BUNDLE</code>)."
+    ens = read_ensemble_calibration(next(iter(fold_dirs.values())).parent) if fold_dirs else None
+    if ens is not None and cals:
+        note += html.escape(
+            f" Ensemble calibration: the fold logits correlate at rho = {ens.rho_measured:.2f} on "
+            f"{ens.n_cases} unseen cases ({ens.fitted_on}); the ensemble P(PD) is the mean "
+            f"calibrated logit x {ens.factor(len(fold_dirs)):.2f}."
+        )
     fig = reliability_figure(sets)
     pct = ("share_uncertain", "accuracy_all", "accuracy_confident", "accuracy_uncertain")
     unc = uncertainty_rows(o, held_rows)
