@@ -134,7 +134,6 @@ def fit_temperature(y: Sequence[int], p: Sequence[float]) -> float:
     ------
     ValueError: fewer than two cases of each class, or a non-positive fitted slope.
     """
-
     y = np.asarray(y, dtype=np.int64)
     if len(y) < 4 or min(int((y == 0).sum()), int((y == 1).sum())) < 2:
         raise ValueError(

@@ -4,8 +4,9 @@
    (``DIR/heldout``, other seed; its labels are used only for scoring);
 2. train the ``cpu-tiny`` k-fold ensemble into ``DIR/bundle`` (a bundle napari-mrn opens),
    measure the fold models' agreement on ``DIR/unlabeled`` (seed + 50 000, label files removed)
-   for the ensemble calibration (``mrn calibrate --unlabeled``), and record its path in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so
-   the napari panel offers it wherever ``DIR`` is;
+   for the ensemble calibration (``mrn calibrate --unlabeled``), and record the bundle's path
+   in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so the napari panel
+   offers it wherever ``DIR`` is;
 3. score the fold ensemble on the held-out cases with ``MRNPredictor`` and run the ROI-masking
    analysis (``DIR/bundle/ablation``);
 4. write the HTML report (``DIR/report.html``) and ``DIR/demo_summary.json``.
