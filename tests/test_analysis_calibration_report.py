@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import numpy as np
+
 from mrn_engine.analysis import write_report
-from mrn_engine.analysis.calibration_report import held_out_set
+from mrn_engine.analysis.calibration_report import bundle_ensemble_calibration, held_out_set
 from mrn_engine.training.calibration import (
     brier_score,
-    calibrate_bundle,
     ece_noise_floor,
     expected_calibration_error,
     read_calibration,
+)
+from mrn_engine.training.calibration_pooled import calibrate_bundle
+from mrn_engine.training.ensemble_calibration import (
+    fit_ensemble_calibration,
+    write_ensemble_calibration,
 )
 from test_analysis_report import held_out_rows, make_run_dir
 
@@ -103,3 +110,34 @@ def test_report_names_the_ensemble_calibration(tmp_path):
     text = write_report(run, tmp_path / "b.html", eval_predictions=held_out_rows(12)).read_text()
     assert f"rho = {ens.rho_measured:.2f} on 20 unseen cases (unseen-cases)" in text
     assert f"x {ens.factor(2):.2f}" in text
+
+
+def test_raw_rows_are_combined_with_the_bundles_ensemble_calibration(tmp_path):
+    run = make_run_dir(tmp_path / "run", n_val=12)
+    for d in run.glob("fold_*"):
+        (d / "model.safetensors").write_bytes(b"")
+    calibrate_bundle(run, "fold-temperature")
+    rng = np.random.default_rng(3)
+    ens = fit_ensemble_calibration(
+        rng.uniform(0.1, 0.9, (12, 2)), [0, 1], "unseen", {"fold_0": "w0", "fold_1": "w1"}
+    )
+    write_ensemble_calibration(run, ens)
+    (run / "bundle.json").write_text(json.dumps({"weights": {"fold_0": "w0", "fold_1": "w1"}}))
+    rows = held_out_rows(12)
+    cals = {k: read_calibration(run / f"fold_{k}") for k in (0, 1)}
+    folds = {k: run / f"fold_{k}" for k in (0, 1)}
+    assert bundle_ensemble_calibration(folds) == ens
+    _, y, _, after = held_out_set(rows, cals, ens)
+    fold_p = [[float(cals[k].apply(r[f"p_pd_fold{k}"])) for k in (0, 1)] for r in rows]
+    assert after.tolist() == [ens.combine(p) for p in fold_p]
+    assert ens.factor(2) > 1.0 and not np.allclose(after, np.mean(fold_p, axis=1))
+    text = write_report(run, tmp_path / "r.html", eval_predictions=rows).read_text()
+    assert _cells(text, "held-out")[2] == f"{expected_calibration_error(y, after):.3f}"
+    assert "Ensemble calibration: the fold logits correlate" in text
+    # a retrained fold voids the record: the report falls back to the plain mean and says nothing
+    (run / "bundle.json").write_text(json.dumps({"weights": {"fold_0": "w0", "fold_1": "new"}}))
+    assert bundle_ensemble_calibration(folds) is None
+    text = write_report(run, tmp_path / "r2.html", eval_predictions=rows).read_text()
+    plain = np.mean(fold_p, axis=1)
+    assert _cells(text, "held-out")[2] == f"{expected_calibration_error(y, plain):.3f}"
+    assert "Ensemble calibration" not in text

@@ -15,7 +15,6 @@ from mrn_engine.training.calibration import (
     CALIBRATION_FILE,
     Calibration,
     brier_score,
-    calibrate_bundle,
     ece_noise_floor,
     expected_calibration_error,
     fit_fold_calibration,
@@ -23,6 +22,7 @@ from mrn_engine.training.calibration import (
     load_calibrations,
     read_calibration,
 )
+from mrn_engine.training.calibration_pooled import calibrate_bundle
 
 
 def cohort(n: int, sharpness: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,10 +32,10 @@ def main(bundle: str, heldout: str, out: str) -> None:
     from mrn_engine.inference.uncertainty import assess_prediction, confidence_summary
     from mrn_engine.training.calibration import (
         brier_score,
-        calibrate_bundle,
         expected_calibration_error,
         load_calibrations,
     )
+    from mrn_engine.training.calibration_pooled import calibrate_bundle
 
     torch.set_num_threads(1)
     folds = sorted(int(p.name[5:]) for p in Path(bundle).glob("fold_*"))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from mrn_engine.config import cache_dir
+from mrn_engine.segmentation import env as seg_env
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -263,9 +264,7 @@ def check_folder(path: Path, role: str, min_free_gib: float | None = None) -> Ch
 
 def check_nnunet_env() -> list[Check]:
     """nnU-Net's three folder variables (optional) and our trainer extension (shipped)."""
-    from mrn_engine.segmentation.env import EXT_TRAINER_DIR
-
-    trainer = EXT_TRAINER_DIR / "mrn_trainers.py"
+    trainer = seg_env.EXT_TRAINER_DIR / "mrn_trainers.py"
     if trainer.is_file():
         checks = [Check("nnU-Net trainer", "ok", f"{trainer.name} shipped")]
     else:

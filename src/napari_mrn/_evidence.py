@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mrn_engine.analysis import ROI_SHORT
 from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.inference import CaseEvidence, evidence_volume
 from napari_mrn._display import DisplayMapping
@@ -112,8 +113,6 @@ class SliceEvidencePlot(_slice_plot_base()):  # type: ignore[misc]
 
     def show_evidence(self, ev: CaseEvidence | None) -> None:
         """Redraw for ``ev`` (``None`` = empty)."""
-        from mrn_engine.analysis.masking import ROI_SHORT
-
         lim = evidence_limit(ev) if ev is not None else 1.0
         self.bars = {}
         for i, (name, ax) in enumerate(self.axes.items()):

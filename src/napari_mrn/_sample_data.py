@@ -10,6 +10,7 @@ import warnings
 from functools import lru_cache
 
 from mrn_engine.data import Case, Volume
+from mrn_engine.phantom import make_phantom_case
 from napari_mrn._compat import guard_triton
 from napari_mrn._layers import LayerDataTuple
 from napari_mrn._reader import case_layers
@@ -27,8 +28,6 @@ SAMPLE_IDS: dict[int, str] = {1: "PD_sample", 0: "HC_sample"}
 @lru_cache(maxsize=2)
 def sample_case(label: int) -> Case:
     """The deterministic phantom case with ``label`` (1 = PD, 0 = HC) as an engine ``Case``."""
-    from mrn_engine.phantom import make_phantom_case
-
     pc = make_phantom_case(label, seed=SAMPLE_SEEDS[label], case_id=SAMPLE_IDS[label])
 
     def vol(array, kind: str) -> Volume:

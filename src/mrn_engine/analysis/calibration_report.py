@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from mrn_engine.analysis.html_parts import Rows, img, num, png, table
+from mrn_engine.bundle import read_info
 from mrn_engine.inference.uncertainty import assess, assess_row, confidence_summary
 from mrn_engine.training.calibration import (
     N_BINS,
@@ -26,18 +28,14 @@ from mrn_engine.training.calibration import (
     expected_calibration_error,
     read_calibration,
 )
-from mrn_engine.training.ensemble_calibration import read_ensemble_calibration
+from mrn_engine.training.ensemble_calibration import (
+    EnsembleCalibration,
+    read_ensemble_calibration,
+    usable_for,
+)
 
-Rows = Sequence[Mapping[str, object]]
 #: one evaluated set: (name, labels, raw P(PD), calibrated P(PD) or None)
 CalSet = tuple[str, np.ndarray, np.ndarray, np.ndarray | None]
-
-
-def _num(v: object) -> float:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def fold_calibrations(fold_dirs: Mapping[int, Path]) -> dict[int, Calibration]:
@@ -55,43 +53,63 @@ def oof_set(oof: Mapping[int, Rows], cals: Mapping[int, Calibration]) -> CalSet 
     if not oof:
         return None
     y = np.array([int(r["label"]) for k in sorted(oof) for r in oof[k]])  # type: ignore[call-overload]
-    raw = np.array([_num(r["p_pd"]) for k in sorted(oof) for r in oof[k]])
+    raw = np.array([num(r["p_pd"]) for k in sorted(oof) for r in oof[k]])
     after = None
     if all(k in cals for k in oof):
         after = np.concatenate(
-            [cals[k].apply([_num(r["p_pd"]) for r in oof[k]]) for k in sorted(oof)]
+            [cals[k].apply([num(r["p_pd"]) for r in oof[k]]) for k in sorted(oof)]
         )
     return "out-of-fold (calibration fitted on these)", y, raw, after
 
 
-def held_out_set(rows: Rows, cals: Mapping[int, Calibration]) -> CalSet | None:
+def held_out_set(
+    rows: Rows,
+    cals: Mapping[int, Calibration],
+    ensemble: EnsembleCalibration | None = None,
+) -> CalSet | None:
     """Held-out labels, raw and calibrated P(PD).
 
     Rows written by a calibrated predictor carry ``p_pd_raw`` (raw) and ``p_pd`` (calibrated);
-    rows without ``p_pd_raw`` are raw: they are calibrated here per fold from ``p_pd_fold<k>``.
+    rows without ``p_pd_raw`` are raw: they are calibrated here per fold from ``p_pd_fold<k>``
+    and combined as the predictor does (``ensemble.combine`` when given, else the mean).
     """
-    rows = [r for r in rows if not math.isnan(_num(r.get("label")))]
+    rows = [r for r in rows if not math.isnan(num(r.get("label")))]
     if not rows:
         return None
-    y = np.array([int(_num(r["label"])) for r in rows])
-    if all(not math.isnan(_num(r.get("p_pd_raw"))) for r in rows):
-        raw = np.array([_num(r["p_pd_raw"]) for r in rows])
+    y = np.array([int(num(r["label"])) for r in rows])
+    if all(not math.isnan(num(r.get("p_pd_raw"))) for r in rows):
+        raw = np.array([num(r["p_pd_raw"]) for r in rows])
         calibrated = [str(r.get("calibrated", "")).lower() in ("true", "1") for r in rows]
-        after = np.array([_num(r["p_pd"]) for r in rows]) if all(calibrated) else None
+        after = np.array([num(r["p_pd"]) for r in rows]) if all(calibrated) else None
         return "held-out", y, raw, after
     folds = sorted(int(c[len("p_pd_fold") :]) for c in rows[0] if c.startswith("p_pd_fold"))
     raw = np.array(
         [
-            _num(r["p_pd"]) if "p_pd" in r else np.mean([_num(r[f"p_pd_fold{k}"]) for k in folds])
+            num(r["p_pd"]) if "p_pd" in r else np.mean([num(r[f"p_pd_fold{k}"]) for k in folds])
             for r in rows
         ]
     )
     after = None
     if folds and all(k in cals for k in folds):
-        after = np.array(
-            [np.mean([cals[k].apply(_num(r[f"p_pd_fold{k}"])) for k in folds]) for r in rows]
+        per_fold = np.array(
+            [[float(cals[k].apply(num(r[f"p_pd_fold{k}"]))) for k in folds] for r in rows]
+        )
+        after = (
+            np.array([ensemble.combine(p) for p in per_fold])
+            if ensemble is not None and len(folds) > 1
+            else per_fold.mean(axis=1)
         )
     return "held-out", y, raw, after
+
+
+def bundle_ensemble_calibration(fold_dirs: Mapping[int, Path]) -> EnsembleCalibration | None:
+    """The bundle's ensemble calibration if it still fits these folds' weights (else None)."""
+    if not fold_dirs:
+        return None
+    root = next(iter(fold_dirs.values())).parent
+    weights = read_info(root).get("weights") or {}
+    ens, _ = usable_for(read_ensemble_calibration(root), list(fold_dirs), weights)
+    return ens
 
 
 def calibration_rows(sets: Sequence[CalSet]) -> list[dict[str, object]]:
@@ -152,11 +170,11 @@ def reliability_figure(sets: Sequence[CalSet]) -> Figure | None:
 def uncertainty_rows(oof: CalSet | None, held_rows: Rows) -> list[dict[str, object]]:
     """Share flagged and accuracy on confident / uncertain cases, held-out and out-of-fold."""
     out = []
-    held = [r for r in held_rows if not math.isnan(_num(r.get("label")))]
+    held = [r for r in held_rows if not math.isnan(num(r.get("label")))]
     if held:
         flags = [assess_row(r) for r in held]
         s = confidence_summary(
-            [int(_num(r["label"])) for r in held], flags, [_num(r["p_pd"]) for r in held]
+            [int(num(r["label"])) for r in held], flags, [num(r["p_pd"]) for r in held]
         )
         out.append({"set": "held-out (ensemble: all three criteria)", **s})
     if oof is not None:
@@ -187,11 +205,10 @@ def calibration_section(
     fold_dirs: Mapping[int, Path], oof: Mapping[int, Rows], held_rows: Rows
 ) -> tuple[str, Figure | None]:
     """HTML of the section and its reliability figure (None when there is nothing to show)."""
-    from mrn_engine.analysis.report import _img, _png, _table
-
     cals = fold_calibrations(fold_dirs)
+    ens = bundle_ensemble_calibration(fold_dirs)
     o = oof_set(oof, cals)
-    h = held_out_set(held_rows, cals) if held_rows else None
+    h = held_out_set(held_rows, cals, ens) if held_rows else None
     sets = [s for s in (o, h) if s is not None]
     if not sets:
         return "", None
@@ -216,7 +233,6 @@ def calibration_section(
         note = f"Per-fold temperature scaling fitted on each fold's out-of-fold cases ({html.escape(temps)})."
     else:
         note = "<b>This bundle is uncalibrated</b> (no fold_k/calibration.json; run <code>mrn calibrate BUNDLE</code>)."
-    ens = read_ensemble_calibration(next(iter(fold_dirs.values())).parent) if fold_dirs else None
     if ens is not None and cals:
         note += html.escape(
             f" Ensemble calibration: the fold logits correlate at rho = {ens.rho_measured:.2f} on "
@@ -234,8 +250,8 @@ def calibration_section(
         "these P(PD) would show on this many cases (labels drawn from P(PD)); an ECE below "
         "the 95th percentile is not evidence of miscalibration.</p>"
         '<div class="figs">'
-        + (_img(_png(fig), "reliability") if fig is not None else "")
-        + _table(
+        + (img(png(fig), "reliability") if fig is not None else "")
+        + table(
             calibration_rows(sets),
             (
                 "set",
@@ -252,7 +268,7 @@ def calibration_section(
         + (
             '<p class="muted">Uncertain = |P(PD) - 0.5| &lt; 0.10, or fold std &gt; 0.15, or TTA '
             "|original - mirrored| &gt; 0.10 (analysis/uncertainty.py).</p>"
-            + _table(unc, ("set", "n", "n_uncertain", *pct), pct)
+            + table(unc, ("set", "n", "n_uncertain", *pct), pct)
             if unc
             else ""
         )

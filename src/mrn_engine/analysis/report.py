@@ -8,9 +8,7 @@ ROC curves, confusion matrix, ROI masking heatmap (Table 4), per-fold training-l
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import os
@@ -19,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mrn_engine.analysis.calibration_report import calibration_section
+from mrn_engine.analysis.html_parts import Rows, img, num, png, table
 from mrn_engine.analysis.metrics import binary_metrics, ensemble_metrics, fold_metrics, roc_points
 from mrn_engine.bundle import CONFIG_FILE, METRICS_FILE, fold_dirs, read_info, read_oof
 from mrn_engine.config import atomic_write_text
@@ -29,8 +28,6 @@ from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.data.roi_subsets import ROI_SHORT
 from mrn_engine.data.tables import read_csv
 from mrn_engine.errors import InputDataError
-
-Rows = Sequence[Mapping[str, object]]
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -72,21 +69,7 @@ def _load_rows(value: Rows | str | os.PathLike | None) -> list[dict[str, object]
     return rows
 
 
-def _num(v: object) -> float:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
-
-
 # ---------------------------------------------------------------------------- figures
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def roc_figure(oof: Mapping[int, Rows], held_out: Rows | None) -> Figure | None:
     """ROC curves: each fold's out-of-fold cases, pooled OOF, and the held-out ensemble."""
     fig = Figure(figsize=(5.2, 4.6))
@@ -99,8 +82,8 @@ def roc_figure(oof: Mapping[int, Rows], held_out: Rows | None) -> Figure | None:
             ax.plot(*pts, lw=1.2, alpha=0.8, label=f"fold {k} OOF (AUC {m.auc:.2f})")
             drawn = True
     if held_out:
-        y = [int(_num(r["label"])) for r in held_out]
-        p = [_num(r["p_pd"]) for r in held_out]
+        y = [int(num(r["label"])) for r in held_out]
+        p = [num(r["p_pd"]) for r in held_out]
         pts = roc_points(y, p)
         if pts is not None:
             ax.plot(
@@ -150,7 +133,7 @@ def confusion_figure(confusion: Sequence[Sequence[int]], title: str) -> Figure:
 def masking_figure(rows: Rows) -> Figure:
     """Heatmap of accuracy / AUC / F1 per masked ROI subset (Table 4)."""
     metrics = ("accuracy", "auc", "f1")
-    vals = np.array([[_num(r.get(m)) for m in metrics] for r in rows])
+    vals = np.array([[num(r.get(m)) for m in metrics] for r in rows])
     labels = [str(r.get("masked", "")) for r in rows]
     fig = Figure(figsize=(5.0, 0.34 * len(rows) + 1.2))
     ax = fig.add_subplot()
@@ -225,27 +208,6 @@ pre{background:#f7f7f7;padding:10px;font-size:0.78em;max-height:420px;overflow:a
 """
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _table(rows: Rows, columns: Sequence[str], percent: Sequence[str] = ()) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for r in rows:
-        cells = []
-        for c in columns:
-            v = r.get(c, "")
-            if c in percent:
-                f = _num(v)
-                v = "n/a" if math.isnan(f) else f"{100 * f + 0.0:.1f}%"
-            elif isinstance(v, float):
-                v = "n/a" if math.isnan(v) else f"{v:.3f}"
-            cells.append(f"<td>{html.escape(str(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
 def _held_out_rows(
     rows: list[dict[str, object]],
 ) -> tuple[list[int], list[list[float]], list[str], list[dict[str, object]]]:
@@ -258,11 +220,11 @@ def _held_out_rows(
     if not rows:
         return [], [], [], []
     fold_cols = [c for c in rows[0] if c.startswith("p_pd_fold")]
-    y = [int(_num(r["label"])) for r in rows]
+    y = [int(num(r["label"])) for r in rows]
     if fold_cols:
-        pf = [[_num(r[c]) for c in fold_cols] for r in rows]
+        pf = [[num(r[c]) for c in fold_cols] for r in rows]
     else:
-        pf = [[_num(r["p_pd"])] for r in rows]
+        pf = [[num(r["p_pd"])] for r in rows]
     for r, p in zip(rows, pf, strict=True):
         r.setdefault("p_pd", float(np.mean(p)))
     names = [f"fold {c[len('p_pd_fold') :]}" for c in fold_cols] or ["model"]
@@ -321,7 +283,7 @@ def write_report(
         rows = fold_metrics(oof)
         metric_html.append(
             "<h3>Out-of-fold (each fold model on its own validation cases)</h3>"
-            + _table(rows, cols, pct)
+            + table(rows, cols, pct)
         )
         pooled = rows[-1]
         cm_source = (
@@ -335,7 +297,7 @@ def write_report(
             rows = ensemble_metrics(y, pf, fold_names=names)
             metric_html.append(
                 "<h3>Evaluation cases (eval predictions, e.g. a held-out set: every fold model and the ensemble mean)</h3>"
-                + _table(rows, cols, pct)
+                + table(rows, cols, pct)
             )
             ens = rows[-1]
             cm_source = (
@@ -358,7 +320,7 @@ def write_report(
         figures["confusion"] = confusion_figure(cm_source[0], cm_source[1])
     for name in ("roc", "confusion"):
         if name in figures:
-            fig_html.append(_img(_png(figures[name]), name))
+            fig_html.append(img(png(figures[name]), name))
     if fig_html:
         sections.append(
             '<h2>ROC and confusion matrix</h2><div class="figs">' + "".join(fig_html) + "</div>"
@@ -372,12 +334,10 @@ def write_report(
             f'<p class="muted">Masked ROI input replaced by an empty volume; ROIs: '
             f"{html.escape(', '.join(f'{v} = {k}' for k, v in ROI_SHORT.items() if k in ROI_NAMES))}.</p>"
             '<div class="figs">'
-            + _img(_png(figures["masking"]), "masking")
-            + _table(masking, mcols, ("accuracy", "auc", "f1", "delta_accuracy"))
+            + img(png(figures["masking"]), "masking")
+            + table(masking, mcols, ("accuracy", "auc", "f1", "delta_accuracy"))
             + "</div>"
         )
-
-    from mrn_engine.analysis.calibration_report import calibration_section
 
     cal_html, cal_fig = calibration_section(folds, oof, held_rows)
     if cal_fig is not None:
@@ -388,7 +348,7 @@ def write_report(
     lf = loss_figure(losses)
     if lf is not None:
         figures["losses"] = lf
-        sections.append("<h2>Training curves per fold</h2>" + _img(_png(lf), "losses"))
+        sections.append("<h2>Training curves per fold</h2>" + img(png(lf), "losses"))
 
     if config_text:
         sections.append("<h2>Configuration</h2><pre>" + html.escape(config_text) + "</pre>")
@@ -418,7 +378,7 @@ def write_report(
         png_dir.mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():
             tmp = png_dir / f".report_{name}.png.tmp"
-            tmp.write_bytes(_png(fig))
+            tmp.write_bytes(png(fig))
             os.replace(tmp, png_dir / f"report_{name}.png")
     return out_path
 

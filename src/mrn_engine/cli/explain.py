@@ -35,7 +35,7 @@ def calibrate_cmd(bundle: Path, method: str, unlabeled: Path | None, device: str
     method. Refits and overwrites existing calibration files; weights are not touched. With
     ``--unlabeled``, also the ensemble calibration (the fold models' agreement on unseen cases).
     """
-    from mrn_engine.training.calibration import calibrate_bundle
+    from mrn_engine.training.calibration_pooled import calibrate_bundle
 
     cals = calibrate_bundle(bundle, method)
     for k, cal in cals.items():

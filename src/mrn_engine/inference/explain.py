@@ -27,7 +27,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mrn_engine.data import discover_cases, load_case
 from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.data.nifti import save_volume
 from mrn_engine.data.tables import write_csv, write_json
 from mrn_engine.errors import InputDataError, MRNError
 from mrn_engine.inference.evidence import CaseEvidence, case_evidence, evidence_volume
@@ -95,8 +97,6 @@ def _save_png(fig: Figure, path: Path) -> None:
 
 def write_case_explanation(case: Any, pred: Any, ev: CaseEvidence, folder: Path) -> None:
     """Write one case's maps, table and summary into ``folder`` (which must exist)."""
-    from mrn_engine.data.nifti import save_volume
-
     crops = pred.crops or {}
     for modality, vol in (("NM", case.nm), ("QSM", case.qsm)):
         for what in ("evidence", "attention"):
@@ -121,8 +121,6 @@ def explain_cases(
     on_case: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Explain every case under ``cases_dir`` into ``out_dir``; returns the ``explain.json`` data."""
-    from mrn_engine.data import discover_cases, load_case
-
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     masked = frozenset(masked)
     if masked - set(ROI_NAMES):

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from mrn_engine.errors import ConfigError, InputDataError, WeightsError
+from mrn_engine.results import Probabilities
 from mrn_engine.training.checkpoint import atomic_file
 
 #: fewest reference controls accepted (the mean of fewer moves with each subject)
@@ -270,21 +271,14 @@ def head_p_pd(
 
     ``predictor`` must be the bundle *as trained* (no site adaptation of its own).
     """
-    from mrn_engine.results import Probabilities
-
     ensemble = predictor.ensemble
-    model = ensemble.model
     p = torch.zeros(len(ids), len(predictor.folds))
-    try:
-        for j, k in enumerate(predictor.folds):
-            state = ensemble.fold_states[k]
-            model.load_state_dict(adaptation.adapt_state(k, state) if adaptation else state)
-            model.eval()
-            v = torch.stack([vectors[c][k] for c in ids]).to(ensemble.device)
-            with torch.no_grad():
-                p[:, j] = torch.softmax(model.head(v).float(), dim=-1)[:, 1].cpu()
-    finally:
-        ensemble._loaded = None  # the model holds other weights now: reload on next use
+    for j, k in enumerate(predictor.folds):
+        state = ensemble.fold_states[k]
+        ensemble.load_other(adaptation.adapt_state(k, state) if adaptation else state)
+        v = torch.stack([vectors[c][k] for c in ids]).to(ensemble.device)
+        with torch.no_grad():
+            p[:, j] = torch.softmax(ensemble.model.head(v).float(), dim=-1)[:, 1].cpu()
     folds = predictor.folds
     return [predictor.calibrate(Probabilities.from_folds(folds, row.tolist())).p_pd for row in p]
 

@@ -34,6 +34,9 @@ import torch
 from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_BY_NAME, ROI_NAMES
 from mrn_engine.errors import ConfigError
+from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
+from mrn_engine.models.factory import build_model, build_training_wrapper, param_groups
+from mrn_engine.models.losses import compute_losses
 from mrn_engine.runtime import resolve_device
 
 
@@ -135,9 +138,6 @@ def bench_model(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ConfigError(f"unknown bench part(s) {sorted(unknown)}; choose from {PARTS}")
-    from mrn_engine.models.factory import build_model, build_training_wrapper, param_groups
-    from mrn_engine.models.losses import compute_losses
-
     dev = resolve_device(device)
     log = log or (lambda _msg: None)
     cfg = cfg.replace(model={"allow_random_init": True, "backbone_weights": None})
@@ -227,7 +227,6 @@ def bench_model(
             )
 
     if "explain" in parts and cfg.model.arch == "mrn" and not cfg.model.dinov2_only:
-        from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
 
         def explain() -> None:  # the prediction forward + per-slice evidence, no 2nd backbone pass
             with torch.no_grad(), amp, capture_slice_tokens(model) as store:

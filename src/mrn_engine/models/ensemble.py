@@ -128,6 +128,13 @@ class FoldEnsemble:
         self.model.eval()
         self._loaded = k
 
+    def load_other(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load weights that are not a fold's as given (e.g. site-adapted ones); the next
+        :meth:`load` reloads its fold."""
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self._loaded = None
+
     def step(self, forward: Callable[[Any], Any], inputs: Any) -> Any:
         """:func:`inference_step` on this ensemble's device and autocast setting."""
         return inference_step(forward, inputs, device=self.device, amp=self.amp)

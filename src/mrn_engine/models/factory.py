@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from mrn_engine.config import ModelConfig, RoiConfig, RunConfig, TrainConfig
 from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.models.anatcl3d import AnatCL3D, load_trunk_weights
 from mrn_engine.models.moco import MSupMoCo, PlainStep
+from mrn_engine.models.mrn import MRN
 from mrn_engine.models.multiroi import MultiRoiClassifier
+from mrn_engine.models.seres import SERes10
 from mrn_engine.models.weights import load_backbone_weights
 
 ARCHS = ("mrn", "seres10", "anatcl3d")
@@ -41,20 +44,14 @@ def build_model(
     """
     model_cfg, roi = _split(cfg, roi_cfg)
     if model_cfg.arch == "seres10":
-        from mrn_engine.models.seres import SERes10
-
         return SERes10(model_cfg, roi)
     if model_cfg.arch == "anatcl3d":
-        from mrn_engine.models.anatcl3d import AnatCL3D, load_trunk_weights
-
         net = AnatCL3D(model_cfg, roi)
         if pretrained and model_cfg.backbone_weights:
             net.weights_provenance = load_trunk_weights(net.trunk, model_cfg.backbone_weights)
         return net
     if model_cfg.arch != "mrn":
         raise ConfigError(f"unknown model.arch {model_cfg.arch!r}; choose one of {ARCHS}")
-    from mrn_engine.models.mrn import MRN
-
     model = MRN(model_cfg, roi)
     if not pretrained:
         return model

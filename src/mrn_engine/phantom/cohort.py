@@ -23,13 +23,20 @@ import numpy as np
 
 from mrn_engine.config import atomic_write_text
 from mrn_engine.errors import InputDataError
-from mrn_engine.phantom.case import CASE_FILES, make_phantom_case, write_phantom_case
+from mrn_engine.phantom.atlas import load_atlas
+from mrn_engine.phantom.case import (
+    CASE_FILES,
+    _atlas_tensors,
+    make_phantom_case,
+    write_phantom_case,
+)
 from mrn_engine.phantom.model import (
     oracle_accuracy,
     oracle_log_odds,
     oracle_monte_carlo,
     separation,
 )
+from mrn_engine.phantom.real_geometry import load_real_geometry
 from mrn_engine.phantom.site import SITES, parse_sites
 
 GENERATOR_VERSION = 1
@@ -94,8 +101,6 @@ def _generate_one(root: str, item: dict, effect: float, geometry: str | None = N
     """Worker: make, write and record one case; returns its record."""
     subject = None
     if item.get("geometry"):
-        from mrn_engine.phantom.real_geometry import load_real_geometry
-
         subject = {s.name: s for s in load_real_geometry(geometry)}[item["geometry"]]
     site = SITES[item.get("site", "A")]
     case = make_phantom_case(
@@ -113,8 +118,6 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mrn_engine.phantom.case import _atlas_tensors
-
     _atlas_tensors()
 
 
@@ -166,8 +169,6 @@ def generate_cohort(
     sites = [s.name for s in parse_sites(site)]
     subjects = None
     if geometry is not None:
-        from mrn_engine.phantom.real_geometry import load_real_geometry
-
         geometry = str(Path(geometry).resolve())
         subjects = [s.name for s in load_real_geometry(geometry)]
     if n < 2:
@@ -205,8 +206,6 @@ def generate_cohort(
             records[p["case_id"]] = json.loads(
                 (root / RECORD_DIR / f"{p['case_id']}.json").read_text()
             )
-
-    from mrn_engine.phantom.atlas import load_atlas
 
     load_atlas()  # build the on-disk atlas cache once, before the workers start
     bar = None

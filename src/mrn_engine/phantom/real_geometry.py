@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from mrn_engine.errors import InputDataError
+from mrn_engine.phantom.atlas import NM_BIT, load_atlas
 from mrn_engine.phantom.geometry import GRID_SHAPE, VOXEL_MM, Warp, challenge_affine
 
 #: file names tried per subject folder, in order
@@ -161,8 +162,6 @@ def _centroids_world(labels: np.ndarray, affine: np.ndarray, n: int = 16) -> np.
 @functools.lru_cache(maxsize=1)
 def atlas_centroids() -> np.ndarray:
     """``(16, 3)`` MNI centroids (mm) of the atlas's QSM nuclei (= grid world, identity pose)."""
-    from mrn_engine.phantom.atlas import NM_BIT, load_atlas
-
     atlas = load_atlas()
     return _centroids_world(atlas.codes & (NM_BIT - 1), atlas.affine)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_NAMES
+from mrn_engine.errors import ConfigError
 from mrn_engine.models.anatcl3d import ResNet18Trunk, volume_input
 from mrn_engine.models.backbone import DinoPatchnizer, create_vit
 
@@ -95,8 +96,6 @@ class Res3DEmbedder(nn.Module):
 
 def build_embedder(cfg: RunConfig, arch: str = "vit") -> ViTEmbedder | Res3DEmbedder:
     """The embedder of ``arch`` for the preset ``cfg``."""
-    from mrn_engine.errors import ConfigError
-
     if arch == "vit":
         return ViTEmbedder(cfg)
     if arch == "anatcl3d":

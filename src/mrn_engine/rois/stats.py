@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mrn_engine.config import RoiConfig, atomic_write_text
+from mrn_engine.data import discover_cases, find_labels, load_case
 from mrn_engine.data.labels import ROIS
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.rois.boxes import roi_box
@@ -190,8 +191,6 @@ def cohort_stats(root: str | os.PathLike, cfg: RoiConfig, progress: bool = True)
     A case that does not load gets one row flagged ``unreadable`` with the error.
     """
     from tqdm import tqdm
-
-    from mrn_engine.data import discover_cases, find_labels, load_case
 
     labels = find_labels(root)
     rows: list[dict] = []

@@ -322,25 +322,6 @@ def _probability(text: str) -> float:
     return p
 
 
-def calibrate_bundle(root: str | os.PathLike, method: str = "auto") -> dict[int, Calibration]:
-    """Fit and write ``calibration.json`` for every fold of the bundle (each needs ``oof.csv``).
-
-    ``method``: ``auto`` / ``identity`` / ``temperature`` / ``platt`` / ``isotonic`` fit one
-    map on the pooled out-of-fold rows (``calibration_pooled``); ``fold-temperature`` fits one
-    temperature per fold on that fold's rows (the older scheme).
-    """
-    folds = bundle_fold_dirs(root)
-    rows = {k: read_oof_rows(d / "oof.csv") for k, d in folds.items()}  # all read before writing
-    if method == "fold-temperature":
-        return {k: calibrate_fold_dir(folds[k], rows[k], k) for k in sorted(folds)}
-    from mrn_engine.training.calibration_pooled import fit_pooled
-
-    cals = fit_pooled(rows, method)
-    for k, cal in cals.items():
-        write_calibration(folds[k], cal)
-    return cals
-
-
 def apply_folds(
     calibrations: Mapping[int, Calibration], folds: Sequence[int], p_folds: Sequence[float]
 ) -> list[float]:

@@ -14,12 +14,15 @@ cover the labelled cohort once. Candidate maps of raw P(PD) (scikit-learn):
 fold ``k``'s rows is fitted on the other folds' rows; ties: Brier) and then fits it on all
 rows. Only out-of-fold predictions are used: held-out cases never choose or fit anything.
 The same map is written to every fold and applied to each fold model's P(PD) (the domain it
-was fitted on: single-fold predictions); the ensemble P(PD) is the mean of those.
+was fitted on: single-fold predictions); the ensemble P(PD) combines those: their mean, or
+the sharpened mean of ``ensemble_calibration.py`` when the bundle has that record.
+``calibrate_bundle`` fits and writes it (or the older per-fold temperatures) for a bundle.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -30,10 +33,14 @@ from mrn_engine.training.calibration import (
     T_RANGE,
     Calibration,
     brier_score,
+    bundle_fold_dirs,
+    calibrate_fold_dir,
     expected_calibration_error,
     fit_logistic,
     fit_temperature,
     logit,
+    read_oof_rows,
+    write_calibration,
 )
 
 #: the maps ``auto`` chooses from, in the order used to break exact ties
@@ -186,3 +193,20 @@ def fit_pooled(rows: Mapping[int, Rows], method: str = "auto") -> dict[int, Cali
         )
         for k in folds
     }
+
+
+def calibrate_bundle(root: str | os.PathLike, method: str = "auto") -> dict[int, Calibration]:
+    """Fit and write ``calibration.json`` for every fold of the bundle (each needs ``oof.csv``).
+
+    ``method``: ``auto`` / ``identity`` / ``temperature`` / ``platt`` / ``isotonic`` fit one
+    map on the pooled out-of-fold rows (``calibration_pooled``); ``fold-temperature`` fits one
+    temperature per fold on that fold's rows (the older scheme).
+    """
+    folds = bundle_fold_dirs(root)
+    rows = {k: read_oof_rows(d / "oof.csv") for k, d in folds.items()}  # all read before writing
+    if method == "fold-temperature":
+        return {k: calibrate_fold_dir(folds[k], rows[k], k) for k in sorted(folds)}
+    cals = fit_pooled(rows, method)
+    for k, cal in cals.items():
+        write_calibration(folds[k], cal)
+    return cals

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mrn_engine.config import atomic_write_text
-from mrn_engine.errors import MRNError, MRNWarning, WeightsError
+from mrn_engine.errors import ConfigError, MRNError, MRNWarning, WeightsError
 from mrn_engine.fileio import make_temp_dir, make_temp_file, publish
 
 LAST = "last.json"
@@ -279,8 +279,6 @@ def load_latest_usable(
 
 def refuse_stale_checkpoints(folder: str | os.PathLike) -> None:
     """``ConfigError`` when a fresh (non-resumed) run would silently restart over checkpoints."""
-    from mrn_engine.errors import ConfigError
-
     folder = Path(folder)
     epochs = epoch_folders(folder)
     if epochs or (folder / LAST).is_file():

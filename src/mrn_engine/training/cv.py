@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mrn_engine import __version__
 from mrn_engine.bundle import DONE_FILE, create_bundle, fold_dir, update_bundle_weights
 from mrn_engine.config import RunConfig
 from mrn_engine.data import CaseFiles, check_duplicates, discover_cases, find_labels
@@ -33,8 +34,9 @@ from mrn_engine.rois import RoiCache
 from mrn_engine.runtime import seed_everything
 from mrn_engine.training import distributed
 from mrn_engine.training.augment import RoiAugmenter
-from mrn_engine.training.calibration import calibrate_bundle
+from mrn_engine.training.calibration_pooled import calibrate_bundle
 from mrn_engine.training.dataset import RoiStackDataset
+from mrn_engine.training.objective import MRNObjective
 from mrn_engine.training.splits import Fold, make_folds, warn_split_duplicates
 from mrn_engine.training.trainer import (
     FoldResult,
@@ -92,8 +94,6 @@ def roi_loader(cohort_files: dict[str, CaseFiles], cfg: RunConfig, cache: RoiCac
 
 def code_version() -> str:
     """Package version (+ git commit of the source tree when available)."""
-    from mrn_engine import __version__
-
     head = Path(__file__).resolve().parents[3] / ".git" / "HEAD"
     try:
         ref = head.read_text().strip()
@@ -185,8 +185,6 @@ def train_bundle(
     overwrite : discard an earlier run in ``out`` (its fold folders, bundle.json, config.json)
         and start from epoch 1; without it (and without ``resume``) checkpoints are refused.
     """
-    from mrn_engine.training.objective import MRNObjective
-
     out = Path(out)
     if overwrite and resume:
         raise ConfigError("--resume and --overwrite exclude each other")

@@ -54,6 +54,7 @@ from mrn_engine.results import THRESHOLD
 from mrn_engine.runtime import seed_everything
 from mrn_engine.training import distributed
 from mrn_engine.training.anchor import write_anchor
+from mrn_engine.training.calibration import calibrate_fold_dir
 from mrn_engine.training.checkpoint import (
     load_latest_usable,
     refuse_stale_checkpoints,
@@ -378,8 +379,6 @@ def train_fold(
             OOF_COLUMNS,
         )
         if oof:  # per-fold temperature on its own out-of-fold cases (training/calibration.py)
-            from mrn_engine.training.calibration import calibrate_fold_dir
-
             calibrate_fold_dir(out_dir, oof, fold)
         student = objective.student
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
