@@ -129,6 +129,9 @@ def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
 
     written = json.loads(card_path(full).read_text())
     assert written["preset"] == "cpu-tiny" and written["key_layout"] == "timm"
+    assert written["augmentation"].startswith("geometric")  # the default views
+    with pytest.raises(ConfigError, match="--augment"):
+        pretrain(cohort, tmp_path / "x.safetensors", cfg, dataclasses.replace(opts, augment="x"))
     assert written["loss"]["variant"] == "local" and written["loss"]["sigma"] == 2.0
     assert written["descriptors"]["names"] == descriptor_names()
     assert len(written["descriptors"]["means"]) == len(descriptor_names())

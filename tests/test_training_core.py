@@ -351,3 +351,21 @@ def test_resume_refuses_other_model_config(tmp_path):
     with pytest.raises(WeightsError, match="another ROI/model configuration"):
         _train(tmp_path / "f", other, labels, resume=True)
     assert os.path.isdir(tmp_path / "f" / "checkpoints" / "epoch_0001")
+
+
+def test_geometric_augmentation_keeps_the_contrasts_the_full_one_changes():
+    """AnatCL views (``intensity=False``): geometry only, so a nucleus's mean grey value (a
+    pretraining weak label) stays put; the training augmentation moves it."""
+    rois = {"nm_sn": synthetic_rois("RJPD_001", 1)["nm_sn"]}
+    rois["nm_sn"]["mask"] = None
+    ref = rois["nm_sn"]["image"].mean()
+    geo, full = RoiAugmenter(3, mirror=False, intensity=False), RoiAugmenter(3, mirror=False)
+    shift_geo = [abs(geo(rois, key=k)["nm_sn"]["image"].mean() - ref) for k in range(40)]
+    shift_full = [abs(full(rois, key=k)["nm_sn"]["image"].mean() - ref) for k in range(40)]
+    assert max(shift_geo) < 2.0  # rotation with border padding + zero-mean noise
+    assert max(shift_full) > 5.0 and np.mean(shift_full) > 3 * np.mean(shift_geo)
+    changed = [
+        not np.allclose(geo(rois, key=k)["nm_sn"]["image"], rois["nm_sn"]["image"])
+        for k in range(10)
+    ]
+    assert any(changed)  # the views still differ

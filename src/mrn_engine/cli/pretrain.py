@@ -44,6 +44,14 @@ from mrn_engine.threads import set_threads
 )
 @click.option("--sigma", type=float, default=0.5, show_default=True, help="RBF width (cohort SDs).")
 @click.option("--temperature", type=float, default=0.1, show_default=True)
+@click.option(
+    "--augment",
+    type=click.Choice(["geometric", "full"]),
+    default="geometric",
+    show_default=True,
+    help="Views: rotation + mild noise (keeps the contrasts the weak labels measure), or the "
+    "full training augmentation (intensity and scanner transforms too).",
+)
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True)
@@ -73,6 +81,7 @@ def pretrain_cmd(
     init_weights: Path | None,
     sigma: float,
     temperature: float,
+    augment: str,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -106,6 +115,7 @@ def pretrain_cmd(
         variant=variant,
         sigma=sigma,
         temperature=temperature,
+        augment=augment,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

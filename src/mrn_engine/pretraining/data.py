@@ -17,13 +17,16 @@ class TwoViewDataset(Dataset):
     """``{"index", "v0": {roi: (S,H,W)}, "v1": {...}}``; the draw depends on (seed, epoch, index).
 
     The augmentation is the training one without the left/right mirror (asymmetry is one of
-    the weak labels). Stacks are kept in memory after the first read.
+    the weak labels); ``intensity=False`` keeps only its geometry and mild noise (the mean
+    contrasts are weak labels too). Stacks are kept in memory after the first read.
     """
 
-    def __init__(self, case_ids: Sequence[str], load_rois: RoiLoader, seed: int = 0) -> None:
+    def __init__(
+        self, case_ids: Sequence[str], load_rois: RoiLoader, seed: int = 0, intensity: bool = True
+    ) -> None:
         self.case_ids = list(case_ids)
         self.load_rois = load_rois
-        self.augmenter = RoiAugmenter(seed, mirror=False)
+        self.augmenter = RoiAugmenter(seed, mirror=False, intensity=intensity)
         self.epoch = 0
         self._memo: dict[str, Mapping[str, Mapping[str, np.ndarray | None]]] = {}
 

@@ -53,6 +53,8 @@ from mrn_engine.training.cv import code_version, roi_loader
 from mrn_engine.training.objective import reset_layerscale
 
 CARD_FORMAT = 1
+#: the view augmentations of ``PretrainOptions.augment``
+AUGMENTS = ("geometric", "full")
 
 
 @dataclass
@@ -65,6 +67,9 @@ class PretrainOptions:
     #: on the 36 phantom descriptors is nearly uniform, loss floor 3.37 vs 3.43 collapsed)
     sigma: float = 0.5
     temperature: float = 0.1
+    #: views: "geometric" (rotation + mild noise: keeps the intensity descriptors) or "full"
+    #: (the training augmentation without the mirror; docs/pretraining.md: the ViT collapsed)
+    augment: str = "geometric"
     epochs: int = 30
     batch_size: int = 16
     lr: float = 3e-4
@@ -76,6 +81,8 @@ class PretrainOptions:
     def check(self) -> PretrainOptions:
         if self.variant not in VARIANTS:
             raise ConfigError(f"--variant {self.variant!r}: choose one of {VARIANTS}")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"--augment {self.augment!r}: choose one of {AUGMENTS}")
         if not self.sigma > 0 or not self.temperature > 0:
             raise ConfigError("--sigma and --temperature must be > 0")
         if self.epochs < 1 or self.batch_size < 2:
@@ -150,7 +157,12 @@ def pretrain(
         reset_layerscale(model, cfg.train.random_init_layerscale)  # as mrn train from scratch
     model.to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    dataset = TwoViewDataset(std.case_ids, roi_loader(cohort.files, cfg, cache), seed=opts.seed)
+    dataset = TwoViewDataset(
+        std.case_ids,
+        roi_loader(cohort.files, cfg, cache),
+        seed=opts.seed,
+        intensity=opts.augment == "full",
+    )
     curve: list[dict[str, float]] = []
     start = 0
     loaded = load_latest_usable(ckpt) if resume else None
@@ -290,7 +302,11 @@ def _card(
             "kernel": "rbf on standardised descriptors, squared distance averaged over dims",
             "self_distillation": None,
         },
-        "augmentation": "training augmentation without the left/right mirror, 2 views",
+        "augmentation": (
+            "training augmentation without the left/right mirror, 2 views"
+            if opts.augment == "full"
+            else "geometric (rotation) + mild noise, no mirror, 2 views"
+        ),
         "descriptors": std.to_card(),
         "data": {
             "root": str(Path(cohort.root).resolve()),

@@ -40,17 +40,34 @@ _MAX_SEED = 2**32 - 1
 
 
 def build_roi_transform(
-    with_mask: bool = True, modality: str = "QSM", mirror: bool = True
+    with_mask: bool = True, modality: str = "QSM", mirror: bool = True, intensity: bool = True
 ) -> Compose:
     """The random transform applied to one ROI (``{"image": (S,H,W)[, "mask": (S,H,W)]}``).
 
     Images are in ``[0, 255]``; intensity magnitudes are chosen for that range. ``modality``
     (``"NM"`` or ``"QSM"``) sets the scanner-variation part (module docstring). ``mirror=False``
     drops the left/right flip (anatomy-aware pretraining: left/right asymmetry is a weak label).
+    ``intensity=False`` keeps the geometry (rotation, flip) and mild noise only: for AnatCL
+    pretraining, whose weak labels include each nucleus's mean NM contrast and susceptibility,
+    which the contrast, gamma, histogram and scanner transforms would change between two
+    views of one case (docs/pretraining.md).
     """
     both = ["image", "mask"] if with_mask else ["image"]
     modes = ["bilinear", "nearest"] if with_mask else ["bilinear"]
     pads = ["border", "zeros"] if with_mask else ["border"]  # image: no fake dark corners
+    geometric = [
+        RandFlipd(keys=both, prob=0.5 if mirror else 0.0, spatial_axis=0),  # L/R (H = X)
+        RandRotated(
+            keys=both,
+            range_x=math.radians(10),
+            prob=0.3,
+            mode=modes,
+            padding_mode=pads,
+            keep_size=True,
+        ),
+    ]
+    if not intensity:
+        return Compose([*geometric, RandGaussianNoised(keys="image", std=2.0, prob=0.5)])
     if modality == "NM":
         scanner = [
             RandScaleIntensityFixedMeand(keys="image", factors=(-0.45, 0.8), prob=0.5),
@@ -64,15 +81,7 @@ def build_roi_transform(
         ]
     return Compose(
         [
-            RandFlipd(keys=both, prob=0.5 if mirror else 0.0, spatial_axis=0),  # L/R (H = X)
-            RandRotated(
-                keys=both,
-                range_x=math.radians(10),
-                prob=0.3,
-                mode=modes,
-                padding_mode=pads,
-                keep_size=True,
-            ),
+            *geometric,
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
             RandShiftIntensityd(keys="image", offsets=10.0, prob=0.3),
             RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
@@ -96,10 +105,12 @@ class RoiAugmenter:
     position), so a resumed run augments exactly as an uninterrupted one.
     """
 
-    def __init__(self, seed: int = 0, mirror: bool = True) -> None:
+    def __init__(self, seed: int = 0, mirror: bool = True, intensity: bool = True) -> None:
         self.seed = int(seed)
         self._transforms = {
-            (mod, m): build_roi_transform(with_mask=m, modality=mod, mirror=mirror)
+            (mod, m): build_roi_transform(
+                with_mask=m, modality=mod, mirror=mirror, intensity=intensity
+            )
             for mod in ("NM", "QSM")
             for m in (True, False)
         }
