@@ -1,7 +1,9 @@
 """``mrn pretrain``: anatomy-aware (AnatCL) pretraining of a preset's slice backbone.
 
-Per epoch, every case gives two augmented views of its four ROI stacks (the training
-augmentation without the left/right mirror, since asymmetry is a weak label); the embedder
+Per epoch, every case gives two augmented views of its four ROI stacks (``augment``:
+rotation and mild noise by default, or the full training augmentation; never the left/right
+mirror, since asymmetry is a weak label, and by default no intensity transforms, since the
+mean contrasts are weak labels too); the embedder
 (:mod:`mrn_engine.pretraining.encoder`) maps them to L2-normalised projections and the
 kernelised contrastive loss (:func:`~mrn_engine.models.yaware.anatcl_loss`) pulls together
 cases with similar standardised descriptors. AdamW, cosine learning rate per epoch.
