@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from mrn_engine.analysis import write_report
-from mrn_engine.analysis.calibration_report import bundle_ensemble_calibration, held_out_set
+from mrn_engine.analysis.calibration_report import held_out_set
 from mrn_engine.training.calibration import (
     brier_score,
     ece_noise_floor,
@@ -17,6 +17,7 @@ from mrn_engine.training.calibration import (
 )
 from mrn_engine.training.calibration_pooled import calibrate_bundle
 from mrn_engine.training.ensemble_calibration import (
+    bundle_ensemble_calibration,
     fit_ensemble_calibration,
     write_ensemble_calibration,
 )
@@ -125,8 +126,7 @@ def test_raw_rows_are_combined_with_the_bundles_ensemble_calibration(tmp_path):
     (run / "bundle.json").write_text(json.dumps({"weights": {"fold_0": "w0", "fold_1": "w1"}}))
     rows = held_out_rows(12)
     cals = {k: read_calibration(run / f"fold_{k}") for k in (0, 1)}
-    folds = {k: run / f"fold_{k}" for k in (0, 1)}
-    assert bundle_ensemble_calibration(folds) == ens
+    assert bundle_ensemble_calibration(run, [0, 1]) == (ens, "")
     _, y, _, after = held_out_set(rows, cals, ens)
     fold_p = [[float(cals[k].apply(r[f"p_pd_fold{k}"])) for k in (0, 1)] for r in rows]
     assert after.tolist() == [ens.combine(p) for p in fold_p]
@@ -136,7 +136,8 @@ def test_raw_rows_are_combined_with_the_bundles_ensemble_calibration(tmp_path):
     assert "Ensemble calibration: the fold logits correlate" in text
     # a retrained fold voids the record: the report falls back to the plain mean and says nothing
     (run / "bundle.json").write_text(json.dumps({"weights": {"fold_0": "w0", "fold_1": "new"}}))
-    assert bundle_ensemble_calibration(folds) is None
+    voided, why = bundle_ensemble_calibration(run, [0, 1])
+    assert voided is None and "retrained" in why
     text = write_report(run, tmp_path / "r2.html", eval_predictions=rows).read_text()
     plain = np.mean(fold_p, axis=1)
     assert _cells(text, "held-out")[2] == f"{expected_calibration_error(y, plain):.3f}"

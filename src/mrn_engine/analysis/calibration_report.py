@@ -18,7 +18,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mrn_engine.analysis.html_parts import Rows, img, num, png, table
-from mrn_engine.bundle import read_info
 from mrn_engine.inference.uncertainty import assess, assess_row, confidence_summary
 from mrn_engine.training.calibration import (
     N_BINS,
@@ -30,8 +29,7 @@ from mrn_engine.training.calibration import (
 )
 from mrn_engine.training.ensemble_calibration import (
     EnsembleCalibration,
-    read_ensemble_calibration,
-    usable_for,
+    bundle_ensemble_calibration,
 )
 
 #: one evaluated set: (name, labels, raw P(PD), calibrated P(PD) or None)
@@ -100,16 +98,6 @@ def held_out_set(
             else per_fold.mean(axis=1)
         )
     return "held-out", y, raw, after
-
-
-def bundle_ensemble_calibration(fold_dirs: Mapping[int, Path]) -> EnsembleCalibration | None:
-    """The bundle's ensemble calibration if it still fits these folds' weights (else None)."""
-    if not fold_dirs:
-        return None
-    root = next(iter(fold_dirs.values())).parent
-    weights = read_info(root).get("weights") or {}
-    ens, _ = usable_for(read_ensemble_calibration(root), list(fold_dirs), weights)
-    return ens
 
 
 def calibration_rows(sets: Sequence[CalSet]) -> list[dict[str, object]]:
@@ -206,7 +194,8 @@ def calibration_section(
 ) -> tuple[str, Figure | None]:
     """HTML of the section and its reliability figure (None when there is nothing to show)."""
     cals = fold_calibrations(fold_dirs)
-    ens = bundle_ensemble_calibration(fold_dirs)
+    root = next(iter(fold_dirs.values())).parent if fold_dirs else None
+    ens = bundle_ensemble_calibration(root, list(fold_dirs))[0] if root is not None else None
     o = oof_set(oof, cals)
     h = held_out_set(held_rows, cals, ens) if held_rows else None
     sets = [s for s in (o, h) if s is not None]

@@ -50,8 +50,7 @@ from mrn_engine.runtime import resolve_device
 from mrn_engine.training.calibration import Calibration, apply_folds, load_calibrations
 from mrn_engine.training.ensemble_calibration import (
     EnsembleCalibration,
-    read_ensemble_calibration,
-    usable_for,
+    bundle_ensemble_calibration,
 )
 
 __all__ = ["CasePrediction", "MRNPredictor", "ProgressFn", "Segmenter"]
@@ -284,9 +283,7 @@ class MRNPredictor:
             raise InputDataError(
                 f"{bundle.root}: fold(s) {missing} not in the bundle (has {bundle.folds})"
             )
-        ensemble, why = usable_for(
-            read_ensemble_calibration(bundle.root), chosen, bundle.info.get("weights") or {}
-        )
+        ensemble, why = bundle_ensemble_calibration(bundle.root, chosen)
         if why:
             warnings.warn(
                 f"{bundle.root}: ensemble_calibration.json ignored ({why}); re-run "

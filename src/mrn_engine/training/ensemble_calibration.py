@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrn_engine.bundle import read_info
 from mrn_engine.config import atomic_write_text
 from mrn_engine.errors import InputDataError
 from mrn_engine.training.calibration import logit
@@ -155,3 +156,12 @@ def usable_for(
     if cal.weights and changed:
         return None, f"fold(s) {changed} retrained since it was measured"
     return cal, ""
+
+
+def bundle_ensemble_calibration(
+    root: str | os.PathLike, folds: Sequence[int]
+) -> tuple[EnsembleCalibration | None, str]:
+    """The record of the bundle at ``root`` if it fits ``folds``' current weights
+    (``bundle.json``), else None and the reason (empty when there is no record)."""
+    weights = read_info(root).get("weights") or {}
+    return usable_for(read_ensemble_calibration(root), folds, weights)
