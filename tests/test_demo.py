@@ -1,4 +1,5 @@
-"""``mrn demo --quick`` end to end: phantoms -> k-fold bundle -> held-out scores -> report.
+"""``mrn demo --quick`` end to end: phantoms -> AnatCL pretraining -> k-fold bundle -> held-out
+scores -> report.
 
 Slow: it generates 12 phantom cases and trains 2 folds (about 1.5-2 min of CPU on the 2-core
 VM; several minutes when the machine is shared).
@@ -45,6 +46,14 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     assert (out / "bundle" / "ensemble_calibration.json").is_file()
     assert not list((out / "unlabeled").glob("*.csv"))
     assert 0.5 <= summary["oracle"]["population"] <= 1.0
+    # the ViT was AnatCL-pretrained on the 8 labelled (labels unread) + 10 unlabelled images,
+    # and every fold started from those weights (their hash is in the bundle)
+    pre = summary["anatcl_pretraining"]
+    assert pre["n_cases"] == 18 and pre["epochs"] == 1
+    card = json.loads((out / "anatcl" / "anatcl.card.json").read_text())
+    info = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert info["weights_provenance"]["sha256"] == card["weights_sha256"]
+    assert card["data"]["labels_read"] is False
     bundle = open_bundle(out / "bundle")
     assert bundle.folds == [0, 1]
     # the bundle's place is recorded for napari-mrn (which offers it first)
@@ -58,6 +67,8 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     assert len((out / "bundle" / "ablation" / "masking_table.csv").read_text().splitlines()) == 17
     # re-running resumes: nothing is regenerated or retrained
     before = (out / "bundle" / "fold_0" / "model.safetensors").read_bytes()
+    stamp = (out / "anatcl" / "anatcl.safetensors").stat().st_mtime_ns
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--threads", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     assert (out / "bundle" / "fold_0" / "model.safetensors").read_bytes() == before
+    assert (out / "anatcl" / "anatcl.safetensors").stat().st_mtime_ns == stamp

@@ -18,7 +18,7 @@ from mrn_engine.cli import cli
 from mrn_engine.config import get_preset
 from mrn_engine.data.cases import load_case
 from mrn_engine.data.labels import ROI_NAMES
-from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.errors import ConfigError, InputDataError, WeightsError
 from mrn_engine.models import build_model
 from mrn_engine.pretraining.descriptors import (
     REGIONS,
@@ -27,7 +27,14 @@ from mrn_engine.pretraining.descriptors import (
     region_groups,
     standardise,
 )
-from mrn_engine.pretraining.loop import PretrainOptions, card_path, checkpoint_dir, pretrain
+from mrn_engine.pretraining.cohort import load_pretrain_cohort
+from mrn_engine.pretraining.loop import (
+    PretrainOptions,
+    card_path,
+    checkpoint_dir,
+    pretrain,
+    pretrained_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -169,6 +176,35 @@ def test_pretrain_resume_card_and_train_loads_the_weights(cohort, tmp_path):
     torch.manual_seed(1)
     scratch = build_model(small_cfg()).res.patchnizer.vit.state_dict()
     assert any(not torch.equal(scratch[k], a[k]) for k in a if k.endswith("weight"))
+
+
+def test_several_folders_one_cohort_and_a_finished_run_is_reused(cohort, tmp_path):
+    """Two cohorts that both hold RJPD_000..: one pool, ids prefixed by the folder's name."""
+    other = tmp_path / "second"
+    for i in range(2):
+        write_case(other / f"RJPD_{i:03d}", seed=100 + i, pd=i % 2)
+    pool = load_pretrain_cohort([cohort, other], small_cfg().roi, progress=False)
+    assert len(pool.files) == 8 and f"{cohort.name}/RJPD_000" in pool.files
+    assert "second/RJPD_001" in pool.files and pool.roots == [cohort, other]
+    alone = load_pretrain_cohort(cohort, small_cfg().roi, progress=False)
+    assert sorted(alone.files) == [f"RJPD_{i:03d}" for i in range(6)]  # one folder: plain ids
+    same_name = tmp_path / "x" / cohort.name
+    write_case(same_name / "RJPD_000", seed=7, pd=0)
+    with pytest.raises(InputDataError, match="distinct names"):
+        load_pretrain_cohort([cohort, same_name], small_cfg().roi, progress=False)
+
+    w = tmp_path / "pool" / "w.safetensors"
+    opts = PretrainOptions(epochs=1, batch_size=4, device="cpu")
+    cfg = small_cfg()
+    kw = {"cache_dir": tmp_path / "cache", "resume": True, "progress": False}
+    assert pretrained_weights([cohort, other], w, cfg, opts, **kw) == w
+    card = json.loads(card_path(w).read_text())
+    assert card["data"]["n_cases"] == 8 and len(card["data"]["roots"]) == 2
+    stamp = w.stat().st_mtime_ns
+    pretrained_weights([cohort, other], w, cfg, opts, **kw)  # finished, same options: reused
+    assert w.stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="other options"):  # not silently reused
+        pretrained_weights([cohort, other], w, cfg, dataclasses.replace(opts, sigma=2.0), **kw)
 
 
 # ---------------------------------------------------------------- anatcl3d

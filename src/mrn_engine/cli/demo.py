@@ -18,13 +18,20 @@ from mrn_engine.threads import set_threads
     help="Folder for the cohorts, the model bundle (OUT/bundle) and the report.",
 )
 @click.option(
-    "--quick", is_flag=True, help="Smoke run: tiny cohort, 2 folds, 1+1 epochs (does not learn)."
+    "--quick",
+    is_flag=True,
+    help="Smoke run: tiny cohort, 1 AnatCL epoch, 2 folds, 1+1 epochs (does not learn).",
 )
 @click.option("--cases", type=int, help="Labelled phantom cases.")
 @click.option("--heldout", type=int, help="Held-out phantom cases.")
 @click.option("--folds", type=int, help="CV folds.")
 @click.option("--epochs", type=int, help="Full-loss epochs.")
 @click.option("--pretrain-epochs", type=int, help="Pretraining epochs (seg + contrastive).")
+@click.option(
+    "--anatcl-epochs",
+    type=int,
+    help="AnatCL pretraining epochs of the ViT on the labelled + unlabelled images (0: random init).",
+)
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option(
     "--workers", default=2, show_default=True, type=int, help="Processes for the phantom generator."
@@ -41,6 +48,7 @@ def demo_cmd(
     folds,
     epochs,
     pretrain_epochs,
+    anatcl_epochs,
     seed: int,
     workers: int,
     threads: int | None,
@@ -59,6 +67,7 @@ def demo_cmd(
             "folds": folds,
             "epochs": epochs,
             "pretrain_epochs": pretrain_epochs,
+            "anatcl_epochs": anatcl_epochs,
         }.items()
         if v is not None
     }

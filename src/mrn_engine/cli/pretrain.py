@@ -10,7 +10,12 @@ from mrn_engine.threads import set_threads
 
 
 @click.command("pretrain")
-@click.argument("cases_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "cases_roots",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
 @click.option(
     "--out",
     required=True,
@@ -72,7 +77,7 @@ from mrn_engine.threads import set_threads
 @click.option("--stop-after", type=int, help="Stop after this epoch (continue with --resume).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def pretrain_cmd(
-    cases_root: Path,
+    cases_roots: tuple[Path, ...],
     out: Path,
     preset: str,
     config: Path | None,
@@ -94,7 +99,7 @@ def pretrain_cmd(
     stop_after: int | None,
     quiet: bool,
 ) -> None:
-    """Pretrain the backbone of a preset on the cases of CASES_ROOT with AnatCL's
+    """Pretrain the backbone of a preset on the cases of CASES_ROOTS with AnatCL's
     anatomy-aware contrastive loss; weak labels are nucleus volumes, contrasts and
     asymmetries from each case's masks (diagnosis labels are not read). Use the result
     with ``mrn train --weights OUT``."""
@@ -123,7 +128,7 @@ def pretrain_cmd(
         device=device,
     )
     card = pretrain(
-        cases_root,
+        cases_roots,
         out,
         cfg,
         opts,

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ HASHED = ("nm", "qsm", "nm_mask", "qsm_mask")
 class PretrainCohort:
     """Usable cases (``files``), their raw descriptors, and the data hash."""
 
-    root: Path
+    roots: list[Path]
     files: dict[str, CaseFiles]
     descriptors: dict[str, dict[str, float]]
     data_sha256: str
@@ -81,15 +82,35 @@ def _read_memo(path: Path | None) -> dict:
     return memo if isinstance(memo, dict) else {}
 
 
+def _named_roots(roots: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """One folder or several; several must exist and have distinct folder names."""
+    paths = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
+    if not paths:
+        raise InputDataError("pretraining: no cases folder given")
+    for p in paths:
+        if not p.is_dir():
+            raise InputDataError(f"{p}: cases folder not found")
+    names = [p.resolve().name for p in paths]
+    if len(set(names)) < len(names):
+        raise InputDataError(
+            f"pretraining folders must have distinct names (case ids are prefixed with them): "
+            f"{', '.join(map(str, paths))}"
+        )
+    return paths
+
+
 def load_pretrain_cohort(
-    root: str | os.PathLike,
+    roots: str | os.PathLike | Sequence[str | os.PathLike],
     cfg: RoiConfig,
     ages: dict[str, float] | None = None,
     *,
     memo_file: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> PretrainCohort:
-    """Discover cases under ``root`` and compute their descriptors (labels are not read).
+    """Discover cases under ``roots`` and compute their descriptors (labels are not read).
+
+    With several folders, a case is named ``<folder name>/<case id>`` (two cohorts may both
+    hold ``RJPD_000``); ``ages`` is keyed by the plain case id.
 
     A case without both masks, or whose descriptors cannot be measured, is skipped with an
     :class:`MRNWarning` naming it. ``InputDataError`` when fewer than 2 cases remain.
@@ -99,40 +120,43 @@ def load_pretrain_cohort(
     memo_path = Path(memo_file) if memo_file is not None else None
     memo = _read_memo(memo_path)
     hashes: dict[str, dict[str, str]] = {}
-    root = Path(root)
-    if not root.is_dir():
-        raise InputDataError(f"{root}: cases folder not found")
+    paths = _named_roots(roots)
+    found = [
+        (f"{p.resolve().name}/{f.case_id}" if len(paths) > 1 else f.case_id, f)
+        for p in paths
+        for f in discover_cases(p)
+    ]
     files: dict[str, CaseFiles] = {}
     table: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
-    for f in tqdm(discover_cases(root), desc="descriptors", unit="case", disable=not progress):
+    for cid, f in tqdm(found, desc="descriptors", unit="case", disable=not progress):
         absent = [n for n in HASHED if getattr(f, n) is None]
         if absent:
-            skipped[f.case_id] = f"no {', '.join(absent)}"
+            skipped[cid] = f"no {', '.join(absent)}"
             continue
         key = inputs_hash(f)
-        entry = memo.get(f.case_id)
+        entry = memo.get(cid)
         if not (isinstance(entry, dict) and entry.get("inputs") == key):
             try:
                 desc = case_descriptors(load_case(f, None), cfg)
             except InputDataError as e:
-                skipped[f.case_id] = str(e)
+                skipped[cid] = str(e)
                 continue
             entry = {"inputs": key, "sha256": file_hashes(f), "descriptors": desc}
-            memo[f.case_id] = entry
+            memo[cid] = entry
         desc = dict(entry["descriptors"])
-        hashes[f.case_id] = entry["sha256"]
+        hashes[cid] = entry["sha256"]
         if ages is not None:
             desc[AGE] = ages.get(f.case_id, math.nan)
-        files[f.case_id] = f
-        table[f.case_id] = desc
+        files[cid] = f
+        table[cid] = desc
     for cid, why in skipped.items():
         warnings.warn(f"{cid}: skipped for pretraining ({why})", MRNWarning, stacklevel=2)
     if len(files) < 2:
         raise InputDataError(
-            f"{root}: {len(files)} usable case(s) with NM/QSM images and both masks; "
+            f"{', '.join(map(str, paths))}: {len(files)} usable case(s) with NM/QSM images and both masks; "
             "pretraining needs at least 2"
         )
     if memo_path is not None:
         atomic_write_text(memo_path, json.dumps(memo))
-    return PretrainCohort(root, files, table, data_hash(hashes), skipped)
+    return PretrainCohort(paths, files, table, data_hash(hashes), skipped)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,7 +114,7 @@ def _views(batch: dict) -> dict[str, torch.Tensor]:
 
 
 def pretrain(
-    cases_root: str | os.PathLike,
+    cases_root: str | os.PathLike | Sequence[str | os.PathLike],
     weights_out: str | os.PathLike,
     cfg: RunConfig,
     opts: PretrainOptions,
@@ -269,6 +270,39 @@ def pretrain(
     return card
 
 
+def pretrained_weights(
+    cases_roots: str | os.PathLike | Sequence[str | os.PathLike],
+    weights_out: str | os.PathLike,
+    cfg: RunConfig,
+    opts: PretrainOptions,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """``weights_out`` after pretraining into it; with ``resume``, a finished run is reused.
+
+    A finished run is reused when its card says so and records the same options (device
+    aside); an unfinished one continues from its last checkpoint.
+    """
+    weights_out = Path(weights_out)
+    card = card_path(weights_out)
+    if resume and weights_out.is_file() and card.is_file():
+        done = json.loads(card.read_text())
+        if done.get("finished") and done.get("options") == _comparable(opts):
+            return weights_out
+    pretrain(
+        cases_roots,
+        weights_out,
+        cfg,
+        opts,
+        cache_dir=cache_dir,
+        resume=resume,
+        progress=progress,
+    )
+    return weights_out
+
+
 def _comparable(opts: PretrainOptions) -> dict[str, Any]:
     d = asdict(opts)
     d.pop("device", None)  # a run may resume on another device
@@ -311,7 +345,7 @@ def _card(
         ),
         "descriptors": std.to_card(),
         "data": {
-            "root": str(Path(cohort.root).resolve()),
+            "roots": [str(Path(r).resolve()) for r in cohort.roots],
             "n_cases": len(cohort.files),
             "sha256": cohort.data_sha256,
             "skipped": cohort.skipped,
@@ -324,6 +358,7 @@ def _card(
         "lr": opts.lr,
         "weight_decay": opts.weight_decay,
         "seed": opts.seed,
+        "options": _comparable(opts),
         "loss_curve": curve,
         "seconds_this_run": round(seconds, 1),
         "roi_cache": {"hits": cache.hits, "misses": cache.misses},

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mrn_engine.config import RunConfig, atomic_write_text
 from mrn_engine.errors import ConfigError
 from mrn_engine.models.losses import loss_terms
-from mrn_engine.pretraining.loop import PretrainOptions, card_path, pretrain
+from mrn_engine.pretraining.loop import PretrainOptions, pretrained_weights
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.evaluate import heldout_metrics, oof_metrics
 
@@ -196,22 +196,17 @@ def anatcl_pretrained(
     opts = PretrainOptions(
         **{**asdict(base), "arch": "anatcl3d", "seed": cfg.train.seed, "device": cfg.train.device}
     )
-    weights = out / "anatcl3d_pretrain" / "anatcl3d.safetensors"
-    done = False
-    if resume and weights.is_file() and card_path(weights).is_file():
-        done = bool(json.loads(card_path(weights).read_text()).get("finished"))
-    if not done:
-        if progress:
-            tqdm.write(f"anatcl3d: AnatCL pretraining of the 3D ResNet-18 ({opts.epochs} epochs)")
-        pretrain(
-            cases_root,
-            weights,
-            cfg,
-            opts,
-            cache_dir=out / "roi_cache",
-            resume=resume,
-            progress=progress,
-        )
+    if progress:
+        tqdm.write(f"anatcl3d: AnatCL pretraining of the 3D ResNet-18 ({opts.epochs} epochs)")
+    weights = pretrained_weights(
+        cases_root,
+        out / "anatcl3d_pretrain" / "anatcl3d.safetensors",
+        cfg,
+        opts,
+        cache_dir=out / "roi_cache",
+        resume=resume,
+        progress=progress,
+    )
     return cfg.replace(model={"backbone_weights": str(weights)})
 
 

@@ -2,14 +2,17 @@
 
 1. generate a labelled phantom cohort (``DIR/cohort``) and a separate held-out one
    (``DIR/heldout``, other seed; its labels are used only for scoring);
-2. train the ``cpu-tiny`` k-fold ensemble into ``DIR/bundle`` (a bundle napari-mrn opens),
+2. pretrain the ViT slice backbone with AnatCL on the images of ``DIR/cohort`` and
+   ``DIR/unlabeled`` (no diagnosis labels read; ``DIR/anatcl/anatcl.safetensors`` + card), as
+   ``mrn pretrain`` does; ``anatcl_epochs=0`` keeps the random init;
+3. train the ``cpu-tiny`` k-fold ensemble from it into ``DIR/bundle`` (a bundle napari-mrn opens),
    measure the fold models' agreement on ``DIR/unlabeled`` (seed + 50 000, label files removed)
    for the ensemble calibration (``mrn calibrate --unlabeled``), and record the bundle's path
    in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so the napari panel
    offers it wherever ``DIR`` is;
-3. score the fold ensemble on the held-out cases with ``MRNPredictor`` and run the ROI-masking
+4. score the fold ensemble on the held-out cases with ``MRNPredictor`` and run the ROI-masking
    analysis (``DIR/bundle/ablation``);
-4. write the HTML report (``DIR/report.html``) and ``DIR/demo_summary.json``.
+5. write the HTML report (``DIR/report.html``) and ``DIR/demo_summary.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mrn_engine.bundle import record_demo_bundle
 from mrn_engine.config import RunConfig, atomic_write_text, get_preset
 from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.phantom import generate_cohort
+from mrn_engine.pretraining.loop import PretrainOptions, card_path, pretrained_weights
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.training.ensemble_calibration import MIN_CASES
 from mrn_engine.workflows.ensemble_calibration import calibrate_ensemble
@@ -46,11 +50,24 @@ class DemoSize:
     epochs: int
     #: unlabelled cases for the ensemble calibration (0: none; fewer than 10 cannot be used)
     unlabeled: int = 0
+    #: AnatCL pretraining epochs of the ViT before training (0: random init)
+    anatcl_epochs: int = 0
 
 
 #: the default demo (measured in docs/results.md) and the ``--quick`` smoke run
-DEFAULT = DemoSize(cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12, unlabeled=40)
-QUICK = DemoSize(cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1, unlabeled=10)
+DEFAULT = DemoSize(
+    cases=72, heldout=60, folds=3, pretrain_epochs=1, epochs=12, unlabeled=40, anatcl_epochs=30
+)
+QUICK = DemoSize(
+    cases=8, heldout=4, folds=2, pretrain_epochs=1, epochs=1, unlabeled=10, anatcl_epochs=1
+)
+
+
+def demo_anatcl(cfg: RunConfig, size: DemoSize, seed: int) -> PretrainOptions:
+    """The demo's AnatCL pretraining: ``mrn pretrain``'s defaults, the demo's epochs and seed."""
+    return PretrainOptions(
+        arch="vit", epochs=size.anatcl_epochs, seed=seed, device=cfg.train.device
+    )
 
 
 def demo_config(size: DemoSize, seed: int = 1, preset: str = "cpu-tiny") -> RunConfig:
@@ -73,6 +90,42 @@ def _record_bundle(bundle: Path, log) -> Path | None:
     except OSError as e:
         log(f"note: could not record the demo bundle for napari-mrn ({e})")
         return None
+
+
+def _pretrain(
+    out: Path, size: DemoSize, cfg: RunConfig, seed: int, *, progress: bool, log
+) -> tuple[RunConfig, dict[str, Any]]:
+    """AnatCL-pretrain the ViT on the labelled (labels unread) and unlabelled images; returns
+    ``cfg`` starting from those weights and a summary of the run."""
+    roots = [out / "cohort"] + ([out / "unlabeled"] if size.unlabeled else [])
+    log(
+        f"[2/5] AnatCL pretraining of the ViT: {size.cases + size.unlabeled} cases, labels unread,"
+        f" {size.anatcl_epochs} epochs"
+    )
+    weights = pretrained_weights(
+        roots,
+        out / "anatcl" / "anatcl.safetensors",
+        cfg,
+        demo_anatcl(cfg, size, seed),
+        cache_dir=out / "roi_cache",
+        resume=True,
+        progress=progress,
+    )
+    card = json.loads(card_path(weights).read_text())
+    curve = card["loss_curve"]
+    info = {
+        "weights": str(weights),
+        "n_cases": card["data"]["n_cases"],
+        "epochs": card["epochs"],
+        "loss_first": curve[0]["loss"],
+        "loss_last": curve[-1]["loss"],
+        "loss_collapsed": curve[-1]["uniform"],
+    }
+    log(
+        f"      loss {info['loss_first']:.3f} -> {info['loss_last']:.3f}"
+        f" (collapsed {info['loss_collapsed']:.3f})"
+    )
+    return cfg.replace(model={"backbone_weights": str(weights)}), info
 
 
 def run_demo(
@@ -101,7 +154,7 @@ def run_demo(
     times: dict[str, float] = {}
 
     log(
-        f"[1/4] phantom cohort: {size.cases} labelled + {size.heldout} held-out"
+        f"[1/5] phantom cohort: {size.cases} labelled + {size.heldout} held-out"
         f" + {size.unlabeled} unlabelled cases -> {out}"
     )
     labelled = generate_cohort(
@@ -123,8 +176,13 @@ def run_demo(
     times["phantom"] = time.perf_counter() - t0
 
     cfg = demo_config(size, seed)
+    pretraining = None
+    if size.anatcl_epochs:
+        t1 = time.perf_counter()
+        cfg, pretraining = _pretrain(out, size, cfg, seed, progress=progress, log=log)
+        times["pretraining"] = time.perf_counter() - t1
     log(
-        f"[2/4] training {cfg.preset}: {size.folds} folds x {size.pretrain_epochs}+{size.epochs} epochs"
+        f"[3/5] training {cfg.preset}: {size.folds} folds x {size.pretrain_epochs}+{size.epochs} epochs"
     )
     t1 = time.perf_counter()
     bundle = out / "bundle"
@@ -146,7 +204,7 @@ def run_demo(
     times["training"] = time.perf_counter() - t1
     record = _record_bundle(bundle, log)
 
-    log("[3/4] held-out evaluation (fold ensemble) and ROI-masking analysis")
+    log("[4/5] held-out evaluation (fold ensemble) and ROI-masking analysis")
     t2 = time.perf_counter()
     oof = oof_metrics(bundle)
     heldout = heldout_metrics(
@@ -154,7 +212,7 @@ def run_demo(
     )
     times["evaluation"] = time.perf_counter() - t2
 
-    log("[4/4] report")
+    log("[5/5] report")
     report = write_report(bundle, out / "report.html", png_dir=out / "figures")
     times["total"] = time.perf_counter() - t0
     summary = {
@@ -171,6 +229,7 @@ def run_demo(
         }
         if ensemble is not None
         else None,
+        "anatcl_pretraining": pretraining,
         "sizes": size.__dict__,
         "seed": seed,
         "oof": {k: oof[k] for k in ("n", "accuracy", "auc", "f1")},
