@@ -20,6 +20,7 @@ from mrn_engine.data.cases import load_case
 from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import ConfigError, InputDataError, WeightsError
 from mrn_engine.models import build_model
+from mrn_engine.pretraining.cohort import load_pretrain_cohort
 from mrn_engine.pretraining.descriptors import (
     REGIONS,
     case_descriptors,
@@ -27,7 +28,6 @@ from mrn_engine.pretraining.descriptors import (
     region_groups,
     standardise,
 )
-from mrn_engine.pretraining.cohort import load_pretrain_cohort
 from mrn_engine.pretraining.loop import (
     PretrainOptions,
     card_path,
