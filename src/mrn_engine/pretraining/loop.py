@@ -114,7 +114,7 @@ def _views(batch: dict) -> dict[str, torch.Tensor]:
 
 
 def pretrain(
-    cases_root: str | os.PathLike | Sequence[str | os.PathLike],
+    cases_roots: str | os.PathLike | Sequence[str | os.PathLike],
     weights_out: str | os.PathLike,
     cfg: RunConfig,
     opts: PretrainOptions,
@@ -142,7 +142,7 @@ def pretrain(
     cache = RoiCache(cache_dir or weights_out.parent / "roi_cache")
     memo = cache.root / f"descriptors_{config_hash(cfg.roi)}.json"
     cohort = cohort or load_pretrain_cohort(
-        cases_root, cfg.roi, ages, memo_file=memo, progress=progress
+        cases_roots, cfg.roi, ages, memo_file=memo, progress=progress
     )
     names = descriptor_names(with_age=ages is not None)
     std = standardise(cohort.descriptors, names)
@@ -288,7 +288,10 @@ def pretrained_weights(
     weights_out = Path(weights_out)
     card = card_path(weights_out)
     if resume and weights_out.is_file() and card.is_file():
-        done = json.loads(card.read_text())
+        try:
+            done = json.loads(card.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            done = {}  # an unreadable card: pretrain (again) from the checkpoints
         if done.get("finished") and done.get("options") == _comparable(opts):
             return weights_out
     pretrain(
