@@ -190,7 +190,8 @@ def anatcl_pretrained(
 ) -> RunConfig:
     """Pretrain the ``anatcl3d`` trunk on ``cases_root`` (no labels) and return ``cfg`` using it.
 
-    A finished earlier pretraining (its card says so) is reused when ``resume``.
+    With ``resume``, a finished earlier pretraining with the same options is reused
+    (:func:`~mrn_engine.pretraining.loop.pretrained_weights`).
     """
     base = opts or ANATCL3D_PRETRAIN
     opts = PretrainOptions(
