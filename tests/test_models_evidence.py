@@ -183,3 +183,60 @@ def test_content_free_roi_has_evidence_from_removal_and_slice_position():
     same = slice_evidence(model, store).evidence["nm_sn"][0]
     torch.testing.assert_close(same, same[:1].expand_as(same), atol=1e-6, rtol=0)  # no profile
     assert same.abs().min() > 1e-4  # the removal offset stays
+
+
+def p_with_slice_replaced(model, rois, roi, s, token):
+    """From scratch: full model forward; SFA of ROI ``roi`` gets slice ``s`` as ``token``."""
+    current = {"roi": None}
+
+    def res_pre(module, args, kwargs):
+        current["roi"] = args[1] if len(args) > 1 else kwargs["roi"]
+
+    def pre_hook(module, args):
+        if current["roi"] != roi:
+            return None
+        x = args[0].clone()
+        x[:, s] = token
+        return (x,)
+
+    h1 = model.res.sfa.register_forward_pre_hook(pre_hook)
+    h2 = model.res.register_forward_pre_hook(res_pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(rois)
+    finally:
+        h1.remove()
+        h2.remove()
+    return torch.softmax(out.logits, dim=-1)[:, 1]
+
+
+def test_healthy_reference_replaces_the_slice_token():
+    """Evidence against a healthy reference == a forward whose SFA sees that slice's token
+    swapped for the reference; a case that looks like the reference has no evidence."""
+    cfg, model = tiny_model()
+    rois = images(cfg)
+    _, store = cached(model, rois)
+    _, healthy = cached(model, images(cfg, batch=3, seed=9))
+    reference = {n: t.mean(dim=0) for n, t in healthy.items()}  # (S, D) per ROI
+    ev = slice_evidence(model, store, reference=reference)
+    assert ev.method == "reference" and slice_evidence(model, store).method == "leave-out"
+    for roi, k in SLICES.items():
+        for s in range(k):
+            p = p_with_slice_replaced(model, rois, roi, s, reference[roi][s])
+            torch.testing.assert_close(ev.p_without[roi][:, s], p, atol=1e-5, rtol=0)
+    assert max(ev.evidence[n].abs().max().item() for n in ROI_NAMES) > 1e-4  # can fail
+    # not leave-one-out: the two measures differ
+    assert not torch.allclose(ev.evidence["nm_sn"], slice_evidence(model, store).evidence["nm_sn"])
+    # a case whose slice tokens are the reference: nothing to replace, evidence 0 everywhere
+    same = {n: r[None].expand(2, -1, -1).clone() for n, r in reference.items()}
+    zero = slice_evidence(model, same, reference=reference)
+    for n in ROI_NAMES:
+        torch.testing.assert_close(
+            zero.evidence[n], torch.zeros_like(zero.evidence[n]), atol=1e-6, rtol=0
+        )
+    # masked ROIs still carry no evidence; a reference of another shape is refused
+    masked = slice_evidence(model, store, masked={"qsm_bg"}, reference=reference)
+    assert torch.count_nonzero(masked.evidence["qsm_bg"]) == 0
+    bad = dict(reference, nm_sn=reference["nm_sn"][:2])
+    with pytest.raises(InputDataError, match="healthy reference of ROI nm_sn"):
+        slice_evidence(model, store, reference=bad)

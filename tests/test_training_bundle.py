@@ -346,3 +346,63 @@ def test_ensemble_calibration_from_unseen_cases_end_to_end(bundle, phantom_root,
     with pytest.warns(MRNWarning, match=r"fold\(s\) \[1\] retrained"):
         stale = MRNPredictor.from_bundle(out, device="cpu")
     assert stale.ensemble_calibration is None
+
+
+def test_each_fold_stores_the_healthy_reference_of_per_slice_evidence(
+    bundle, phantom_root, tmp_path
+):
+    """fold_k/reference_slices.safetensors = the mean slice token of the fold's training
+    controls (as is and mirrored), equal to what the predictor's TTA forward gives; evidence
+    uses it; `mrn calibrate --reference-cases` writes the same files into an older bundle."""
+    import shutil
+
+    from mrn_engine.cli import cli
+    from mrn_engine.data import discover_cases, load_case
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.inference.evidence import case_evidence
+    from mrn_engine.training.reference_slices import REFERENCE_FILE, read_reference_slices
+
+    out, _ = bundle
+    info = json.loads((out / "bundle.json").read_text())
+    labels = find_labels(phantom_root)
+    files = {f.case_id: f for f in discover_cases(phantom_root)}
+    predictor = MRNPredictor.from_bundle(out, device="cpu", tta=True)
+    assert set(predictor.reference_slices) == {0, 1}
+    kept = {}
+    for c in files:
+        pred = predictor.predict_case(load_case(files[c]), keep_slice_tokens=True, nuclei=False)
+        kept[c] = pred.slice_tokens
+    stored = {}
+    for j, k in enumerate((0, 1)):
+        means, ids = read_reference_slices(out / f"fold_{k}")
+        stored[k] = means
+        assert sorted(ids) == sorted(c for c in info["folds"][k]["train"] if labels[c] == 0)
+        for n, m in means.items():
+            expected = torch.stack([kept[c][j][n].mean(0) for c in ids]).mean(0)
+            assert m.shape == expected.shape
+            assert torch.allclose(m, expected, atol=1e-4), (k, n, (m - expected).abs().max())
+    ev = case_evidence(predictor, pred)
+    assert ev.method == "reference" and "healthy reference" in ev.summary()["definition"]
+    loo = case_evidence(predictor, pred, method="leave-out")
+    assert loo.method == "leave-out" and not np.allclose(
+        loo.evidence["nm_sn"], ev.evidence["nm_sn"]
+    )
+
+    old = tmp_path / "bundle"  # a bundle from before the reference: leave-out, then backfilled
+    shutil.copytree(out, old)
+    for k in (0, 1):
+        (old / f"fold_{k}" / REFERENCE_FILE).unlink()
+    older = MRNPredictor.from_bundle(old, device="cpu", tta=True)
+    pred = older.predict_case(load_case(files[c]), keep_slice_tokens=True, nuclei=False)
+    assert case_evidence(older, pred).method == "leave-out"
+    with pytest.raises(InputDataError, match="--reference-cases"):
+        case_evidence(older, pred, method="reference")
+    res = CliRunner().invoke(
+        cli, ["calibrate", str(old), "--reference-cases", str(phantom_root), "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "healthy reference slice tokens written" in res.output
+    for k in (0, 1):
+        means, _ = read_reference_slices(old / f"fold_{k}")
+        for n, m in means.items():
+            assert torch.allclose(m, stored[k][n], atol=1e-5)

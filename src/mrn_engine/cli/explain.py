@@ -27,8 +27,17 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
     "measure how far the fold models agree and sharpen the ensemble P(PD) accordingly "
     "(BUNDLE/ensemble_calibration.json; docs/inference.md).",
 )
+@click.option(
+    "--reference-cases",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The labelled cohort the bundle was trained on: also write each fold's healthy "
+    "reference slice tokens (fold_k/reference_slices.safetensors, the baseline of per-slice "
+    "evidence; `mrn train` writes them itself since 2026-12-01).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
-def calibrate_cmd(bundle: Path, method: str, unlabeled: Path | None, device: str) -> None:
+def calibrate_cmd(
+    bundle: Path, method: str, unlabeled: Path | None, reference_cases: Path | None, device: str
+) -> None:
     """Fit the calibration of P(PD) on BUNDLE/fold_k/oof.csv and write fold_k/calibration.json.
 
     ``mrn train`` does this when the last fold finishes; use it for older bundles or another
@@ -58,6 +67,12 @@ def calibrate_cmd(bundle: Path, method: str, unlabeled: Path | None, device: str
             f"  cross-fitted on the out-of-fold cases: {m:11s} ECE {row['ece_crossfit']:.3f}  "
             f"Brier {row['brier_crossfit']:.3f}"
         )
+    if reference_cases is not None:
+        from mrn_engine.workflows.reference_slices import fit_bundle_reference
+
+        used = fit_bundle_reference(bundle, reference_cases, device=device)
+        counts = ", ".join(f"fold {k}: {n}" for k, n in used.items())
+        click.echo(f"healthy reference slice tokens written ({counts} training controls)")
     if unlabeled is not None:
         from tqdm.auto import tqdm
 
@@ -97,8 +112,9 @@ def explain_cmd(
 ) -> None:
     """Per-slice evidence of every case under CASES_DIR (ROOT): which slices moved P(PD).
 
-    For each ROI slice, the change of P(PD) when that slice's token is left out of SFA (no
-    new backbone pass), and SFA's attention over the slices; maps as NIfTI on the source grids.
+    For each ROI slice, the change of P(PD) when that slice's token is replaced by the
+    bundle's healthy reference (or, for bundles without one, left out of SFA; no new backbone
+    pass), and SFA's attention over the slices; maps as NIfTI on the source grids.
     """
     from mrn_engine.inference.explain import explain_cases
 
@@ -107,6 +123,12 @@ def explain_cmd(
     )
     if not predictor.calibrated:
         click.echo(f"{model}: bundle is uncalibrated (no calibration.json); P(PD) is raw", err=True)
+    if not predictor.reference_slices:
+        click.echo(
+            f"{model}: no healthy reference slice tokens; evidence leaves each slice out of SFA "
+            "instead (add them: mrn calibrate BUNDLE --reference-cases ROOT)",
+            err=True,
+        )
 
     def on_case(case_id: str, i: int, n: int) -> None:
         if not quiet:

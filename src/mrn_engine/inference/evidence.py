@@ -4,8 +4,10 @@
 slice tokens after FFA); :func:`case_evidence` then runs, per fold, only SFA with one slice
 left out at a time and the classification head (``models/evidence.py``) -- no backbone pass.
 Per fold the views (TTA) are averaged and the fold's calibration applied, like ``p_pd``; the
-ensemble is the mean over folds. ``evidence = P(PD) - P(PD without the slice)``: > 0 the slice
-pushes towards PD, < 0 towards HC. :func:`evidence_volume` paints each slice's value over its
+ensemble is the mean over folds. ``evidence = P(PD) - P(PD with the slice made healthy)``:
+> 0 the slice pushes towards PD, < 0 towards HC. "Made healthy" replaces the slice token by the
+fold's healthy reference (``training/reference_slices.py``) when the bundle has one (method
+``"reference"``); older bundles leave the slice out of SFA instead (``"leave-out"``). :func:`evidence_volume` paints each slice's value over its
 ROI box in the source volume (the slice-to-z mapping of ``rois.paste_back``).
 """
 
@@ -21,6 +23,14 @@ from mrn_engine.errors import InputDataError
 from mrn_engine.models.evidence import slice_evidence
 from mrn_engine.rois.extract import _stack_to_source  # the paste-back slice mapping
 
+#: evidence method -> what it measures
+DEFINITIONS = {
+    "reference": "evidence = P(PD) - P(PD with the slice replaced by the healthy reference)",
+    "leave-out": "evidence = P(PD) - P(PD with the slice left out of SFA)",
+}
+#: the methods :func:`case_evidence` accepts
+METHODS = ("auto", "reference", "leave-out")
+
 
 @dataclass
 class CaseEvidence:
@@ -35,6 +45,7 @@ class CaseEvidence:
     evidence: ROI -> (S,) ``p_pd - p_without``.
     attention: ROI -> (S,) SFA ROI-token attention on each slice (last block; mean of folds, views).
     source_z: ROI -> (S,) source z of each stack slice (-1: padding slice).
+    method: ``"reference"`` (slice replaced by the healthy reference) or ``"leave-out"``.
     """
 
     case_id: str
@@ -44,6 +55,12 @@ class CaseEvidence:
     evidence: dict[str, np.ndarray]
     attention: dict[str, np.ndarray]
     source_z: dict[str, np.ndarray]
+    method: str = "leave-out"
+
+    @property
+    def definition(self) -> str:
+        """One line: what ``evidence`` measures for this case."""
+        return DEFINITIONS[self.method]
 
     def top_slice(self, roi: str) -> int:
         """Source z of the slice with the largest PD-ward evidence of ``roi`` (-1 if padding)."""
@@ -84,7 +101,8 @@ class CaseEvidence:
         return {
             "p_pd": self.p_pd,
             "masked": sorted(self.masked, key=ROI_NAMES.index),
-            "definition": "evidence = P(PD) - P(PD with the slice left out of SFA)",
+            "method": self.method,
+            "definition": self.definition,
             "rois": rois,
         }
 
@@ -116,16 +134,31 @@ def source_slices(crop: object) -> np.ndarray:
     return z
 
 
-def case_evidence(predictor: object, pred: object, masked: Iterable[str] = ()) -> CaseEvidence:
+def case_evidence(
+    predictor: object, pred: object, masked: Iterable[str] = (), method: str = "auto"
+) -> CaseEvidence:
     """Evidence of every ROI slice for ``pred`` (made with ``keep_slice_tokens=True``).
+
+    ``method``: ``"auto"`` (the healthy reference when the predictor has one, else leave-out),
+    ``"reference"`` or ``"leave-out"``.
 
     Raises
     ------
-    InputDataError: the prediction kept no slice tokens, or folds / ROIs do not match.
+    InputDataError: the prediction kept no slice tokens, folds / ROIs do not match, or
+        ``"reference"`` was asked of a bundle without one.
     """
 
     masked = frozenset(masked)
     case_id = getattr(pred, "case_id", "?")
+    references = getattr(predictor, "reference_slices", None) or {}
+    if method not in METHODS:
+        raise InputDataError(f"evidence method {method!r}: choose one of {list(METHODS)}")
+    if method == "reference" and not references:
+        raise InputDataError(
+            "the bundle has no healthy reference slice tokens (fold_k/reference_slices."
+            "safetensors); add them with `mrn calibrate BUNDLE --reference-cases ROOT`"
+        )
+    use_reference = method != "leave-out" and bool(references)
     kept = getattr(pred, "slice_tokens", None)
     if not kept:
         raise InputDataError(
@@ -144,7 +177,7 @@ def case_evidence(predictor: object, pred: object, masked: Iterable[str] = ()) -
         tokens = {n: t.to(device) for n, t in kept[j].items()}
         # the masking cache's empty tokens (warmed in the run): no ROI-encoder pass on a toggle
         empty = predictor.masker.empty_tokens(k) if masked and predictor.can_mask else None  # type: ignore[attr-defined]
-        ev = slice_evidence(model, tokens, masked, empty)
+        ev = slice_evidence(model, tokens, masked, empty, references[k] if use_reference else None)
         p_full = float(ev.p_full.mean())
         full.append(_calibrated(predictor, k, np.array([p_full]))[0])
         for n in ROI_NAMES:
@@ -166,6 +199,7 @@ def case_evidence(predictor: object, pred: object, masked: Iterable[str] = ()) -
         evidence={n: p_pd - p_without[n] for n in ROI_NAMES},
         attention={n: np.mean(attn[n], axis=0) for n in ROI_NAMES},
         source_z=source_z,
+        method="reference" if use_reference else "leave-out",
     )
 
 

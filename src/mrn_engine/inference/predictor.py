@@ -52,6 +52,7 @@ from mrn_engine.training.ensemble_calibration import (
     EnsembleCalibration,
     bundle_ensemble_calibration,
 )
+from mrn_engine.training.reference_slices import load_reference_slices
 
 __all__ = ["CasePrediction", "MRNPredictor", "ProgressFn", "Segmenter"]
 
@@ -210,6 +211,7 @@ class MRNPredictor:
         calibration: Mapping[int, Calibration] | None = None,
         site_adaptation: SiteAdaptation | str | os.PathLike | None = None,
         ensemble_calibration: EnsembleCalibration | None = None,
+        reference_slices: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         self.config = config
         self.bundle = bundle
@@ -241,6 +243,14 @@ class MRNPredictor:
         #: the fold agreement that sharpens the ensemble P(PD) (None: plain mean); used only
         #: with the per-fold calibration it was measured on
         self.ensemble_calibration = ensemble_calibration if self.calibration else None
+        #: fold -> ROI -> (S, D) healthy reference slice tokens (``training/reference_slices``),
+        #: the baseline of per-slice evidence; empty: evidence leaves slices out instead
+        self.reference_slices = {int(k): dict(v) for k, v in (reference_slices or {}).items()}
+        if self.reference_slices and set(self.reference_slices) != set(self.folds):
+            raise WeightsError(
+                f"predictor: healthy reference for folds {sorted(self.reference_slices)}, "
+                f"weights for {self.folds}"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -274,7 +284,9 @@ class MRNPredictor:
         P(PD) is calibrated when every chosen fold has ``fold_k/calibration.json``; older
         bundles load uncalibrated (``predictor.calibrated`` is False). With
         ``ensemble_calibration.json`` too, the folds' calibrated P(PD) are combined by
-        ``training.ensemble_calibration`` instead of their plain mean.
+        ``training.ensemble_calibration`` instead of their plain mean. With
+        ``fold_k/reference_slices.safetensors`` in every chosen fold, per-slice evidence is
+        measured against the healthy reference (``inference/evidence.py``).
         """
         bundle = open_bundle(path)
         chosen = bundle.folds if folds is None else sorted({int(k) for k in folds})
@@ -309,6 +321,7 @@ class MRNPredictor:
             calibration=load_calibrations(bundle.root, chosen),
             site_adaptation=site_adaptation,
             ensemble_calibration=ensemble,
+            reference_slices=load_reference_slices(bundle.root, chosen),
         )
 
     # ------------------------------------------------------------------ read-only views

@@ -14,7 +14,15 @@ Definitions, per case (batch row), ROI ``r`` and slice ``s``:
 - ``attention[r][s]``: the SFA ROI token's attention on slice ``s`` in the last SFA block,
   averaged over heads (the remaining mass is on the ROI token itself).
 
-A masked ROI's token is its empty-volume token whatever its slices: its evidence is 0.
+With a **healthy reference** (``reference``: ROI -> (S, D) tokens, the mean slice token of
+healthy training cases at each position, ``training/reference_slices.py``) slice ``s`` is not
+left out but **replaced** by its reference token, every slice still attended:
+
+- ``p_without[r][s]``: P(PD) with slice ``s`` of ROI ``r`` looking healthy;
+- ``evidence[r][s] = p_full - p_without[r][s]``: what this slice's departure from healthy adds.
+
+A case whose slice tokens equal the reference has evidence 0 everywhere. A masked ROI's token
+is its empty-volume token whatever its slices: its evidence is 0.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class SliceEvidence:
     evidence: ROI name -> (B, S) ``p_full - p_without`` (PD-ward > 0, HC-ward < 0).
     attention: ROI name -> (B, S) SFA ROI-token attention on each slice (last block).
     masked: ROIs replaced by their empty-volume token (their evidence is 0).
+    method: ``"reference"`` (slice replaced by its healthy reference) or ``"leave-out"``.
     """
 
     p_full: torch.Tensor
@@ -48,6 +57,7 @@ class SliceEvidence:
     evidence: dict[str, torch.Tensor]
     attention: dict[str, torch.Tensor]
     masked: frozenset[str]
+    method: str = "leave-out"
 
 
 def _res(model: nn.Module) -> nn.Module:
@@ -118,8 +128,9 @@ def slice_evidence(
     slice_tokens: Mapping[str, torch.Tensor],
     masked: Iterable[str] = (),
     empty: Mapping[str, torch.Tensor] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
 ) -> SliceEvidence:
-    """Leave-one-slice-out P(PD) for every ROI and slice, from cached SFA inputs.
+    """P(PD) with each ROI slice left out (or made healthy), from cached SFA inputs.
 
     Parameters
     ----------
@@ -129,6 +140,8 @@ def slice_evidence(
     empty: ROI name -> (1, D) empty-volume tokens already computed for these weights (e.g. the
         predictor's masking cache): used instead of ``model.empty_token``, which would run the
         ROI encoder again after a fold swap.
+    reference: ROI name -> (S, D) healthy reference tokens of these weights: replace each
+        slice by its reference instead of leaving it out (module docstring).
 
     Cost: per ROI one SFA pass over B*S masked copies and B*S head passes; no backbone.
     """
@@ -140,6 +153,8 @@ def slice_evidence(
             f"slice evidence: unknown masked ROI(s) {sorted(unknown)} / missing slice tokens "
             f"{missing}; ROIs are {list(ROI_NAMES)}"
         )
+    if reference is not None:
+        check_reference(reference, slice_tokens)
     with torch.inference_mode():
         batch = next(iter(slice_tokens.values())).shape[0]
 
@@ -158,14 +173,36 @@ def slice_evidence(
             t = slice_tokens[name]
             b, s, d = t.shape
             attention[name] = roi_attention(model, t).float()
-            if name in masked or s < 2:  # empty token, or nothing would be left: no evidence
+            if name in masked or (reference is None and s < 2):  # no evidence
                 p_without[name] = p_full[:, None].expand(b, s).clone()
             else:
-                keep = ~torch.eye(s, dtype=torch.bool, device=t.device)  # row j: all but slice j
-                keep = keep[None].expand(b, s, s).reshape(b * s, s)
-                pooled = pool_slices(model, t.repeat_interleave(s, dim=0), keep)  # (B*S, D)
+                if reference is not None:  # row j: slice j replaced by its reference token
+                    ref = reference[name].to(device=t.device, dtype=t.dtype)
+                    copies = t[:, None].expand(b, s, s, d).clone()
+                    idx = torch.arange(s, device=t.device)
+                    copies[:, idx, idx] = ref
+                    pooled = pool_slices(model, copies.reshape(b * s, s, d))
+                else:  # row j: all but slice j
+                    keep = ~torch.eye(s, dtype=torch.bool, device=t.device)
+                    keep = keep[None].expand(b, s, s).reshape(b * s, s)
+                    pooled = pool_slices(model, t.repeat_interleave(s, dim=0), keep)  # (B*S, D)
                 toks = {n: base[n].repeat_interleave(s, dim=0) for n in ROI_NAMES}
                 toks[name] = pooled
                 p_without[name] = _p_pd(model, toks).reshape(b, s)
             evidence[name] = p_full[:, None] - p_without[name]
-    return SliceEvidence(p_full, p_without, evidence, attention, masked)
+    method = "leave-out" if reference is None else "reference"
+    return SliceEvidence(p_full, p_without, evidence, attention, masked, method)
+
+
+def check_reference(
+    reference: Mapping[str, torch.Tensor], slice_tokens: Mapping[str, torch.Tensor]
+) -> None:
+    """``InputDataError`` unless every ROI has a reference of shape (S, D) of its slice tokens."""
+    for name, t in slice_tokens.items():
+        ref = reference.get(name)
+        if ref is None or tuple(ref.shape) != tuple(t.shape[1:]):
+            got = "none" if ref is None else tuple(ref.shape)
+            raise InputDataError(
+                f"slice evidence: the healthy reference of ROI {name} has shape {got}, the "
+                f"slice tokens (S, D) = {tuple(t.shape[1:])}; refit it for these weights"
+            )

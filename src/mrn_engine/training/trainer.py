@@ -66,6 +66,7 @@ from mrn_engine.training.checkpoint import (
 from mrn_engine.training.dataset import RoiStackDataset, make_loader
 from mrn_engine.training.head_norm import recalibrate_head_norm
 from mrn_engine.training.optim import build_optimizer
+from mrn_engine.training.reference_slices import fit_reference_slices, write_reference_slices
 
 METRIC_FIELDS = (
     "epoch",
@@ -381,6 +382,10 @@ def train_fold(
         if oof:  # per-fold temperature on its own out-of-fold cases (training/calibration.py)
             calibrate_fold_dir(out_dir, oof, fold)
         student = objective.student
+        # the training controls' mean slice tokens: the baseline of per-slice evidence
+        reference = fit_reference_slices(student, train_ds, device=device)
+        if reference is not None:
+            write_reference_slices(out_dir, *reference)
         if hasattr(student, "weights_provenance") and hasattr(student, "arch"):
             # provenance (backbone weights file, sha256) in the safetensors metadata
             save_model(student, out_dir / WEIGHTS_FILE, cfg)
