@@ -362,6 +362,9 @@ def test_full_run_on_sample_case(panel, qtbot, tmp_path, tiny_bundle, monkeypatc
         assert layer.contrast_limits[0] == -lim and lim >= np.abs(layer.data).max() - 1e-7
     assert evidence_layers["QSM"].visible
     assert set(widget.results.evidence_plot.bars) == set(ROI_NAMES)
+    from napari_mrn._result import LEAVE_OUT_EVIDENCE  # this bundle has no healthy reference
+
+    assert ev.method == "leave-out" and widget.results.evidence_note.text() == LEAVE_OUT_EVIDENCE
     assert viewer.layers.selection.active is nuclei
 
     def box_region(name: str) -> np.ndarray:
@@ -616,6 +619,30 @@ def test_bad_site_file_is_a_message_naming_the_file(panel, qtbot, tmp_path, tiny
     assert widget.session.result is None and widget.run_button.isEnabled()
     widget.model.site_edit.setText("")
     assert widget.model.key().site is None
+
+
+def test_bundle_with_healthy_reference_shows_evidence_against_it(panel, qtbot, tmp_path):
+    import torch
+
+    from mrn_engine import get_preset
+    from mrn_engine.training.reference_slices import write_reference_slices
+
+    viewer, widget = panel
+    viewer.open(str(write_case(tmp_path)), plugin="napari-mrn")
+    bundle = make_tiny_bundle(tmp_path / "ref")
+    cfg = get_preset("cpu-tiny")
+    for k in range(2):  # a reference far from this case: evidence everywhere
+        refs = {n: torch.full((s, cfg.model.embed_dim), 3.0) for n, s in cfg.roi.slices.items()}
+        write_reference_slices(bundle / f"fold_{k}", refs, ["HC_1"])
+    widget.set_bundle(bundle)
+    widget.model.device_combo.setCurrentText("cpu")
+    assert widget.run() is not None
+    wait_done(qtbot, widget)
+    ev = widget.session.evidence
+    assert ev is not None and ev.method == "reference", widget.status.text()
+    assert not widget.results.evidence_note.isVisibleTo(widget)
+    assert "healthy reference" in widget.results.evidence_plot.toolTip()
+    assert max(np.abs(ev.evidence[n]).max() for n in ROI_NAMES) > 0
 
 
 def test_baseline_bundle_runs_without_evidence(panel, qtbot, tmp_path):

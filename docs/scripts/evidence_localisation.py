@@ -1,10 +1,12 @@
 """Do the top-evidence slices fall where the phantom's PD effect sits? (+ captum comparison)
 
-    python docs/scripts/evidence_localisation.py BUNDLE HELDOUT OUT.json [--ig-steps 16] [--controls]
+    python docs/scripts/evidence_localisation.py BUNDLE HELDOUT OUT.json [--ig-steps 16]
+        [--controls] [--hc] [--method auto|reference|leave-out]
 
-For every held-out PD phantom that the bundle calls PD, per-slice evidence (leave-one-slice-out
-of SFA, ``inference/evidence.py``) of the ROI that holds each PD effect of the generator
-(``phantom/case.py``):
+For every held-out PD phantom that the bundle calls PD, per-slice evidence
+(``inference/evidence.py``: each slice replaced by the fold's healthy reference when the bundle
+has one, else left out of SFA; ``--method`` forces one) of the ROI that holds each PD effect of
+the generator (``phantom/case.py``):
 
 - ``nm_sn``: NM depigmentation of the **lateral/posterior SNc**. The generator removes pigment
   ``loss * w`` with ``w`` growing laterally and posteriorly inside the SN (0.55 lateral + 0.45
@@ -40,6 +42,11 @@ A stack slice stands for the source slices that paste-back maps to it. Measures 
    on itself.)
 6. ``occlusion``: exact, a full forward per slice: ``P(PD) - P(PD with that slice's image set
    to pad_value)``; its hit share, Spearman with the effect amount and with the evidence.
+
+``--hc``: the held-out controls that the bundle calls HC too (no controls / IG for them):
+per ROI their top slice's hit share and the mean of their largest and of their summed
+evidence, beside the same for the PD cases. A measure that reads disease should give controls
+little PD-ward evidence; a measure that only tracks where cases vary would hit as often.
 
 ``--ig-steps N`` (N > 0, needs captum): integrated gradients (captum, all-zero baseline = an
 empty ROI, N steps, on the PD-HC logit, mean over folds) summed per slice, and its Spearman
@@ -152,6 +159,41 @@ def control_evidence(predictor, pred_inputs, crops, roi: str, cache: dict) -> di
             _calibrated(predictor, k, np.array([p_full])) - _calibrated(predictor, k, p_occ)
         )
     return {"control": np.mean(control, axis=0), "occlusion": np.mean(occlusion, axis=0)}
+
+
+def hc_row(case, pred, ev) -> dict:
+    """A control's top slice per effect ROI: does it hold the nucleus; its largest and summed
+    evidence (real slices only)."""
+    row = {"case_id": case.case_id, "rois": {}}
+    for roi in EFFECT_ROIS:
+        holds, amount = effect_per_slice(case, pred.crops[roi], roi)
+        real = ~np.isnan(amount)
+        e = ev.evidence[roi][real]
+        row["rois"][roi] = {
+            "hit": bool(holds[real][int(np.argmax(e))]),
+            "top": float(e.max()),
+            "total": float(e.sum()),
+        }
+    return row
+
+
+def hc_summary(controls: list[dict], cases: list[dict]) -> dict[str, dict]:
+    """Per effect ROI: controls' hit share and mean top / summed evidence, beside the PD cases'."""
+    out = {}
+    for roi in EFFECT_ROIS:
+        pd_ev = [np.asarray(c["rois"][roi]["evidence"]) for c in cases]
+        hc = [c["rois"][roi] for c in controls]
+        out[roi] = {
+            "hc_n": len(hc),
+            "hc_hit_share": float(np.mean([r["hit"] for r in hc])) if hc else float("nan"),
+            "hc_top_evidence_mean": float(np.mean([r["top"] for r in hc])) if hc else float("nan"),
+            "hc_total_evidence_mean": float(np.mean([r["total"] for r in hc]))
+            if hc
+            else float("nan"),
+            "pd_top_evidence_mean": float(np.mean([e.max() for e in pd_ev])),
+            "pd_total_evidence_mean": float(np.mean([e.sum() for e in pd_ev])),
+        }
+    return out
 
 
 def _cpu() -> str:
@@ -276,6 +318,8 @@ def main() -> None:
         "--controls", action="store_true", help="content-free control and exact occlusion (5-6)"
     )
     ap.add_argument("--limit", type=int, default=0, help="stop after this many PD cases (tests)")
+    ap.add_argument("--hc", action="store_true", help="also the held-out HC called HC")
+    ap.add_argument("--method", default="auto", choices=("auto", "reference", "leave-out"))
     ap.add_argument(
         "--resummarise", action="store_true", help="recompute the summary of an existing OUT.json"
     )
@@ -298,16 +342,21 @@ def main() -> None:
     labels = find_labels(a.heldout)
     cases, t0 = [], time.perf_counter()
     control_cache: dict = {}
-    n_pd = 0
+    n_pd, n_hc, methods, controls_hc = 0, 0, set(), []
     for cf in discover_cases(a.heldout):
-        if labels.get(cf.case_id) != 1 or (a.limit and n_pd >= a.limit):
+        y = labels.get(cf.case_id)
+        if y not in ((0, 1) if a.hc else (1,)) or (y == 1 and a.limit and n_pd >= a.limit):
             continue
-        n_pd += 1
-        case = load_case(cf, label=1)
+        n_pd, n_hc = n_pd + (y == 1), n_hc + (y == 0)
+        case = load_case(cf, label=y)
         pred = predictor.predict_case(case, keep_slice_tokens=True, nuclei=False)
-        if pred.call != 1:
+        if pred.call != y:
             continue
-        ev = case_evidence(predictor, pred)
+        ev = case_evidence(predictor, pred, method=a.method)
+        methods.add(ev.method)
+        if y == 0:
+            controls_hc.append(hc_row(case, pred, ev))
+            continue
         inputs = None
         if a.ig_steps > 0 or a.controls:
             inputs = {
@@ -358,11 +407,16 @@ def main() -> None:
         print(cf.case_id, {k: (v["hit"], round(v["chance"], 2)) for k, v in row["rois"].items()})
 
     summary = summarise(cases, a.ig_steps > 0)
+    if a.hc:
+        summary["hc_vs_pd"] = hc_summary(controls_hc, cases)
     result = {
         "bundle": a.bundle,
         "heldout": a.heldout,
+        "method": sorted(methods),
         "held_out_pd": n_pd,
         "pd_called_pd": len(cases),
+        "held_out_hc": n_hc,
+        "hc_called_hc": len(controls_hc),
         "ig_steps": a.ig_steps,
         "controls": a.controls,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -31,6 +31,11 @@ CALL_COLOURS: dict[int, str] = {1: "#ff6b6b", 0: "#6bb5ff"}
 FLAG_COLOURS: dict[bool, str] = {True: "#ffb000", False: "#7bd88f"}  #: uncertain / confident
 UNCALIBRATED = "uncalibrated bundle (trained before calibration; run `mrn calibrate BUNDLE`)"
 NO_EVIDENCE = "No per-slice evidence: the model has no MRN slice tokens (baseline)."
+#: shown under the slice plot when the bundle has no healthy reference (trained before it)
+LEAVE_OUT_EVIDENCE = (
+    "Evidence leaves each slice out (this bundle has no healthy reference; add it with "
+    "`mrn calibrate BUNDLE --reference-cases ROOT`)."
+)
 
 
 def uncertainty_text(u: Uncertainty) -> str:
@@ -214,5 +219,10 @@ class ResultWidget(QWidget):
     def show_evidence(self, evidence: CaseEvidence | None) -> None:
         """Redraw the per-slice plot (``None``: the model gives no evidence)."""
         self.evidence_plot.show_evidence(evidence)
-        self.evidence_note.setText("" if evidence is not None else NO_EVIDENCE)
-        self.evidence_note.setVisible(evidence is None)
+        if evidence is None:
+            note = NO_EVIDENCE
+        else:
+            note = LEAVE_OUT_EVIDENCE if evidence.method == "leave-out" else ""
+            self.evidence_plot.setToolTip(evidence.definition)
+        self.evidence_note.setText(note)
+        self.evidence_note.setVisible(bool(note))
