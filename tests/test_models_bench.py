@@ -21,6 +21,7 @@ RATIOS = {
     "forward_over_dinov2": ("forward_s", "dinov2_s"),
     "masking16_over_forward": ("masking16_s", "forward_s"),
     "explain_over_forward": ("explain_s", "forward_s"),  # per-slice evidence (issue 15)
+    "explain_leave_out_over_forward": ("explain_leave_out_s", "forward_s"),
     "explain_over_forward_flops": ("explain_GFLOP", "forward_GFLOP"),
 }
 

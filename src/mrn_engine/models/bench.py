@@ -227,16 +227,27 @@ def bench_model(
             )
 
     if "explain" in parts and cfg.model.arch == "mrn" and not cfg.model.dinov2_only:
+        with torch.no_grad(), amp, capture_slice_tokens(model) as first:
+            model(one["images"], masks)
+        # a healthy reference of the right shape (S, D) per ROI: the cost does not depend on it
+        reference = {n: t[0].float() for n, t in first.items()}
 
-        def explain() -> None:  # the prediction forward + per-slice evidence, no 2nd backbone pass
+        def explain(reference: dict | None = reference) -> None:
+            # the prediction forward + per-slice evidence, no 2nd backbone pass
             with torch.no_grad(), amp, capture_slice_tokens(model) as store:
                 model(one["images"], masks)
-            slice_evidence(model, store)
+            slice_evidence(model, store, reference=reference)
 
-        log("forward + per-slice evidence ...")
+        log("forward + per-slice evidence (healthy reference, and leave-out) ...")
         result["explain_s"], _ = _measure(explain, dev, repeats, memory=False)
+        result["explain_leave_out_s"], _ = _measure(
+            lambda: explain(None), dev, repeats, memory=False
+        )
         if "forward_s" in result:
             result["explain_over_forward"] = result["explain_s"] / result["forward_s"]
+            result["explain_leave_out_over_forward"] = (
+                result["explain_leave_out_s"] / result["forward_s"]
+            )
         if "forward_GFLOP" in result:
             result["explain_GFLOP"] = _gflop(explain)
             result["explain_over_forward_flops"] = result["explain_GFLOP"] / result["forward_GFLOP"]

@@ -111,11 +111,20 @@ def pool_slices(model: nn.Module, slice_tokens: torch.Tensor, keep: torch.Tensor
 
 def roi_attention(model: nn.Module, slice_tokens: torch.Tensor) -> torch.Tensor:
     """(B, S) ROI-token attention on the slices in the last SFA block (uniform without SFA)."""
+    return pool_with_attention(model, slice_tokens)[1]
+
+
+def pool_with_attention(
+    model: nn.Module, slice_tokens: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pool_slices` and the (B, S) last-block ROI-token attention, in one SFA pass."""
     res = _res(model)
     if res.sfa is None or not len(res.sfa.blocks):
         b, s = slice_tokens.shape[:2]
-        return torch.full((b, s), 1.0 / s, device=slice_tokens.device)
-    return res.sfa.roi_attention(slice_tokens)[-1][:, 1:]
+        uniform = torch.full((b, s), 1.0 / s, device=slice_tokens.device)
+        return pool_slices(model, slice_tokens, keep), uniform
+    token, rows = res.sfa.forward_with_attention(slice_tokens, keep)
+    return token, rows[-1][:, 1:]
 
 
 def _p_pd(model: nn.Module, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -143,7 +152,8 @@ def slice_evidence(
     reference: ROI name -> (S, D) healthy reference tokens of these weights: replace each
         slice by its reference instead of leaving it out (module docstring).
 
-    Cost: per ROI one SFA pass over B*S masked copies and B*S head passes; no backbone.
+    Cost: per ROI one SFA pass over the case and its B*S copies, one head pass over all
+    copies; no backbone.
     """
     masked = frozenset(masked)
     unknown = masked - set(ROI_NAMES)
@@ -163,32 +173,53 @@ def slice_evidence(
                 return empty[n].to(device=like.device, dtype=like.dtype).expand(batch, -1)
             return model.empty_token(n, batch)
 
-        base = {
-            n: (empty_token(n, t) if n in masked else pool_slices(model, t))
-            for n, t in slice_tokens.items()
-        }
-        p_full = _p_pd(model, base)
-        p_without, evidence, attention = {}, {}, {}
+        # per ROI one SFA pass: the case's own row(s), then one copy per slice with that slice
+        # replaced by its reference (or left out by the key mask)
+        pooled, attention, sizes = {}, {}, {}
         for name in ROI_NAMES:
             t = slice_tokens[name]
             b, s, d = t.shape
-            attention[name] = roi_attention(model, t).float()
-            if name in masked or (reference is None and s < 2):  # no evidence
-                p_without[name] = p_full[:, None].expand(b, s).clone()
-            else:
-                if reference is not None:  # row j: slice j replaced by its reference token
-                    ref = reference[name].to(device=t.device, dtype=t.dtype)
+            rows, keep = [t], None
+            if name not in masked and (reference is not None or s > 1):
+                sizes[name] = s
+                if reference is not None:  # copy j: slice j replaced by its reference token
                     copies = t[:, None].expand(b, s, s, d).clone()
                     idx = torch.arange(s, device=t.device)
-                    copies[:, idx, idx] = ref
-                    pooled = pool_slices(model, copies.reshape(b * s, s, d))
-                else:  # row j: all but slice j
-                    keep = ~torch.eye(s, dtype=torch.bool, device=t.device)
-                    keep = keep[None].expand(b, s, s).reshape(b * s, s)
-                    pooled = pool_slices(model, t.repeat_interleave(s, dim=0), keep)  # (B*S, D)
-                toks = {n: base[n].repeat_interleave(s, dim=0) for n in ROI_NAMES}
-                toks[name] = pooled
-                p_without[name] = _p_pd(model, toks).reshape(b, s)
+                    copies[:, idx, idx] = reference[name].to(device=t.device, dtype=t.dtype)
+                    rows.append(copies.reshape(b * s, s, d))
+                else:  # copy j: all but slice j
+                    drop = ~torch.eye(s, dtype=torch.bool, device=t.device)
+                    keep = torch.cat(
+                        [torch.ones(b, s, dtype=torch.bool, device=t.device), drop.repeat(b, 1)]
+                    )
+                    rows.append(t.repeat_interleave(s, dim=0))
+            token, att = pool_with_attention(model, torch.cat(rows), keep)
+            pooled[name] = token
+            attention[name] = att[:b].float()
+        base = {
+            n: (empty_token(n, slice_tokens[n]) if n in masked else pooled[n][:batch])
+            for n in ROI_NAMES
+        }
+        p_full = _p_pd(model, base)
+        p_without, evidence = {}, {}
+        if sizes:  # one head pass for every ROI's copies, the other ROIs at their own token
+            toks = {
+                n: torch.cat(
+                    [
+                        pooled[n][batch:] if n == r else base[n].repeat_interleave(k, dim=0)
+                        for r, k in sizes.items()
+                    ]
+                )
+                for n in ROI_NAMES
+            }
+            p_copies = _p_pd(model, toks).split([batch * k for k in sizes.values()])
+            p_without = {
+                r: p.reshape(batch, k) for (r, k), p in zip(sizes.items(), p_copies, strict=True)
+            }
+        for name in ROI_NAMES:
+            if name not in p_without:  # masked (empty token) or nothing to leave out
+                s = slice_tokens[name].shape[1]
+                p_without[name] = p_full[:, None].expand(batch, s).clone()
             evidence[name] = p_full[:, None] - p_without[name]
     method = "leave-out" if reference is None else "reference"
     return SliceEvidence(p_full, p_without, evidence, attention, masked, method)

@@ -49,6 +49,12 @@ class SFA(nn.Module):
 
         Returns (L_SFA, B, 1+S): row ``l`` = softmax(q_roi k^T / sqrt(d)) of block ``l``.
         """
+        return self.forward_with_attention(slice_tokens, keep)[1]
+
+    def forward_with_attention(
+        self, slice_tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` and :meth:`roi_attention` in one pass: ((B, D), (L_SFA, B, 1+S))."""
         x = torch.cat([self.roi_token.expand(slice_tokens.shape[0], -1, -1), slice_tokens], dim=1)
         mask = self.key_mask(keep, x)
         rows = []
@@ -64,4 +70,4 @@ class SFA(nn.Module):
                 logits = logits.masked_fill(~mask, float("-inf"))
             rows.append(logits.softmax(dim=-1).mean(dim=1)[:, 0])
             x = block(x) if mask is None else block(x, attn_mask=mask)
-        return torch.stack(rows)
+        return self.norm(x[:, 0]), torch.stack(rows)
