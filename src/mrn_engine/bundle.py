@@ -7,7 +7,8 @@ Layout::
     BUNDLE/.bundle.lock               lock of parallel ``--fold`` processes
     BUNDLE/fold_k/model.safetensors   the fold's student weights
     BUNDLE/fold_k/config.json, metrics.csv, oof.csv (case_id,label,p_pd,fold), optimizer.pt,
-                  done.json, checkpoints/
+                  done.json, checkpoints/, calibration.json, anchor_controls.safetensors,
+                  reference_slices.safetensors (healthy reference of per-slice evidence)
     BUNDLE/nnunet/                    optional nnU-Net NM/QSM models
 
 ``mrn demo`` records where its bundle went in ``$MRN_CACHE_DIR/last_demo_bundle.json``
