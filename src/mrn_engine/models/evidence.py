@@ -132,6 +132,23 @@ def _p_pd(model: nn.Module, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)[:, 1]
 
 
+def with_slice_copies(
+    t: torch.Tensor, reference: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B + B*S, S, D)`` rows: the case ``t`` (B, S, D), then per case one copy per slice ``j``
+    with slice ``j`` replaced by ``reference[j]`` (``reference`` (S, D)); without a reference
+    the copies are the case again and the returned key mask leaves slice ``j`` out."""
+    b, s, d = t.shape
+    if reference is not None:
+        copies = t[:, None].expand(b, s, s, d).clone()
+        idx = torch.arange(s, device=t.device)
+        copies[:, idx, idx] = reference.to(device=t.device, dtype=t.dtype)
+        return torch.cat([t, copies.reshape(b * s, s, d)]), None
+    drop = ~torch.eye(s, dtype=torch.bool, device=t.device)
+    keep = torch.cat([torch.ones(b, s, dtype=torch.bool, device=t.device), drop.repeat(b, 1)])
+    return torch.cat([t, t.repeat_interleave(s, dim=0)]), keep
+
+
 def slice_evidence(
     model: nn.Module,
     slice_tokens: Mapping[str, torch.Tensor],
@@ -178,24 +195,13 @@ def slice_evidence(
         pooled, attention, sizes = {}, {}, {}
         for name in ROI_NAMES:
             t = slice_tokens[name]
-            b, s, d = t.shape
-            rows, keep = [t], None
-            if name not in masked and (reference is not None or s > 1):
-                sizes[name] = s
-                if reference is not None:  # copy j: slice j replaced by its reference token
-                    copies = t[:, None].expand(b, s, s, d).clone()
-                    idx = torch.arange(s, device=t.device)
-                    copies[:, idx, idx] = reference[name].to(device=t.device, dtype=t.dtype)
-                    rows.append(copies.reshape(b * s, s, d))
-                else:  # copy j: all but slice j
-                    drop = ~torch.eye(s, dtype=torch.bool, device=t.device)
-                    keep = torch.cat(
-                        [torch.ones(b, s, dtype=torch.bool, device=t.device), drop.repeat(b, 1)]
-                    )
-                    rows.append(t.repeat_interleave(s, dim=0))
-            token, att = pool_with_attention(model, torch.cat(rows), keep)
+            x, keep = t, None
+            if name not in masked and (reference is not None or t.shape[1] > 1):
+                sizes[name] = t.shape[1]
+                x, keep = with_slice_copies(t, None if reference is None else reference[name])
+            token, att = pool_with_attention(model, x, keep)
             pooled[name] = token
-            attention[name] = att[:b].float()
+            attention[name] = att[:batch].float()
         base = {
             n: (empty_token(n, slice_tokens[n]) if n in masked else pooled[n][:batch])
             for n in ROI_NAMES
