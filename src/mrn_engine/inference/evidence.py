@@ -1,14 +1,16 @@
 """Per-slice evidence of a predicted case: fold ensemble, calibration, maps on the source grid.
 
 ``predictor.predict_case(case, keep_slice_tokens=True)`` keeps every fold's SFA inputs (the
-slice tokens after FFA); :func:`case_evidence` then runs, per fold, only SFA with one slice
-left out at a time and the classification head (``models/evidence.py``) -- no backbone pass.
-Per fold the views (TTA) are averaged and the fold's calibration applied, like ``p_pd``; the
-ensemble is the mean over folds. ``evidence = P(PD) - P(PD with the slice made healthy)``:
-> 0 the slice pushes towards PD, < 0 towards HC. "Made healthy" replaces the slice token by the
-fold's healthy reference (``training/reference_slices.py``) when the bundle has one (method
-``"reference"``); older bundles leave the slice out of SFA instead (``"leave-out"``). :func:`evidence_volume` paints each slice's value over its
-ROI box in the source volume (the slice-to-z mapping of ``rois.paste_back``).
+slice tokens after FFA); :func:`case_evidence` then runs, per fold, only SFA over copies of the
+case with one slice changed at a time and the classification head (``models/evidence.py``) --
+no backbone pass. Per fold the views (TTA) are averaged and the fold's calibration applied,
+like ``p_pd``; the ensemble is the mean over folds.
+``evidence = P(PD) - P(PD with the slice made healthy)``: > 0 the slice pushes towards PD,
+< 0 towards HC. "Made healthy" replaces the slice token by the fold's healthy reference
+(``training/reference_slices.py``) when the bundle has one (method ``"reference"``); older
+bundles leave the slice out of SFA instead (``"leave-out"``). :func:`evidence_volume` paints
+each slice's value over its ROI box in the source volume (the slice-to-z mapping of
+``rois.paste_back``).
 """
 
 from __future__ import annotations
