@@ -44,6 +44,10 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     # the fold agreement measured on 10 unlabelled cases (their label files removed)
     assert summary["ensemble_calibration"]["n_cases"] == 10
     assert (out / "bundle" / "ensemble_calibration.json").is_file()
+    # every fold carries the healthy reference of per-slice evidence
+    assert all(
+        (out / "bundle" / f"fold_{k}" / "reference_slices.safetensors").is_file() for k in (0, 1)
+    )
     assert not list((out / "unlabeled").glob("*.csv"))
     assert 0.5 <= summary["oracle"]["population"] <= 1.0
     # the ViT was AnatCL-pretrained on the 8 labelled (labels unread) + 10 unlabelled images,
