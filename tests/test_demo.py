@@ -31,7 +31,9 @@ def demo_cache(tmp_path, monkeypatch):
 def test_demo_quick_end_to_end(tmp_path, demo_cache):
     from mrn_engine.bundle import last_demo_bundle
     from mrn_engine.cli import cli
+    from mrn_engine.errors import InputDataError
     from mrn_engine.inference import open_bundle
+    from mrn_engine.workflows.ensemble_calibration import calibrate_ensemble
 
     out = tmp_path / "demo"
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--threads", "1", "--quiet"])
@@ -41,8 +43,11 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     assert summary["sizes"]["folds"] == 2
     assert summary["heldout"]["n"] == summary["sizes"]["heldout"] == 4
     assert summary["oof"]["n"] == summary["sizes"]["cases"] == 8
-    # the fold agreement measured on 10 unlabelled cases (their label files removed)
+    # the fold agreement measured on 10 unlabelled cases (their label files removed) that the
+    # AnatCL pretraining never saw: on its own pool the folds agree more than on new cases
     assert summary["ensemble_calibration"]["n_cases"] == 10
+    assert summary["ensemble_calibration"]["cases"] == str(out / "calibration")
+    assert not list((out / "calibration").glob("*.csv"))
     assert (out / "bundle" / "ensemble_calibration.json").is_file()
     # every fold carries the healthy reference of per-slice evidence
     assert all(
@@ -58,6 +63,9 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     info = json.loads((out / "bundle" / "bundle.json").read_text())
     assert info["weights_provenance"]["sha256"] == card["weights_sha256"]
     assert card["data"]["labels_read"] is False
+    assert str(out / "calibration") not in card["data"]["roots"]
+    with pytest.raises(InputDataError, match="10 case.s. the backbone was pretrained on left out"):
+        calibrate_ensemble(out / "bundle", out / "unlabeled", device="cpu")  # its pool: refused
     bundle = open_bundle(out / "bundle")
     assert bundle.folds == [0, 1]
     # the bundle's place is recorded for napari-mrn (which offers it first)

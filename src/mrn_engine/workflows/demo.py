@@ -7,7 +7,9 @@
    ``mrn pretrain`` does; ``anatcl_epochs=0`` keeps the random init;
 3. train the ``cpu-tiny`` k-fold ensemble from it into ``DIR/bundle`` (a bundle napari-mrn opens),
    measure the fold models' agreement on ``DIR/unlabeled`` (seed + 50 000, label files removed)
-   for the ensemble calibration (``mrn calibrate --unlabeled``), and record the bundle's path
+   for the ensemble calibration (``mrn calibrate --unlabeled``; with the AnatCL pretraining on
+   ``DIR/calibration`` instead, as many cases again, seed + 60 000, which the pretraining never
+   saw: the folds share that backbone and agree more on its pool), and record the bundle's path
    in ``$MRN_CACHE_DIR/last_demo_bundle.json`` (default ``~/.cache/mrn``), so the napari panel
    offers it wherever ``DIR`` is;
 4. score the fold ensemble on the held-out cases with ``MRNPredictor`` and run the ROI-masking
@@ -48,7 +50,8 @@ class DemoSize:
     folds: int
     pretrain_epochs: int
     epochs: int
-    #: unlabelled cases for the ensemble calibration (0: none; fewer than 10 cannot be used)
+    #: unlabelled cases for the ensemble calibration (0: none; fewer than 10 cannot be used);
+    #: with the AnatCL pretraining they join its pool and as many new ones calibrate
     unlabeled: int = 0
     #: AnatCL pretraining epochs of the ViT before training (0: random init)
     anatcl_epochs: int = 0
@@ -155,7 +158,7 @@ def run_demo(
 
     log(
         f"[1/5] phantom cohort: {size.cases} labelled + {size.heldout} held-out"
-        f" + {size.unlabeled} unlabelled cases -> {out}"
+        f" + {size.unlabeled * (2 if size.anatcl_epochs else 1)} unlabelled cases -> {out}"
     )
     labelled = generate_cohort(
         out / "cohort", n=size.cases, seed=seed, workers=workers, progress=progress
@@ -173,6 +176,17 @@ def run_demo(
         )
         for name in LABEL_FILES:
             (out / "unlabeled" / name).unlink(missing_ok=True)
+    calibration_root = out / ("calibration" if size.anatcl_epochs else "unlabeled")
+    if size.unlabeled and size.anatcl_epochs:  # cases the pretrained backbone never saw
+        generate_cohort(
+            calibration_root,
+            n=size.unlabeled,
+            seed=seed + 60_000,
+            workers=workers,
+            progress=progress,
+        )
+        for name in LABEL_FILES:
+            (calibration_root / name).unlink(missing_ok=True)
     times["phantom"] = time.perf_counter() - t0
 
     cfg = demo_config(size, seed)
@@ -192,7 +206,7 @@ def run_demo(
     ensemble = None
     if size.unlabeled:
         try:
-            ensemble = calibrate_ensemble(bundle, out / "unlabeled", device="cpu")
+            ensemble = calibrate_ensemble(bundle, calibration_root, device="cpu")
         except InputDataError as e:  # e.g. a fold model that did not learn: plain mean
             log(f"note: no ensemble calibration ({e})")
     if ensemble is not None:
@@ -226,6 +240,7 @@ def run_demo(
             "rho": ensemble.rho_measured,
             "factor": ensemble.factor(len(ensemble.folds)),
             "n_cases": ensemble.n_cases,
+            "cases": str(calibration_root),
         }
         if ensemble is not None
         else None,

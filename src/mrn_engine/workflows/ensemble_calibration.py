@@ -35,6 +35,27 @@ def _training_nm_hashes(bundle: Path) -> set[str] | None:
     return {file_sha256(f.nm) for f in discover_cases(root) if f.case_id in trained and f.nm}
 
 
+def _pretraining_nm_hashes(bundle: Path) -> set[str]:
+    """sha256 of the NM file of every case the bundle's backbone was pretrained on (``mrn
+    pretrain``'s card, ``data.roots``); empty when the backbone has no such card or its
+    folders are gone."""
+    info = json.loads((bundle / "bundle.json").read_text())
+    card_file = ((info.get("weights_provenance") or {}).get("card") or {}).get("file")
+    if not card_file or not Path(card_file).is_file():
+        return set()
+    try:
+        roots = json.loads(Path(card_file).read_text())["data"]["roots"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {
+        file_sha256(f.nm)
+        for root in roots
+        if Path(root).is_dir()
+        for f in discover_cases(root)
+        if f.nm is not None
+    }
+
+
 def calibrate_ensemble(
     bundle: str | os.PathLike,
     cases_root: str | os.PathLike,
@@ -51,7 +72,8 @@ def calibrate_ensemble(
     Raises
     ------
     InputDataError: the bundle is not calibrated per fold, or fewer than
-        ``training.ensemble_calibration.MIN_CASES`` unseen cases, or a degenerate fold.
+        ``training.ensemble_calibration.MIN_CASES`` unseen cases (neither trained on nor in
+        the backbone's AnatCL pretraining pool), or a degenerate fold.
     """
     bundle = Path(bundle)
     predictor = MRNPredictor.from_bundle(bundle, device=device)
@@ -65,15 +87,24 @@ def calibrate_ensemble(
             MRNWarning,
             stacklevel=2,
         )
-    rows, skipped = [], 0
+    # cases the shared pretrained backbone has seen: every fold agrees more on them than on
+    # new cases (docs/results.md, 2026-12-01), which would make the sharpening too weak
+    pretrained_on = _pretraining_nm_hashes(bundle)
+    rows, skipped, skipped_pre = [], 0, 0
     for files in discover_cases(cases_root):
-        if seen is not None and files.nm is not None and file_sha256(files.nm) in seen:
+        digest = file_sha256(files.nm) if files.nm is not None else None
+        if seen is not None and digest in seen:
             skipped += 1
+            continue
+        if digest in pretrained_on:
+            skipped_pre += 1
             continue
         rows.append(predictor.predict_case(load_case(files), nuclei=False).raw.p_pd_folds)
         if on_case is not None:
             on_case(files.case_id)
-    note = f" ({skipped} training case(s) left out)" if skipped else ""
+    left_out = [f"{skipped} training case(s)"] if skipped else []
+    left_out += [f"{skipped_pre} case(s) the backbone was pretrained on"] if skipped_pre else []
+    note = f" ({' and '.join(left_out)} left out)" if left_out else ""
     try:
         cal = fit_ensemble_calibration(
             np.asarray(rows).reshape(len(rows), len(predictor.folds)),
