@@ -45,21 +45,17 @@ def images(cfg, batch=2, seed=0):
     return {n: torch.rand(batch, k, s, s, generator=g) * 255 for n, k in cfg.roi.slices.items()}
 
 
-def p_with_slice_deleted(model, rois, roi, s):
-    """From scratch: full model forward; SFA of ROI ``roi`` gets its input without slice ``s``."""
+def p_with_sfa_input(model, rois, roi, change):
+    """From scratch: full model forward; SFA of ROI ``roi`` gets ``change(its input)``."""
     calls = {"n": 0}
-
-    def pre_hook(module, args):
-        calls["n"] += 1
-        x = args[0]
-        if current["roi"] != roi:
-            return None
-        return (torch.cat([x[:, :s], x[:, s + 1 :]], dim=1),)
-
     current = {"roi": None}
 
     def res_pre(module, args, kwargs):
         current["roi"] = args[1] if len(args) > 1 else kwargs["roi"]
+
+    def pre_hook(module, args):
+        calls["n"] += 1
+        return (change(args[0]),) if current["roi"] == roi else None
 
     h1 = model.res.sfa.register_forward_pre_hook(pre_hook)
     h2 = model.res.register_forward_pre_hook(res_pre, with_kwargs=True)
@@ -71,6 +67,22 @@ def p_with_slice_deleted(model, rois, roi, s):
         h2.remove()
     assert calls["n"] == len(ROI_NAMES)
     return torch.softmax(out.logits, dim=-1)[:, 1]
+
+
+def p_with_slice_deleted(model, rois, roi, s):
+    """From scratch: SFA of ROI ``roi`` gets its input without slice ``s``."""
+    return p_with_sfa_input(model, rois, roi, lambda x: torch.cat([x[:, :s], x[:, s + 1 :]], 1))
+
+
+def p_with_slice_replaced(model, rois, roi, s, token):
+    """From scratch: SFA of ROI ``roi`` gets its input with slice ``s`` set to ``token``."""
+
+    def replace(x):
+        x = x.clone()
+        x[:, s] = token
+        return x
+
+    return p_with_sfa_input(model, rois, roi, replace)
 
 
 def cached(model, rois):
@@ -183,31 +195,6 @@ def test_content_free_roi_has_evidence_from_removal_and_slice_position():
     same = slice_evidence(model, store).evidence["nm_sn"][0]
     torch.testing.assert_close(same, same[:1].expand_as(same), atol=1e-6, rtol=0)  # no profile
     assert same.abs().min() > 1e-4  # the removal offset stays
-
-
-def p_with_slice_replaced(model, rois, roi, s, token):
-    """From scratch: full model forward; SFA of ROI ``roi`` gets slice ``s`` as ``token``."""
-    current = {"roi": None}
-
-    def res_pre(module, args, kwargs):
-        current["roi"] = args[1] if len(args) > 1 else kwargs["roi"]
-
-    def pre_hook(module, args):
-        if current["roi"] != roi:
-            return None
-        x = args[0].clone()
-        x[:, s] = token
-        return (x,)
-
-    h1 = model.res.sfa.register_forward_pre_hook(pre_hook)
-    h2 = model.res.register_forward_pre_hook(res_pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = model(rois)
-    finally:
-        h1.remove()
-        h2.remove()
-    return torch.softmax(out.logits, dim=-1)[:, 1]
 
 
 def test_healthy_reference_replaces_the_slice_token():
