@@ -109,11 +109,6 @@ def pool_slices(model: nn.Module, slice_tokens: torch.Tensor, keep: torch.Tensor
     return (slice_tokens * w).sum(dim=1) / w.sum(dim=1)
 
 
-def roi_attention(model: nn.Module, slice_tokens: torch.Tensor) -> torch.Tensor:
-    """(B, S) ROI-token attention on the slices in the last SFA block (uniform without SFA)."""
-    return pool_with_attention(model, slice_tokens)[1]
-
-
 def pool_with_attention(
     model: nn.Module, slice_tokens: torch.Tensor, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

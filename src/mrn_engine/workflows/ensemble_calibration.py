@@ -25,14 +25,22 @@ from mrn_engine.training.ensemble_calibration import (
 )
 
 
+def _nm_hashes(root: str | os.PathLike, ids: set[str] | None = None) -> set[str]:
+    """sha256 of the NM file of every case under ``root`` (only ``ids`` when given)."""
+    return {
+        file_sha256(f.nm)
+        for f in discover_cases(root)
+        if f.nm is not None and (ids is None or f.case_id in ids)
+    }
+
+
 def _training_nm_hashes(bundle: Path) -> set[str] | None:
     """sha256 of the NM file of every case the bundle trained on (None: cohort not found)."""
     info = json.loads((bundle / "bundle.json").read_text())
     root = Path(info.get("cohort_root") or "")
     if not root.is_dir():
         return None
-    trained = set(info.get("labels", {}))
-    return {file_sha256(f.nm) for f in discover_cases(root) if f.case_id in trained and f.nm}
+    return _nm_hashes(root, set(info.get("labels", {})))
 
 
 def _pretraining_nm_hashes(bundle: Path) -> set[str]:
@@ -47,13 +55,7 @@ def _pretraining_nm_hashes(bundle: Path) -> set[str]:
         roots = json.loads(Path(card_file).read_text())["data"]["roots"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    return {
-        file_sha256(f.nm)
-        for root in roots
-        if Path(root).is_dir()
-        for f in discover_cases(root)
-        if f.nm is not None
-    }
+    return set().union(*(_nm_hashes(r) for r in roots if Path(r).is_dir()))
 
 
 def calibrate_ensemble(
