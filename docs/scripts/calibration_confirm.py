@@ -2,10 +2,12 @@
 
     python docs/scripts/calibration_confirm.py OLD_BUNDLE NEW_BUNDLE CASES [--csv RAW.csv]
 
-Used for docs/results.md "Ensemble calibration (2026-11-30)". ``OLD_BUNDLE`` and
+Used for docs/results.md "Ensemble calibration (2026-11-30)" and "Ensemble calibration on
+cases the pretraining never saw (2026-12-01)". ``OLD_BUNDLE`` and
 ``NEW_BUNDLE`` hold the same trained folds; they differ only in their calibration files. The
 raw fold P(PD) of every labelled case under ``CASES`` are predicted once (``MRNPredictor``;
-cached in ``--csv``). Both bundles' ``fold_k/calibration.json`` are then applied to them, and
+cached in ``--csv``; an existing cache is read instead, so the caches of several folders,
+concatenated, score them together). Both bundles' ``fold_k/calibration.json`` are then applied to them, and
 ``NEW_BUNDLE``'s ``ensemble_calibration.json`` too. Prints one Markdown row per variant: ECE,
 its noise floor (mean / 95th percentile), Brier, accuracy, AUC and the P(PD) range.
 """
@@ -71,6 +73,7 @@ def main() -> None:
     variants = (
         ("raw mean", raw.mean(axis=1)),
         ("old calibration, mean of folds", ensemble(args.old, raw, False)),
+        ("old calibration + its ensemble calibration", ensemble(args.old, raw, True)),
         ("new fit, mean of folds", ensemble(args.new, raw, False)),
         ("new fit + ensemble calibration", ensemble(args.new, raw, True)),
     )
