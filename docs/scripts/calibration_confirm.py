@@ -67,6 +67,13 @@ def main() -> None:
     ap.add_argument("new", type=Path)
     ap.add_argument("cases", type=Path)
     ap.add_argument("--csv", type=Path, help="cache of the raw fold P(PD)")
+    ap.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also: the fold logits' correlation rho on all cases and on 4000 random draws of "
+        "as many cases as each bundle's ensemble calibration used, and each calibrated fold's "
+        "calibration slope",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     y, raw = raw_folds(args.new, args.cases, args.csv)
@@ -86,6 +93,42 @@ def main() -> None:
             f"{brier_score(y, p):.3f} | {100 * np.mean((p >= 0.5) == y):.1f} % | "
             f"{roc_auc_score(y, p):.3f} | {p.min():.2f}-{p.max():.2f} |"
         )
+    if args.agreement:
+        agreement(args.old, args.new, y, raw)
+
+
+def agreement(old: Path, new: Path, y: np.ndarray, raw: np.ndarray) -> None:
+    """``rho`` of the calibrated fold logits here vs in each bundle's record; fold slopes."""
+    from sklearn.linear_model import LogisticRegression
+
+    cals = [read_calibration(new / f"fold_{k}") for k in range(raw.shape[1])]
+    p = np.clip(np.column_stack([c.apply(raw[:, k]) for k, c in enumerate(cals)]), 1e-6, 1 - 1e-6)
+    logits = np.log(p / (1 - p))
+
+    def rho(x: np.ndarray) -> float:
+        c = np.corrcoef(x.T)
+        k = x.shape[1]
+        return float((c.sum() - k) / (k * (k - 1)))
+
+    rng = np.random.default_rng(0)
+    print(f"\nrho on all {len(y)} cases: {rho(logits):.3f}")
+    for name, bundle in (("old", old), ("new", new)):
+        ens = read_ensemble_calibration(bundle)
+        if ens is None:
+            continue
+        draws = np.array(
+            [rho(logits[rng.choice(len(y), ens.n_cases, replace=False)]) for _ in range(4000)]
+        )
+        lo, mid, hi = np.percentile(draws, [2.5, 50, 97.5])
+        print(
+            f"{name}: rho {ens.rho_measured:.3f} on its {ens.n_cases} cases; draws of "
+            f"{ens.n_cases} here: median {mid:.3f} [{lo:.3f}, {hi:.3f}], "
+            f"share >= it {np.mean(draws >= ens.rho_measured):.4f}"
+        )
+    slopes = [
+        LogisticRegression(C=1e6).fit(logits[:, [k]], y).coef_[0, 0] for k in range(raw.shape[1])
+    ]
+    print("calibration slope of each calibrated fold:", " / ".join(f"{v:.2f}" for v in slopes))
 
 
 if __name__ == "__main__":
