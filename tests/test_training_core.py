@@ -271,7 +271,7 @@ def test_checkpoint_crash_leaves_no_partial_file(tmp_path, monkeypatch):
     # the same for a single weights file
     good = save_state_dict(net.state_dict(), tmp_path / "w.safetensors")
     before = good.read_bytes()
-    monkeypatch.setattr(ck, "save_file", lambda t, p: (Path(p).write_bytes(b"x"), 1 / 0))
+    monkeypatch.setattr(ck, "save_file", lambda t, p, **kw: (Path(p).write_bytes(b"x"), 1 / 0))
     with pytest.raises(ZeroDivisionError):
         save_state_dict({"a": torch.zeros(2)}, good)
     assert good.read_bytes() == before

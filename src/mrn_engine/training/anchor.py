@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mrn_engine.errors import WeightsError
-from mrn_engine.training.checkpoint import atomic_file
+from mrn_engine.training.checkpoint import save_state_dict
 
 ANCHOR_FILE = "anchor_controls.safetensors"
 
@@ -30,16 +30,8 @@ def write_anchor(
     if not ids:
         return None
     mean = torch.stack([patients[c].float() for c in ids]).mean(dim=0).contiguous()
-    path = Path(fold_dir) / ANCHOR_FILE
     meta = {"case_ids": json.dumps(ids)}
-
-    def save(tmp: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"mean": mean}, tmp, metadata=meta)
-
-    atomic_file(path, save)
-    return path
+    return save_state_dict({"mean": mean}, Path(fold_dir) / ANCHOR_FILE, meta)
 
 
 def read_anchor(fold_dir: str | os.PathLike) -> tuple[torch.Tensor, list[str]] | None:

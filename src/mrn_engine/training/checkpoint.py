@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,17 @@ def atomic_file(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write a ``state_dict`` as safetensors, atomically (shared storage is copied)."""
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a ``state_dict`` as safetensors (with string ``metadata``), atomically (shared
+    storage is copied)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    atomic_file(path, lambda tmp: save_file(tensors, tmp))
+    meta = dict(metadata) if metadata is not None else None
+    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 

@@ -30,7 +30,7 @@ from mrn_engine.bundle import fold_dir
 from mrn_engine.errors import WeightsError
 from mrn_engine.models.ensemble import mirror_views
 from mrn_engine.models.evidence import capture_slice_tokens, supports_slice_evidence
-from mrn_engine.training.checkpoint import atomic_file
+from mrn_engine.training.checkpoint import save_state_dict
 from mrn_engine.training.dataset import RoiStackDataset
 from mrn_engine.training.head_norm import plain_view
 
@@ -57,8 +57,8 @@ def fit_reference_slices(
     if not controls:
         return None
     view = plain_view(dataset)
+    needs_masks = getattr(model, "needs_masks", False)
     sums: dict[str, torch.Tensor] = {}
-    count = 0
     was_training = model.training
     model.eval()
     try:
@@ -68,32 +68,22 @@ def fit_reference_slices(
             rois = view[i]["rois"]
             images = {n: mirror_views(r["image"][None]).to(device) for n, r in rois.items()}
             masks = {n: mirror_views(r["mask"][None]).to(device) for n, r in rois.items()}
-            needs = getattr(model, "needs_masks", False)
             with capture_slice_tokens(model) as store:
-                model.encode_rois(images, masks if needs else None)
+                model.encode_rois(images, masks if needs_masks else None)
             for n, t in store.items():  # (2, S, D): the case and its mirror
                 sums[n] = sums.get(n, 0) + t.float().sum(dim=0).cpu()
-            count += 2
     finally:
         model.train(was_training)
-    return {n: (s / count).contiguous() for n, s in sums.items()}, controls
+    return {n: s / (2 * len(controls)) for n, s in sums.items()}, controls
 
 
 def write_reference_slices(
     fold_dir: str | os.PathLike, means: Mapping[str, torch.Tensor], controls: Sequence[str]
 ) -> Path:
     """Write ``means`` (ROI -> (S, D)) atomically to ``fold_dir/reference_slices.safetensors``."""
-    path = Path(fold_dir) / REFERENCE_FILE
     meta = {"case_ids": json.dumps(list(controls)), "definition": DEFINITION}
-    tensors = {n: t.float().contiguous() for n, t in means.items()}
-
-    def save(tmp: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, tmp, metadata=meta)
-
-    atomic_file(path, save)
-    return path
+    tensors = {n: t.float() for n, t in means.items()}
+    return save_state_dict(tensors, Path(fold_dir) / REFERENCE_FILE, meta)
 
 
 def read_reference_slices(

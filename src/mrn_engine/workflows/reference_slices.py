@@ -10,7 +10,6 @@ weights and everything else stay as they are.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from mrn_engine.bundle import open_bundle
@@ -30,7 +29,6 @@ def fit_bundle_reference(
     *,
     device: str = "auto",
     cache_dir: str | os.PathLike | None = None,
-    on_fold: Callable[[int, int], None] | None = None,
 ) -> dict[int, int]:
     """Write ``fold_k/reference_slices.safetensors`` for every fold; fold -> controls used.
 
@@ -65,7 +63,7 @@ def fit_bundle_reference(
     cache = RoiCache(cache_dir if cache_dir is not None else bundle.root.parent / "roi_cache")
     load = roi_loader(cohort.files, cfg, cache)
     used = {}
-    for i, k in enumerate(bundle.folds):
+    for k in bundle.folds:
         train = list(bundle.splits[k]["train"])
         absent = [c for c in train if c not in cohort.files or c not in labels]
         if absent:
@@ -79,6 +77,4 @@ def fit_bundle_reference(
             raise InputDataError(f"{root}: fold {k}'s training split holds no control (label 0)")
         write_reference_slices(bundle.fold_dir(k), *ref)
         used[k] = len(ref[1])
-        if on_fold is not None:
-            on_fold(i, len(bundle.folds))
     return used
