@@ -84,7 +84,8 @@ def test_pooled_calibration_is_named_with_its_selection(tmp_path):
     cals = calibrate_bundle(run, "platt")
     text = write_report(run, tmp_path / "r.html", eval_predictions=held_out_rows(12)).read_text()
     assert "One Platt (slope" in text and "pooled oof.csv of folds [0, 1] (24 cases)" in text
-    assert f"identity {cals[0].selection['identity']['ece_crossfit']:.3f}" in text
+    sel = cals[0].selection["identity"]
+    assert f"identity {sel['logloss_crossfit']:.3f} / {sel['ece_crossfit']:.3f}" in text
     assert "15 equal-width bins" in text and "Per-fold temperature" not in text
 
 

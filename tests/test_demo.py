@@ -33,6 +33,9 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     from mrn_engine.cli import cli
     from mrn_engine.errors import InputDataError
     from mrn_engine.inference import open_bundle
+    from mrn_engine.training.calibration import read_calibration
+    from mrn_engine.training.calibration_pooled import fold_scales
+    from mrn_engine.training.ensemble_calibration import read_ensemble_calibration
     from mrn_engine.workflows.ensemble_calibration import calibrate_ensemble
 
     out = tmp_path / "demo"
@@ -49,6 +52,12 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     assert summary["ensemble_calibration"]["cases"] == str(out / "calibration")
     assert not list((out / "calibration").glob("*.csv"))
     assert (out / "bundle" / "ensemble_calibration.json").is_file()
+    # the pooled fold map was refitted on the common logit scale those cases measured
+    ens = read_ensemble_calibration(out / "bundle")
+    scales = fold_scales({k: ens.fold_logit_sd[str(k)] for k in (0, 1)})
+    for k in (0, 1):
+        cal = read_calibration(out / "bundle" / f"fold_{k}")
+        assert cal.scope == "pooled" and cal.scale == pytest.approx(scales[k])
     # every fold carries the healthy reference of per-slice evidence
     assert all(
         (out / "bundle" / f"fold_{k}" / "reference_slices.safetensors").is_file() for k in (0, 1)

@@ -192,6 +192,7 @@ def test_pooled_platt_removes_a_shifted_threshold_temperature_cannot():
     assert auto.method in ("platt", "isotonic") and "cross-fitted" in auto.note
     sel = auto.selection
     assert sel["platt"]["ece_crossfit"] < sel["identity"]["ece_crossfit"]
+    assert sel["platt"]["logloss_crossfit"] < sel["identity"]["logloss_crossfit"]
 
 
 def test_pooled_isotonic_round_trip_matches_sklearn(tmp_path):

@@ -208,11 +208,12 @@ def calibration_section(
             "to each fold model's P(PD); "
             + html.escape(
                 "; ".join(
-                    f"{m} {r['ece_crossfit']:.3f}"
+                    f"{m} {r['logloss_crossfit']:.3f} / {r['ece_crossfit']:.3f}"
                     for m, r in c.selection.items()
-                    if r.get("ece_crossfit") is not None
+                    if r.get("logloss_crossfit") is not None and r.get("ece_crossfit") is not None
                 )
-            ).join(("cross-fitted out-of-fold ECE: ", "."))
+            ).join(("cross-fitted out-of-fold log loss / ECE: ", ". "))
+            + html.escape(c.note)
         )
     elif cals and len(cals) == len(fold_dirs):
         temps = ", ".join(

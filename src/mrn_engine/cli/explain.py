@@ -17,7 +17,8 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
     type=click.Choice(["auto", "identity", "temperature", "platt", "isotonic", "fold-temperature"]),
     default="auto",
     show_default=True,
-    help="Map fitted on the pooled out-of-fold predictions (auto: lowest cross-fitted ECE); "
+    help="Map fitted on the pooled out-of-fold predictions (auto: lowest cross-fitted log "
+    "loss); "
     "fold-temperature: one temperature per fold on its own cases (the older scheme).",
 )
 @click.option(
@@ -44,29 +45,10 @@ def calibrate_cmd(
     method. Refits and overwrites existing calibration files; weights are not touched. With
     ``--unlabeled``, also the ensemble calibration (the fold models' agreement on unseen cases).
     """
+    from mrn_engine.training.calibration import load_calibrations
     from mrn_engine.training.calibration_pooled import calibrate_bundle
 
     cals = calibrate_bundle(bundle, method)
-    for k, cal in cals.items():
-        what = {
-            "temperature": f"T = {cal.temperature:.3f}",
-            "platt": f"slope {1 / cal.temperature:.3f}, intercept {cal.intercept:.3f}",
-            "isotonic": f"{len(cal.knots_x)} knots",
-        }.get(cal.method, cal.note)
-        who = f"folds {sorted(cals)}" if cal.scope == "pooled" else f"fold {k}"
-        click.echo(
-            f"{who}: {cal.method} ({what}) on {cal.n_cases} {cal.scope} cases; "
-            f"ECE ({cal.n_bins} bins) {cal.ece_before:.3f} -> {cal.ece_after:.3f}, "
-            f"Brier {cal.brier_before:.3f} -> {cal.brier_after:.3f} (in-sample)"
-        )
-        if cal.scope == "pooled":
-            break  # the same map for every fold
-    first = next(iter(cals.values()))
-    for m, row in first.selection.items():
-        click.echo(
-            f"  cross-fitted on the out-of-fold cases: {m:11s} ECE {row['ece_crossfit']:.3f}  "
-            f"Brier {row['brier_crossfit']:.3f}"
-        )
     if reference_cases is not None:
         from mrn_engine.workflows.reference_slices import fit_bundle_reference
 
@@ -80,13 +62,43 @@ def calibrate_cmd(
 
         with tqdm(desc="unseen cases", unit="case") as bar:
             ens = calibrate_ensemble(
-                bundle, unlabeled, device=device, on_case=lambda _: bar.update()
+                bundle, unlabeled, device=device, method=method, on_case=lambda _: bar.update()
             )
         k = len(ens.folds)
         click.echo(
             f"ensemble: fold logits correlate at rho = {ens.rho_measured:.3f} on {ens.n_cases} "
             f"unseen cases; the {k}-fold ensemble logit is multiplied by {ens.factor(k):.2f} "
             f"({bundle / 'ensemble_calibration.json'})"
+        )
+        cals = load_calibrations(bundle, sorted(cals))  # refitted on the common logit scale
+    _echo_calibrations(cals)
+
+
+def _echo_calibrations(cals: dict) -> None:
+    """One line per fold map (one for a pooled map) and the cross-fitted candidate table."""
+    for k, cal in cals.items():
+        what = {
+            "temperature": f"T = {cal.temperature:.3f}",
+            "platt": f"slope {1 / cal.temperature:.3f}, intercept {cal.intercept:.3f}",
+            "isotonic": f"{len(cal.knots_x)} knots",
+        }.get(cal.method, "")
+        who = f"folds {sorted(cals)}" if cal.scope == "pooled" else f"fold {k}"
+        click.echo(
+            f"{who}: {cal.method} ({what}) on {cal.n_cases} {cal.scope} cases; "
+            f"ECE ({cal.n_bins} bins) {cal.ece_before:.3f} -> {cal.ece_after:.3f}, "
+            f"Brier {cal.brier_before:.3f} -> {cal.brier_after:.3f} (in-sample)"
+        )
+        if cal.note:
+            click.echo(f"  {cal.note}")
+        if cal.scope == "pooled":
+            break  # the same map for every fold
+    first = next(iter(cals.values()))
+    for m, row in first.selection.items():
+        loss = row.get("logloss_crossfit")
+        click.echo(
+            f"  cross-fitted on the out-of-fold cases: {m:11s} "
+            + (f"log loss {loss:.4f}  " if loss is not None else "")
+            + f"ECE {row['ece_crossfit']:.3f}  Brier {row['brier_crossfit']:.3f}"
         )
 
 

@@ -2,8 +2,10 @@
 
 ``mrn train`` / ``mrn calibrate`` fit **one map on the pooled out-of-fold predictions of all
 folds** (:mod:`mrn_engine.training.calibration_pooled`: identity, temperature, Platt or
-isotonic, chosen by cross-fitted ECE) and write it to every fold. The per-fold temperature
-below is the older scheme (still written at the end of each fold, and loadable):
+isotonic, chosen by cross-fitted log loss) and write it to every fold, each fold's logits
+first brought to a common scale where unseen cases measured it (``Calibration.scale``).
+The per-fold temperature below is the older scheme (still written at the end of each fold,
+and loadable):
 
 Each fold model's validation cases (``fold_k/oof.csv``, never used to train fold ``k``) give
 one temperature ``T_k``: the calibrated probability is ``sigmoid(logit(p) / T_k)`` (for the
@@ -149,10 +151,13 @@ def fit_temperature(y: Sequence[int], p: Sequence[float]) -> float:
 class Calibration:
     """One fold's calibration and its provenance (``fold_k/calibration.json``).
 
-    Maps: ``identity``; ``temperature``: ``sigmoid(logit(p) / T)``; ``platt``:
+    The raw P(PD) ``p`` is first put on the ensemble's common logit scale,
+    ``p <- sigmoid(scale * logit(p))`` (``scale = 1``: unchanged), then mapped:
+    ``identity``; ``temperature``: ``sigmoid(logit(p) / T)``; ``platt``:
     ``sigmoid(logit(p) / T + intercept)``; ``isotonic``: piecewise-linear through
     ``(knots_x, knots_y)`` (scikit-learn's ``IsotonicRegression.predict``, clipped at the ends).
-    Files written before ``intercept`` / ``knots_*`` / ``scope`` existed load with the defaults.
+    Files written before ``intercept`` / ``knots_*`` / ``scope`` / ``scale`` existed load with
+    the defaults.
     """
 
     fold: int
@@ -174,9 +179,14 @@ class Calibration:
     scope: str = "fold"  #: "fold" (this fold's cases) or "pooled" (all folds' cases)
     n_bins: int = N_BINS  #: bins of the ECE figures
     selection: dict[str, dict[str, float]] = field(default_factory=dict)  #: pooled: per method
+    #: multiplier of this fold's raw logit before the map (pooled maps: the folds' mean logit
+    #: sd on unseen cases over this fold's; ``calibration_pooled.fold_scales``)
+    scale: float = 1.0
 
     def apply(self, p: float | Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated P(PD) of raw P(PD) ``p`` (same shape)."""
+        if self.scale != 1.0:
+            p = 1.0 / (1.0 + np.exp(-self.scale * logit(p)))
         if self.method == "identity":
             return np.asarray(p, dtype=np.float64)
         if self.method == "isotonic":
@@ -239,9 +249,10 @@ def read_calibration(fold_dir: str | os.PathLike) -> Calibration | None:
         cal = Calibration(**data)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise InputDataError(f"{path}: not a calibration record ({e})") from e
-    if cal.method not in METHODS or not cal.temperature > 0:
+    if cal.method not in METHODS or not cal.temperature > 0 or not cal.scale > 0:
         raise InputDataError(
-            f"{path}: unknown method {cal.method!r} or temperature {cal.temperature}"
+            f"{path}: unknown method {cal.method!r}, or temperature {cal.temperature} or "
+            f"scale {cal.scale} not > 0"
         )
     x, y = np.asarray(cal.knots_x), np.asarray(cal.knots_y)
     if cal.method == "isotonic" and (

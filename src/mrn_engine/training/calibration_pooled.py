@@ -10,13 +10,23 @@ cover the labelled cohort once. Candidate maps of raw P(PD) (scikit-learn):
   threshold;
 - ``isotonic``: ``IsotonicRegression`` (monotone, piecewise linear, clipped to [0, 1]).
 
-``auto`` picks the candidate with the lowest **cross-fitted** ECE over the folds (the map for
-fold ``k``'s rows is fitted on the other folds' rows; ties: Brier) and then fits it on all
-rows. Only out-of-fold predictions are used: held-out cases never choose or fit anything.
-The same map is written to every fold and applied to each fold model's P(PD) (the domain it
-was fitted on: single-fold predictions); the ensemble P(PD) combines those: their mean, or
-the sharpened mean of ``ensemble_calibration.py`` when the bundle has that record.
-``calibrate_bundle`` fits and writes it (or the older per-fold temperatures) for a bundle.
+``auto`` picks the candidate with the lowest **cross-fitted log loss** over the folds (the map
+for fold ``k``'s rows is fitted on the other folds' rows; ties: Brier). Log loss is a proper
+score; the 15-bin ECE on a few dozen out-of-fold cases is mostly noise (its floor is about
+0.15 there) and chose the identity for a bundle whose folds were all underconfident
+(docs/results.md, 2026-12-01). The chosen map is then fitted on all rows. Only out-of-fold
+predictions are used: held-out cases never choose or fit anything.
+
+**Common logit scale.** Fold models can differ in how far they spread their logits (in the
+`mrn demo` bundles one fold's logit sd was half the others'), and one map cannot fit them all.
+Where the bundle's ensemble calibration measured each fold's logit sd on the same unseen,
+unlabelled cases (``ensemble_calibration.json``, ``fold_logit_sd``), each fold's logits are
+multiplied by ``scale_k = geometric mean of the sds / sd_k`` before the map is fitted and
+applied (:func:`fold_scales`; labels are not needed, and the same cases for every fold make
+the sds comparable). The same map is written to every fold with its own ``scale`` and applied
+to that fold model's P(PD); the ensemble P(PD) combines those: their mean, or the sharpened
+mean of ``ensemble_calibration.py`` when the bundle has that record. ``calibrate_bundle`` fits
+and writes it (or the older per-fold temperatures) for a bundle.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import numpy as np
 
 from mrn_engine.errors import InputDataError
 from mrn_engine.training.calibration import (
+    EPS,
     N_BINS,
     T_RANGE,
     Calibration,
@@ -42,6 +53,7 @@ from mrn_engine.training.calibration import (
     read_oof_rows,
     write_calibration,
 )
+from mrn_engine.training.ensemble_calibration import bundle_ensemble_calibration
 
 #: the maps ``auto`` chooses from, in the order used to break exact ties
 CANDIDATES = ("identity", "temperature", "platt", "isotonic")
@@ -112,23 +124,40 @@ def cross_fitted(method: str, y: np.ndarray, p: np.ndarray, groups: np.ndarray) 
     return out
 
 
-def _pooled_arrays(rows: Mapping[int, Rows]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def scaled(p: np.ndarray, scale: float) -> np.ndarray:
+    """``sigmoid(scale * logit(p))``: P(PD) on the common logit scale (``Calibration.apply``)."""
+    return p if scale == 1.0 else 1.0 / (1.0 + np.exp(-scale * logit(p)))
+
+
+def _pooled_arrays(
+    rows: Mapping[int, Rows], scales: Mapping[int, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y, p, g = [], [], []
     for k, fold_rows in sorted(rows.items()):
-        for r in fold_rows:
-            y.append(int(r["label"]))  # type: ignore[arg-type]
-            p.append(float(r["p_pd"]))  # type: ignore[arg-type]
-            g.append(k)
+        s = 1.0 if scales is None else float(scales[k])
+        y.extend(int(r["label"]) for r in fold_rows)  # type: ignore[call-overload]
+        p.extend(scaled(np.array([float(r["p_pd"]) for r in fold_rows]), s))  # type: ignore[arg-type]
+        g.extend([k] * len(fold_rows))
     return np.asarray(y, np.int64), np.asarray(p, np.float64), np.asarray(g, np.int64)
 
 
-def selection_table(rows: Mapping[int, Rows]) -> dict[str, dict[str, float | None]]:
-    """Per candidate: cross-fitted ECE and Brier on the pooled rows."""
-    y, p, g = _pooled_arrays(rows)
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean negative log-likelihood of labels ``y`` under P(PD) ``p`` (scikit-learn)."""
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    return float(sk_log_loss(y, np.clip(p, EPS, 1 - EPS), labels=[0, 1]))
+
+
+def selection_table(
+    rows: Mapping[int, Rows], scales: Mapping[int, float] | None = None
+) -> dict[str, dict[str, float | None]]:
+    """Per candidate: cross-fitted log loss, ECE and Brier on the pooled rows."""
+    y, p, g = _pooled_arrays(rows, scales)
     table: dict[str, dict[str, float | None]] = {}
     for method in CANDIDATES:
         q = cross_fitted(method, y, p, g)
         table[method] = {
+            "logloss_crossfit": log_loss(y, q),
             "ece_crossfit": expected_calibration_error(y, q),
             "brier_crossfit": brier_score(y, q),
         }
@@ -136,31 +165,56 @@ def selection_table(rows: Mapping[int, Rows]) -> dict[str, dict[str, float | Non
 
 
 def choose(table: Mapping[str, Mapping[str, float | None]]) -> str:
-    """The candidate with the lowest cross-fitted ECE (then Brier, then CANDIDATES order)."""
-    ok = [m for m in CANDIDATES if table.get(m, {}).get("ece_crossfit") is not None]
+    """The candidate with the lowest cross-fitted log loss (then Brier, then CANDIDATES
+    order)."""
+    ok = [m for m in CANDIDATES if table.get(m, {}).get("logloss_crossfit") is not None]
     key: Callable[[str], tuple[float, float, int]] = lambda m: (  # noqa: E731
-        round(float(table[m]["ece_crossfit"]), 12),  # type: ignore[arg-type]
+        round(float(table[m]["logloss_crossfit"]), 12),  # type: ignore[arg-type]
         float(table[m]["brier_crossfit"]),  # type: ignore[arg-type]
         CANDIDATES.index(m),
     )
     return min(ok, key=key) if ok else "identity"
 
 
-def fit_pooled(rows: Mapping[int, Rows], method: str = "auto") -> dict[int, Calibration]:
+def fold_scales(logit_sd: Mapping[int, float]) -> dict[int, float]:
+    """Per fold: the geometric mean of the folds' logit sds over this fold's (product 1).
+
+    Raises
+    ------
+    ValueError: an sd that is not a positive finite number.
+    """
+    sd = np.array([float(v) for v in logit_sd.values()])
+    if sd.size == 0 or not np.all(np.isfinite(sd) & (sd > 0)):
+        raise ValueError(f"fold logit sds must be positive, got {dict(logit_sd)}")
+    centre = float(np.exp(np.log(sd).mean()))
+    return {int(k): centre / float(v) for k, v in logit_sd.items()}
+
+
+def fit_pooled(
+    rows: Mapping[int, Rows],
+    method: str = "auto",
+    scales: Mapping[int, float] | None = None,
+    scales_from: str = "",
+) -> dict[int, Calibration]:
     """One map fitted on the out-of-fold rows of all folds, as each fold's :class:`Calibration`.
+
+    ``scales``: per-fold multipliers of the raw logit applied first (:func:`fold_scales`; all
+    1 when None), measured on ``scales_from`` (recorded in the note).
 
     Raises
     ------
     InputDataError: no rows, or an explicit ``method`` that cannot be fitted on them.
     """
-    y, p, _ = _pooled_arrays(rows)
+    if scales is not None and set(scales) != set(rows):
+        raise InputDataError(f"logit scales for folds {sorted(scales)}, rows of {sorted(rows)}")
+    y, p, _ = _pooled_arrays(rows, scales)
     if len(y) == 0:
         raise InputDataError("no out-of-fold rows to calibrate on")
     if method != "auto" and method not in CANDIDATES:
         raise InputDataError(f"unknown calibration method {method!r}; choose from {CANDIDATES}")
-    table = selection_table(rows)
+    table = selection_table(rows, scales)
     chosen = choose(table) if method == "auto" else method
-    note = f"chosen by cross-fitted ECE over {len(rows)} folds" if method == "auto" else ""
+    note = f"chosen by cross-fitted log loss over {len(rows)} folds" if method == "auto" else ""
     try:
         fitted = fit_map(chosen, y, p)
     except ValueError as e:
@@ -168,6 +222,12 @@ def fit_pooled(rows: Mapping[int, Rows], method: str = "auto") -> dict[int, Cali
             raise InputDataError(f"cannot fit {method} calibration: {e}") from e
         fitted, note = fit_map("identity", y, p), f"not fitted: {e}"
     after = fitted.apply(p)
+    p = _pooled_arrays(rows)[1]  # "before": the raw P(PD), not yet on the common scale
+    if scales is not None:
+        sc = ", ".join(f"fold {k}: x{scales[k]:.3f}" for k in sorted(scales))
+        note = "; ".join(
+            filter(None, [note, f"logits on a common scale ({sc}) from {scales_from}"])
+        )
     folds = sorted(rows)
     provenance = dict(
         n_cases=len(y),
@@ -189,24 +249,40 @@ def fit_pooled(rows: Mapping[int, Rows], method: str = "auto") -> dict[int, Cali
             intercept=fitted.intercept,
             knots_x=fitted.knots_x,
             knots_y=fitted.knots_y,
+            scale=1.0 if scales is None else float(scales[k]),
             **provenance,  # type: ignore[arg-type]
         )
         for k in folds
     }
 
 
+def bundle_scales(
+    root: str | os.PathLike, folds: Sequence[int]
+) -> tuple[dict[int, float] | None, str]:
+    """Per-fold logit scales from the bundle's ensemble calibration record, and where they
+    were measured; ``(None, "")`` when the record is absent, stale, or has no fold sds."""
+    ens, _ = bundle_ensemble_calibration(root, folds)
+    sd = (ens.fold_logit_sd if ens is not None else {}) or {}
+    if ens is None or not all(str(k) in sd for k in folds):
+        return None, ""
+    where = f"their logit sd on {ens.n_cases} unseen cases ({ens.fitted_on})"
+    return fold_scales({k: sd[str(k)] for k in folds}), where
+
+
 def calibrate_bundle(root: str | os.PathLike, method: str = "auto") -> dict[int, Calibration]:
     """Fit and write ``calibration.json`` for every fold of the bundle (each needs ``oof.csv``).
 
     ``method``: ``auto`` / ``identity`` / ``temperature`` / ``platt`` / ``isotonic`` fit one
-    map on the pooled out-of-fold rows (``calibration_pooled``); ``fold-temperature`` fits one
-    temperature per fold on that fold's rows (the older scheme).
+    map on the pooled out-of-fold rows (``calibration_pooled``), on the common logit scale when
+    the bundle's ensemble calibration measured it (:func:`bundle_scales`);
+    ``fold-temperature`` fits one temperature per fold on that fold's rows (the older scheme).
     """
     folds = bundle_fold_dirs(root)
     rows = {k: read_oof_rows(d / "oof.csv") for k, d in folds.items()}  # all read before writing
     if method == "fold-temperature":
         return {k: calibrate_fold_dir(folds[k], rows[k], k) for k in sorted(folds)}
-    cals = fit_pooled(rows, method)
+    scales, where = bundle_scales(root, sorted(folds))
+    cals = fit_pooled(rows, method, scales, where)
     for k, cal in cals.items():
         write_calibration(folds[k], cal)
     return cals

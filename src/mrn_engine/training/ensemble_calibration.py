@@ -23,7 +23,10 @@ cases). The ensemble P(PD) is then ``sigmoid(factor(K) * mean_k logit(p_k))``, w
 the calibrated fold probabilities: scaling about logit 0 keeps the PD/HC call of the mean
 logit and moves only the confidence. Using a subset of the folds applies ``factor`` of that
 subset's size (one fold: 1). The record is ``BUNDLE/ensemble_calibration.json``; a bundle
-without it combines folds by the plain mean of probabilities, as before.
+without it combines folds by the plain mean of probabilities, as before. It also keeps each
+fold's raw logit sd on those cases: the pooled calibration map is refitted with every fold's
+logits brought to a common scale (``calibration_pooled.fold_scales``), so that one map suits
+folds whose logits spread differently.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class EnsembleCalibration:
     fitted_on: str  #: the folder of unseen cases
     #: ``bundle.json``'s weight hashes of those folds when measured (a retrained fold voids it)
     weights: dict[str, str] = field(default_factory=dict)
+    #: per fold (``"k"``): sd of its raw logits on the same cases, the common logit scale of
+    #: the pooled calibration map (``calibration_pooled.fold_scales``); empty in older records
+    fold_logit_sd: dict[str, float] = field(default_factory=dict)
     created: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
@@ -118,6 +124,7 @@ def fit_ensemble_calibration(
         n_cases=int(p.shape[0]),
         fitted_on=fitted_on,
         weights=dict(weights or {}),
+        fold_logit_sd={str(k): float(v) for k, v in zip(folds, z.std(axis=0), strict=True)},
     )
 
 
@@ -136,11 +143,14 @@ def read_ensemble_calibration(root: str | os.PathLike) -> EnsembleCalibration | 
     try:
         data = json.loads(path.read_text())
         data["folds"] = tuple(int(k) for k in data["folds"])
+        data["fold_logit_sd"] = {str(k): float(v) for k, v in data.get("fold_logit_sd", {}).items()}
         cal = EnsembleCalibration(**data)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise InputDataError(f"{path}: not an ensemble calibration record ({e})") from e
     if not (RHO_MIN <= cal.rho <= 1.0) or len(cal.folds) < 2:
         raise InputDataError(f"{path}: rho {cal.rho} outside [{RHO_MIN}, 1] or < 2 folds")
+    if not all(math.isfinite(v) and v > 0 for v in cal.fold_logit_sd.values()):
+        raise InputDataError(f"{path}: fold logit sds must be positive: {cal.fold_logit_sd}")
     return cal
 
 

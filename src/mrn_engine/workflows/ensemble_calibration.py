@@ -2,7 +2,8 @@
 
 See :mod:`mrn_engine.training.ensemble_calibration` for why and what is stored. Cases whose NM
 file is byte-identical to one the bundle trained on are left out (the fold models have seen
-them); labels, where present, are not read.
+them); labels, where present, are not read. A pooled per-fold calibration is then refitted on
+the common logit scale these cases measure (``calibration_pooled``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from mrn_engine.data import discover_cases, file_sha256, load_case
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.inference import MRNPredictor
+from mrn_engine.training.calibration_pooled import calibrate_bundle
 from mrn_engine.training.ensemble_calibration import (
     EnsembleCalibration,
     fit_ensemble_calibration,
@@ -63,10 +65,12 @@ def calibrate_ensemble(
     cases_root: str | os.PathLike,
     *,
     device: str = "auto",
+    method: str = "auto",
     on_case: Callable[[str], None] | None = None,
 ) -> EnsembleCalibration:
     """Predict the cases under ``cases_root`` with every fold, measure the agreement of their
-    raw P(PD) and write ``BUNDLE/ensemble_calibration.json``.
+    raw P(PD) and write ``BUNDLE/ensemble_calibration.json``; then, when the bundle's fold
+    calibration is a pooled map, refit it (``method``) on the common logit scale measured here.
 
     The raw logits are used: a temperature or Platt map does not change their correlation,
     and an isotonic map's steps would tie cases that the fold models tell apart.
@@ -117,4 +121,6 @@ def calibrate_ensemble(
     except ValueError as e:
         raise InputDataError(f"{cases_root}: {len(rows)} unseen case(s){note}: {e}") from e
     write_ensemble_calibration(bundle, cal)
+    if all(c.scope == "pooled" for c in predictor.calibration.values()):
+        calibrate_bundle(bundle, method)
     return cal
