@@ -302,9 +302,10 @@ def test_each_fold_stores_its_out_of_fold_controls_for_site_adaptation(
 
 
 def test_ensemble_calibration_from_unseen_cases_end_to_end(bundle, phantom_root, tmp_path):
-    """`mrn calibrate --unlabeled` on unseen phantoms writes the record; the predictor then
-    combines the calibrated folds by it (full and masked predictions); training cases are
-    refused; a retrained fold voids it with a warning."""
+    """`mrn calibrate --unlabeled` on unseen phantoms writes the record and refits the pooled
+    map on the common logit scale; the predictor then combines the calibrated folds by it
+    (full and masked predictions); training cases are refused; a retrained fold voids it with a
+    warning."""
     import shutil
 
     from mrn_engine.cli import cli
@@ -312,6 +313,8 @@ def test_ensemble_calibration_from_unseen_cases_end_to_end(bundle, phantom_root,
     from mrn_engine.errors import MRNWarning
     from mrn_engine.inference import MRNPredictor
     from mrn_engine.phantom import generate_cohort
+    from mrn_engine.training.calibration import load_calibrations
+    from mrn_engine.training.calibration_pooled import fold_scales
     from mrn_engine.training.ensemble_calibration import ENSEMBLE_FILE, read_ensemble_calibration
 
     out = tmp_path / "bundle"
@@ -336,7 +339,15 @@ def test_ensemble_calibration_from_unseen_cases_end_to_end(bundle, phantom_root,
     pred = predictor.predict_case(case, nuclei=False)
     assert pred.p_pd == pytest.approx(ens.combine(pred.probabilities.p_pd_folds), abs=1e-12)
     plain = MRNPredictor.from_bundle(bundle[0], device="cpu").predict_case(case, nuclei=False)
-    assert pred.p_pd_folds == plain.p_pd_folds and pred.p_pd_raw == plain.p_pd_raw
+    assert pred.p_pd_folds_raw == plain.p_pd_folds_raw and pred.p_pd_raw == plain.p_pd_raw
+    # the pooled map was refitted with each fold's logits on the scale of the unseen cases
+    scales = fold_scales({k: ens.fold_logit_sd[str(k)] for k in (0, 1)})
+    cals = load_calibrations(out, [0, 1])
+    assert [cals[k].scale for k in (0, 1)] == pytest.approx([scales[0], scales[1]])
+    assert "common scale" in cals[0].note and "common scale" in res.output
+    assert pred.p_pd_folds == pytest.approx(
+        [cals[k].apply(pred.p_pd_folds_raw[i]) for i, k in enumerate((0, 1))], abs=1e-12
+    )
     masked = predictor.masked_prediction(pred, ["nm_sn"])
     assert masked.p_pd == pytest.approx(ens.combine(masked.p_pd_folds), abs=1e-12)
 

@@ -26,7 +26,8 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder of cases the bundle never trained on (labels not needed, >= 10 cases): "
     "measure how far the fold models agree and sharpen the ensemble P(PD) accordingly "
-    "(BUNDLE/ensemble_calibration.json; docs/inference.md).",
+    "(BUNDLE/ensemble_calibration.json), and refit the pooled map with each fold's logits on "
+    "the common scale these cases measure (docs/explain.md).",
 )
 @click.option(
     "--reference-cases",
