@@ -97,8 +97,11 @@ def test_one_map_fits_every_fold_only_on_the_common_scale() -> None:
     assert slope(y, plain[0].apply(sigmoid(SPREAD[0] * z))) < 0.92
 
 
-def test_auto_chooses_by_cross_fitted_log_loss() -> None:
+def test_the_default_is_temperature_and_auto_chooses_by_cross_fitted_log_loss() -> None:
     rows = oof_rows(60, seed=40)
+    default = fit_pooled(rows)[0]
+    assert default.method == "temperature" and default.temperature != 1.0
+    assert default.selection  # the cross-fitted table, for information
     cal = fit_pooled(rows, "auto")[0]
     table = cal.selection
     best = min(table, key=lambda m: table[m]["logloss_crossfit"])

@@ -238,8 +238,11 @@ def test_pooled_errors_are_clear(tmp_path):
     one_class = {0: [{"label": 1, "p_pd": 0.7}] * 6}
     with pytest.raises(InputDataError, match="cannot fit platt"):
         fit_pooled(one_class, "platt")
-    auto = fit_pooled(one_class)[0]  # auto falls back to the identity, with the reason
-    assert auto.method == "identity"
+    fallback = fit_pooled(one_class)[0]  # the default falls back to the identity, with why
+    assert fallback.method == "identity" and "not fitted" in fallback.note
+    assert fit_pooled(one_class, "auto")[0].method == "identity"
+    with pytest.raises(InputDataError, match="cannot fit temperature"):
+        fit_pooled(one_class, "temperature")
     root = write_bundle(tmp_path / "b")
     (root / "fold_1" / "oof.csv").write_text("case_id,label,p_pd\nx,1,1.5\n")
     with pytest.raises(InputDataError, match="not a probability"):

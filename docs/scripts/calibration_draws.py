@@ -1,6 +1,7 @@
 """ECE of the calibrated ensemble against the size and draw of the unlabelled calibration set.
 
     python docs/scripts/calibration_draws.py BUNDLE RAW.csv [--sizes 40,120] [--draws 100]
+        [--no-scale] [--method auto|temperature|platt|...]
 
 Used for docs/results.md "A common logit scale for the folds (2026-12-01)". ``RAW.csv`` is the
 raw fold P(PD) cache of labelled held-out cases that ``calibration_confirm.py --csv`` writes.
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="40,120", help="calibration set sizes, comma-separated")
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--no-scale", action="store_true", help="every fold's scale 1")
+    ap.add_argument("--method", default="auto", help="the pooled map (mrn calibrate --method)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     y, p = read_raw(args.raw)
@@ -58,7 +60,7 @@ def main() -> None:
             ens = fit_ensemble_calibration(p[cal], folds, "draw")
             sd = {k: ens.fold_logit_sd[str(k)] for k in folds}
             scales = None if args.no_scale else fold_scales(sd)
-            maps = fit_pooled(oof, "auto", scales, "draw")
+            maps = fit_pooled(oof, args.method, scales, "draw")
             q = np.column_stack([maps[k].apply(p[test, k]) for k in folds])
             pe = np.array([ens.combine(row) for row in q])
             ece.append(expected_calibration_error(y[test], pe))

@@ -15,10 +15,9 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
 @click.option(
     "--method",
     type=click.Choice(["auto", "identity", "temperature", "platt", "isotonic", "fold-temperature"]),
-    default="auto",
-    show_default=True,
-    help="Map fitted on the pooled out-of-fold predictions (auto: lowest cross-fitted log "
-    "loss); "
+    default=None,
+    help="Map fitted on the pooled out-of-fold predictions [default: temperature] (auto: the "
+    "lowest cross-fitted log loss); "
     "fold-temperature: one temperature per fold on its own cases (the older scheme).",
 )
 @click.option(
@@ -38,7 +37,11 @@ from mrn_engine.cli.predict import build_predictor, predictor_options
 )
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 def calibrate_cmd(
-    bundle: Path, method: str, unlabeled: Path | None, reference_cases: Path | None, device: str
+    bundle: Path,
+    method: str | None,
+    unlabeled: Path | None,
+    reference_cases: Path | None,
+    device: str,
 ) -> None:
     """Fit the calibration of P(PD) on BUNDLE/fold_k/oof.csv and write fold_k/calibration.json.
 

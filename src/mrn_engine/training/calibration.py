@@ -1,8 +1,8 @@
 """Calibration of P(PD): one map per fold, fitted on out-of-fold predictions.
 
 ``mrn train`` / ``mrn calibrate`` fit **one map on the pooled out-of-fold predictions of all
-folds** (:mod:`mrn_engine.training.calibration_pooled`: identity, temperature, Platt or
-isotonic, chosen by cross-fitted log loss) and write it to every fold, each fold's logits
+folds** (:mod:`mrn_engine.training.calibration_pooled`: temperature by default; identity,
+Platt, isotonic or ``auto`` on request) and write it to every fold, each fold's logits
 first brought to a common scale where unseen cases measured it (``Calibration.scale``).
 The per-fold temperature below is the older scheme (still written at the end of each fold,
 and loadable):

@@ -10,12 +10,17 @@ cover the labelled cohort once. Candidate maps of raw P(PD) (scikit-learn):
   threshold;
 - ``isotonic``: ``IsotonicRegression`` (monotone, piecewise linear, clipped to [0, 1]).
 
+The **default is ``temperature``**: one parameter, fitted on all out-of-fold rows, that keeps
+the ranking and the 0.5 threshold (Guo et al. 2017 found it the most robust post-hoc map).
 ``auto`` picks the candidate with the lowest **cross-fitted log loss** over the folds (the map
-for fold ``k``'s rows is fitted on the other folds' rows; ties: Brier). Log loss is a proper
-score; the 15-bin ECE on a few dozen out-of-fold cases is mostly noise (its floor is about
-0.15 there) and chose the identity for a bundle whose folds were all underconfident
-(docs/results.md, 2026-12-01). The chosen map is then fitted on all rows. Only out-of-fold
-predictions are used: held-out cases never choose or fit anything.
+for fold ``k``'s rows is fitted on the other folds' rows; ties: Brier). With three folds of
+24 cases that choice is noisy, and it breaks down when the folds differ in quality: for the
+seed-2 demo bundle the cross-fitted temperature looked worst (one fold's 24 cases were
+separable), ``auto`` chose the identity, and the held-out ECE was 0.062 against 0.040 with the
+temperature (docs/results.md, 2026-12-01). The cross-fitted table of every candidate is kept
+in ``selection`` for information. Only out-of-fold predictions are used: held-out cases never
+choose or fit anything. Where the default map cannot be fitted (one class, too few cases) the
+identity is written with the reason; an explicitly requested map raises instead.
 
 **Common logit scale.** Fold models can differ in how far they spread their logits (in the
 `mrn demo` bundles one fold's logit sd was half the others'), and one map cannot fit them all.
@@ -57,6 +62,8 @@ from mrn_engine.training.ensemble_calibration import bundle_ensemble_calibration
 
 #: the maps ``auto`` chooses from, in the order used to break exact ties
 CANDIDATES = ("identity", "temperature", "platt", "isotonic")
+#: the map fitted when none is asked for (``mrn train``, ``mrn calibrate``, ``mrn demo``)
+DEFAULT_METHOD = "temperature"
 
 Rows = Sequence[Mapping[str, object]]
 
@@ -192,19 +199,23 @@ def fold_scales(logit_sd: Mapping[int, float]) -> dict[int, float]:
 
 def fit_pooled(
     rows: Mapping[int, Rows],
-    method: str = "auto",
+    method: str | None = None,
     scales: Mapping[int, float] | None = None,
     scales_from: str = "",
 ) -> dict[int, Calibration]:
     """One map fitted on the out-of-fold rows of all folds, as each fold's :class:`Calibration`.
 
-    ``scales``: per-fold multipliers of the raw logit applied first (:func:`fold_scales`; all
-    1 when None), measured on ``scales_from`` (recorded in the note).
+    ``method``: one of CANDIDATES, ``auto``, or None for DEFAULT_METHOD (the identity, with the
+    reason, where it cannot be fitted). ``scales``: per-fold multipliers of the raw logit
+    applied first (:func:`fold_scales`; all 1 when None), measured on ``scales_from`` (recorded
+    in the note).
 
     Raises
     ------
     InputDataError: no rows, or an explicit ``method`` that cannot be fitted on them.
     """
+    lenient = method in (None, "auto")
+    method = DEFAULT_METHOD if method is None else method
     if scales is not None and set(scales) != set(rows):
         raise InputDataError(f"logit scales for folds {sorted(scales)}, rows of {sorted(rows)}")
     y, p, _ = _pooled_arrays(rows, scales)
@@ -218,7 +229,7 @@ def fit_pooled(
     try:
         fitted = fit_map(chosen, y, p)
     except ValueError as e:
-        if method != "auto":
+        if not lenient:
             raise InputDataError(f"cannot fit {method} calibration: {e}") from e
         fitted, note = fit_map("identity", y, p), f"not fitted: {e}"
     after = fitted.apply(p)
@@ -269,11 +280,11 @@ def bundle_scales(
     return fold_scales({k: sd[str(k)] for k in folds}), where
 
 
-def calibrate_bundle(root: str | os.PathLike, method: str = "auto") -> dict[int, Calibration]:
+def calibrate_bundle(root: str | os.PathLike, method: str | None = None) -> dict[int, Calibration]:
     """Fit and write ``calibration.json`` for every fold of the bundle (each needs ``oof.csv``).
 
-    ``method``: ``auto`` / ``identity`` / ``temperature`` / ``platt`` / ``isotonic`` fit one
-    map on the pooled out-of-fold rows (``calibration_pooled``), on the common logit scale when
+    ``method``: None (DEFAULT_METHOD) / ``auto`` / ``identity`` / ``temperature`` / ``platt`` /
+    ``isotonic`` fit one map on the pooled out-of-fold rows, on the common logit scale when
     the bundle's ensemble calibration measured it (:func:`bundle_scales`);
     ``fold-temperature`` fits one temperature per fold on that fold's rows (the older scheme).
     """

@@ -65,12 +65,12 @@ def calibrate_ensemble(
     cases_root: str | os.PathLike,
     *,
     device: str = "auto",
-    method: str = "auto",
+    method: str | None = None,
     on_case: Callable[[str], None] | None = None,
 ) -> EnsembleCalibration:
     """Predict the cases under ``cases_root`` with every fold, measure the agreement of their
     raw P(PD) and write ``BUNDLE/ensemble_calibration.json``; then, when the bundle's fold
-    calibration is a pooled map, refit it (``method``) on the common logit scale measured here.
+    calibration is a pooled map, refit it (``method``; None: the default map) on the common logit scale measured here.
 
     The raw logits are used: a temperature or Platt map does not change their correlation,
     and an isotonic map's steps would tie cases that the fold models tell apart.
