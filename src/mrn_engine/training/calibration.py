@@ -58,6 +58,12 @@ def logit(p: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.log(q) - np.log1p(-q)
 
 
+def rescale(p: Sequence[float] | np.ndarray, scale: float) -> np.ndarray:
+    """``sigmoid(scale * logit(p))``: P(PD) with its logit multiplied by ``scale``."""
+    q = np.asarray(p, dtype=np.float64)
+    return q if scale == 1.0 else 1.0 / (1.0 + np.exp(-scale * logit(q)))
+
+
 def expected_calibration_error(y: Sequence[int], p: Sequence[float], n_bins: int = N_BINS) -> float:
     """ECE of P(PD) (torchmetrics ``BinaryCalibrationError``, equal-width bins, L1)."""
     import torch
@@ -185,8 +191,7 @@ class Calibration:
 
     def apply(self, p: float | Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated P(PD) of raw P(PD) ``p`` (same shape)."""
-        if self.scale != 1.0:
-            p = 1.0 / (1.0 + np.exp(-self.scale * logit(p)))
+        p = rescale(p, self.scale)
         if self.method == "identity":
             return np.asarray(p, dtype=np.float64)
         if self.method == "isotonic":

@@ -56,6 +56,7 @@ from mrn_engine.training.calibration import (
     fit_temperature,
     logit,
     read_oof_rows,
+    rescale,
     write_calibration,
 )
 from mrn_engine.training.ensemble_calibration import bundle_ensemble_calibration
@@ -131,11 +132,6 @@ def cross_fitted(method: str, y: np.ndarray, p: np.ndarray, groups: np.ndarray) 
     return out
 
 
-def scaled(p: np.ndarray, scale: float) -> np.ndarray:
-    """``sigmoid(scale * logit(p))``: P(PD) on the common logit scale (``Calibration.apply``)."""
-    return p if scale == 1.0 else 1.0 / (1.0 + np.exp(-scale * logit(p)))
-
-
 def _pooled_arrays(
     rows: Mapping[int, Rows], scales: Mapping[int, float] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,7 +139,7 @@ def _pooled_arrays(
     for k, fold_rows in sorted(rows.items()):
         s = 1.0 if scales is None else float(scales[k])
         y.extend(int(r["label"]) for r in fold_rows)  # type: ignore[call-overload]
-        p.extend(scaled(np.array([float(r["p_pd"]) for r in fold_rows]), s))  # type: ignore[arg-type]
+        p.extend(rescale([float(r["p_pd"]) for r in fold_rows], s))  # type: ignore[arg-type]
         g.extend([k] * len(fold_rows))
     return np.asarray(y, np.int64), np.asarray(p, np.float64), np.asarray(g, np.int64)
 
