@@ -185,8 +185,8 @@ class Calibration:
     scope: str = "fold"  #: "fold" (this fold's cases) or "pooled" (all folds' cases)
     n_bins: int = N_BINS  #: bins of the ECE figures
     selection: dict[str, dict[str, float]] = field(default_factory=dict)  #: pooled: per method
-    #: multiplier of this fold's raw logit before the map (pooled maps: the folds' mean logit
-    #: sd on unseen cases over this fold's; ``calibration_pooled.fold_scales``)
+    #: multiplier of this fold's raw logit before the map (pooled maps: the geometric mean of
+    #: the folds' logit sds on unseen cases over this fold's; ``calibration_pooled.fold_scales``)
     scale: float = 1.0
 
     def apply(self, p: float | Sequence[float] | np.ndarray) -> np.ndarray:

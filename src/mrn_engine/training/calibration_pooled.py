@@ -269,11 +269,10 @@ def bundle_scales(
     """Per-fold logit scales from the bundle's ensemble calibration record, and where they
     were measured; ``(None, "")`` when the record is absent, stale, or has no fold sds."""
     ens, _ = bundle_ensemble_calibration(root, folds)
-    sd = (ens.fold_logit_sd if ens is not None else {}) or {}
-    if ens is None or not all(str(k) in sd for k in folds):
+    if ens is None or not all(str(k) in ens.fold_logit_sd for k in folds):
         return None, ""
     where = f"their logit sd on {ens.n_cases} unseen cases ({ens.fitted_on})"
-    return fold_scales({k: sd[str(k)] for k in folds}), where
+    return fold_scales({k: ens.fold_logit_sd[str(k)] for k in folds}), where
 
 
 def calibrate_bundle(root: str | os.PathLike, method: str | None = None) -> dict[int, Calibration]:
