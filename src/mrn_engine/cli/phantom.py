@@ -60,6 +60,15 @@ import click
     help="Folder of real subjects' nuclei masks (QSM_pred/NM_pred or *_mask.nii.gz per "
     "subject folder): the cases' nuclei are those, randomly deformed.",
 )
+@click.option(
+    "--nuclei",
+    type=click.Choice(["challenge", "atlas"]),
+    default="challenge",
+    show_default=True,
+    help="Without --geometry: 'challenge' erodes the atlas nuclei to per-subject volumes "
+    "about those of the challenge's own masks (the atlas's are up to 3x larger); 'atlas' "
+    "keeps them whole, as cohorts made before this option.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def phantom(
     out: Path | None,
@@ -71,6 +80,7 @@ def phantom(
     figure: Path | None,
     site: str,
     geometry: Path | None,
+    nuclei: str,
     quiet: bool,
 ) -> None:
     """Synthetic PD/HC cohort in the PDCADxFoundation layout (NM, QSM, T1, masks, CSVs)."""
@@ -93,6 +103,7 @@ def phantom(
         effect=effect,
         site=site,
         geometry=geometry,
+        nuclei=nuclei,
     )
     o = s["oracle"]
     click.echo(
@@ -100,7 +111,8 @@ def phantom(
         f"cases: {s['n_cases']} ({s['generated']} generated, {s['skipped']} already complete)\n"
         f"classes: {s['n_pd']} PD / {s['n_hc']} HC; train {s['n_train']}, val {s['n_val']}\n"
         f"sites: {', '.join(f'{k} {v}' for k, v in s['sites'].items())}"
-        f"{'; real nuclei of ' + ', '.join(s['geometry']) if s['geometry'] else ''}\n"
+        f"{'; real nuclei of ' + ', '.join(s['geometry']) if s['geometry'] else ''}"
+        f"{'; nuclei: ' + s['nuclei'] if s['nuclei'] else ''}\n"
         f"oracle ceiling: {o['accuracy_analytic']:.3f} analytic, "
         f"{o['accuracy_monte_carlo']:.3f} Monte Carlo, {o['accuracy_empirical']:.3f} on these cases\n"
         f"time: {s['seconds']:.1f} s with {s['workers']} worker(s)"

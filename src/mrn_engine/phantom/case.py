@@ -38,6 +38,7 @@ from mrn_engine.phantom.model import (
     QSM_NUCLEI,
     draw_class_latents,
 )
+from mrn_engine.phantom.nuclei_size import NUCLEI_CHOICES, draw_target_volumes, erode_to_volumes
 from mrn_engine.phantom.real_geometry import aligned_warp, deform_labels, depigmentation_weight
 from mrn_engine.phantom.site import SITES, Site
 
@@ -110,6 +111,7 @@ def make_phantom_case(
     effect: float = 1.0,
     site: Site | None = None,
     geometry=None,
+    nuclei: str = "challenge",
 ) -> PhantomCase:
     """Generate one subject (deterministic for ``seed``; a few seconds on one core).
 
@@ -123,12 +125,17 @@ def make_phantom_case(
         how the anatomy is imaged, never the latents or the oracle.
     geometry: a :class:`~mrn_engine.phantom.real_geometry.RealGeometry` whose (randomly
         deformed) real nuclei masks replace the atlas nuclei.
+    nuclei: without ``geometry``, ``"challenge"`` erodes the atlas nuclei to per-subject
+        volumes about those of the challenge's masks; ``"atlas"`` keeps them whole (cohorts
+        made before the option), see :mod:`mrn_engine.phantom.nuclei_size`.
     """
     site = SITES["A"] if site is None else site
     if label not in (0, 1):
         raise ValueError(f"{case_id}: label must be 0 (HC) or 1 (PD), got {label!r}")
     if not effect >= 0:
         raise ValueError(f"{case_id}: effect must be >= 0, got {effect!r}")
+    if nuclei not in NUCLEI_CHOICES:
+        raise ValueError(f"{case_id}: nuclei must be one of {NUCLEI_CHOICES}, got {nuclei!r}")
     rng = np.random.default_rng(seed)
     lat = draw_class_latents(label, rng, effect)
     severity, age = lat["severity"], lat["age"]
@@ -156,6 +163,9 @@ def make_phantom_case(
     qsm_mask = np.where(brain, codes & (NM_BIT - 1), 0).astype(np.uint8)
     nm_region = ((codes & NM_BIT) > 0) & brain
     nm_side = np.where(qsm_mask == 11, 1, np.where(qsm_mask == 12, 2, 0)).astype(np.uint8)
+    if geometry is None and nuclei == "challenge":  # own stream: the other draws stay the same
+        size_rng = np.random.default_rng(np.random.SeedSequence([seed, 0x51E]))
+        qsm_mask = erode_to_volumes(qsm_mask, draw_target_volumes(size_rng), VOXEL_MM)
     if geometry is not None:  # real nuclei (randomly deformed) replace the atlas nuclei
         qsm_mask, nm_side = geometry_labels
         nm_region = nm_side > 0

@@ -36,6 +36,7 @@ from mrn_engine.phantom.model import (
     oracle_monte_carlo,
     separation,
 )
+from mrn_engine.phantom.nuclei_size import NUCLEI_CHOICES
 from mrn_engine.phantom.real_geometry import load_real_geometry
 from mrn_engine.phantom.site import SITES, parse_sites
 
@@ -97,14 +98,22 @@ def _is_complete(root: Path, case_id: str) -> bool:
     return (root / RECORD_DIR / f"{case_id}.json").is_file()
 
 
-def _generate_one(root: str, item: dict, effect: float, geometry: str | None = None) -> dict:
+def _generate_one(
+    root: str, item: dict, effect: float, geometry: str | None = None, nuclei: str = "challenge"
+) -> dict:
     """Worker: make, write and record one case; returns its record."""
     subject = None
     if item.get("geometry"):
         subject = {s.name: s for s in load_real_geometry(geometry)}[item["geometry"]]
     site = SITES[item.get("site", "A")]
     case = make_phantom_case(
-        item["label"], item["seed"], item["case_id"], effect, site=site, geometry=subject
+        item["label"],
+        item["seed"],
+        item["case_id"],
+        effect,
+        site=site,
+        geometry=subject,
+        nuclei=nuclei,
     )
     write_phantom_case(case, Path(root))
     record = {**item, "latents": case.latents}
@@ -157,6 +166,7 @@ def generate_cohort(
     effect: float = 1.0,
     site: str | list[str] = "A",
     geometry: str | Path | None = None,
+    nuclei: str = "challenge",
 ) -> dict:
     """Generate ``n`` phantom subjects in the challenge layout under ``out``.
 
@@ -165,6 +175,9 @@ def generate_cohort(
     ``site``: one site name or several (``"A,B,C"``: cases spread evenly over them), see
     :mod:`mrn_engine.phantom.site`. ``geometry``: a folder of real nuclei masks
     (:mod:`mrn_engine.phantom.real_geometry`); cases use its subjects in equal shares.
+    ``nuclei``: ``"challenge"`` (atlas nuclei eroded to the challenge masks' sizes) or
+    ``"atlas"`` (whole atlas nuclei, as cohorts made before the option); ignored with
+    ``geometry`` (:mod:`mrn_engine.phantom.nuclei_size`).
     """
     sites = [s.name for s in parse_sites(site)]
     subjects = None
@@ -177,6 +190,10 @@ def generate_cohort(
         raise InputDataError(f"{out}: val_fraction must be between 0 and 1, got {val_fraction}")
     if not effect >= 0.0:
         raise InputDataError(f"{out}: effect must be >= 0, got {effect}")
+    if nuclei not in NUCLEI_CHOICES:
+        raise InputDataError(
+            f"{out}: nuclei must be one of {', '.join(NUCLEI_CHOICES)}, got {nuclei!r}"
+        )
     workers = max(1, int(workers))
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -193,6 +210,8 @@ def generate_cohort(
         settings["sites"] = {s: SITES[s].to_dict() for s in sites}
     if subjects is not None:
         settings["geometry"] = {"folder": geometry, "subjects": subjects}
+    elif nuclei != "atlas":  # absent for the atlas-sized cohorts made before the option
+        settings["nuclei"] = nuclei
     _check_settings(root, settings)
     for stale in root.glob(".tmp-RJPD_*"):  # leftovers of a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -216,7 +235,7 @@ def generate_cohort(
     try:
         if workers == 1 or len(todo) <= 1:
             for p in todo:
-                records[p["case_id"]] = _generate_one(str(root), p, effect, geometry)
+                records[p["case_id"]] = _generate_one(str(root), p, effect, geometry, nuclei)
                 if bar is not None:
                     bar.update(1)
         else:
@@ -224,7 +243,9 @@ def generate_cohort(
             with ProcessPoolExecutor(
                 min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
             ) as pool:
-                futures = [pool.submit(_generate_one, str(root), p, effect, geometry) for p in todo]
+                futures = [
+                    pool.submit(_generate_one, str(root), p, effect, geometry, nuclei) for p in todo
+                ]
                 for fut in as_completed(futures):
                     rec = fut.result()
                     records[rec["case_id"]] = rec
@@ -286,6 +307,7 @@ def generate_cohort(
         "n_val": splits["val"],
         "sites": {s: sum(r.get("site", "A") == s for r in ordered) for s in sites},
         "geometry": subjects,
+        "nuclei": None if subjects is not None else nuclei,
         "oracle": oracle,
         "seconds": elapsed,
         "workers": workers,
