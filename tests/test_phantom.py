@@ -77,23 +77,24 @@ def test_all_labels_present_and_left_right(phantom_root):
                 right,
             )
         assert _centroid_x(nm_mask, 1) < _centroid_x(nm_mask, 2)
-        # NM SN overlaps the QSM SN of its own side only (by 32-75 % in the real masks)
-        for side, sn in ((1, 11), (2, 12)):
-            on = qsm_mask[nm_mask == side]
-            assert 0.25 <= np.mean(on == sn) <= 0.95, (folder.name, side, np.mean(on == sn))
-            assert not np.any(on == 23 - sn), folder.name
+        # NM SN sits inside the QSM SN of the same side and is smaller
+        assert np.all(qsm_mask[nm_mask == 1] == 11) and np.all(qsm_mask[nm_mask == 2] == 12)
+        assert (nm_mask == 1).sum() < (qsm_mask == 11).sum()
 
 
-def test_atlas_nuclei_option_keeps_the_whole_atlas_nuclei(pair):
-    """``nuclei="atlas"``: the cohorts made before the option, NM SN inside the larger QSM SN."""
-    big = make_phantom_case(0, 11, "RJPD_900", nuclei="atlas")
-    small = pair[0]
-    np.testing.assert_array_equal(big.nm, small.nm)  # only the QSM nuclei differ
+def test_challenge_size_nuclei_option(pair):
+    """``nuclei="challenge"``: only the QSM nuclei change, to cores of the atlas's nuclei."""
+    big = pair[0]
+    small = make_phantom_case(0, 11, "RJPD_900", nuclei="challenge")
+    np.testing.assert_array_equal(big.nm, small.nm)
     np.testing.assert_array_equal(big.nm_mask, small.nm_mask)
-    assert np.all(big.qsm_mask[big.nm_mask == 1] == 11)
-    assert np.all(big.qsm_mask[big.nm_mask == 2] == 12)
-    # every challenge-size nucleus is the atlas nucleus's core
     assert np.all(big.qsm_mask[small.qsm_mask > 0] == small.qsm_mask[small.qsm_mask > 0])
+    assert set(np.unique(small.qsm_mask)) == set(range(17))
+    # the NM SN now overlaps the QSM SN of its own side only in part (32-75 % in real masks)
+    for side, sn in ((1, 11), (2, 12)):
+        on = small.qsm_mask[small.nm_mask == side]
+        assert 0.25 <= np.mean(on == sn) <= 0.95, (side, np.mean(on == sn))
+        assert not np.any(on == 23 - sn)
     with pytest.raises(ValueError, match="nuclei must be one of"):
         make_phantom_case(0, 11, nuclei="mni")
 
@@ -252,9 +253,9 @@ def test_rerun_regenerates_only_incomplete_cases(phantom_root, tmp_path):
     np.testing.assert_array_equal(new, old)
     with pytest.raises(InputDataError, match="other settings"):
         generate_cohort(root, n=N_FIXTURE, seed=SEED_FIXTURE + 1, workers=1, progress=False)
-    assert json.loads((root / "phantom.json").read_text())["nuclei"] == "challenge"
-    with pytest.raises(InputDataError, match="other settings"):  # atlas-size nuclei differ
-        generate_cohort(root, n=N_FIXTURE, seed=SEED_FIXTURE, nuclei="atlas", progress=False)
+    assert "nuclei" not in json.loads((root / "phantom.json").read_text())  # atlas: as before
+    with pytest.raises(InputDataError, match="other settings"):  # challenge-size nuclei differ
+        generate_cohort(root, n=N_FIXTURE, seed=SEED_FIXTURE, nuclei="challenge", progress=False)
     with pytest.raises(InputDataError, match="nuclei must be one of"):
         generate_cohort(tmp_path / "x", n=4, nuclei="big", progress=False)
 

@@ -44,10 +44,27 @@ def test_target_volumes_follow_the_challenge_masks():
 
 
 def test_phantom_nuclei_have_the_challenge_sizes():
-    hc = make_phantom_case(0, 11, "RJPD_900")
+    hc = make_phantom_case(0, 11, "RJPD_900", nuclei="challenge")
     for lab in QSM_LABELS:
         mean, cv = CHALLENGE_VOLUME_MM3[nucleus_type(lab)]
         vol = float((hc.qsm_mask == lab).sum()) * VOXEL_MM3
         # the globus pallidus of the atlas is already about the challenge's size
         lo = mean * np.exp(-3 * cv) if nucleus_type(lab) != "globus_pallidus" else 0.5 * mean
         assert lo <= vol <= mean * np.exp(3 * cv), (QSM_LABELS[lab], vol, mean)
+
+
+def test_cli_nuclei_option(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mrn_engine.cli import cli
+
+    out = tmp_path / "cohort"
+    args = ["phantom", "--out", str(out), "--n", "2", "--workers", "1", "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--nuclei", "challenge"])
+    assert result.exit_code == 0, result.output
+    assert "nuclei: challenge" in result.output
+    assert json.loads((out / "phantom.json").read_text())["nuclei"] == "challenge"
+    bad = CliRunner().invoke(cli, [*args, "--nuclei", "big"])
+    assert bad.exit_code == 2 and "'big' is not one of" in bad.output

@@ -63,11 +63,11 @@ import click
 @click.option(
     "--nuclei",
     type=click.Choice(["challenge", "atlas"]),
-    default="challenge",
+    default="atlas",
     show_default=True,
-    help="Without --geometry: 'challenge' erodes the atlas nuclei to per-subject volumes "
-    "about those of the challenge's own masks (the atlas's are up to 3x larger); 'atlas' "
-    "keeps them whole, as cohorts made before this option.",
+    help="Without --geometry: 'atlas' keeps the atlas's nuclei whole (up to 3x the volume of "
+    "the challenge's own masks); 'challenge' erodes them to per-subject volumes about those "
+    "of the challenge's masks (docs/phantom.md).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def phantom(

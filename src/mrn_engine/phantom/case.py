@@ -111,7 +111,7 @@ def make_phantom_case(
     effect: float = 1.0,
     site: Site | None = None,
     geometry=None,
-    nuclei: str = "challenge",
+    nuclei: str = "atlas",
 ) -> PhantomCase:
     """Generate one subject (deterministic for ``seed``; a few seconds on one core).
 
@@ -125,9 +125,9 @@ def make_phantom_case(
         how the anatomy is imaged, never the latents or the oracle.
     geometry: a :class:`~mrn_engine.phantom.real_geometry.RealGeometry` whose (randomly
         deformed) real nuclei masks replace the atlas nuclei.
-    nuclei: without ``geometry``, ``"challenge"`` erodes the atlas nuclei to per-subject
-        volumes about those of the challenge's masks; ``"atlas"`` keeps them whole (cohorts
-        made before the option), see :mod:`mrn_engine.phantom.nuclei_size`.
+    nuclei: without ``geometry``, ``"atlas"`` keeps the atlas nuclei whole; ``"challenge"``
+        erodes them to per-subject volumes about those of the challenge's masks, see
+        :mod:`mrn_engine.phantom.nuclei_size`.
     """
     site = SITES["A"] if site is None else site
     if label not in (0, 1):

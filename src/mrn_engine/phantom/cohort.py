@@ -99,7 +99,7 @@ def _is_complete(root: Path, case_id: str) -> bool:
 
 
 def _generate_one(
-    root: str, item: dict, effect: float, geometry: str | None = None, nuclei: str = "challenge"
+    root: str, item: dict, effect: float, geometry: str | None = None, nuclei: str = "atlas"
 ) -> dict:
     """Worker: make, write and record one case; returns its record."""
     subject = None
@@ -166,7 +166,7 @@ def generate_cohort(
     effect: float = 1.0,
     site: str | list[str] = "A",
     geometry: str | Path | None = None,
-    nuclei: str = "challenge",
+    nuclei: str = "atlas",
 ) -> dict:
     """Generate ``n`` phantom subjects in the challenge layout under ``out``.
 
@@ -175,9 +175,8 @@ def generate_cohort(
     ``site``: one site name or several (``"A,B,C"``: cases spread evenly over them), see
     :mod:`mrn_engine.phantom.site`. ``geometry``: a folder of real nuclei masks
     (:mod:`mrn_engine.phantom.real_geometry`); cases use its subjects in equal shares.
-    ``nuclei``: ``"challenge"`` (atlas nuclei eroded to the challenge masks' sizes) or
-    ``"atlas"`` (whole atlas nuclei, as cohorts made before the option); ignored with
-    ``geometry`` (:mod:`mrn_engine.phantom.nuclei_size`).
+    ``nuclei``: ``"atlas"`` (whole atlas nuclei) or ``"challenge"`` (atlas nuclei eroded to
+    the challenge masks' sizes); ignored with ``geometry`` (:mod:`mrn_engine.phantom.nuclei_size`).
     """
     sites = [s.name for s in parse_sites(site)]
     subjects = None
@@ -210,7 +209,7 @@ def generate_cohort(
         settings["sites"] = {s: SITES[s].to_dict() for s in sites}
     if subjects is not None:
         settings["geometry"] = {"folder": geometry, "subjects": subjects}
-    elif nuclei != "atlas":  # absent for the atlas-sized cohorts made before the option
+    elif nuclei != "atlas":  # absent for atlas-sized cohorts (those made before the option too)
         settings["nuclei"] = nuclei
     _check_settings(root, settings)
     for stale in root.glob(".tmp-RJPD_*"):  # leftovers of a killed run

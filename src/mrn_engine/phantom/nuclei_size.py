@@ -1,15 +1,14 @@
-"""Nuclei sizes of the challenge's masks for the atlas phantoms (``mrn phantom --nuclei``).
+"""Nuclei of the challenge masks' size for the atlas phantoms (``mrn phantom --nuclei challenge``).
 
-The atlas's nuclei (CIT168, aseg, the modelled dentate) warped onto the challenge grid are
+Warped onto the challenge grid, the atlas's nuclei (CIT168, aseg, the modelled dentate) are
 1.0-3.1 times the volume of the challenge's own nnU-Net masks (caudate 2.5x, thalamus 2.6x,
-STN 3.1x, SN 1.8x, RN 2.8x, dentate 2.2x, globus pallidus 1.0x): the atlas labels were drawn
-on another standard than the challenge's QSM masks. A model trained on atlas-sized nuclei
-reads real-sized nuclei as another kind of case (docs/results.md, "Nuclei of the challenge's
-size"). With ``nuclei="challenge"`` (the default) each atlas nucleus is eroded to a
-per-subject volume drawn around the challenge masks' mean: the voxels kept are those deepest
-inside the nucleus (an exact-volume erosion, so the shape stays the atlas's, thinner), and
-the QSM iron sits in what is kept. ``nuclei="atlas"`` keeps the atlas's nuclei (cohorts made
-before this option existed).
+STN 3.1x, SN 1.8x, RN 2.8x, dentate 2.2x, globus pallidus 1.0x). With ``nuclei="challenge"``
+each atlas nucleus is eroded to a per-subject volume drawn around the challenge masks' mean:
+the voxels kept are those deepest inside the nucleus (an exact-volume erosion, so the shape
+stays the atlas's, thinner), and the QSM iron sits in what is kept. The default,
+``nuclei="atlas"``, keeps the atlas's nuclei: with challenge-size nuclei the demo's AnatCL
+pretraining collapsed and its models learned less (docs/results.md, "Nuclei of the
+challenge's size"), so the option is there to measure with, not yet the default.
 
 The NM SN (the atlas's SNc) is already of the challenge's size (about 700-790 voxels in
 controls, against 720-780 in the real NM masks) and is left as it is.
