@@ -38,7 +38,12 @@ from mrn_engine.phantom.model import (
     QSM_NUCLEI,
     draw_class_latents,
 )
-from mrn_engine.phantom.nuclei_size import NUCLEI_CHOICES, draw_target_volumes, erode_to_volumes
+from mrn_engine.phantom.nuclei_size import (
+    NUCLEI_CHOICES,
+    draw_target_volumes,
+    erode_to_volumes,
+    nucleus_type,
+)
 from mrn_engine.phantom.real_geometry import aligned_warp, deform_labels, depigmentation_weight
 from mrn_engine.phantom.site import SITES, Site
 
@@ -81,11 +86,6 @@ def _atlas_tensors() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     chans = torch.from_numpy(np.stack([t1, GM_PPB * gm + WM_PPB * wm, brain, depig]))
     codes = torch.from_numpy(atlas.codes.astype(np.float32))[None]
     return chans, codes, atlas.affine
-
-
-def _nucleus_type(label: int) -> str:
-    name = QSM_LABELS[label]
-    return name.rsplit("_", 1)[0]
 
 
 def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -194,10 +194,10 @@ def make_phantom_case(
     nucleus_means: dict[int, float] = {}
     offsets = {name: rng.normal(0.0, sd) for name, (_, sd, _, _) in QSM_NUCLEI.items()}
     for lab in sorted(QSM_LABELS):
-        base, sd, age_slope, sev_slope = QSM_NUCLEI[_nucleus_type(lab)]
+        base, sd, age_slope, sev_slope = QSM_NUCLEI[nucleus_type(lab)]
         nucleus_means[lab] = (
             base
-            + offsets[_nucleus_type(lab)]
+            + offsets[nucleus_type(lab)]
             + rng.normal(0.0, sd / 2.0)
             + age_slope * (age - AGE_MEAN)
             + sev_slope * severity
