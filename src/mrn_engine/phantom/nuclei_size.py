@@ -86,11 +86,6 @@ def erode_to_volumes(
         if n_keep >= n_have:
             continue
         depth = distance_transform_edt(inside, sampling=spacing)[inside]
-        order = np.argsort(-depth, kind="stable")
-        keep = np.zeros(n_have, bool)
-        keep[order[:n_keep]] = True
-        sub = out[box]
-        idx = np.nonzero(inside)
-        drop = tuple(i[~keep] for i in idx)
-        sub[drop] = 0
+        shallowest = np.argsort(-depth, kind="stable")[n_keep:]
+        out[box][tuple(i[shallowest] for i in np.nonzero(inside))] = 0
     return out
