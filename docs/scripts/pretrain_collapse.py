@@ -5,7 +5,11 @@ collapsed value? (docs/pretraining.md, "Why the ViT's loss sat at the collapsed 
 
 Each setting: ``aug`` = 1 (the training augmentation without the mirror, ``--augment full``),
 0 (no augmentation) or ``geom`` (``--augment geometric``); ``tau`` (temperature), ``lr``,
-``sigma``. Same seed, batch 16, global kernel, STEPS optimiser steps. Prints per setting the
+``sigma``; ``desc`` = ``all`` (default), ``novol`` (no volume or volume asymmetry), ``vol``
+(volumes only) or ``nm`` (the NM SN's mean contrast and its asymmetry); ``inst`` = weight
+``w`` of an instance term: the loss is ``(1 - w) * AnatCL + w * NT-Xent`` (the same
+InfoNCE with only the two views of a case as positives), and ``anatcl_last10`` reports the
+AnatCL part alone.: which descriptors the kernel reads. Same seed, batch 16, global kernel, STEPS optimiser steps. Prints per setting the
 mean loss of the first and last 10 steps, the collapsed value log(2B - 1), and the spread of
 the pooled backbone features over 32 un-augmented cases relative to their mean (a collapsed
 backbone gives every case nearly the same features).
@@ -23,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from mrn_engine.config import get_preset
-from mrn_engine.models.yaware import anatcl_loss
+from mrn_engine.models.yaware import anatcl_loss, yaware_loss
 from mrn_engine.pretraining.cohort import load_pretrain_cohort
 from mrn_engine.pretraining.data import TwoViewDataset
 from mrn_engine.pretraining.descriptors import descriptor_names, region_groups, standardise
@@ -45,7 +49,12 @@ def main() -> None:
     cohort = load_pretrain_cohort(root, cfg.roi, None, memo_file=memo, progress=False)
     names = descriptor_names(with_age=False)
     std = standardise(cohort.descriptors, names)
-    desc = torch.from_numpy(std.matrix)
+    columns = {
+        "all": list(range(len(names))),
+        "novol": [i for i, n in enumerate(names) if "volume" not in n],
+        "vol": [i for i, n in enumerate(names) if n.endswith(".volume")],
+        "nm": [i for i, n in enumerate(names) if n.startswith("NM_SN.") and "volume" not in n],
+    }
     groups = list(region_groups(names).values())
     for spec in settings:
         o = dict(kv.split("=") for kv in spec.split(",")) if spec != "base" else {}
@@ -54,12 +63,15 @@ def main() -> None:
         reset_layerscale(model, 1.0)
         opt = torch.optim.AdamW(model.parameters(), lr=float(o.get("lr", 3e-4)), weight_decay=0.05)
         aug = o.get("aug", "1")
+        desc = torch.from_numpy(std.matrix[:, columns[o.get("desc", "all")]])
         ds = TwoViewDataset(
             std.case_ids, roi_loader(cohort.files, cfg, cache), seed=1, intensity=aug != "geom"
         )
         if aug == "0":
             ds.augmenter = lambda rois, key: rois
         losses: list[float] = []
+        anatcl: list[float] = []
+        inst = float(o.get("inst", 0.0))
         t0, epoch = time.time(), 0
         while len(losses) < steps:
             ds.set_epoch(epoch)
@@ -68,14 +80,19 @@ def main() -> None:
             for b in DataLoader(ds, BATCH, shuffle=True, collate_fn=default_collate,
                                 drop_last=True, generator=gen):  # fmt: skip
                 z = model({n: torch.cat([b["v0"][n], b["v1"][n]]) for n in b["v0"]})
+                tau = float(o.get("tau", 0.1))
                 loss = anatcl_loss(
                     z,
                     desc[b["index"]],
                     sigma=float(o.get("sigma", 0.5)),
-                    temperature=float(o.get("tau", 0.1)),
+                    temperature=tau,
                     variant="global",
                     groups=groups,
                 )
+                anatcl.append(loss.item())
+                if inst:
+                    same = torch.eye(len(b["index"])).repeat(2, 2)
+                    loss = (1 - inst) * loss + inst * yaware_loss(z, same, tau)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -91,6 +108,7 @@ def main() -> None:
             "setting": spec,
             "loss_first10": round(float(np.mean(losses[:10])), 3),
             "loss_last10": round(float(np.mean(losses[-10:])), 3),
+            "anatcl_last10": round(float(np.mean(anatcl[-10:])), 3),
             "collapsed": round(math.log(2 * BATCH - 1), 3),
             "feature_spread": round(spread, 4),
             "seconds": round(time.time() - t0),

@@ -54,6 +54,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anchor", choices=("val", "train"), default="val")
+    ap.add_argument(
+        "--anchor-extra",
+        type=Path,
+        action="append",
+        default=[],
+        help="labelled training-site cohort no fold trained on: its controls join every anchor",
+    )
     args = ap.parse_args()
 
     import torch
@@ -86,7 +93,13 @@ def main() -> None:
         return vectors[tag]
 
     train_ids = sorted({c for ids in per_fold.values() for c in ids})
-    train_vec = vecs(f"train-controls-{args.anchor}", root, train_ids)
+    train_vec = dict(vecs(f"train-controls-{args.anchor}", root, train_ids))
+    for extra in args.anchor_extra:
+        labels = find_labels(extra)
+        hc = sorted(c for c, y in labels.items() if y == 0)
+        ev = vecs(f"anchor-extra-{extra.resolve()}", extra, hc)
+        train_vec |= {f"{extra}/{c}": ev[c] for c in hc}
+        per_fold = {k: [*ids, *(f"{extra}/{c}" for c in hc)] for k, ids in per_fold.items()}
     anchors = anchors_from_vectors(train_vec, per_fold)
     rng = np.random.default_rng(args.seed)
     n_controls = [int(v) for v in args.controls.split(",")]
@@ -141,6 +154,7 @@ def main() -> None:
         "train_root": str(root),
         "repeats": args.repeats,
         "anchor": args.anchor,
+        "anchor_extra": [str(p) for p in args.anchor_extra],
         "controls": n_controls,
         "seconds": round(time.time() - t0, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
