@@ -9,7 +9,8 @@ Each setting: ``aug`` = 1 (the training augmentation without the mirror, ``--aug
 (volumes only) or ``nm`` (the NM SN's mean contrast and its asymmetry); ``inst`` = weight
 ``w`` of an instance term: the loss is ``(1 - w) * AnatCL + w * NT-Xent`` (the same
 InfoNCE with only the two views of a case as positives), and ``anatcl_last10`` reports the
-AnatCL part alone.: which descriptors the kernel reads. Same seed, batch 16, global kernel, STEPS optimiser steps. Prints per setting the
+AnatCL part alone; ``only`` = ROI names joined by ``+``: the other ROIs' images are replaced
+by zeros (which ROI's crops does the network learn from?).: which descriptors the kernel reads. Same seed, batch 16, global kernel, STEPS optimiser steps. Prints per setting the
 mean loss of the first and last 10 steps, the collapsed value log(2B - 1), and the spread of
 the pooled backbone features over 32 un-augmented cases relative to their mean (a collapsed
 backbone gives every case nearly the same features).
@@ -79,7 +80,11 @@ def main() -> None:
             gen = torch.Generator().manual_seed(epoch)
             for b in DataLoader(ds, BATCH, shuffle=True, collate_fn=default_collate,
                                 drop_last=True, generator=gen):  # fmt: skip
-                z = model({n: torch.cat([b["v0"][n], b["v1"][n]]) for n in b["v0"]})
+                views = {n: torch.cat([b["v0"][n], b["v1"][n]]) for n in b["v0"]}
+                if "only" in o:
+                    keep = o["only"].split("+")
+                    views = {n: x if n in keep else torch.zeros_like(x) for n, x in views.items()}
+                z = model(views)
                 tau = float(o.get("tau", 0.1))
                 loss = anatcl_loss(
                     z,
