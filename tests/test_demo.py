@@ -8,6 +8,7 @@ VM; several minutes when the machine is shared).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -64,17 +65,29 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     )
     assert not list((out / "unlabeled").glob("*.csv"))
     assert 0.5 <= summary["oracle"]["population"] <= 1.0
-    # the ViT was AnatCL-pretrained on the 8 labelled (labels unread) + 10 unlabelled images,
-    # and every fold started from those weights (their hash is in the bundle)
+    # the ViT was AnatCL-pretrained on the 8 labelled (labels unread) + 10 unlabelled images.
+    # One epoch is one optimiser step: the loss cannot get below the collapsed value, so the
+    # demo says so and trains from random initialisation rather than from weights that did
+    # not learn (the path from learned weights: test_pretraining_run, test_pretraining_collapse)
     pre = summary["anatcl_pretraining"]
     assert pre["n_cases"] == 18 and pre["epochs"] == 1
     card = json.loads((out / "anatcl" / "anatcl.card.json").read_text())
+    assert card["collapsed"] is True and pre["collapsed"] is True and pre["used"] is False
+    assert pre["loss_last"] > pre["loss_collapsed"] - 0.05
+    assert "training from random initialisation instead" in r.output
     info = json.loads((out / "bundle" / "bundle.json").read_text())
-    assert info["weights_provenance"]["sha256"] == card["weights_sha256"]
+    assert info["weights_provenance"]["format"] == "random-init"
     assert card["data"]["labels_read"] is False
     assert str(out / "calibration") not in card["data"]["roots"]
+    # a bundle whose backbone was pretrained on that pool (its provenance names the card)
+    # refuses the pool for the ensemble calibration: its folds agree more there
+    pre_bundle = tmp_path / "pre_bundle"
+    shutil.copytree(out / "bundle", pre_bundle)
+    card_ref = {"file": str(out / "anatcl" / "anatcl.card.json")}
+    prov = dict(info["weights_provenance"], card=card_ref)
+    (pre_bundle / "bundle.json").write_text(json.dumps(dict(info, weights_provenance=prov)))
     with pytest.raises(InputDataError, match="10 case.s. the backbone was pretrained on left out"):
-        calibrate_ensemble(out / "bundle", out / "unlabeled", device="cpu")  # its pool: refused
+        calibrate_ensemble(pre_bundle, out / "unlabeled", device="cpu")  # its pool: refused
     bundle = open_bundle(out / "bundle")
     assert bundle.folds == [0, 1]
     # the bundle's place is recorded for napari-mrn (which offers it first)

@@ -147,6 +147,12 @@ def pretrain_cmd(
         f"{card['data']['n_cases']} cases"
     )
     click.echo(f"weights: {out}\ncard: {card_path(out)}")
+    if card["collapsed"]:
+        click.echo(  # the last line the user reads; the warning above has the figures
+            f"COLLAPSED: the loss ended {curve[-1]['loss']:.3f}, not below the collapsed value "
+            f"{curve[-1]['uniform']:.3f}; these weights did not learn",
+            err=True,
+        )
 
 
 def register(group: click.Group) -> None:

@@ -23,13 +23,14 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from mrn_engine.errors import WeightsError
+from mrn_engine.errors import MRNWarning, WeightsError
 from mrn_engine.runtime import file_sha256
 
 #: keys a classifier checkpoint may carry that our head-less backbone does not have
@@ -151,11 +152,28 @@ def load_backbone_weights(vit: nn.Module, path: str | os.PathLike, name: str = "
     card = card_provenance(path, sha)
     if card:
         out["card"] = card
+        if card.get("collapsed") and card.get("matches"):
+            warnings.warn(
+                f"{path}: its card says the pretraining collapsed (it did not learn); these "
+                "weights are no better a start than random initialisation",
+                MRNWarning,
+                stacklevel=2,
+            )
     return out
 
 
 #: card entries copied into a bundle's weights provenance
-_CARD_KEYS = ("kind", "preset", "arch", "loss", "epochs", "seed", "created", "code_version")
+_CARD_KEYS = (
+    "kind",
+    "preset",
+    "arch",
+    "loss",
+    "epochs",
+    "seed",
+    "created",
+    "code_version",
+    "collapsed",
+)
 
 
 def card_provenance(path: str | os.PathLike, sha256: str) -> dict:

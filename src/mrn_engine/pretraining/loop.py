@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,10 +32,11 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from mrn_engine.config import RunConfig, atomic_write_text
-from mrn_engine.errors import ConfigError, WeightsError
+from mrn_engine.errors import ConfigError, MRNWarning, WeightsError
 from mrn_engine.models.weights import load_backbone_weights
 from mrn_engine.models.yaware import VARIANTS, anatcl_floor, anatcl_loss
 from mrn_engine.pretraining.cohort import PretrainCohort, load_pretrain_cohort
+from mrn_engine.pretraining.collapse import COLLAPSE_MARGIN, collapse_note, is_collapsed
 from mrn_engine.pretraining.data import TwoViewDataset
 from mrn_engine.pretraining.descriptors import (
     Standardised,
@@ -264,6 +266,8 @@ def pretrain(
     card = _card(cfg, opts, cohort, std, curve, finished, time.time() - t0, cache)
     card["init"] = init
     if finished:
+        if card["collapsed"]:
+            warnings.warn(f"{weights_out}: {collapse_note(curve)}", MRNWarning, stacklevel=2)
         save_state_dict(model.backbone_state(), weights_out)
         card["weights_sha256"] = file_sha256(weights_out)
         atomic_write_text(card_path(weights_out), json.dumps(card, indent=2))
@@ -363,6 +367,8 @@ def _card(
         "seed": opts.seed,
         "options": _comparable(opts),
         "loss_curve": curve,
+        "collapsed": is_collapsed(curve),
+        "collapse_rule": f"last epoch's loss > log(2B - 1) - {COLLAPSE_MARGIN}",
         "seconds_this_run": round(seconds, 1),
         "roi_cache": {"hits": cache.hits, "misses": cache.misses},
     }

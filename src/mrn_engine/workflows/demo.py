@@ -4,7 +4,9 @@
    (``DIR/heldout``, other seed; its labels are used only for scoring);
 2. pretrain the ViT slice backbone with AnatCL on the images of ``DIR/cohort`` and
    ``DIR/unlabeled`` (no diagnosis labels read; ``DIR/anatcl/anatcl.safetensors`` + card), as
-   ``mrn pretrain`` does; ``anatcl_epochs=0`` keeps the random init;
+   ``mrn pretrain`` does; ``anatcl_epochs=0`` keeps the random init, and so does a pretraining
+   that did not learn (:func:`~mrn_engine.pretraining.collapse.is_collapsed`; the summary says
+   so under ``anatcl_pretraining``);
 3. train the ``cpu-tiny`` k-fold ensemble from it into ``DIR/bundle`` (a bundle napari-mrn opens),
    measure the fold models' agreement on ``DIR/unlabeled`` (seed + 50 000, label files removed)
    for the ensemble calibration (``mrn calibrate --unlabeled``; with the AnatCL pretraining on
@@ -31,6 +33,7 @@ from mrn_engine.bundle import record_demo_bundle
 from mrn_engine.config import RunConfig, atomic_write_text, get_preset
 from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.phantom import generate_cohort
+from mrn_engine.pretraining.collapse import collapse_note, is_collapsed
 from mrn_engine.pretraining.loop import PretrainOptions, card_path, pretrained_weights
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.training.ensemble_calibration import MIN_CASES
@@ -116,6 +119,7 @@ def _pretrain(
     )
     card = json.loads(card_path(weights).read_text())
     curve = card["loss_curve"]
+    collapsed = is_collapsed(curve)
     info = {
         "weights": str(weights),
         "n_cases": card["data"]["n_cases"],
@@ -123,11 +127,16 @@ def _pretrain(
         "loss_first": curve[0]["loss"],
         "loss_last": curve[-1]["loss"],
         "loss_collapsed": curve[-1]["uniform"],
+        "collapsed": collapsed,
+        "used": not collapsed,
     }
     log(
         f"      loss {info['loss_first']:.3f} -> {info['loss_last']:.3f}"
         f" (collapsed {info['loss_collapsed']:.3f})"
     )
+    if collapsed:  # measured: ensembles from collapsed weights were at chance
+        log(f"      note: {collapse_note(curve)}; training from random initialisation instead")
+        return cfg, info
     return cfg.replace(model={"backbone_weights": str(weights)}), info
 
 
