@@ -3,8 +3,8 @@
 AnatCL's loss (:func:`~mrn_engine.models.yaware.anatcl_loss`) equals ``log(2B - 1)`` when every
 projection is the same (the card's ``uniform``). A backbone that finds no image feature
 predicting the weak labels' kernel ends there: spreading the projections at random costs
-more. Measured (docs/pretraining.md, "The collapse check"): collapsed runs ended 0.003 below
-to 0.07 above that value, runs that learned 0.11 to 0.58 below it. A run whose last epoch ends
+more. Measured (docs/pretraining.md, "The collapse check"): collapsed runs ended between 0.003
+below and 0.12 above that value, runs that learned 0.13 to 1.14 below it. A run whose last epoch ends
 less than :data:`COLLAPSE_MARGIN` below it has given no evidence of learning, and its weights
 are no better a start than random initialisation (measured: ensembles at chance).
 """
