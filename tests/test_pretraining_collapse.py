@@ -80,6 +80,18 @@ def test_an_uninformative_kernel_is_flagged_and_warned_about(cohort, tmp_path):
     assert "COLLAPSED: the loss ended" in res.output and "did not learn" in res.output
 
 
+def test_anatcl3d_trunk_from_a_collapsed_run_warns_on_loading(cohort, tmp_path):
+    cfg = get_preset("cpu-tiny").replace(roi=dict(SMALL), model={"arch": "anatcl3d"})
+    opts = PretrainOptions(arch="anatcl3d", epochs=1, batch_size=4, device="cpu", sigma=1e4)
+    out = tmp_path / "r3d.safetensors"
+    with pytest.warns(MRNWarning, match="pretraining did not learn"):
+        card = pretrain(cohort, out, cfg, opts, cache_dir=tmp_path / "c", progress=False)
+    assert card["collapsed"] is True
+    with pytest.warns(MRNWarning, match="collapsed"):
+        model = build_model(cfg.replace(model={"backbone_weights": str(out)}))
+    assert model.weights_provenance["card"]["collapsed"] is True
+
+
 def test_a_card_that_learned_loads_without_a_warning(cohort, tmp_path, recwarn):
     cfg = get_preset("cpu-tiny").replace(roi=dict(SMALL))
     out = tmp_path / "w.safetensors"

@@ -27,7 +27,7 @@ from torch import nn
 from mrn_engine.config import ModelConfig, RoiConfig
 from mrn_engine.errors import ConfigError, WeightsError
 from mrn_engine.models.multiroi import MultiRoiClassifier
-from mrn_engine.models.weights import card_provenance, read_state_dict
+from mrn_engine.models.weights import card_provenance, read_state_dict, warn_if_collapsed
 from mrn_engine.runtime import file_sha256
 
 
@@ -115,4 +115,5 @@ def load_trunk_weights(trunk: ResNet18Trunk, path: str | os.PathLike) -> dict:
     card = card_provenance(path, sha)
     if card:
         out["card"] = card
+        warn_if_collapsed(path, card)
     return out

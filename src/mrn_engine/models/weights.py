@@ -152,14 +152,19 @@ def load_backbone_weights(vit: nn.Module, path: str | os.PathLike, name: str = "
     card = card_provenance(path, sha)
     if card:
         out["card"] = card
-        if card.get("collapsed") and card.get("matches"):
-            warnings.warn(
-                f"{path}: its card says the pretraining collapsed (it did not learn); these "
-                "weights are no better a start than random initialisation",
-                MRNWarning,
-                stacklevel=2,
-            )
+        warn_if_collapsed(path, card)
     return out
+
+
+def warn_if_collapsed(path: str | os.PathLike, card: dict) -> None:
+    """Warn when the ``mrn pretrain`` card of these very weights says the run collapsed."""
+    if card.get("collapsed") and card.get("matches"):
+        warnings.warn(
+            f"{path}: its card says the pretraining collapsed (it did not learn); these "
+            "weights are no better a start than random initialisation",
+            MRNWarning,
+            stacklevel=3,
+        )
 
 
 #: card entries copied into a bundle's weights provenance
