@@ -148,3 +148,20 @@ def test_floor_bounds_the_loss_and_flags_an_uninformative_kernel():
     local = anatcl_floor(desc, sigma=1.0, variant="local", groups=[[0, 1], [2, 3, 4]])
     parts = [anatcl_floor(desc[:, grp], sigma=1.0) for grp in ([0, 1], [2, 3, 4])]
     assert float(local) == pytest.approx(float(sum(parts) / 2), rel=1e-6)
+
+
+def test_roi_variant_scores_each_roi_embedding_against_its_own_kernel():
+    torch.manual_seed(0)
+    desc = torch.randn(6, 5)
+    groups = [[0, 1], [2, 3, 4]]
+    z = torch.randn(2, 12, 8)  # two ROIs, 2 views x 6 cases each
+    got = anatcl_loss(z, desc, sigma=0.5, variant="roi", groups=groups)
+    want = [anatcl_loss(z[r], desc[:, g], sigma=0.5) for r, g in enumerate(groups)]
+    assert float(got) == pytest.approx(float(torch.stack(want).mean()), rel=1e-6)
+    # each ROI answers to its own descriptors: swapping the kernels changes the loss
+    swapped = anatcl_loss(z.flip(0), desc, sigma=0.5, variant="roi", groups=groups)
+    assert float(swapped) != pytest.approx(float(got), rel=1e-3)
+    with pytest.raises(ConfigError, match="one embedding per ROI"):
+        anatcl_loss(z[0], desc, variant="roi", groups=groups)  # a case-level embedding
+    with pytest.raises(ConfigError, match="one embedding per ROI"):
+        anatcl_loss(z, desc, variant="roi", groups=[[0, 1]])  # too few groups

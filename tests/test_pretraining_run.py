@@ -26,6 +26,7 @@ from mrn_engine.pretraining.descriptors import (
     case_descriptors,
     descriptor_names,
     region_groups,
+    roi_groups,
     standardise,
 )
 from mrn_engine.pretraining.loop import (
@@ -273,6 +274,42 @@ def test_compare_includes_the_anatcl3d_row(cohort, tmp_path):
 
 
 @pytest.mark.slow
+def test_roi_groups_follow_the_rois():
+    names = descriptor_names(with_age=True)
+    groups = roi_groups(names)
+    assert list(groups) == list(ROI_NAMES)
+    picked = {r: {names[i].split(".")[0] for i in g} for r, g in groups.items()}
+    assert picked["nm_sn"] == {"NM_SN", "age"}
+    assert picked["qsm_midbrain"] == {"QSM_STN", "QSM_SN", "QSM_RN", "age"}
+    assert picked["qsm_bg"] == {
+        "QSM_caudate", "QSM_putamen", "QSM_globus_pallidus", "QSM_thalamus", "age"
+    }  # fmt: skip
+    assert picked["qsm_dentate"] == {"QSM_dentate", "age"}
+    every = sorted(i for g in groups.values() for i in g if names[i] != "age")
+    assert every == [i for i, n in enumerate(names) if n != "age"]  # each descriptor once
+
+
+def test_roi_variant_pretrains_one_projection_per_roi_and_train_loads_it(cohort, tmp_path):
+    from mrn_engine.pretraining.encoder import build_embedder
+
+    cfg = small_cfg()
+    emb = build_embedder(cfg, "vit", per_roi=True)
+    x = {n: torch.rand(3, cfg.roi.slices[n], 28, 28) * 255 for n in ROI_NAMES}
+    z = emb(x)
+    assert z.shape == (len(ROI_NAMES), 3, cfg.model.proj_dim)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(len(ROI_NAMES), 3), atol=1e-5)
+    opts = PretrainOptions(epochs=1, batch_size=4, device="cpu", variant="roi")
+    out = tmp_path / "roi.safetensors"
+    card = pretrain(cohort, out, cfg, opts, cache_dir=tmp_path / "c", progress=False)
+    assert card["loss"]["variant"] == "roi" and card["finished"]
+    last = card["loss_curve"][-1]
+    assert 0 <= last["floor"] <= last["uniform"] and math.isfinite(last["loss"])
+    model = build_model(small_cfg(backbone_weights=str(out)))  # the ViT only, timm layout
+    state = load_file(str(out))
+    vit = model.res.patchnizer.vit.state_dict()
+    assert set(state) == set(vit) and all(torch.equal(vit[k], state[k]) for k in state)
+
+
 def test_mrn_pretrain_cli(cohort, tmp_path):
     out = tmp_path / "w.safetensors"
     args = ["pretrain", str(cohort), "--out", str(out), "--epochs", "1", "--batch-size", "4"]

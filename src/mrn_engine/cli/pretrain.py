@@ -37,10 +37,11 @@ from mrn_engine.threads import set_threads
 )
 @click.option(
     "--variant",
-    type=click.Choice(["global", "local"]),
+    type=click.Choice(["global", "local", "roi"]),
     default="global",
     show_default=True,
-    help="AnatCL kernel on all descriptors (global) or one per nucleus, losses averaged (local).",
+    help="AnatCL kernel on all descriptors (global), one per nucleus, losses averaged (local), "
+    "or one projection per ROI with the kernel of its own nuclei (roi).",
 )
 @click.option(
     "--init-weights",

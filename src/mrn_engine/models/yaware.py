@@ -26,6 +26,10 @@ Variants (AnatCL 3.2: "local" and "global" descriptors):
 * ``local``: one kernel per region on that region's descriptors alone, one loss per region,
   averaged over the regions: two subjects are pulled together by each region in which they
   are anatomically alike, rather than only when alike everywhere.
+* ``roi`` (ours): one embedding per MRN ROI (``z`` of shape ``(R, N, d)``), each with the
+  kernel of the nuclei inside that ROI only, losses averaged. With one case-level embedding,
+  the cpu-tiny ViT learns only the midbrain crop, and nothing when the midbrain nuclei are of
+  the challenge's size (docs/pretraining.md, "Per-ROI kernels").
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 
 from mrn_engine.errors import ConfigError
 
-VARIANTS = ("global", "local")
+VARIANTS = ("global", "local", "roi")
 
 
 def rbf_kernel(desc: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -112,14 +116,27 @@ def anatcl_loss(
 
     Parameters
     ----------
-    z: embeddings of ``V`` views of ``B`` cases: rows ``v*B + b``.
+    z: embeddings of ``V`` views of ``B`` cases: rows ``v*B + b``; for ``"roi"``, one such
+        matrix per ROI, stacked: ``(R, V*B, d)``.
     desc: standardised descriptors of the ``B`` cases (missing values imputed beforehand).
     sigma: RBF bandwidth in cohort SDs (module docstring).
-    variant: ``"global"`` (one kernel on all descriptors) or ``"local"`` (one per group).
+    variant: ``"global"`` (one kernel on all descriptors), ``"local"`` (one per group) or
+        ``"roi"`` (group ``r``'s kernel for ROI embedding ``r``).
     groups: for ``"local"``, the descriptor column indices of each region.
     """
     if variant not in VARIANTS:
         raise ConfigError(f"unknown AnatCL variant {variant!r}; choose one of {VARIANTS}")
+    if variant == "roi":
+        if not groups or z.ndim != 3 or z.shape[0] != len(groups):
+            raise ConfigError(
+                "the roi AnatCL variant needs one embedding per ROI (R, N, d) and R groups"
+            )
+        return torch.stack(
+            [
+                anatcl_loss(z_r, desc[:, list(g)], sigma=sigma, temperature=temperature)
+                for z_r, g in zip(z, groups, strict=True)
+            ]
+        ).mean()
     b = desc.shape[0]
     if z.shape[0] % b:
         raise ConfigError(f"{z.shape[0]} embeddings for {b} cases: not a whole number of views")

@@ -27,7 +27,7 @@ import numpy as np
 
 from mrn_engine.config import RoiConfig
 from mrn_engine.data.cases import Case
-from mrn_engine.data.labels import QSM_LABELS
+from mrn_engine.data.labels import QSM_LABELS, ROIS
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.rois.intensity import nm_mapping, qsm_to_ppm_factor
 
@@ -51,6 +51,17 @@ def region_groups(names: Sequence[str]) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         groups.setdefault(n.split(".")[0], []).append(i)
+    return groups
+
+
+def roi_groups(names: Sequence[str]) -> dict[str, list[int]]:
+    """ROI name -> column indices of ``names`` describing the nuclei inside that ROI, plus age
+    when present (the ``roi`` variant's kernels: the NM SN for ``nm_sn``, caudate to thalamus
+    for ``qsm_bg`` ...)."""
+    groups: dict[str, list[int]] = {}
+    for roi in ROIS:
+        regions = {f"{roi.modality}_{c}" for c in roi.classes} | {AGE}  # age concerns them all
+        groups[roi.name] = [i for i, n in enumerate(names) if n.split(".")[0] in regions]
     return groups
 
 

@@ -45,15 +45,42 @@ def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
-class ViTEmbedder(nn.Module):
-    """DINOv2 ViT slice backbone -> per-ROI mean [CLS] -> (B, 4D) -> projection."""
+class _Projected(nn.Module):
+    """``features`` (B, R*F) -> L2-normalised projections: one head on the whole vector
+    (B, proj_dim), or with ``per_roi`` one head per ROI on its own F features (R, B, proj_dim),
+    for AnatCL's ``roi`` variant."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def _projections(self, feature_dim: int, proj_dim: int, per_roi: bool) -> None:
+        self.feature_dim = feature_dim
+        self.per_roi = per_roi
+        if per_roi:
+            per = feature_dim // len(ROI_NAMES)
+            self.heads = nn.ModuleList(projection_head(per, proj_dim) for _ in ROI_NAMES)
+        else:
+            self.head = projection_head(feature_dim, proj_dim)
+
+    def features(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised projections: (B, proj_dim), or (R, B, proj_dim) per ROI."""
+        f = self.features(rois)
+        if not self.per_roi:
+            return F.normalize(self.head(f), dim=1)
+        parts = f.split(self.feature_dim // len(ROI_NAMES), dim=1)
+        return torch.stack(
+            [F.normalize(h(x), dim=1) for h, x in zip(self.heads, parts, strict=True)]
+        )
+
+
+class ViTEmbedder(_Projected):
+    """DINOv2 ViT slice backbone -> per-ROI mean [CLS] -> (B, 4D) -> projection(s)."""
+
+    def __init__(self, cfg: RunConfig, per_roi: bool = False) -> None:
         super().__init__()
         vit = create_vit(cfg.model.backbone, cfg.roi.image_size, cfg.model.drop_path)
         self.patchnizer = DinoPatchnizer(vit)
-        self.feature_dim = len(ROI_NAMES) * self.patchnizer.embed_dim
-        self.head = projection_head(self.feature_dim, cfg.model.proj_dim)
+        self._projections(len(ROI_NAMES) * self.patchnizer.embed_dim, cfg.model.proj_dim, per_roi)
 
     def features(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, 4D) pooled backbone output of ``rois[name]`` (B, S, H, W) in [0, 255]."""
@@ -65,39 +92,33 @@ class ViTEmbedder(nn.Module):
             out.append(cls.reshape(b, s, -1).mean(dim=1))
         return torch.cat(out, dim=1)
 
-    def forward(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """L2-normalised projections (B, proj_dim)."""
-        return F.normalize(self.head(self.features(rois)), dim=1)
-
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The ViT's ``state_dict`` in timm's key layout (what ``mrn train --weights`` loads)."""
         return self.patchnizer.vit.state_dict()
 
 
-class Res3DEmbedder(nn.Module):
-    """3D ResNet-18 trunk per ROI volume -> (B, 4F) -> projection."""
+class Res3DEmbedder(_Projected):
+    """3D ResNet-18 trunk per ROI volume -> (B, 4F) -> projection(s)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, per_roi: bool = False) -> None:
         super().__init__()
         self.trunk = ResNet18Trunk(int(cfg.model.seres_widths[-1]))
-        self.feature_dim = len(ROI_NAMES) * self.trunk.out_dim
-        self.head = projection_head(self.feature_dim, cfg.model.proj_dim)
+        self._projections(len(ROI_NAMES) * self.trunk.out_dim, cfg.model.proj_dim, per_roi)
 
     def features(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([self.trunk(volume_input(rois[n])) for n in ROI_NAMES], dim=1)
-
-    def forward(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return F.normalize(self.head(self.features(rois)), dim=1)
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The trunk's ``state_dict`` (what ``model.arch="anatcl3d"`` loads)."""
         return self.trunk.state_dict()
 
 
-def build_embedder(cfg: RunConfig, arch: str = "vit") -> ViTEmbedder | Res3DEmbedder:
-    """The embedder of ``arch`` for the preset ``cfg``."""
+def build_embedder(
+    cfg: RunConfig, arch: str = "vit", per_roi: bool = False
+) -> ViTEmbedder | Res3DEmbedder:
+    """The embedder of ``arch`` for the preset ``cfg`` (``per_roi``: one projection per ROI)."""
     if arch == "vit":
-        return ViTEmbedder(cfg)
+        return ViTEmbedder(cfg, per_roi)
     if arch == "anatcl3d":
-        return Res3DEmbedder(cfg)
+        return Res3DEmbedder(cfg, per_roi)
     raise ConfigError(f"unknown pretraining arch {arch!r}; choose one of {ARCHS}")

@@ -42,6 +42,7 @@ from mrn_engine.pretraining.descriptors import (
     Standardised,
     descriptor_names,
     region_groups,
+    roi_groups,
     standardise,
 )
 from mrn_engine.pretraining.encoder import build_embedder
@@ -67,7 +68,7 @@ class PretrainOptions:
     """Settings of one pretraining run (all recorded in the card)."""
 
     arch: str = "vit"  #: "vit" (the preset's DINOv2 backbone) or "anatcl3d"
-    variant: str = "global"  #: AnatCL kernel: "global" or "local"
+    variant: str = "global"  #: AnatCL kernel: "global", "local" or "roi" (one per ROI embedding)
     #: RBF bandwidth, in cohort SDs of the descriptors (docs/pretraining.md: at 1.0 the kernel
     #: on the 36 phantom descriptors is nearly uniform, loss floor 3.37 vs 3.43 collapsed)
     sigma: float = 0.5
@@ -148,11 +149,12 @@ def pretrain(
     )
     names = descriptor_names(with_age=ages is not None)
     std = standardise(cohort.descriptors, names)
-    groups = list(region_groups(names).values())
+    per_roi = opts.variant == "roi"
+    groups = list((roi_groups(names) if per_roi else region_groups(names)).values())
     desc = torch.from_numpy(std.matrix)
 
     seed_everything(opts.seed)
-    model = build_embedder(cfg, opts.arch)
+    model = build_embedder(cfg, opts.arch, per_roi=per_roi)
     init: dict[str, Any] = {"format": "random-init"}
     if opts.arch == "vit" and cfg.model.backbone_weights:  # continue from e.g. DINOv2 weights
         init = load_backbone_weights(
