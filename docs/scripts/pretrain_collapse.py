@@ -11,8 +11,8 @@ Each setting: ``aug`` = 1 (the training augmentation without the mirror, ``--aug
 InfoNCE with only the two views of a case as positives), and ``anatcl_last10`` reports the
 AnatCL part alone; ``only`` = ROI names joined by ``+``: the other ROIs' images are replaced
 by zeros (which ROI's crops does the network learn from?); ``perroi=1``: one projection head
-per ROI, each with the kernel of the nuclei inside that ROI only, losses averaged (the
-reported AnatCL part is that mean).: which descriptors the kernel reads. Same seed, batch 16, global kernel, STEPS optimiser steps. Prints per setting the
+per ROI, each with the kernel of the nuclei inside that ROI only, losses averaged
+(``mrn pretrain --variant roi``; the ``desc`` setting is then ignored).: which descriptors the kernel reads. Same seed, batch 16, global kernel, STEPS optimiser steps. Prints per setting the
 mean loss of the first and last 10 steps, the collapsed value log(2B - 1), and the spread of
 the pooled backbone features over 32 un-augmented cases relative to their mean (a collapsed
 backbone gives every case nearly the same features).
@@ -27,16 +27,18 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 
 from mrn_engine.config import get_preset
-from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.models.yaware import anatcl_loss, yaware_loss
 from mrn_engine.pretraining.cohort import load_pretrain_cohort
 from mrn_engine.pretraining.data import TwoViewDataset
-from mrn_engine.pretraining.descriptors import descriptor_names, region_groups, standardise
-from mrn_engine.pretraining.encoder import build_embedder, projection_head
+from mrn_engine.pretraining.descriptors import (
+    descriptor_names,
+    roi_groups,
+    standardise,
+)
+from mrn_engine.pretraining.encoder import build_embedder
 from mrn_engine.rois.cache import RoiCache, config_hash
 from mrn_engine.runtime import seed_everything
 from mrn_engine.training.cv import roi_loader
@@ -60,27 +62,12 @@ def main() -> None:
         "vol": [i for i, n in enumerate(names) if n.endswith(".volume")],
         "nm": [i for i, n in enumerate(names) if n.startswith("NM_SN.") and "volume" not in n],
     }
-    groups = list(region_groups(names).values())
     desc_all = torch.from_numpy(std.matrix)
-    roi_nuclei = {
-        "nm_sn": ("NM_SN",),
-        "qsm_bg": ("QSM_caudate", "QSM_putamen", "QSM_globus_pallidus", "QSM_thalamus"),
-        "qsm_midbrain": ("QSM_STN", "QSM_SN", "QSM_RN"),
-        "qsm_dentate": ("QSM_dentate",),
-    }
-    ROI_DESCRIPTORS = {
-        r: [i for i, n in enumerate(names) if n.split(".")[0] in nuclei]
-        for r, nuclei in roi_nuclei.items()
-    }
     for spec in settings:
         o = dict(kv.split("=") for kv in spec.split(",")) if spec != "base" else {}
         seed_everything(1)
-        model = build_embedder(cfg, "vit")
-        if o.get("perroi") == "1":
-            d = model.patchnizer.embed_dim
-            model.heads = torch.nn.ModuleList(
-                projection_head(d, cfg.model.proj_dim) for _ in ROI_NAMES
-            )
+        per_roi = o.get("perroi") == "1"
+        model = build_embedder(cfg, "vit", per_roi=per_roi)
         reset_layerscale(model, 1.0)
         opt = torch.optim.AdamW(model.parameters(), lr=float(o.get("lr", 3e-4)), weight_decay=0.05)
         aug = o.get("aug", "1")
@@ -104,32 +91,15 @@ def main() -> None:
                 if "only" in o:
                     keep = o["only"].split("+")
                     views = {n: x if n in keep else torch.zeros_like(x) for n, x in views.items()}
-                if o.get("perroi") == "1":
-                    feats = model.features(views).split(model.patchnizer.embed_dim, dim=1)
-                    zs = [F.normalize(h(f), dim=1) for h, f in zip(model.heads, feats, strict=True)]
-                    loss = torch.stack([
-                        anatcl_loss(z_r, desc_all[b["index"]][:, ROI_DESCRIPTORS[r]],
-                                    sigma=float(o.get("sigma", 0.5)),
-                                    temperature=float(o.get("tau", 0.1)))
-                        for r, z_r in zip(ROI_NAMES, zs, strict=True)
-                    ]).mean()  # fmt: skip
-                    anatcl.append(loss.item())
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.item())
-                    if len(losses) >= steps:
-                        break
-                    continue
                 z = model(views)
                 tau = float(o.get("tau", 0.1))
                 loss = anatcl_loss(
                     z,
-                    desc[b["index"]],
+                    desc_all[b["index"]] if per_roi else desc[b["index"]],
                     sigma=float(o.get("sigma", 0.5)),
                     temperature=tau,
-                    variant="global",
-                    groups=groups,
+                    variant="roi" if per_roi else "global",
+                    groups=list(roi_groups(names).values()) if per_roi else None,
                 )
                 anatcl.append(loss.item())
                 if inst:
