@@ -73,6 +73,17 @@ def phantom_root(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def unlabelled_cases(tmp_path_factory):
+    """Six tiny synthetic cases, no label files at all (pretraining must not need them)."""
+    from mrn_engine.badinput.cases import write_case
+
+    root = tmp_path_factory.mktemp("unlabelled")
+    for i in range(6):
+        write_case(root / f"RJPD_{i:03d}", seed=i, pd=i % 2)
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Two shared cores: one torch thread is far faster than two oversubscribed ones."""

@@ -10,7 +10,6 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from mrn_engine.badinput.cases import write_case
 from mrn_engine.cli import cli
 from mrn_engine.config import get_preset
 from mrn_engine.errors import MRNWarning
@@ -45,11 +44,8 @@ def test_the_rule_on_measured_curves():
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("unlabelled")
-    for i in range(6):
-        write_case(root / f"RJPD_{i:03d}", seed=i, pd=i % 2)
-    return root
+def cohort(unlabelled_cases):
+    return unlabelled_cases
 
 
 def test_an_uninformative_kernel_is_flagged_and_warned_about(cohort, tmp_path):

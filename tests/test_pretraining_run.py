@@ -43,12 +43,8 @@ SMALL = {"image_size": 28, "slices": {"nm_sn": 2, "qsm_bg": 3, "qsm_midbrain": 2
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """Six tiny synthetic cases, no label files at all (pretraining must not need them)."""
-    root = tmp_path_factory.mktemp("unlabelled")
-    for i in range(6):
-        write_case(root / f"RJPD_{i:03d}", seed=i, pd=i % 2)
-    return root
+def cohort(unlabelled_cases):
+    return unlabelled_cases
 
 
 def small_cfg(**model):
