@@ -1,7 +1,7 @@
 """Site harmonisation from local controls (``mrn site-adapt``) on the transfer cohorts.
 
     python docs/scripts/site_adaptation_benchmark.py BUNDLE OUT_DIR NAME=DIR [NAME=DIR ...] \
-        [--train-root DIR] [--controls 5,10] [--repeats 20] [--threads 1]
+        [--train-root DIR] [--controls 5,10] [--repeats 20] [--threads 1] [--same-site NAME]
 
 For each labelled test cohort ``NAME=DIR`` (one scanner each): every case's patient vectors
 are computed once (one diagnosis-only prediction per case, all folds). Then, ``--repeats``
@@ -16,6 +16,12 @@ and (b) with the site shift; and (c) the shift's accuracy on **imbalanced** targ
 must not depend on the site's PD prevalence. The fitted shift equals ``mrn site-adapt``'s
 (the same ``fit_site_adaptation``); P(PD) = the head on the shifted patient vector, then the
 bundle's calibration, as ``MRNPredictor`` does (tested in tests/test_site_adaptation.py).
+
+With ``--same-site NAME`` (the cohort of the training site), each shifted row also gets 95 %
+intervals from resampling the cases: for the predicted PD share, and for the accuracy gap to
+``NAME``. The gap is paired (case by case) when the two cohorts hold the same subjects
+(``mrn phantom`` with the same ``--seed``/``--n`` and another ``--site``: travelling
+subjects), and independent otherwise.
 
 Writes ``OUT_DIR/site_adaptation.json``, ``.md`` and ``site_adaptation.png`` (P(PD) per cohort
 before/after).
@@ -43,6 +49,58 @@ def _score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
+def _same_subjects(a: Path, b: Path) -> bool:
+    """True when two phantom cohorts hold the same subjects (same seed and size, any site)."""
+    try:
+        sa, sb = (json.loads((f / "phantom.json").read_text()) for f in (a, b))
+    except (OSError, ValueError):
+        return False
+    keys = ("seed", "n", "effect", "nuclei")
+    return all(sa.get(k) == sb.get(k) for k in keys)
+
+
+def _case_intervals(
+    y: np.ndarray,
+    pd_rate: np.ndarray,
+    same_site: tuple[np.ndarray, np.ndarray] | None,
+    paired: bool,
+    rng: np.random.Generator,
+    draws: int = 4000,
+) -> dict:
+    """95 % intervals from resampling the cases (stratified by label), on top of the splits.
+
+    ``pd_rate`` is each case's share of PD calls over the repeated splits, so an interval says
+    how far another cohort of the same size could move the figure. With ``same_site`` also
+    the accuracy gap to that cohort: resampled with the same subjects when ``paired``,
+    independently otherwise.
+    """
+    groups = [np.flatnonzero(y == c) for c in (0, 1)]
+    picks = [np.concatenate([rng.choice(g, g.size) for g in groups]) for _ in range(draws)]
+    correct = np.where(y == 1, pd_rate, 1.0 - pd_rate)
+    share = np.array([pd_rate[i].mean() for i in picks])
+    out = {"pd_share_ci": [float(v) for v in np.percentile(share, [2.5, 97.5])]}
+    if same_site is None:
+        return out
+    y_ref, rate_ref = same_site
+    correct_ref = np.where(y_ref == 1, rate_ref, 1.0 - rate_ref)
+    if paired:
+        gap = np.array([correct[i].mean() - correct_ref[i].mean() for i in picks])
+    else:
+        ref_groups = [np.flatnonzero(y_ref == c) for c in (0, 1)]
+        gap = np.array(
+            [
+                correct[i].mean()
+                - correct_ref[np.concatenate([rng.choice(g, g.size) for g in ref_groups])].mean()
+                for i in picks
+            ]
+        )
+    return out | {
+        "gap": float(correct.mean() - correct_ref.mean()),
+        "gap_ci": [float(v) for v in np.percentile(gap, [2.5, 97.5])],
+        "gap_paired": paired,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("bundle", type=Path)
@@ -54,6 +112,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anchor", choices=("val", "train"), default="val")
+    ap.add_argument(
+        "--same-site",
+        default=None,
+        help="NAME of the training-site cohort: gaps to it get 95 %% case-bootstrap intervals",
+    )
     ap.add_argument(
         "--anchor-extra",
         type=Path,
@@ -105,6 +168,7 @@ def main() -> None:
     n_controls = [int(v) for v in args.controls.split(",")]
     results: dict[str, dict] = {}
     curves: dict[str, dict] = {}
+    per_case: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     for spec in args.cohorts:
         name, folder = spec.split("=", 1)
         folder = Path(folder)
@@ -116,7 +180,7 @@ def main() -> None:
         res = {"n": len(ids), "n_pd": int(y.sum()), "trained": _score(y, p_plain)}
         curves[name] = {"y": y.tolist(), "plain": p_plain.tolist()}
         for n_c in n_controls:
-            runs, imbalanced, p_last = [], [], None
+            runs, imbalanced, p_last, calls = [], [], None, []
             for _ in range(args.repeats):
                 hc = rng.permutation(np.flatnonzero(y == 0))
                 pd = rng.permutation(np.flatnonzero(y == 1))
@@ -137,6 +201,7 @@ def main() -> None:
                     imb_y += y[keep].tolist()
                     imb_p += p[keep].tolist()
                 runs.append(_score(y, p))
+                calls.append(p >= 0.5)
                 imbalanced.append(_score(np.array(imb_y), np.array(imb_p)))
                 p_last = p
             res[f"site shift, {n_c} controls"] = {
@@ -146,9 +211,22 @@ def main() -> None:
                 k: float(np.mean([r[k] for r in imbalanced])) for k in ("accuracy", "pd_share")
             } | {"true_pd_share": float(np.mean(imb_y))}
             curves[name][f"{n_c} controls"] = p_last.tolist()
+            per_case[(name, n_c)] = (y, np.mean(calls, axis=0))
         results[name] = res
         print(name, json.dumps(res, indent=1), flush=True)
 
+    if args.same_site:
+        folders = {spec.split("=", 1)[0]: Path(spec.split("=", 1)[1]) for spec in args.cohorts}
+        for (name, n_c), (y, pd_rate) in per_case.items():
+            ref = None if name == args.same_site else per_case[(args.same_site, n_c)]
+            paired = (
+                ref is not None
+                and np.array_equal(y, ref[0])
+                and _same_subjects(folders[name], folders[args.same_site])
+            )
+            results[name][f"site shift, {n_c} controls"] |= _case_intervals(
+                y, pd_rate, ref, paired, rng
+            )
     meta = {
         "bundle": str(args.bundle),
         "train_root": str(root),
@@ -172,10 +250,16 @@ def main() -> None:
             if not isinstance(r, dict):
                 continue
             sd = f" ± {r['accuracy_sd']:.3f}" if "accuracy_sd" in r else ""
+            if "gap_ci" in r:
+                lo, hi = r["gap_ci"]
+                kind = "paired" if r["gap_paired"] else "independent"
+                sd += f"; gap {100 * r['gap']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({kind})"
             auc = f"{r['auc']:.3f}" if "auc" in r else "-"
             share = f"{r['pd_share']:.2f}" + (
                 f" (true {r['true_pd_share']:.2f})" if "true_pd_share" in r else ""
             )
+            if "pd_share_ci" in r:
+                share += " [{:.2f}, {:.2f}]".format(*r["pd_share_ci"])
             lines.append(
                 f"| {name} | {res['n']} | {key} | {r['accuracy']:.3f}{sd} | {auc} | {share} |"
             )
