@@ -175,6 +175,21 @@ def test_fit_site_end_to_end_aligns_the_controls(site_setup, tmp_path):
     report = adaptation.info["site_controls_p_pd"]
     site_p = head_p_pd(plain, v_site, list(v_site), adaptation)
     assert report["adapted"] == pytest.approx(sum(site_p) / len(site_p), abs=1e-9)
+    # leave-one-out: each control is scored by the shift fitted on the other six
+    loo = []
+    for c in v_site:
+        others = [o for o in v_site if o != c]
+        shift = {
+            k: adaptation.shift[k]
+            + torch.stack([v[k] for v in v_site.values()]).mean(0)
+            - torch.stack([v_site[o][k] for o in others]).mean(0)
+            for k in (0, 1)
+        }
+        loo += head_p_pd(plain, v_site, [c], SiteAdaptation(shift))
+    assert report["adapted_leave_one_out"] == pytest.approx(sum(loo) / len(loo), abs=1e-6)
+    assert report["called_pd_leave_one_out"] == sum(p >= 0.5 for p in loo) / len(loo)
+    # a left-out control sits n / (n - 1) times as far from the anchor as in the fit
+    assert np.std(loo) > np.std(site_p) * 1.05
     # fitting on the training controls themselves gives (numerically) no shift
     own = fit_site(bundle, train, device="cpu")
     assert max(float(s.abs().max()) for s in own.shift.values()) < 1e-5
@@ -188,6 +203,7 @@ def test_site_adapt_cli_and_predict_round_trip(site_setup, tmp_path):
     assert res.exit_code == 0, res.output
     assert "7 reference controls" in res.output and out.is_file()
     assert "the site's controls: mean P(PD)" in res.output and "adapted; called PD" in res.output
+    assert "each control left out of the fit and then scored: called PD" in res.output
     pred_dir = tmp_path / "pred"
     res = runner.invoke(
         cli,
@@ -251,3 +267,19 @@ def test_each_fold_is_anchored_on_the_controls_it_never_trained_on(site_setup, t
     assert seen == {0: unseen[1], 1: unseen[0]}
     with pytest.raises(InputDataError, match="anchor"):
         training_controls(predictor, train, "all")
+
+
+def test_training_controls_called_pd_reads_the_out_of_fold_controls(site_setup, tmp_path):
+    """The reference the CLI prints beside the left-out site controls."""
+    import shutil
+
+    from mrn_engine.workflows.site_adaptation import training_controls_called_pd
+
+    bundle = shutil.copytree(site_setup[0], tmp_path / "bundle")
+    assert training_controls_called_pd(MRNPredictor.from_bundle(bundle, device="cpu")) is None
+    rows = {0: [("a", 0, 0.7), ("b", 0, 0.2), ("c", 1, 0.9)], 1: [("d", 0, 0.4), ("e", 0, 0.5)]}
+    for k, fold_rows in rows.items():
+        text = "case_id,label,p_pd\n" + "".join(f"{c},{y},{p}\n" for c, y, p in fold_rows)
+        (bundle / f"fold_{k}" / "oof.csv").write_text(text)
+    share = training_controls_called_pd(MRNPredictor.from_bundle(bundle, device="cpu"))
+    assert share == pytest.approx(2 / 4)  # a (0.7) and e (0.5) of the four controls

@@ -92,6 +92,17 @@ def site_adapt_cmd(
             f"{p['adapted']:.3f} adapted; called PD {p['called_pd_as_trained']:.0%} -> "
             f"{p['called_pd_adapted']:.0%}"
         )
+    if p and "called_pd_leave_one_out" in p:
+        reference = p.get("training_oof_controls_called_pd")
+        click.echo(
+            f"each control left out of the fit and then scored: called PD "
+            f"{p['called_pd_leave_one_out']:.0%} (mean P(PD) {p['adapted_leave_one_out']:.3f})"
+            + (
+                f"; the training site's own controls, out of fold: {reference:.0%}"
+                if reference is not None
+                else ""
+            )
+        )
 
 
 def register(group: click.Group) -> None:

@@ -283,6 +283,31 @@ def head_p_pd(
     return [predictor.calibrate(Probabilities.from_folds(folds, row.tolist())).p_pd for row in p]
 
 
+def leave_one_out_p_pd(
+    predictor: Any,
+    anchors: Anchors,
+    site_vectors: Mapping[str, Mapping[int, torch.Tensor]],
+    site_controls: Sequence[str],
+) -> list[float]:
+    """P(PD) of each site control under a shift fitted on the *other* controls.
+
+    The shift puts the mean of the controls it was fitted on exactly on the anchor, so scoring
+    those same controls flatters it. Left out one at a time, they say how the harmonised
+    bundle calls a healthy subject of this site that it has not seen: comparable with how it
+    calls the training site's own unseen (out-of-fold) controls. Head passes only. Needs one
+    control more than :data:`MIN_CONTROLS`.
+    """
+    site_controls = list(site_controls)
+    out = []
+    for c in site_controls:
+        rest = [o for o in site_controls if o != c]
+        (p,) = head_p_pd(
+            predictor, site_vectors, [c], fit_site_adaptation(anchors, site_vectors, rest)
+        )
+        out.append(p)
+    return out
+
+
 def shift_norms(adaptation: SiteAdaptation) -> dict[int, float]:
     """Fold -> |delta| (how far the site's controls sat from training's)."""
     return {k: float(v.norm()) for k, v in sorted(adaptation.shift.items())}

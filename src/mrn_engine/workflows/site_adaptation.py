@@ -13,16 +13,19 @@ import os
 import warnings
 from pathlib import Path
 
+from mrn_engine.bundle import read_oof
 from mrn_engine.data import discover_cases, find_labels, load_case
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.inference import MRNPredictor
 from mrn_engine.inference.site_adaptation import (
     FEW_CONTROLS,
+    MIN_CONTROLS,
     ProgressFn,
     SiteAdaptation,
     anchors_from_vectors,
     fit_site_adaptation,
     head_p_pd,
+    leave_one_out_p_pd,
     patient_vectors,
 )
 from mrn_engine.training.anchor import read_anchor
@@ -186,7 +189,29 @@ def fit_site(
         "called_pd_as_trained": sum(p >= 0.5 for p in before) / len(before),
         "called_pd_adapted": sum(p >= 0.5 for p in after) / len(after),
     }
+    if len(site_ids) > MIN_CONTROLS:
+        loo = leave_one_out_p_pd(predictor, anchors, site_vec, site_ids)
+        adaptation.info["site_controls_p_pd"] |= {
+            "adapted_leave_one_out": float(sum(loo) / len(loo)),
+            "called_pd_leave_one_out": sum(p >= 0.5 for p in loo) / len(loo),
+        }
+    oof = training_controls_called_pd(predictor)
+    if oof is not None:
+        adaptation.info["site_controls_p_pd"]["training_oof_controls_called_pd"] = oof
     return adaptation
+
+
+def training_controls_called_pd(predictor: MRNPredictor) -> float | None:
+    """Share of the training cohort's controls called PD out of fold (one fold model each).
+
+    The reference for a harmonised site's left-out controls; None without ``oof.csv`` files.
+    """
+    if predictor.bundle is None:
+        return None
+    rows = [r for fold in read_oof(predictor.bundle).values() for r in fold if r["label"] == 0]
+    if not rows:
+        return None
+    return sum(r["p_pd"] >= 0.5 for r in rows) / len(rows)
 
 
 def stored_anchors(predictor: MRNPredictor) -> dict[int, tuple] | None:
