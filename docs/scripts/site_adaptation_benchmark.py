@@ -50,12 +50,16 @@ def _score(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def _same_subjects(a: Path, b: Path) -> bool:
-    """True when two phantom cohorts hold the same subjects (same seed and size, any site)."""
+    """True when two phantom cohorts hold the same subjects (same seed and size, any site).
+
+    Their latents (severity, age, nucleus susceptibilities, ...) are then identical; with
+    ``--nuclei`` or ``--geometry`` differing, so is everything but the nuclei's shape.
+    """
     try:
         sa, sb = (json.loads((f / "phantom.json").read_text()) for f in (a, b))
     except (OSError, ValueError):
         return False
-    keys = ("seed", "n", "effect", "nuclei")
+    keys = ("seed", "n", "effect", "val_fraction")
     return all(sa.get(k) == sb.get(k) for k in keys)
 
 
