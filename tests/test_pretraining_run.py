@@ -313,5 +313,9 @@ def test_mrn_pretrain_cli(cohort, tmp_path):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert out.is_file() and "card:" in res.output
+    # the ViT's default kernel is the per-ROI one (docs/results.md), anatcl3d keeps global
+    assert json.loads(card_path(out).read_text())["loss"]["variant"] == "roi"
+    assert PretrainOptions(arch="anatcl3d").variant == "global"
+    assert PretrainOptions(variant="local").variant == "local"
     bad = CliRunner().invoke(cli, ["pretrain", str(cohort), "--out", str(tmp_path / "w.pt")])
     assert bad.exit_code != 0 and ".safetensors" in bad.output

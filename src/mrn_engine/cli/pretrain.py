@@ -38,10 +38,10 @@ from mrn_engine.threads import set_threads
 @click.option(
     "--variant",
     type=click.Choice(["global", "local", "roi"]),
-    default="global",
-    show_default=True,
+    default=None,
     help="AnatCL kernel on all descriptors (global), one per nucleus, losses averaged (local), "
-    "or one projection per ROI with the kernel of its own nuclei (roi).",
+    "or one projection per ROI with the kernel of its own nuclei (roi).  [default: roi for "
+    "vit, global for anatcl3d]",
 )
 @click.option(
     "--init-weights",
@@ -83,7 +83,7 @@ def pretrain_cmd(
     preset: str,
     config: Path | None,
     arch: str,
-    variant: str,
+    variant: str | None,
     init_weights: Path | None,
     sigma: float,
     temperature: float,
@@ -118,7 +118,7 @@ def pretrain_cmd(
         cfg = cfg.replace(model={"backbone_weights": str(init_weights)})
     opts = PretrainOptions(
         arch=arch,
-        variant=variant,
+        variant=variant or "",
         sigma=sigma,
         temperature=temperature,
         augment=augment,
