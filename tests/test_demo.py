@@ -29,7 +29,7 @@ def demo_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, demo_cache):
+def test_demo_quick_end_to_end(tmp_path, demo_cache, monkeypatch):
     from mrn_engine.bundle import last_demo_bundle
     from mrn_engine.cli import cli
     from mrn_engine.errors import InputDataError
@@ -71,7 +71,7 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     # not learn (the path from learned weights: test_pretraining_run, test_pretraining_collapse)
     pre = summary["anatcl_pretraining"]
     assert pre["n_cases"] == 18 and pre["epochs"] == 1
-    card = json.loads((out / "anatcl" / "anatcl.card.json").read_text())
+    card = json.loads((out / "anatcl" / "anatcl_roi.card.json").read_text())
     assert card["collapsed"] is True and pre["collapsed"] is True and pre["used"] is False
     assert pre["loss_last"] > pre["loss_collapsed"] - 0.05
     assert "training from random initialisation instead" in r.output
@@ -83,7 +83,7 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     # refuses the pool for the ensemble calibration: its folds agree more there
     pre_bundle = tmp_path / "pre_bundle"
     shutil.copytree(out / "bundle", pre_bundle)
-    card_ref = {"file": str(out / "anatcl" / "anatcl.card.json")}
+    card_ref = {"file": str(out / "anatcl" / "anatcl_roi.card.json")}
     prov = dict(info["weights_provenance"], card=card_ref)
     (pre_bundle / "bundle.json").write_text(json.dumps(dict(info, weights_provenance=prov)))
     with pytest.raises(InputDataError, match="10 case.s. the backbone was pretrained on left out"):
@@ -101,8 +101,23 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache):
     assert len((out / "bundle" / "ablation" / "masking_table.csv").read_text().splitlines()) == 17
     # re-running resumes: nothing is regenerated or retrained
     before = (out / "bundle" / "fold_0" / "model.safetensors").read_bytes()
-    stamp = (out / "anatcl" / "anatcl.safetensors").stat().st_mtime_ns
+    stamp = (out / "anatcl" / "anatcl_roi.safetensors").stat().st_mtime_ns
     r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--threads", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     assert (out / "bundle" / "fold_0" / "model.safetensors").read_bytes() == before
-    assert (out / "anatcl" / "anatcl.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "anatcl" / "anatcl_roi.safetensors").stat().st_mtime_ns == stamp
+    # a folder made with another AnatCL kernel: a run of its own, never the other's weights
+    import dataclasses
+
+    import mrn_engine.workflows.demo as demo_module
+
+    base = demo_module.demo_anatcl
+    monkeypatch.setattr(
+        demo_module,
+        "demo_anatcl",
+        lambda *a: dataclasses.replace(base(*a), variant="global"),
+    )
+    r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--threads", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (out / "anatcl" / "anatcl_global.safetensors").is_file()
+    assert (out / "anatcl" / "anatcl_roi.safetensors").stat().st_mtime_ns == stamp

@@ -3,7 +3,7 @@
 1. generate a labelled phantom cohort (``DIR/cohort``) and a separate held-out one
    (``DIR/heldout``, other seed; its labels are used only for scoring);
 2. pretrain the ViT slice backbone with AnatCL on the images of ``DIR/cohort`` and
-   ``DIR/unlabeled`` (no diagnosis labels read; ``DIR/anatcl/anatcl.safetensors`` + card), as
+   ``DIR/unlabeled`` (no diagnosis labels read; ``DIR/anatcl/anatcl_<variant>.safetensors`` + card), as
    ``mrn pretrain`` does; ``anatcl_epochs=0`` keeps the random init, and so does a pretraining
    that did not learn (:func:`~mrn_engine.pretraining.collapse.is_collapsed`; the summary says
    so under ``anatcl_pretraining``);
@@ -108,11 +108,14 @@ def _pretrain(
         f"[2/5] AnatCL pretraining of the ViT: {size.cases + size.unlabeled} cases, labels unread,"
         f" {size.anatcl_epochs} epochs"
     )
+    opts = demo_anatcl(cfg, size, seed)
+    # named by the kernel: a folder made with other demo settings gets a new run (and, through
+    # the new weights path, a bundle that refuses to resume), never a stale reuse
     weights = pretrained_weights(
         roots,
-        out / "anatcl" / "anatcl.safetensors",
+        out / "anatcl" / f"anatcl_{opts.variant}.safetensors",
         cfg,
-        demo_anatcl(cfg, size, seed),
+        opts,
         cache_dir=out / "roi_cache",
         resume=True,
         progress=progress,
