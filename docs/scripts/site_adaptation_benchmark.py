@@ -129,6 +129,9 @@ def main() -> None:
         help="labelled training-site cohort no fold trained on: its controls join every anchor",
     )
     args = ap.parse_args()
+    names = [spec.split("=", 1)[0] for spec in args.cohorts]
+    if args.same_site is not None and args.same_site not in names:
+        ap.error(f"--same-site {args.same_site}: not one of the cohorts ({', '.join(names)})")
 
     import torch
 
