@@ -1,11 +1,11 @@
 """One calibration map for the whole ensemble, fitted on the pooled out-of-fold predictions.
 
 Each fold's ``oof.csv`` holds the cases that fold never trained on; pooled over the folds they
-cover the labelled cohort once. Candidate maps of raw P(PD) (scikit-learn):
+cover the labelled cohort once. Candidate maps of raw P(PD):
 
 - ``identity``: no change;
 - ``temperature``: ``sigmoid(logit(p) / T)`` (``calibration.fit_logistic`` on ``logit(p)``, no
-  intercept: unpenalised, Platt's smoothed targets);
+  intercept: Firth's penalised likelihood);
 - ``platt``: ``sigmoid(a logit(p) + b)`` (``fit_logistic`` with intercept): also moves the
   threshold;
 - ``isotonic``: ``IsotonicRegression`` (monotone, piecewise linear, clipped to [0, 1]).
