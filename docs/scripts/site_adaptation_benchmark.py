@@ -23,13 +23,16 @@ intervals from resampling the cases: for the predicted PD share, and for the acc
 (``mrn phantom`` with the same ``--seed``/``--n`` and another ``--site``: travelling
 subjects), and independent otherwise.
 
-Writes ``OUT_DIR/site_adaptation.json``, ``.md`` and ``site_adaptation.png`` (P(PD) per cohort
-before/after).
+Writes ``OUT_DIR/site_adaptation.json``, ``.md``, ``site_adaptation.png`` (P(PD) per cohort
+before/after) and ``per_case.csv`` (per case: P(PD) as trained, and per number of controls its
+share of PD calls and its mean P(PD) over the repeated splits; ``site_difficulty.py`` pairs two
+bundles with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import time
@@ -176,6 +179,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     curves: dict[str, dict] = {}
     per_case: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    mean_p: dict[tuple[str, int], np.ndarray] = {}
+    case_rows: list[dict] = []
     for spec in args.cohorts:
         name, folder = spec.split("=", 1)
         folder = Path(folder)
@@ -187,7 +192,7 @@ def main() -> None:
         res = {"n": len(ids), "n_pd": int(y.sum()), "trained": _score(y, p_plain)}
         curves[name] = {"y": y.tolist(), "plain": p_plain.tolist()}
         for n_c in n_controls:
-            runs, imbalanced, p_last, calls = [], [], None, []
+            runs, imbalanced, p_last, calls, ps = [], [], None, [], []
             for _ in range(args.repeats):
                 hc = rng.permutation(np.flatnonzero(y == 0))
                 pd = rng.permutation(np.flatnonzero(y == 1))
@@ -209,6 +214,7 @@ def main() -> None:
                     imb_p += p[keep].tolist()
                 runs.append(_score(y, p))
                 calls.append(p >= 0.5)
+                ps.append(p)
                 imbalanced.append(_score(np.array(imb_y), np.array(imb_p)))
                 p_last = p
             res[f"site shift, {n_c} controls"] = {
@@ -219,7 +225,14 @@ def main() -> None:
             } | {"true_pd_share": float(np.mean(imb_y))}
             curves[name][f"{n_c} controls"] = p_last.tolist()
             per_case[(name, n_c)] = (y, np.mean(calls, axis=0))
+            mean_p[(name, n_c)] = np.mean(ps, axis=0)
         results[name] = res
+        case_rows += [
+            {"cohort": name, "case_id": c, "label": int(y[i]), "p_trained": float(p_plain[i])}
+            | {f"pd_rate_{n_c}": float(per_case[(name, n_c)][1][i]) for n_c in n_controls}
+            | {f"p_shift_{n_c}": float(mean_p[(name, n_c)][i]) for n_c in n_controls}
+            for i, c in enumerate(ids)
+        ]
         print(name, json.dumps(res, indent=1), flush=True)
 
     if args.same_site:
@@ -271,6 +284,10 @@ def main() -> None:
                 f"| {name} | {res['n']} | {key} | {r['accuracy']:.3f}{sd} | {auc} | {share} |"
             )
     (args.out / "site_adaptation.md").write_text("\n".join(lines) + "\n")
+    with (args.out / "per_case.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(case_rows[0]))
+        writer.writeheader()
+        writer.writerows(case_rows)
     print("\n".join(lines))
     _figure(curves, args.out / "site_adaptation.png")
 
