@@ -1,7 +1,7 @@
 """Train one cpu-tiny arm (a setting, or a `mrn compare` variant) and score it per fold.
 
     python docs/scripts/training_arm.py --cohort C --cache C_CACHE --out DIR --seed 1 \
-        [--lr-backbone 3e-5] [--variant seres10-moco] [--model use_sfa=false] \
+        [--lr-backbone 3e-5] [--folds 3] [--variant seres10-moco] [--model use_sfa=false] \
         --heldout demo=H1 --heldout new=H2
 
 Used for docs/results.md "Backbone learning rate 3e-4 -> 3e-5": the preset's folds (5 for
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--lr-backbone", type=float)
+    ap.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
     ap.add_argument("--variant", help="a mrn compare variant (default: the preset's MRN)")
     ap.add_argument(
         "--model",
@@ -51,6 +52,8 @@ def main() -> None:
     train = {"seed": args.seed, "device": "cpu"}
     if args.lr_backbone is not None:
         train["lr_backbone"] = args.lr_backbone
+    if args.folds is not None:
+        train["folds"] = args.folds
     cfg = get_preset("cpu-tiny").replace(train=train)
     if args.variant:
         cfg = variant_config(cfg, args.variant)
@@ -65,6 +68,7 @@ def main() -> None:
     result = {
         "seed": args.seed,
         "lr_backbone": cfg.train.lr_backbone,
+        "folds": cfg.train.folds,
         "variant": args.variant or "mrn",
         "model": model,
         "oof": {"accuracy": oof["accuracy"], "auc": oof["auc"], "n": oof["n"]},
