@@ -15,7 +15,7 @@ without intercept: Firth's penalised logistic fit, which keeps a small or separa
 out-of-fold set from driving ``T`` to 0, is nearly unbiased on a few dozen cases, and does not
 depend on the scale of the logits (an L2 penalty on the slope, used before 2026-11-30, shrank
 small-logit models towards *under*confidence: see docs/results.md, "Ensemble calibration";
-Platt's smoothed targets, used until 2026-12-02, shrank the slope by about 8 %).
+Platt's smoothed targets, used until 2026-12-01, shrank the slope by about 8 %).
 
 ``fold_k/calibration.json`` records the method, ``T``, the number of cases, what it was fitted
 on, and ECE (torchmetrics ``BinaryCalibrationError``, 15 equal-width bins, L1) and Brier score
@@ -122,7 +122,7 @@ def fit_logistic(
     maximum-likelihood slope, keeps a separable set finite, and, unlike an L2 penalty, does
     not depend on the scale of ``z``. Fitted by Newton steps on Firth's modified score
     ``X' (y - p + h (1/2 - p))`` (``h``: the hat-matrix diagonal), as R's ``logistf`` does.
-    Platt's smoothed targets, used until 2026-12-02, shrank the slope by about 8 % on 72 cases
+    Platt's smoothed targets, used until 2026-12-01, shrank the slope by about 8 % on 72 cases
     (docs/explain.md).
     """
     z = np.asarray(z, dtype=np.float64).reshape(-1)
