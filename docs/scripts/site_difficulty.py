@@ -1,6 +1,7 @@
 """Transfer loss vs site difficulty: two bundles' per-case calls on the same travelling subjects.
 
-    python docs/scripts/site_difficulty.py REF ROW [ROW ...] [--draws 4000] [--seed 0]
+    python docs/scripts/site_difficulty.py REF ROW [ROW ...] [--draws 4000] [--seed 0] \
+        [--figure PNG --title TEXT]
 
 Each ``REF`` / ``ROW`` is ``LABEL=OUT_DIR:COHORT:SCORING``: ``OUT_DIR`` is a
 ``site_adaptation_benchmark.py`` output (its ``per_case.csv``), ``COHORT`` one of its cohorts,
@@ -11,7 +12,8 @@ subjects: ``mrn phantom`` with the same ``--seed``/``--n``, another ``--site``) 
 accuracy gap ``ROW - REF`` with a 95 % interval from resampling the subjects, stratified by
 label, the same subjects in both. Used for docs/results.md "Is scanner B harder, or is it
 transfer?": the bundle trained at site A and scored at site B, against a bundle trained on the
-same training subjects imaged at site B.
+same training subjects imaged at site B. ``--figure``: every row's accuracy with its 95 %
+interval (subjects resampled), coloured by the cohort scored.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     ap.add_argument("rows", nargs="+")
     ap.add_argument("--draws", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--figure", type=Path)
+    ap.add_argument("--title", default="Accuracy on the same subjects, per training and test site")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     ref_name, ref_y, ref_rate, _ = _load(args.ref)
@@ -64,6 +68,7 @@ def main() -> None:
         return np.array([rate[c] if labels[c] == 1 else 1.0 - rate[c] for c in ids])
 
     ref_ok = correct(ref_rate, ref_y)
+    bars: list[tuple[str, str, float, float, float]] = []
     print("| row | cohort, scoring | accuracy | AUC | predicted PD share | gap to reference |")
     print("|---|---|---|---|---|---|")
     for spec in [args.ref, *args.rows]:
@@ -72,6 +77,14 @@ def main() -> None:
         auc = float(roc_auc_score([labels[c] for c in labels], [score[c] for c in labels]))
         acc = float(np.mean([rate[c] if labels[c] else 1 - rate[c] for c in labels]))
         share = float(np.mean(list(rate.values())))
+        ok_all = np.array([rate[c] if labels[c] else 1 - rate[c] for c in labels])
+        lab = np.array([labels[c] for c in labels])
+        sub = [np.flatnonzero(lab == k) for k in (0, 1)]
+        boot = [
+            ok_all[np.concatenate([rng.choice(g, g.size) for g in sub])].mean()
+            for _ in range(args.draws // 4)
+        ]
+        bars.append((name, scoring[1], acc, *np.percentile(boot, [2.5, 97.5])))
         if spec == args.ref:
             gap = "reference"
         elif sorted(labels) == ids and all(labels[c] == ref_y[c] for c in ids):
@@ -86,6 +99,34 @@ def main() -> None:
             f"{share:.2f} | {gap} |"
         )
     print(f"\n(reference: {ref_name}; {len(ids)} subjects, {args.draws} paired resamples)")
+    if args.figure:
+        _figure(bars, args.figure, args.title)
+
+
+def _figure(bars: list[tuple[str, str, float, float, float]], path: Path, title: str) -> None:
+    """Horizontal bars: accuracy per row with its 95 % interval, coloured by cohort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohorts = sorted({b[1] for b in bars})
+    colours = dict(zip(cohorts, plt.get_cmap("tab10").colors, strict=False))
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(bars) + 1.2))
+    for i, (_name, cohort, acc, lo, hi) in enumerate(bars):
+        ax.barh(i, 100 * acc, color=colours[cohort], alpha=0.8)
+        ax.errorbar(100 * acc, i, xerr=[[100 * (acc - lo)], [100 * (hi - acc)]], color="k", lw=1)
+        ax.text(100 * hi + 0.8, i, f"{100 * acc:.1f} %", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(50, color="grey", lw=0.8, ls=":")
+    ax.set_xlim(40, 100)
+    ax.set_xlabel("held-out accuracy (%), 95 % interval over subjects")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c], alpha=0.8) for c in cohorts]
+    ax.legend(handles, [f"scored at {c}" for c in cohorts], fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
