@@ -8,10 +8,8 @@ masks merge left and right labels, which makes the mirror label-safe.
 Scanner variation (issue 13, docs/phantom.md): the intensity mapping removes a site's NM gain
 and offset exactly, but not its NM contrast-to-noise (sequence contrast / noise level: factor
 0.5-1.7 between the phantom sites), its bias field, or its QSM noise. The NM stacks therefore
-get a contrast scaling of 0.55-1.8 about their mean, a smooth bias field and (since
-2026-12-01, :class:`RandLowerCNRd`) a contrast-to-noise reduction down to x0.5 (contrast
-scaled about the reference tissue, noise added back to one CNR unit), the QSM stacks extra
-noise (up to 12 grey levels = 19 ppb) and a +-10 % scaling; every site of
+get a contrast scaling of 0.55-1.8 about their mean and a smooth bias field, the QSM stacks
+extra noise (up to 12 grey levels = 19 ppb) and a +-10 % scaling; every site of
 :mod:`mrn_engine.phantom.site` lies inside these ranges.
 """
 
@@ -24,7 +22,6 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
-    MapTransform,
     RandAdjustContrastd,
     RandBiasFieldd,
     RandFlipd,
@@ -34,68 +31,12 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
-    RandomizableTransform,
 )
 
-from mrn_engine.config import RoiConfig
 from mrn_engine.data.labels import ROI_BY_NAME
 
 #: largest seed value MONAI's ``set_random_state`` accepts
 _MAX_SEED = 2**32 - 1
-#: grey levels per NM CNR unit, and the grey level of the reference tissue (CNR 0), under the
-#: default mapping window (docs/data.md)
-_NM_LO, _NM_HI = RoiConfig().nm_cnr_window
-NM_GREY_PER_CNR = 255.0 / (_NM_HI - _NM_LO)
-NM_REFERENCE_GREY = -_NM_LO * NM_GREY_PER_CNR
-
-
-class RandLowerCNRd(RandomizableTransform, MapTransform):
-    """A noisier, flatter NM scanner: the contrast-to-noise of a CNR-mapped NM stack x ``f``.
-
-    The stack's contrast about the reference tissue is multiplied by ``f ~ U(low, 1)`` and
-    Gaussian noise of ``noise_cnr * sqrt(1 - f^2)`` CNR units is added, so the image noise
-    stays about one CNR unit (the mapping divides by the reference's spread) while every
-    contrast shrinks: what a scanner with more noise or less NM contrast gives after the CNR
-    mapping. Scaling about the mean alone (``RandScaleIntensityFixedMean``) would shrink the
-    noise with the contrast and keep the CNR. Site B of the phantom (1.5x noise, 0.8x
-    contrast) has ``f`` about 0.53.
-    """
-
-    def __init__(
-        self,
-        keys: str | list[str],
-        low: float = 0.5,
-        noise_cnr: float = 1.0,
-        prob: float = 0.3,
-        reference: float = NM_REFERENCE_GREY,
-        grey_per_cnr: float = NM_GREY_PER_CNR,
-    ) -> None:
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
-        if not 0.0 < low <= 1.0:
-            raise ValueError(f"low must lie in (0, 1], got {low}")
-        self.low, self.noise_cnr = float(low), float(noise_cnr)
-        self.reference, self.grey_per_cnr = float(reference), float(grey_per_cnr)
-        self.factor = 1.0
-
-    def randomize(self, data: object = None) -> None:
-        """Draw whether to apply, and ``f``."""
-        super().randomize(None)
-        if self._do_transform:
-            self.factor = float(self.R.uniform(self.low, 1.0))
-
-    def __call__(self, data: Mapping) -> dict:
-        """Apply to every key (the same ``f``, independent noise)."""
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        sd = self.noise_cnr * self.grey_per_cnr * math.sqrt(max(0.0, 1.0 - self.factor**2))
-        for key in self.key_iterator(d):
-            x = np.asarray(_plain(d[key]), dtype=np.float32)
-            noise = self.R.normal(0.0, sd, size=x.shape).astype(np.float32)
-            d[key] = self.reference + self.factor * (x - self.reference) + noise
-        return d
 
 
 def build_roi_transform(
@@ -132,7 +73,6 @@ def build_roi_transform(
             RandScaleIntensityFixedMeand(keys="image", factors=(-0.45, 0.8), prob=0.5),
             RandBiasFieldd(keys="image", coeff_range=(0.0, 0.15), prob=0.3),
             RandGaussianNoised(keys="image", std=4.0, prob=0.2),
-            RandLowerCNRd(keys="image", low=0.5, prob=0.3),
         ]
     else:
         scanner = [
