@@ -26,8 +26,15 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 
-def _load(spec: str) -> tuple[str, dict[str, int], dict[str, float], dict[str, float]]:
-    """``LABEL=DIR:COHORT:SCORING`` -> (label, labels, P(PD) call rates, scores for AUC)."""
+def _stratified_picks(y: np.ndarray, draws: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``draws`` resamples of the indices of ``y``, each class resampled within itself."""
+    groups = [np.flatnonzero(y == k) for k in (0, 1)]
+    return [np.concatenate([rng.choice(g, g.size) for g in groups]) for _ in range(draws)]
+
+
+def _load(spec: str) -> tuple[str, str, str, dict[str, int], dict[str, float], dict[str, float]]:
+    """``LABEL=DIR:COHORT:SCORING`` -> (label, cohort, scoring, labels, P(PD) call rates,
+    scores for AUC)."""
     label, rest = spec.split("=", 1)
     folder, cohort, scoring = rest.rsplit(":", 2)
     path = Path(folder) / "per_case.csv"
@@ -45,7 +52,7 @@ def _load(spec: str) -> tuple[str, dict[str, int], dict[str, float], dict[str, f
         score = {r["case_id"]: float(r[f"p_shift_{scoring[5:]}"]) for r in rows}
     else:
         raise SystemExit(f"{spec}: scoring must be 'trained' or shiftN with N in {path}")
-    return label, {r["case_id"]: int(r["label"]) for r in rows}, rate, score
+    return label, cohort, scoring, {r["case_id"]: int(r["label"]) for r in rows}, rate, score
 
 
 def main() -> None:
@@ -58,44 +65,41 @@ def main() -> None:
     ap.add_argument("--title", default="Accuracy on the same subjects, per training and test site")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    ref_name, ref_y, ref_rate, _ = _load(args.ref)
+    ref_name, _, _, ref_y, ref_rate, _ = _load(args.ref)
     ids = sorted(ref_y)
-    y = np.array([ref_y[c] for c in ids])
-    groups = [np.flatnonzero(y == k) for k in (0, 1)]
-    picks = [np.concatenate([rng.choice(g, g.size) for g in groups]) for _ in range(args.draws)]
+    picks = _stratified_picks(np.array([ref_y[c] for c in ids]), args.draws, rng)
 
-    def correct(rate: dict[str, float], labels: dict[str, int]) -> np.ndarray:
-        return np.array([rate[c] if labels[c] == 1 else 1.0 - rate[c] for c in ids])
+    def correct(rate: dict[str, float], labels: dict[str, int], order: list[str]) -> np.ndarray:
+        """Per case: the share of correct calls."""
+        return np.array([rate[c] if labels[c] == 1 else 1.0 - rate[c] for c in order])
 
-    ref_ok = correct(ref_rate, ref_y)
+    ref_ok = correct(ref_rate, ref_y, ids)
     bars: list[tuple[str, str, float, float, float]] = []
     print("| row | cohort, scoring | accuracy | AUC | predicted PD share | gap to reference |")
     print("|---|---|---|---|---|---|")
     for spec in [args.ref, *args.rows]:
-        name, labels, rate, score = _load(spec)
-        scoring = spec.rsplit(":", 2)
-        auc = float(roc_auc_score([labels[c] for c in labels], [score[c] for c in labels]))
-        acc = float(np.mean([rate[c] if labels[c] else 1 - rate[c] for c in labels]))
+        name, cohort, scoring, labels, rate, score = _load(spec)
+        order = list(labels)
+        auc = float(roc_auc_score([labels[c] for c in order], [score[c] for c in order]))
+        ok_all = correct(rate, labels, order)
+        acc = float(ok_all.mean())
         share = float(np.mean(list(rate.values())))
-        ok_all = np.array([rate[c] if labels[c] else 1 - rate[c] for c in labels])
-        lab = np.array([labels[c] for c in labels])
-        sub = [np.flatnonzero(lab == k) for k in (0, 1)]
         boot = [
-            ok_all[np.concatenate([rng.choice(g, g.size) for g in sub])].mean()
-            for _ in range(args.draws // 4)
+            ok_all[i].mean()
+            for i in _stratified_picks(np.array([labels[c] for c in order]), args.draws // 4, rng)
         ]
-        bars.append((name, scoring[1], acc, *np.percentile(boot, [2.5, 97.5])))
+        bars.append((name, cohort, acc, *np.percentile(boot, [2.5, 97.5])))
         if spec == args.ref:
             gap = "reference"
         elif sorted(labels) == ids and all(labels[c] == ref_y[c] for c in ids):
-            ok = correct(rate, labels)
+            ok = correct(rate, labels, ids)
             draws = [ok[i].mean() - ref_ok[i].mean() for i in picks]
             lo, hi = np.percentile(draws, [2.5, 97.5])
             gap = f"{100 * (ok.mean() - ref_ok.mean()):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         else:
             gap = "other subjects"
         print(
-            f"| {name} | {scoring[1]}, {scoring[2]} | {100 * acc:.1f} % | {auc:.3f} | "
+            f"| {name} | {cohort}, {scoring} | {100 * acc:.1f} % | {auc:.3f} | "
             f"{share:.2f} | {gap} |"
         )
     print(f"\n(reference: {ref_name}; {len(ids)} subjects, {args.draws} paired resamples)")
