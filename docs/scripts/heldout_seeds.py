@@ -10,7 +10,9 @@ kept in ``CSV_DIR/<name>_big.csv`` (case_id, label, ensemble P(PD), raw and cali
 P(PD)); an existing file is read instead. The arm of ``NAME`` is the name without its
 ``_s<seed>`` suffix. Paired difference: per seed, the accuracy of the arm minus that of the
 reference on the same cases; 95 % bootstrap interval over cases (4000 resamples) of the
-mean over the seeds the two arms share. The labels are read only to score.
+mean over the seeds the two arms share. ``--calibration`` adds per bundle the binned ECE (with
+the noise floor of a perfectly calibrated model on the same P(PD)), Brier score, log loss and
+calibration slope (Firth fit of the label on logit P(PD)). The labels are read only to score.
 """
 
 from __future__ import annotations
@@ -23,10 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from mrn_engine.data.cases import discover_cases, find_labels, load_case
 from mrn_engine.inference.predictor import MRNPredictor
+from mrn_engine.training.calibration import (
+    brier_score,
+    ece_noise_floor,
+    expected_calibration_error,
+    fit_logistic,
+    logit,
+)
 
 
 def predictions(bundle: str, cases: str, out: Path) -> dict[str, tuple[int, float]]:
@@ -60,6 +69,7 @@ def main() -> None:
     ap.add_argument("csv_dir", type=Path)
     ap.add_argument("bundles", nargs="+", help="NAME=BUNDLE, NAME = ARM_s<seed>")
     ap.add_argument("--reference", default="mrn")
+    ap.add_argument("--calibration", action="store_true", help="ECE, Brier, log loss, slope")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.csv_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +90,13 @@ def main() -> None:
         print(
             f"{name}: n {len(ids)}, accuracy {acc:.3f}, AUC {auc:.3f}, PD share {(p >= 0.5).mean():.2f}"
         )
+        if args.calibration:
+            floor, p95 = ece_noise_floor(p)
+            slope, _ = fit_logistic(logit(p), y, intercept=True)
+            print(
+                f"  ECE {expected_calibration_error(y, p):.3f} (floor {floor:.3f} / p95 {p95:.3f}),"
+                f" Brier {brier_score(y, p):.3f}, log loss {log_loss(y, p):.4f}, slope {slope:.2f}"
+            )
     print(
         "\n| arm | seeds | accuracy, mean ± sd | AUC, mean ± sd | accuracy − reference [95 % CI] |"
     )

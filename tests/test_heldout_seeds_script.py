@@ -1,0 +1,52 @@
+"""``docs/scripts/heldout_seeds.py`` on stored per-case CSVs: accuracy, AUC, the paired
+difference against the reference arm and the ``--calibration`` line (nothing is predicted)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "heldout_seeds.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("heldout_seeds", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_rows(path: Path, y: np.ndarray, p: np.ndarray) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "label", "p_pd"])
+        w.writerows(
+            [f"C{i:03d}", int(a), float(b)] for i, (a, b) in enumerate(zip(y, p, strict=True))
+        )
+
+
+def test_scores_paired_difference_and_calibration_from_stored_rows(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 50)
+    good = np.clip(0.5 + 0.35 * (2 * y - 1) + rng.normal(0, 0.1, y.size), 0.01, 0.99)
+    worse = good.copy()
+    worse[:10] = 0.9  # ten controls called PD: 10 points less accurate
+    write_rows(tmp_path / "ref_s1_big.csv", y, good)
+    write_rows(tmp_path / "alt_s1_big.csv", y, worse)
+    args = ["heldout_seeds.py", "UNUSED", str(tmp_path), "ref_s1=X", "alt_s1=Y"]
+    monkeypatch.setattr(sys, "argv", [*args, "--reference", "ref", "--calibration"])
+    load_script().main()
+    out = capsys.readouterr().out
+    acc_ref = ((good >= 0.5) == y).mean()
+    assert f"ref_s1: n 100, accuracy {acc_ref:.3f}" in out
+    assert f"alt_s1: n 100, accuracy {acc_ref - 0.1:.3f}" in out
+    assert "| alt | 1 |" in out and "-10.0 [" in out
+    ece_lines = [line for line in out.splitlines() if line.strip().startswith("ECE")]
+    assert len(ece_lines) == 2
+    ece = float(ece_lines[0].split()[1])
+    assert 0.0 <= ece < 0.5
+    assert "slope" in ece_lines[0] and "floor" in ece_lines[0]
