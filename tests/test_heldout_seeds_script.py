@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mrn_engine.training.calibration import brier_score, expected_calibration_error
+
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "heldout_seeds.py"
 
 
@@ -47,6 +49,6 @@ def test_scores_paired_difference_and_calibration_from_stored_rows(tmp_path, mon
     assert "| alt | 1 |" in out and "-10.0 [" in out
     ece_lines = [line for line in out.splitlines() if line.strip().startswith("ECE")]
     assert len(ece_lines) == 2
-    ece = float(ece_lines[0].split()[1])
-    assert 0.0 <= ece < 0.5
+    assert ece_lines[0].split()[1] == f"{expected_calibration_error(y, good):.3f}"
+    assert f"Brier {brier_score(y, worse):.3f}" in ece_lines[1]
     assert "slope" in ece_lines[0] and "floor" in ece_lines[0]
