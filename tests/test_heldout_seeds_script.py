@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from mrn_engine.training.calibration import brier_score, expected_calibration_error
 
@@ -52,3 +53,23 @@ def test_scores_paired_difference_and_calibration_from_stored_rows(tmp_path, mon
     assert ece_lines[0].split()[1] == f"{expected_calibration_error(y, good):.3f}"
     assert f"Brier {brier_score(y, worse):.3f}" in ece_lines[1]
     assert "slope" in ece_lines[0] and "floor" in ece_lines[0]
+
+
+def test_folds_option_reports_each_fold_models_auc_and_agreement(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 40)
+    folds = np.clip(0.5 + 0.2 * (2 * y[:, None] - 1) + rng.normal(0, 0.2, (80, 2)), 0.02, 0.98)
+    with (tmp_path / "a_s1_big.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "label", "p_pd", "raw0", "raw1", "cal0", "cal1"])
+        for i in range(80):
+            w.writerow([f"C{i:03d}", y[i], folds[i].mean(), *folds[i], *folds[i]])
+    monkeypatch.setattr(
+        sys, "argv", ["heldout_seeds.py", "UNUSED", str(tmp_path), "a_s1=X", "--folds"]
+    )
+    load_script().main()
+    out = capsys.readouterr().out
+    expected = " / ".join(f"{roc_auc_score(y, folds[:, j]):.3f}" for j in range(2))
+    assert f"fold AUCs {expected}," in out
+    z = np.log(folds / (1 - folds))
+    assert f"mean correlation {np.corrcoef(z.T)[0, 1]:.2f}" in out

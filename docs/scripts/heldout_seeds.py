@@ -12,7 +12,9 @@ P(PD)); an existing file is read instead. The arm of ``NAME`` is the name withou
 reference on the same cases; 95 % bootstrap interval over cases (4000 resamples) of the
 mean over the seeds the two arms share. ``--calibration`` adds per bundle the binned ECE (with
 the noise floor of a perfectly calibrated model on the same P(PD)), Brier score, log loss and
-calibration slope (Firth fit of the label on logit P(PD)). The labels are read only to score.
+calibration slope (Firth fit of the label on logit P(PD)). ``--folds`` adds each fold model's
+AUC (raw P(PD)), the mean pairwise correlation of the fold logits, and with ``--calibration``
+each calibrated fold's slope. The labels are read only to score.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def predictions(bundle: str, cases: str, out: Path) -> dict[str, tuple[int, floa
         return {r["case_id"]: (int(r["label"]), float(r["p_pd"])) for r in csv.DictReader(fh)}
 
 
+def fold_columns(path: Path, ids: list[str], prefix: str) -> np.ndarray:
+    """(cases, folds) P(PD) of the columns ``<prefix>0, <prefix>1, ...`` of a stored CSV."""
+    with path.open() as fh:
+        rows = {r["case_id"]: r for r in csv.DictReader(fh)}
+    k = sum(1 for c in rows[ids[0]] if re.fullmatch(rf"{prefix}\d+", c))
+    return np.array([[float(rows[i][f"{prefix}{j}"]) for j in range(k)] for i in ids])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases")
@@ -70,6 +80,7 @@ def main() -> None:
     ap.add_argument("bundles", nargs="+", help="NAME=BUNDLE, NAME = ARM_s<seed>")
     ap.add_argument("--reference", default="mrn")
     ap.add_argument("--calibration", action="store_true", help="ECE, Brier, log loss, slope")
+    ap.add_argument("--folds", action="store_true", help="each fold model's AUC, fold agreement")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.csv_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +108,16 @@ def main() -> None:
                 f"  ECE {expected_calibration_error(y, p):.3f} (floor {floor:.3f} / p95 {p95:.3f}),"
                 f" Brier {brier_score(y, p):.3f}, log loss {log_loss(y, p):.4f}, slope {slope:.2f}"
             )
+        if args.folds:
+            z = logit(fold_columns(args.csv_dir / f"{name}_big.csv", ids, "raw"))
+            aucs = " / ".join(f"{roc_auc_score(y, z[:, j]):.3f}" for j in range(z.shape[1]))
+            rho = np.corrcoef(z.T)[np.triu_indices(z.shape[1], 1)].mean()
+            line = f"  fold AUCs {aucs}, fold logits' mean correlation {rho:.2f}"
+            if args.calibration:
+                zc = logit(fold_columns(args.csv_dir / f"{name}_big.csv", ids, "cal"))
+                slopes = [fit_logistic(zc[:, j], y, intercept=True)[0] for j in range(zc.shape[1])]
+                line += ", calibrated fold slopes " + " / ".join(f"{a:.2f}" for a in slopes)
+            print(line)
     print(
         "\n| arm | seeds | accuracy, mean ± sd | AUC, mean ± sd | accuracy − reference [95 % CI] |"
     )
