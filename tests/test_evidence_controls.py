@@ -4,24 +4,14 @@ slice's image set to neutral tissue."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from docs_scripts import load_docs_script
 from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
 from test_models_evidence import images, tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "evidence_localisation.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("evidence_localisation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def p_pd(model, rois):
@@ -31,7 +21,7 @@ def p_pd(model, rois):
 
 def test_control_is_neutral_volume_leave_one_out_and_occlusion_a_real_forward():
     torch.set_num_threads(1)
-    script = load_script()
+    script = load_docs_script("evidence_localisation")
     cfg, model = tiny_model()
     rois = images(cfg, batch=1, seed=7)
     pad = 40.0

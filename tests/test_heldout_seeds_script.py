@@ -4,23 +4,14 @@ difference against the reference arm and the ``--calibration`` line (nothing is 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from docs_scripts import load_docs_script
 from mrn_engine.training.calibration import brier_score, expected_calibration_error
-
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "scripts" / "heldout_seeds.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("heldout_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_rows(path: Path, y: np.ndarray, p: np.ndarray) -> None:
@@ -42,7 +33,7 @@ def test_scores_paired_difference_and_calibration_from_stored_rows(tmp_path, mon
     write_rows(tmp_path / "alt_s1_big.csv", y, worse)
     args = ["heldout_seeds.py", "UNUSED", str(tmp_path), "ref_s1=X", "alt_s1=Y"]
     monkeypatch.setattr(sys, "argv", [*args, "--reference", "ref", "--calibration"])
-    load_script().main()
+    load_docs_script("heldout_seeds").main()
     out = capsys.readouterr().out
     acc_ref = ((good >= 0.5) == y).mean()
     assert f"ref_s1: n 100, accuracy {acc_ref:.3f}" in out
@@ -67,7 +58,7 @@ def test_folds_option_reports_each_fold_models_auc_and_agreement(tmp_path, monke
     monkeypatch.setattr(
         sys, "argv", ["heldout_seeds.py", "UNUSED", str(tmp_path), "a_s1=X", "--folds"]
     )
-    load_script().main()
+    load_docs_script("heldout_seeds").main()
     out = capsys.readouterr().out
     expected = " / ".join(f"{roc_auc_score(y, folds[:, j]):.3f}" for j in range(2))
     assert f"fold AUCs {expected}," in out
