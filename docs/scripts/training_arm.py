@@ -2,6 +2,7 @@
 
     python docs/scripts/training_arm.py --cohort C --cache C_CACHE --out DIR --seed 1 \
         [--lr-backbone 3e-5] [--folds 3] [--variant seres10-moco] [--model use_sfa=false] \
+        [--roi image_size=112] \
         --heldout demo=H1 --heldout new=H2
 
 Used for docs/results.md "Backbone learning rate 3e-4 -> 3e-5": the preset's folds (5 for
@@ -43,6 +44,12 @@ def main() -> None:
         default=[],
         help="KEY=VALUE override of the model section, e.g. use_moco=false (repeatable)",
     )
+    ap.add_argument(
+        "--roi",
+        action="append",
+        default=[],
+        help="KEY=VALUE override of the roi section, e.g. image_size=112 (repeatable)",
+    )
     ap.add_argument("--heldout", action="append", default=[], help="NAME=DIR (repeatable)")
     ap.add_argument("--score-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -60,6 +67,9 @@ def main() -> None:
     model = {k: json.loads(v) for k, v in (m.split("=", 1) for m in args.model)}
     if model:
         cfg = cfg.replace(model=model)
+    roi = {k: json.loads(v) for k, v in (r.split("=", 1) for r in args.roi)}
+    if roi:
+        cfg = cfg.replace(roi=roi)
     t0 = time.time()
     if not args.score_only:
         train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=False)
@@ -71,6 +81,7 @@ def main() -> None:
         "folds": cfg.train.folds,
         "variant": args.variant or "mrn",
         "model": model,
+        "roi": roi,
         "oof": {"accuracy": oof["accuracy"], "auc": oof["auc"], "n": oof["n"]},
         "heldout": {
             name: {k: v for k, v in score_folder(predictor, root).items() if k != "rows"}
