@@ -29,6 +29,11 @@ from mrn_engine.workflows.compare import variant_config
 from mrn_engine.workflows.evaluate import oof_metrics, score_folder
 
 
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    """``["KEY=JSON", ...]`` -> ``{KEY: value}`` (a config section override)."""
+    return {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cohort", required=True)
@@ -64,10 +69,9 @@ def main() -> None:
     cfg = get_preset("cpu-tiny").replace(train=train)
     if args.variant:
         cfg = variant_config(cfg, args.variant)
-    model = {k: json.loads(v) for k, v in (m.split("=", 1) for m in args.model)}
+    model, roi = _overrides(args.model), _overrides(args.roi)
     if model:
         cfg = cfg.replace(model=model)
-    roi = {k: json.loads(v) for k, v in (r.split("=", 1) for r in args.roi)}
     if roi:
         cfg = cfg.replace(roi=roi)
     t0 = time.time()
