@@ -193,6 +193,32 @@ def test_pretrained_preset_without_weights_refused():
     assert isinstance(build_model(cfg, pretrained=False), MRN)  # weights come from a checkpoint
 
 
+def test_sized_tiny_backbone_builds_trains_and_round_trips(tmp_path):
+    """``tiny-WxD``: width W, depth D, W/16 heads; no weights needed; saved and loaded back."""
+    cfg = small_cfg(backbone="tiny-32x2", allow_random_init=False)
+    model = build_model(cfg)
+    vit = model.res.patchnizer.vit
+    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (32, 2, 2)
+    assert model.token_dim == 32 and model.weights_provenance["format"] == "random-init"
+    batch = make_batch(cfg, batch=2)
+    out = model(batch["images"])
+    check_output(model, cfg, out, 2, True)
+    compute_losses(out, batch, "train", cfg.model)["total"].backward()
+    assert_all_grads(model)
+    path = save_model(model, tmp_path / "m.safetensors", cfg)
+    back, back_cfg = load_model(path)
+    assert back_cfg.model.backbone == "tiny-32x2"
+    model.eval(), back.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(batch["images"]).logits, back(batch["images"]).logits)
+
+
+@pytest.mark.parametrize("name", ["tiny-30x2", "tiny-32x0", "tiny-32", "tiny-wide"])
+def test_bad_sized_tiny_backbone_names(name):
+    with pytest.raises(ConfigError, match="tiny-WxD"):
+        build_model(small_cfg(backbone=name))
+
+
 def test_register_tokens_dropped_from_patch_tokens():
     cfg = small_cfg(image=56)
     model = build_model(cfg).eval()  # no drop-path

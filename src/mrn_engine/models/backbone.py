@@ -10,7 +10,10 @@ Backbones (``ModelConfig.backbone``):
 - ``vit_base_patch14_reg4_dinov2`` (paper), ``vit_small_patch14_reg4_dinov2``, or any timm
   DINOv2 name;
 - ``"tiny"``: the same timm architecture (patch 14, 4 registers, LayerScale, no pos-embed
-  on prefix tokens) at width 64, depth 4, 4 heads, for CPU work and tests.
+  on prefix tokens) at width 64, depth 4, 4 heads, for CPU work and tests;
+- ``"tiny-WxD"`` (e.g. ``"tiny-128x6"``): the same at width ``W`` (a multiple of 16) and
+  depth ``D``, with ``W / 16`` heads (the head width of ``"tiny"``): CPU-sized steps between
+  ``"tiny"`` and ViT-S (384 x 12).
 
 The network is always built with ``pretrained=False``; weights come only from a local file
 (:mod:`mrn_engine.models.weights`), so the hub is never contacted.
@@ -18,11 +21,14 @@ The network is always built with ``pretrained=False``; weights come only from a 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import timm
 import torch
 from torch import nn
+
+from mrn_engine.errors import ConfigError
 
 #: ImageNet statistics DINOv2 was trained with
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +37,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: the tiny test/CPU member of the DINOv2 family (timm kwargs on top of the ViT-S definition)
 TINY_KWARGS = {"embed_dim": 64, "depth": 4, "num_heads": 4}
 TINY_BASE = "vit_small_patch14_reg4_dinov2"
+#: width of one attention head in every ``tiny`` backbone
+TINY_HEAD_WIDTH = 16
+_TINY_SIZED = re.compile(r"tiny-(\d+)x(\d+)")
+
+
+def tiny_kwargs(name: str) -> dict[str, int] | None:
+    """timm kwargs of a ``"tiny"`` / ``"tiny-WxD"`` backbone name; ``None`` for other names.
+
+    Raises ``ConfigError`` for a ``tiny-...`` name that is not ``tiny-WxD`` with ``W`` a
+    positive multiple of 16 and ``D`` >= 1.
+    """
+    if name == "tiny":
+        return dict(TINY_KWARGS)
+    if not name.startswith("tiny-"):
+        return None
+    m = _TINY_SIZED.fullmatch(name)
+    width, depth = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if width <= 0 or width % TINY_HEAD_WIDTH or depth < 1:
+        raise ConfigError(
+            f"model.backbone {name!r}: a sized tiny ViT is 'tiny-WxD' with W a positive multiple "
+            f"of {TINY_HEAD_WIDTH} and depth D >= 1, e.g. 'tiny-128x6'"
+        )
+    return {"embed_dim": width, "depth": depth, "num_heads": width // TINY_HEAD_WIDTH}
 
 
 def create_vit(name: str, image_size: int, drop_path: float = 0.0) -> nn.Module:
@@ -38,14 +67,15 @@ def create_vit(name: str, image_size: int, drop_path: float = 0.0) -> nn.Module:
 
     Parameters
     ----------
-    name: timm model name or ``"tiny"``.
+    name: timm model name, ``"tiny"`` or ``"tiny-WxD"``.
     image_size: square slice size (multiple of the patch size 14 is not required: timm
         floors the grid, the DPT interpolates back to the slice size).
     drop_path: stochastic depth rate of the ViT blocks (paper: 0.2).
     """
     kwargs = {"img_size": image_size, "drop_path_rate": drop_path, "num_classes": 0}
-    if name == "tiny":
-        return timm.create_model(TINY_BASE, pretrained=False, **TINY_KWARGS, **kwargs)
+    tiny = tiny_kwargs(name)
+    if tiny is not None:
+        return timm.create_model(TINY_BASE, pretrained=False, **tiny, **kwargs)
     return timm.create_model(name, pretrained=False, **kwargs)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mrn_engine.config import ModelConfig, RoiConfig, RunConfig, TrainConfig
 from mrn_engine.errors import ConfigError, WeightsError
 from mrn_engine.models.anatcl3d import AnatCL3D, load_trunk_weights
+from mrn_engine.models.backbone import tiny_kwargs
 from mrn_engine.models.moco import MSupMoCo, PlainStep
 from mrn_engine.models.mrn import MRN
 from mrn_engine.models.multiroi import MultiRoiClassifier
@@ -60,7 +61,7 @@ def build_model(
         model.weights_provenance = load_backbone_weights(
             vit, model_cfg.backbone_weights, model_cfg.backbone
         )
-    elif model_cfg.backbone != "tiny" and not model_cfg.allow_random_init:
+    elif tiny_kwargs(model_cfg.backbone) is None and not model_cfg.allow_random_init:
         raise WeightsError(
             f"model.backbone {model_cfg.backbone!r} is a pretrained DINOv2 but no weights were given: "
             "pass a local file as model.backbone_weights (CLI: --weights PATH; timm/HF .safetensors or "
