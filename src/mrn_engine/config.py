@@ -93,7 +93,7 @@ class ModelConfig:
     #: "mrn" (the paper's network), "seres10" (paper 4.2 CNN baseline) or "anatcl3d" (AnatCL's
     #: 3D ResNet-18 on the ROI volumes, models/anatcl3d.py)
     arch: str = "mrn"
-    backbone: str = "vit_base_patch14_reg4_dinov2"  #: timm model name (or "tiny" for tests)
+    backbone: str = "vit_base_patch14_reg4_dinov2"  #: timm model name, "tiny" or "tiny-WxD"
     backbone_weights: str | None = None  #: local .safetensors / Meta .pth file
     allow_random_init: bool = False  #: train a pretrained-backbone preset without weights
     embed_dim: int = 768  #: token width D (set from the backbone)
