@@ -10,7 +10,9 @@ cpu-tiny) on the labelled cases of ``--cohort``, then the fold ensemble (and eve
 alone) on each labelled ``--heldout`` folder. Writes ``DIR/arm.json``: out-of-fold accuracy /
 ROC AUC, and per held-out set the ensemble's accuracy, AUC and predicted PD share and each fold
 model's AUC (a fold at or below 0.5 has not learned). ``--score-only`` re-scores an existing
-``DIR`` bundle. The labels of the held-out folders are used only to score.
+``DIR`` bundle with the settings it was trained with (``DIR/config.json``), keeping the
+``train_seconds`` of an earlier ``arm.json``. The labels of the held-out folders are used only
+to score.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mrn_engine.config import get_preset
+from mrn_engine.config import RunConfig, get_preset
 from mrn_engine.inference.predictor import MRNPredictor
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.compare import variant_config
@@ -74,13 +76,20 @@ def main() -> None:
         cfg = cfg.replace(model=model)
     if roi:
         cfg = cfg.replace(roi=roi)
+    arm_json = args.out / "arm.json"
     t0 = time.time()
-    if not args.score_only:
+    if args.score_only:  # the bundle's own settings and training time
+        cfg = RunConfig.load(args.out / "config.json")
+        before = json.loads(arm_json.read_text()) if arm_json.exists() else {}
+        train_seconds = before.get("train_seconds")
+    else:
         train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=False)
+        train_seconds = round(time.time() - t0, 1)
+    t1 = time.time()
     oof = oof_metrics(args.out)
     predictor = MRNPredictor.from_bundle(args.out, device="cpu")
     result = {
-        "seed": args.seed,
+        "seed": cfg.train.seed,
         "lr_backbone": cfg.train.lr_backbone,
         "folds": cfg.train.folds,
         "variant": args.variant or "mrn",
@@ -91,11 +100,12 @@ def main() -> None:
             name: {k: v for k, v in score_folder(predictor, root).items() if k != "rows"}
             for name, root in (h.split("=", 1) for h in args.heldout)
         },
-        "seconds": round(time.time() - t0, 1),
+        "train_seconds": train_seconds,
+        "score_seconds": round(time.time() - t1, 1),
     }
     text = json.dumps(result, indent=1)
     print(text)
-    (args.out / "arm.json").write_text(text)
+    arm_json.write_text(text)
 
 
 if __name__ == "__main__":
