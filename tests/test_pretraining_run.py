@@ -306,6 +306,22 @@ def test_roi_variant_pretrains_one_projection_per_roi_and_train_loads_it(cohort,
     assert set(state) == set(vit) and all(torch.equal(vit[k], state[k]) for k in state)
 
 
+def test_a_sized_tiny_vit_pretrains_and_only_its_own_size_loads_it(cohort, tmp_path):
+    """``tiny-WxD``: the card names it; MRN of that size loads the file, plain ``tiny`` refuses."""
+    cfg = small_cfg(backbone="tiny-32x2", embed_dim=32)
+    out = tmp_path / "w32.safetensors"
+    opts = PretrainOptions(epochs=1, batch_size=4, device="cpu", variant="roi")
+    card = pretrain(cohort, out, cfg, opts, cache_dir=tmp_path / "c", progress=False)
+    assert card["backbone"] == "tiny-32x2" and card["finished"]
+    model = build_model(small_cfg(backbone="tiny-32x2", embed_dim=32, backbone_weights=str(out)))
+    vit = model.res.patchnizer.vit
+    assert (vit.embed_dim, len(vit.blocks)) == (32, 2)
+    state = load_file(str(out))
+    assert all(torch.equal(vit.state_dict()[k], state[k]) for k in state)
+    with pytest.raises(WeightsError, match="w32.safetensors"):
+        build_model(small_cfg(backbone_weights=str(out)))  # 64 x 4 "tiny"
+
+
 def test_mrn_pretrain_cli(cohort, tmp_path):
     out = tmp_path / "w.safetensors"
     args = ["pretrain", str(cohort), "--out", str(out), "--epochs", "1", "--batch-size", "4"]
