@@ -195,7 +195,7 @@ def test_pretrained_preset_without_weights_refused():
 
 def test_sized_tiny_backbone_builds_trains_and_round_trips(tmp_path):
     """``tiny-WxD``: width W, depth D, W/16 heads; no weights needed; saved and loaded back."""
-    cfg = small_cfg(backbone="tiny-32x2", allow_random_init=False)
+    cfg = small_cfg(backbone="tiny-32x2", embed_dim=32, allow_random_init=False)
     model = build_model(cfg)
     vit = model.res.patchnizer.vit
     assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (32, 2, 2)
@@ -217,6 +217,15 @@ def test_sized_tiny_backbone_builds_trains_and_round_trips(tmp_path):
 def test_bad_sized_tiny_backbone_names(name):
     with pytest.raises(ConfigError, match="tiny-WxD"):
         build_model(small_cfg(backbone=name))
+
+
+@pytest.mark.parametrize(
+    "backbone,width", [("tiny-32x2", 32), ("vit_small_patch14_reg4_dinov2", 384)]
+)
+def test_embed_dim_must_state_the_backbone_width(backbone, width):
+    """A config whose ``embed_dim`` is not the ViT's width is refused, naming the right value."""
+    with pytest.raises(ConfigError, match=f"set model.embed_dim={width}"):
+        build_model(small_cfg(backbone=backbone, embed_dim=48))
 
 
 def test_register_tokens_dropped_from_patch_tokens():

@@ -79,6 +79,20 @@ def create_vit(name: str, image_size: int, drop_path: float = 0.0) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+def check_token_width(vit: nn.Module, name: str, embed_dim: int) -> int:
+    """The width of ``vit``; ``ConfigError`` unless it is ``model.embed_dim`` (``embed_dim``).
+
+    The saved config states the token width D that the bundle's consumers read.
+    """
+    width = int(vit.embed_dim)
+    if width != embed_dim:
+        raise ConfigError(
+            f"model.embed_dim={embed_dim} but backbone {name!r} is {width} wide: "
+            f"set model.embed_dim={width}"
+        )
+    return width
+
+
 @dataclass
 class SliceTokens:
     """Output of :class:`DinoPatchnizer` for ``B*S`` slices.

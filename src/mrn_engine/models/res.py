@@ -27,7 +27,7 @@ from torch import nn
 
 from mrn_engine.config import ModelConfig
 from mrn_engine.errors import ConfigError, InputDataError
-from mrn_engine.models.backbone import DinoPatchnizer, create_vit
+from mrn_engine.models.backbone import DinoPatchnizer, check_token_width, create_vit
 from mrn_engine.models.dpt import DPTHead
 from mrn_engine.models.ffa import FFA
 from mrn_engine.models.sfa import SFA
@@ -70,7 +70,7 @@ class RES(nn.Module):
         self.cfg = cfg
         self.image_size = image_size
         self.patchnizer = DinoPatchnizer(create_vit(cfg.backbone, image_size, cfg.drop_path))
-        dim = self.patchnizer.embed_dim
+        dim = check_token_width(self.patchnizer.vit, cfg.backbone, cfg.embed_dim)
         if dim % cfg.num_heads:
             raise ConfigError(
                 f"model.num_heads={cfg.num_heads} does not divide the backbone width {dim}"

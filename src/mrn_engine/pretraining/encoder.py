@@ -23,7 +23,7 @@ from mrn_engine.config import RunConfig
 from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import ConfigError
 from mrn_engine.models.anatcl3d import ResNet18Trunk, volume_input
-from mrn_engine.models.backbone import DinoPatchnizer, create_vit
+from mrn_engine.models.backbone import DinoPatchnizer, check_token_width, create_vit
 
 ARCHS = ("vit", "anatcl3d")
 
@@ -79,6 +79,7 @@ class ViTEmbedder(_Projected):
     def __init__(self, cfg: RunConfig, per_roi: bool = False) -> None:
         super().__init__()
         vit = create_vit(cfg.model.backbone, cfg.roi.image_size, cfg.model.drop_path)
+        check_token_width(vit, cfg.model.backbone, cfg.model.embed_dim)
         self.patchnizer = DinoPatchnizer(vit)
         self._projections(len(ROI_NAMES) * self.patchnizer.embed_dim, cfg.model.proj_dim, per_roi)
 
