@@ -10,8 +10,8 @@ cpu-tiny) on the labelled cases of ``--cohort``, then the fold ensemble (and eve
 alone) on each labelled ``--heldout`` folder. Writes ``DIR/arm.json``: out-of-fold accuracy /
 ROC AUC, and per held-out set the ensemble's accuracy, AUC and predicted PD share and each fold
 model's AUC (a fold at or below 0.5 has not learned). ``--score-only`` re-scores an existing
-``DIR`` bundle with the settings it was trained with (``DIR/config.json``), keeping the
-``train_seconds`` of an earlier ``arm.json``. The labels of the held-out folders are used only
+``DIR`` bundle with the settings it was trained with (``DIR/config.json``), keeping what the
+training run recorded in ``arm.json`` (variant, overrides, ``train_seconds``). The labels of the held-out folders are used only
 to score.
 """
 
@@ -29,6 +29,9 @@ from mrn_engine.inference.predictor import MRNPredictor
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.workflows.compare import variant_config
 from mrn_engine.workflows.evaluate import oof_metrics, score_folder
+
+#: arm.json fields of the training run that ``--score-only`` keeps
+RECORDED_BY_TRAINING = ("variant", "model", "roi", "train_seconds")
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -78,10 +81,9 @@ def main() -> None:
         cfg = cfg.replace(roi=roi)
     arm_json = args.out / "arm.json"
     t0 = time.time()
-    if args.score_only:  # the bundle's own settings and training time
+    train_seconds = None
+    if args.score_only:  # the bundle's own settings
         cfg = RunConfig.load(args.out / "config.json")
-        before = json.loads(arm_json.read_text()) if arm_json.exists() else {}
-        train_seconds = before.get("train_seconds")
     else:
         train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=False)
         train_seconds = round(time.time() - t0, 1)
@@ -103,6 +105,9 @@ def main() -> None:
         "train_seconds": train_seconds,
         "score_seconds": round(time.time() - t1, 1),
     }
+    if args.score_only and arm_json.exists():  # what the training run recorded stays
+        before = json.loads(arm_json.read_text())
+        result.update({k: before[k] for k in RECORDED_BY_TRAINING if k in before})
     text = json.dumps(result, indent=1)
     print(text)
     arm_json.write_text(text)

@@ -96,7 +96,7 @@ class ModelConfig:
     backbone: str = "vit_base_patch14_reg4_dinov2"  #: timm model name, "tiny" or "tiny-WxD"
     backbone_weights: str | None = None  #: local .safetensors / Meta .pth file
     allow_random_init: bool = False  #: train a pretrained-backbone preset without weights
-    embed_dim: int = 768  #: token width D (set from the backbone)
+    embed_dim: int = 768  #: token width D: must be the backbone's width (checked when built)
     num_heads: int = 12  #: heads of FFA/SFA attention
     max_slices: int = 32  #: rows of the learned slice position embedding
     ffa_depth: int = 3  #: L_FFA (global + local attention pairs)
