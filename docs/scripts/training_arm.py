@@ -11,8 +11,8 @@ alone) on each labelled ``--heldout`` folder. Writes ``DIR/arm.json``: out-of-fo
 ROC AUC, and per held-out set the ensemble's accuracy, AUC and predicted PD share and each fold
 model's AUC (a fold at or below 0.5 has not learned). ``--score-only`` re-scores an existing
 ``DIR`` bundle with the settings it was trained with (``DIR/config.json``), keeping what the
-training run recorded in ``arm.json`` (variant, overrides, ``train_seconds``). The labels of the held-out folders are used only
-to score.
+training run recorded in ``arm.json`` (variant, overrides, ``train_seconds``). The labels of
+the held-out folders are used only to score.
 """
 
 from __future__ import annotations
@@ -37,6 +37,23 @@ RECORDED_BY_TRAINING = ("variant", "model", "roi", "train_seconds")
 def _overrides(pairs: list[str]) -> dict[str, object]:
     """``["KEY=JSON", ...]`` -> ``{KEY: value}`` (a config section override)."""
     return {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+
+def _arm_config(args: argparse.Namespace, model: dict, roi: dict) -> RunConfig:
+    """``cpu-tiny`` with the command line's training settings, variant and overrides."""
+    train = {"seed": args.seed, "device": "cpu"}
+    if args.lr_backbone is not None:
+        train["lr_backbone"] = args.lr_backbone
+    if args.folds is not None:
+        train["folds"] = args.folds
+    cfg = get_preset("cpu-tiny").replace(train=train)
+    if args.variant:
+        cfg = variant_config(cfg, args.variant)
+    if model:
+        cfg = cfg.replace(model=model)
+    if roi:
+        cfg = cfg.replace(roi=roi)
+    return cfg
 
 
 def main() -> None:
@@ -66,25 +83,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    train = {"seed": args.seed, "device": "cpu"}
-    if args.lr_backbone is not None:
-        train["lr_backbone"] = args.lr_backbone
-    if args.folds is not None:
-        train["folds"] = args.folds
-    cfg = get_preset("cpu-tiny").replace(train=train)
-    if args.variant:
-        cfg = variant_config(cfg, args.variant)
     model, roi = _overrides(args.model), _overrides(args.roi)
-    if model:
-        cfg = cfg.replace(model=model)
-    if roi:
-        cfg = cfg.replace(roi=roi)
     arm_json = args.out / "arm.json"
-    t0 = time.time()
     train_seconds = None
     if args.score_only:  # the bundle's own settings
         cfg = RunConfig.load(args.out / "config.json")
     else:
+        cfg = _arm_config(args, model, roi)
+        t0 = time.time()
         train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=False)
         train_seconds = round(time.time() - t0, 1)
     t1 = time.time()
