@@ -39,6 +39,8 @@ def test_scores_paired_difference_and_calibration_from_stored_rows(tmp_path, mon
     assert f"ref_s1: n 100, accuracy {acc_ref:.3f}" in out
     assert f"alt_s1: n 100, accuracy {acc_ref - 0.1:.3f}" in out
     assert "| alt | 1 |" in out and "-10.0 [" in out
+    auc_diff = roc_auc_score(y, worse) - roc_auc_score(y, good)
+    assert auc_diff < -0.01 and f"| {auc_diff:+.3f} [" in out  # paired AUC column
     ece_lines = [line for line in out.splitlines() if line.strip().startswith("ECE")]
     assert len(ece_lines) == 2
     assert ece_lines[0].split()[1] == f"{expected_calibration_error(y, good):.3f}"

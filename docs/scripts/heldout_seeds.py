@@ -10,7 +10,7 @@ kept in ``CSV_DIR/<name>_big.csv`` (case_id, label, ensemble P(PD), raw and cali
 P(PD)); an existing file is read instead. The arm of ``NAME`` is the name without its
 ``_s<seed>`` suffix. Paired difference: per seed, the accuracy of the arm minus that of the
 reference on the same cases; 95 % bootstrap interval over cases (4000 resamples) of the
-mean over the seeds the two arms share. ``--calibration`` adds per bundle the binned ECE (with
+mean over the seeds the two arms share; the same for the AUC (same resamples). ``--calibration`` adds per bundle the binned ECE (with
 the noise floor of a perfectly calibrated model on the same P(PD)), Brier score, log loss and
 calibration slope (Firth fit of the label on logit P(PD)). ``--folds`` adds each fold model's
 AUC (raw P(PD)), the mean pairwise correlation of the fold logits, and with ``--calibration``
@@ -85,6 +85,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.csv_dir.mkdir(parents=True, exist_ok=True)
     correct: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    probs: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
     ids: list[str] = []
     for item in args.bundles:
@@ -96,6 +97,7 @@ def main() -> None:
         y = np.array([rows[i][0] for i in ids])
         p = np.array([rows[i][1] for i in ids])
         correct[arm][seed] = (p >= 0.5) == y
+        probs[arm][seed] = p
         acc, auc = float(correct[arm][seed].mean()), float(roc_auc_score(y, p))
         scores[arm].append((acc, auc))
         print(
@@ -119,25 +121,36 @@ def main() -> None:
                 line += ", calibrated fold slopes " + " / ".join(f"{a:.2f}" for a in slopes)
             print(line)
     print(
-        "\n| arm | seeds | accuracy, mean ± sd | AUC, mean ± sd | accuracy − reference [95 % CI] |"
+        "\n| arm | seeds | accuracy, mean ± sd | AUC, mean ± sd | accuracy − reference [95 % CI] "
+        "| AUC − reference [95 % CI] |"
     )
-    print("|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
+    print("|---|---|---|---|---|---|")
     ref = correct.get(args.reference, {})
+    y = np.array([rows[i][0] for i in ids])
     for arm, s in scores.items():
         a = np.array(s)
         sd = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(2)
         shared = sorted(set(correct[arm]) & set(ref))
-        diff = "-"
+        diff = auc_diff = "-"
         if arm != args.reference and shared:
+            rng = np.random.default_rng(0)
+            draws = [rng.integers(0, y.size, y.size) for _ in range(4000)]
             d = np.mean([correct[arm][k].astype(float) - ref[k] for k in shared], axis=0)
-            boot = [d[rng.integers(0, d.size, d.size)].mean() for _ in range(4000)]
-            lo, hi = np.percentile(boot, [2.5, 97.5])
+            lo, hi = np.percentile([d[i].mean() for i in draws], [2.5, 97.5])
             diff = f"{100 * d.mean():+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (seeds {shared})"
+            pairs = [(probs[arm][k], probs[args.reference][k]) for k in shared]
+            boot = [paired_auc_difference(y[i], pairs, i) for i in draws[:1000]]
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            auc_diff = f"{paired_auc_difference(y, pairs, slice(None)):+.3f} [{lo:+.3f}, {hi:+.3f}]"
         print(
             f"| {arm} | {len(a)} | {100 * a[:, 0].mean():.1f} ± {100 * sd[0]:.1f} % | "
-            f"{a[:, 1].mean():.3f} ± {sd[1]:.3f} | {diff} |"
+            f"{a[:, 1].mean():.3f} ± {sd[1]:.3f} | {diff} | {auc_diff} |"
         )
+
+
+def paired_auc_difference(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], idx) -> float:
+    """Mean over seeds of AUC(arm) − AUC(reference) on the cases ``idx`` (labels ``y``)."""
+    return float(np.mean([roc_auc_score(y, a[idx]) - roc_auc_score(y, b[idx]) for a, b in pairs]))
 
 
 if __name__ == "__main__":
