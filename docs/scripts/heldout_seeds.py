@@ -10,7 +10,8 @@ kept in ``CSV_DIR/<name>_big.csv`` (case_id, label, ensemble P(PD), raw and cali
 P(PD)); an existing file is read instead. The arm of ``NAME`` is the name without its
 ``_s<seed>`` suffix. Paired difference: per seed, the accuracy of the arm minus that of the
 reference on the same cases; 95 % bootstrap interval over cases (4000 resamples) of the
-mean over the seeds the two arms share; the same for the AUC (same resamples). ``--calibration`` adds per bundle the binned ECE (with
+mean over the seeds the two arms share. The same for the AUC, on the first 1000 of those
+resamples. ``--calibration`` adds per bundle the binned ECE (with
 the noise floor of a perfectly calibrated model on the same P(PD)), Brier score, log loss and
 calibration slope (Firth fit of the label on logit P(PD)). ``--folds`` adds each fold model's
 AUC (raw P(PD)), the mean pairwise correlation of the fold logits, and with ``--calibration``
