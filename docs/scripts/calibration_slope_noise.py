@@ -12,7 +12,8 @@ fold ``k``'s raw P(PD)); ``COHORT``, optional, is the bundle's training cohort (
   ``COHORT`` also the oracle's AUC on that fold's out-of-fold cases, i.e. how hard they are;
 - the slope fitted on the pooled out-of-fold logits (what a pooled temperature is, inverted),
   with a 95 % bootstrap interval over those cases, against the mean single-fold slope on the
-  held-out set. Their ratio is the held-out slope the pooled temperature would leave.
+  held-out set. Their ratio is the held-out slope the pooled temperature would leave; its
+  interval comes from the pooled slope's (the held-out slopes taken as known).
 
 Nothing is fitted on the held-out labels except the slopes being reported.
 """
