@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from docs_scripts import load_docs_script
 from mrn_engine.training.calibration import fit_logistic
@@ -70,6 +71,31 @@ def test_pooled_slope_interval_and_ratio(tmp_path, monkeypatch, capsys):
     assert len(re.findall(r"fold \d: out-of-fold n 120", out)) == 2
     ratio = float(re.search(r"ratio ([\d.]+)", out).group(1))
     assert 0.75 < ratio < 1.33  # same logit scale out of fold and held out
+
+
+def test_cohort_adds_the_oracle_auc_of_each_folds_cases(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(4)
+    bundle = _write_bundle(tmp_path, rng, oof_stretch=1.0)
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    ids, labels = [], []
+    for k in range(2):
+        with (bundle / f"fold_{k}" / "oof.csv").open() as fh:
+            for r in csv.DictReader(fh):
+                ids.append(r["case_id"])
+                labels.append(int(r["label"]))
+    oracle = np.clip(np.array(labels) * 0.6 + rng.uniform(0, 0.4, len(ids)), 0, 1)
+    with (cohort / "phantom_latents.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "oracle_p_pd"])
+        w.writerows(zip(ids, oracle, strict=True))
+    argv = ["calibration_slope_noise.py", f"{bundle}={tmp_path / 'big.csv'}={cohort}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--resamples", "50"])
+    load_docs_script("calibration_slope_noise").main()
+    out = capsys.readouterr().out
+    fold0 = roc_auc_score(labels[:120], oracle[:120])
+    assert f"oracle AUC on its out-of-fold cases {fold0:.3f}" in out
+    assert f"oracle AUC: all out-of-fold cases {roc_auc_score(labels, oracle):.3f}" in out
 
 
 def test_ratio_shows_an_out_of_fold_scale_that_held_out_cases_do_not_share(

@@ -53,7 +53,7 @@ def report(bundle: Path, big_csv: Path, cohort: Path | None, resamples: int) -> 
         with (cohort / "phantom_latents.csv").open() as fh:
             oracle = {r["case_id"]: float(r["oracle_p_pd"]) for r in csv.DictReader(fh)}
     folds = sorted(int(p.name.split("_")[1]) for p in bundle.glob("fold_*"))
-    pooled_z, pooled_y, big_slopes = [], [], []
+    pooled_z, pooled_y, pooled_ids, big_slopes = [], [], [], []
     print(f"{bundle} (held-out: {big_csv.name}, n {len(yb)})")
     for k in folds:
         ids, y, z = _oof(bundle, k)
@@ -69,6 +69,7 @@ def report(bundle: Path, big_csv: Path, cohort: Path | None, resamples: int) -> 
         print(line)
         pooled_z.append(z)
         pooled_y.append(y)
+        pooled_ids += ids
     z, y = np.concatenate(pooled_z), np.concatenate(pooled_y)
     s0 = _slope(z, y)
     rng = np.random.default_rng(0)
@@ -81,10 +82,8 @@ def report(bundle: Path, big_csv: Path, cohort: Path | None, resamples: int) -> 
         f"[{mean_big / hi:.2f}, {mean_big / lo:.2f}]"
     )
     if oracle:
-        print(
-            "  oracle AUC: all out-of-fold cases "
-            f"{roc_auc_score(y, [oracle[i] for k in folds for i in _oof(bundle, k)[0]]):.3f}"
-        )
+        auc = roc_auc_score(y, [oracle[i] for i in pooled_ids])
+        print(f"  oracle AUC: all out-of-fold cases {auc:.3f}")
 
 
 def main() -> None:
