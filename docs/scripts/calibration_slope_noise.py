@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from mrn_engine.training.calibration import fit_logistic, logit
+from mrn_engine.bundle import fold_dirs
+from mrn_engine.training.calibration import fit_logistic, logit, read_oof_rows
 
 
-def _oof(bundle: Path, fold: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Case ids, labels and raw logits of fold ``fold``'s own out-of-fold cases."""
-    with (bundle / f"fold_{fold}" / "oof.csv").open() as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["fold"]) == fold]
+def _oof(fold_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Case ids, labels and raw logits of a fold's own out-of-fold cases (its ``oof.csv``)."""
+    rows = read_oof_rows(fold_dir / "oof.csv")
     ids = [r["case_id"] for r in rows]
-    y = np.array([int(r["label"]) for r in rows])
-    return ids, y, logit([float(r["p_pd"]) for r in rows])
+    y = np.array([r["label"] for r in rows])
+    return ids, y, logit([r["p_pd"] for r in rows])
 
 
 def _slope(z: np.ndarray, y: np.ndarray) -> float:
@@ -52,11 +52,10 @@ def report(bundle: Path, big_csv: Path, cohort: Path | None, resamples: int) -> 
     if cohort is not None:
         with (cohort / "phantom_latents.csv").open() as fh:
             oracle = {r["case_id"]: float(r["oracle_p_pd"]) for r in csv.DictReader(fh)}
-    folds = sorted(int(p.name.split("_")[1]) for p in bundle.glob("fold_*"))
     pooled_z, pooled_y, pooled_ids, big_slopes = [], [], [], []
     print(f"{bundle} (held-out: {big_csv.name}, n {len(yb)})")
-    for k in folds:
-        ids, y, z = _oof(bundle, k)
+    for k, fold_dir in fold_dirs(bundle).items():
+        ids, y, z = _oof(fold_dir)
         zb = logit([float(r[f"raw{k}"]) for r in big])
         big_slopes.append(_slope(zb, yb))
         line = (
