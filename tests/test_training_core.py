@@ -369,3 +369,30 @@ def test_geometric_augmentation_keeps_the_contrasts_the_full_one_changes():
         for k in range(10)
     ]
     assert any(changed)  # the views still differ
+
+
+def test_fold_augmenter_follows_the_train_config():
+    """``train.augment_intensity = False`` trains with the geometric views only (the saved
+    config says so); ``augment = False`` with none; configs without the field keep the full
+    augmentation."""
+    from mrn_engine.config import RunConfig
+    from mrn_engine.training.cv import fold_augmenter
+
+    cfg = get_preset("cpu-tiny")
+    assert cfg.train.augment_intensity is True
+    rois = {"nm_sn": synthetic_rois("RJPD_001", 1)["nm_sn"]}
+    rois["nm_sn"]["mask"] = None
+    ref = rois["nm_sn"]["image"].mean()
+
+    def shift(aug):
+        return max(abs(aug(rois, key=k)["nm_sn"]["image"].mean() - ref) for k in range(40))
+
+    assert shift(fold_augmenter(cfg, 0)) > 5.0
+    geo = cfg.replace(train={"augment_intensity": False})
+    assert shift(fold_augmenter(geo, 0)) < 2.0
+    assert fold_augmenter(cfg.replace(train={"augment": False}), 0) is None
+    data = json.loads(json.dumps(geo.to_dict()))
+    assert data["train"]["augment_intensity"] is False
+    assert RunConfig.from_dict(data).train.augment_intensity is False
+    del data["train"]["augment_intensity"]  # a config saved before the field existed
+    assert RunConfig.from_dict(data).train.augment_intensity is True

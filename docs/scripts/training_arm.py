@@ -2,7 +2,7 @@
 
     python docs/scripts/training_arm.py --cohort C --cache C_CACHE --out DIR --seed 1 \
         [--lr-backbone 3e-5] [--folds 3] [--variant seres10-moco] [--model use_sfa=false] \
-        [--roi image_size=112] \
+        [--roi image_size=112] [--train augment_intensity=false] \
         --heldout demo=H1 --heldout new=H2
 
 Used for docs/results.md "Backbone learning rate 3e-4 -> 3e-5": the preset's folds (5 for
@@ -31,7 +31,7 @@ from mrn_engine.workflows.compare import variant_config
 from mrn_engine.workflows.evaluate import oof_metrics, score_folder
 
 #: arm.json fields of the training run that ``--score-only`` keeps
-RECORDED_BY_TRAINING = ("variant", "model", "roi", "train_seconds")
+RECORDED_BY_TRAINING = ("variant", "model", "roi", "train", "train_seconds")
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -46,6 +46,7 @@ def _arm_config(args: argparse.Namespace, model: dict, roi: dict) -> RunConfig:
         train["lr_backbone"] = args.lr_backbone
     if args.folds is not None:
         train["folds"] = args.folds
+    train.update(_overrides(args.train))
     cfg = get_preset("cpu-tiny").replace(train=train)
     if args.variant:
         cfg = variant_config(cfg, args.variant)
@@ -77,6 +78,12 @@ def main() -> None:
         default=[],
         help="KEY=VALUE override of the roi section, e.g. image_size=112 (repeatable)",
     )
+    ap.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        help="KEY=VALUE override of the train section, e.g. augment_intensity=false (repeatable)",
+    )
     ap.add_argument("--heldout", action="append", default=[], help="NAME=DIR (repeatable)")
     ap.add_argument("--score-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -103,6 +110,7 @@ def main() -> None:
         "variant": args.variant or "mrn",
         "model": model,
         "roi": roi,
+        "train": _overrides(args.train),
         "oof": {"accuracy": oof["accuracy"], "auc": oof["auc"], "n": oof["n"]},
         "heldout": {
             name: {k: v for k, v in score_folder(predictor, root).items() if k != "rows"}

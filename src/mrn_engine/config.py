@@ -144,6 +144,9 @@ class TrainConfig:
     cv_seed: int = 1
     seed: int = 1
     augment: bool = True
+    #: with ``augment``: also the intensity and scanner transforms (``training/augment.py``);
+    #: False keeps the geometry (rotation, mirror) and mild noise only
+    augment_intensity: bool = True
     num_workers: int = 0
     device: str = "auto"  #: auto | cpu | cuda
     amp: bool = True  #: bf16 autocast on CUDA

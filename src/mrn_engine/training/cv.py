@@ -162,6 +162,13 @@ def discard_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def fold_augmenter(cfg: RunConfig, k: int) -> RoiAugmenter | None:
+    """Fold ``k``'s training augmentation under ``cfg.train`` (None with ``augment`` off)."""
+    if not cfg.train.augment:
+        return None
+    return RoiAugmenter(epoch_seed(cfg.train.seed, k, 0), intensity=cfg.train.augment_intensity)
+
+
 def train_bundle(
     cases_root: str | os.PathLike,
     out: str | os.PathLike,
@@ -223,7 +230,7 @@ def train_bundle(
             fold.train_ids,
             cohort.labels,
             load,
-            RoiAugmenter(epoch_seed(cfg.train.seed, k, 0)) if cfg.train.augment else None,
+            fold_augmenter(cfg, k),
         )
         val_ds = RoiStackDataset(fold.val_ids, cohort.labels, load)
         with warnings.catch_warnings():
