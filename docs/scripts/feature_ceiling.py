@@ -82,6 +82,16 @@ CROP_SETS = {
 }
 
 
+def quarters(lateral: np.ndarray, posterior: np.ndarray) -> dict[str, np.ndarray]:
+    """:data:`QUADRANTS` name -> boolean selection, from the lateral and posterior halves."""
+    return {
+        "lat_post": lateral & posterior,
+        "lat_ant": lateral & ~posterior,
+        "med_post": ~lateral & posterior,
+        "med_ant": ~lateral & ~posterior,
+    }
+
+
 def case_features(case, cfg: RoiConfig) -> dict[str, float]:
     """The nucleus features of one loaded case with its masks."""
     qmask = case.qsm_mask.array
@@ -110,16 +120,7 @@ def case_features(case, cfg: RoiConfig) -> dict[str, float]:
         lateral = dist > np.median(dist)
         posterior = y < np.median(y)  # LAS grid: y grows anterior
         vals = cnr[x, y, z]
-        for q, sel in zip(
-            QUADRANTS,
-            (
-                lateral & posterior,
-                lateral & ~posterior,
-                ~lateral & posterior,
-                ~lateral & ~posterior,
-            ),
-            strict=True,
-        ):
+        for q, sel in quarters(lateral, posterior).items():
             quads[q].append(vals[sel])
     for q, parts in quads.items():
         row[f"nm_{q}"] = float(np.concatenate(parts).mean())
@@ -153,16 +154,7 @@ def crop_features(crops: dict) -> dict[str, float]:
         lateral = dist > np.median(dist)
         posterior = w < np.median(w)
         vals = img[s_idx, h, w]
-        for q, sel in zip(
-            QUADRANTS,
-            (
-                lateral & posterior,
-                lateral & ~posterior,
-                ~lateral & posterior,
-                ~lateral & ~posterior,
-            ),
-            strict=True,
-        ):
+        for q, sel in quarters(lateral, posterior).items():
             row[f"crop_nm_{q}"] = float(vals[sel].mean()) if sel.any() else 0.0
     return row
 
