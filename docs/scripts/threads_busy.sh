@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A cpu-tiny training step on this machine with ONE other CPU-bound process busy, for torch's
-# own thread count (all cores), one thread, and mrn's default (the cores not already busy).
+# own thread count (all cores), one thread, and mrn's default (the cores not already busy, one left free).
 # Usage: bash docs/scripts/threads_busy.sh   (prints the three figures; ~2 min on 2 cores)
 set -euo pipefail
 python -c "while True: pass" &

@@ -4,7 +4,12 @@ torch's default uses every core. On a 2-core machine where another job already k
 busy, two torch threads fight that job for the same core and OpenMP's spinning threads slow a
 training step several-fold (docs/performance.md). So, unless the user chose
 (``OMP_NUM_THREADS`` or a command's ``--threads``), the engine uses the cores that are not
-already busy: ``round(cores - load)``, at least 1, where load is the 1-minute load average.
+already busy: ``round(cores - load)``, where load is the 1-minute load average, and never more
+than ``cores - 1`` (at least 1). The count is chosen once, at start-up; a neighbour that starts
+later, or seconds before (the load average has not seen it yet), would otherwise meet every
+core taken: on the 2-core VM a cpu-tiny training step then took 1.9-2.8 s with 2 threads
+against 0.32 s with 1, while on an idle machine 2 threads save only 0.32 -> 0.23 s
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ def busy_cores() -> float:
 
 
 def default_threads(cores: int | None = None, load: float | None = None) -> int:
-    """Threads for this process: the cores not already busy, between 1 and ``cores``."""
+    """Threads for this process: the cores not already busy, one core left free, at least 1."""
     cores = available_cores() if cores is None else max(1, int(cores))
     load = busy_cores() if load is None else max(0.0, float(load))
-    return max(1, min(cores, int(cores - load + 0.5)))
+    return max(1, min(cores - 1, int(cores - load + 0.5)))
 
 
 def apply_default_threads() -> int | None:

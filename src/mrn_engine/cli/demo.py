@@ -37,7 +37,9 @@ from mrn_engine.threads import set_threads
     "--workers", default=2, show_default=True, type=int, help="Processes for the phantom generator."
 )
 @click.option(
-    "--threads", type=int, help="torch CPU threads (default: the cores not already busy)."
+    "--threads",
+    type=int,
+    help="torch CPU threads (default: the cores not already busy, one left free).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(

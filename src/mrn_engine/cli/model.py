@@ -37,7 +37,7 @@ def bench_group() -> None:
     "--threads",
     default=None,
     type=int,
-    help="torch intra-op threads on CPU (default: the cores not already busy).",
+    help="torch intra-op threads on CPU (default: the cores not already busy, one left free).",
 )
 @click.option("--no-train", is_flag=True, help="Skip the training-step measurement.")
 @click.option(

@@ -63,7 +63,9 @@ from mrn_engine.threads import set_threads
 @click.option("--lr", type=float, default=3e-4, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
-@click.option("--threads", type=int, help="torch CPU threads (default: the cores not busy).")
+@click.option(
+    "--threads", type=int, help="torch CPU threads (default: the cores not busy, one left free)."
+)
 @click.option(
     "--ages",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),

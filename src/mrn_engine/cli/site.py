@@ -31,7 +31,9 @@ from mrn_engine.threads import set_threads
 )
 @click.option("--site", default=None, help="Site name recorded in the file (default: folder name).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
-@click.option("--threads", type=int, help="torch CPU threads (default: the cores not busy).")
+@click.option(
+    "--threads", type=int, help="torch CPU threads (default: the cores not busy, one left free)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def site_adapt_cmd(
     bundle: Path,

@@ -60,7 +60,9 @@ _common = [
         help="Local DINOv2 weights (.safetensors or Meta .pth) for the backbone.",
     ),
     click.option(
-        "--threads", type=int, help="torch CPU threads (default: the cores not already busy)."
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: the cores not already busy, one left free).",
     ),
     click.option("--quiet", is_flag=True, help="No progress bars."),
 ]
