@@ -39,14 +39,14 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
     return {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
 
 
-def _arm_config(args: argparse.Namespace, model: dict, roi: dict) -> RunConfig:
+def _arm_config(args: argparse.Namespace, model: dict, roi: dict, train_set: dict) -> RunConfig:
     """``cpu-tiny`` with the command line's training settings, variant and overrides."""
     train = {"seed": args.seed, "device": "cpu"}
     if args.lr_backbone is not None:
         train["lr_backbone"] = args.lr_backbone
     if args.folds is not None:
         train["folds"] = args.folds
-    train.update(_overrides(args.train))
+    train.update(train_set)
     cfg = get_preset("cpu-tiny").replace(train=train)
     if args.variant:
         cfg = variant_config(cfg, args.variant)
@@ -90,13 +90,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, roi = _overrides(args.model), _overrides(args.roi)
+    model, roi, train_set = _overrides(args.model), _overrides(args.roi), _overrides(args.train)
     arm_json = args.out / "arm.json"
     train_seconds = None
     if args.score_only:  # the bundle's own settings
         cfg = RunConfig.load(args.out / "config.json")
     else:
-        cfg = _arm_config(args, model, roi)
+        cfg = _arm_config(args, model, roi, train_set)
         t0 = time.time()
         train_bundle(args.cohort, args.out, cfg, cache_dir=args.cache, progress=False)
         train_seconds = round(time.time() - t0, 1)
@@ -110,7 +110,7 @@ def main() -> None:
         "variant": args.variant or "mrn",
         "model": model,
         "roi": roi,
-        "train": _overrides(args.train),
+        "train": train_set,
         "oof": {"accuracy": oof["accuracy"], "auc": oof["auc"], "n": oof["n"]},
         "heldout": {
             name: {k: v for k, v in score_folder(predictor, root).items() if k != "rows"}
