@@ -43,21 +43,13 @@ from sklearn.preprocessing import StandardScaler
 
 from mrn_engine.config import RoiConfig, get_preset
 from mrn_engine.data.cases import discover_cases, find_labels, load_case
+from mrn_engine.data.labels import QSM_LABELS
 from mrn_engine.errors import MRNWarning
 from mrn_engine.rois.cache import RoiCache
 from mrn_engine.rois.extract import modality_mapping
 
-#: QSM nucleus types and their (right, left) labels (challenge-data.md)
-NUCLEI = {
-    "caudate": (1, 2),
-    "putamen": (3, 4),
-    "pallidus": (5, 6),
-    "thalamus": (7, 8),
-    "stn": (9, 10),
-    "sn": (11, 12),
-    "rn": (13, 14),
-    "dentate": (15, 16),
-}
+#: QSM nucleus types and their (right, left) labels, from the engine's label table
+NUCLEI = {QSM_LABELS[r][:-2]: (r, r + 1) for r in sorted(QSM_LABELS) if r % 2 == 1}
 QUADRANTS = ("lat_post", "lat_ant", "med_post", "med_ant")
 NM_FEATURES = ["nm_sn"] + [f"nm_{q}" for q in QUADRANTS]
 QSM_FEATURES = [f"qsm_{n}" for n in NUCLEI]
@@ -107,12 +99,12 @@ def case_features(case, cfg: RoiConfig) -> dict[str, float]:
     row: dict[str, float] = {}
     for name, labs in NUCLEI.items():
         row[f"qsm_{name}"] = float(ppm[np.isin(qmask, labs)].mean())
-    sn = np.isin(qmask, NUCLEI["sn"])
+    sn = np.isin(qmask, NUCLEI["SN"])
     row["nm_sn"] = float(cnr[sn].mean())
     xs = np.nonzero(sn)[0]
     midline = float(xs.mean())
     quads: dict[str, list[np.ndarray]] = {q: [] for q in QUADRANTS}
-    for lab in NUCLEI["sn"]:
+    for lab in NUCLEI["SN"]:
         x, y, z = np.nonzero(qmask == lab)
         if x.size == 0:
             continue
