@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import warnings
 from pathlib import Path
 
@@ -41,9 +42,10 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mrn_engine.config import RoiConfig, get_preset
+from mrn_engine.config import RoiConfig, atomic_write_text, get_preset
 from mrn_engine.data.cases import discover_cases, find_labels, load_case
 from mrn_engine.data.labels import QSM_LABELS
+from mrn_engine.data.tables import read_csv
 from mrn_engine.errors import MRNWarning
 from mrn_engine.rois.cache import RoiCache
 from mrn_engine.rois.extract import modality_mapping
@@ -160,11 +162,9 @@ def root_features(root: str, cache: Path, crop_cfg=None, roi_cache=None) -> list
     suffix = "_crops" if crop_cfg is not None else ""
     path = cache / f"{Path(root).name}{suffix}.csv"
     if path.is_file():
-        with path.open() as fh:
-            return [
-                {k: (v if k == "case_id" else float(v)) for k, v in r.items()}
-                for r in csv.DictReader(fh)
-            ]
+        return [
+            {k: (v if k == "case_id" else float(v)) for k, v in r.items()} for r in read_csv(path)
+        ]
     cfg = RoiConfig()
     labels = find_labels(root)
     rows = []
@@ -176,19 +176,18 @@ def root_features(root: str, cache: Path, crop_cfg=None, roi_cache=None) -> list
                 row.update(crop_features(roi_cache.get_or_compute(f, crop_cfg)))
             rows.append(row)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO()  # full precision: the engine's write_csv rounds to 6 decimals
+    w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, text.getvalue())
     return rows
 
 
 def oracle_accuracy(root: str, ids: list[str]) -> float:
     """The oracle's accuracy on the given cases (``phantom_latents.csv``)."""
-    with (Path(root) / "phantom_latents.csv").open() as fh:
-        lat = {r["case_id"]: r for r in csv.DictReader(fh)}
+    rows = read_csv(Path(root) / "phantom_latents.csv", ("case_id", "label", "oracle_p_pd"))
+    lat = {r["case_id"]: r for r in rows}
     hits = [(float(lat[i]["oracle_p_pd"]) >= 0.5) == (int(lat[i]["label"]) == 1) for i in ids]
     return float(np.mean(hits))
 
