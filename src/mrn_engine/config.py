@@ -113,6 +113,10 @@ class ModelConfig:
     dropout: float = 0.5
     #: BatchNorm1d on the patient vector before the head (not in the paper; needed from random init)
     head_input_norm: bool = False
+    #: add to every slice token the mean of its patch tokens inside the nuclei masks (after
+    #: FFA, LayerNorm + Linear): the nuclei-pooled slice token of models/res.py. Not in the
+    #: paper; MRN then reads the case's nuclei masks, as SERes10 does
+    nuclei_pool: bool = False
     drop_path: float = 0.2
     proj_dim: int = 128  #: mSupMoCo projection output
     moco_momentum: float = 0.999

@@ -27,6 +27,7 @@ class MRN(MultiRoiClassifier):
         res = RES(cfg, roi_cfg.image_size)
         super().__init__(cfg, roi_cfg, res.embed_dim)
         self.res = res
+        self.needs_masks = res.nuclei_proj is not None
 
     def _encode(
         self,
@@ -36,7 +37,8 @@ class MRN(MultiRoiClassifier):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         tokens, seg = {}, {}
         for name, x in rois.items():
-            out = self.res(x, name, with_seg=with_seg)
+            mask = masks[name] if self.needs_masks and masks is not None else None
+            out = self.res(x, name, with_seg=with_seg, masks=mask)
             tokens[name] = out.roi_token
             if out.seg_logits is not None:
                 seg[name] = out.seg_logits

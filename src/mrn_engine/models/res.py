@@ -12,6 +12,12 @@ then reads backbone blocks 3, 6, 9, 11, scaled to the depth, the paper's "DINOv2
 ``use_sfa`` off = ROI token is the mean of the slice tokens; ``use_dpt`` off = no
 segmentation; ``dinov2_only`` = mean of DINOv2 slice tokens, nothing else (paper baseline).
 
+``nuclei_pool`` (not in the paper): each slice token after FFA gets ``Linear(LayerNorm(m))``
+added, ``m`` the mean of the slice's patch tokens weighted by the share of nucleus voxels in
+each patch (the case's merged-class masks, any class). A slice without nucleus voxels adds
+the constant ``Linear(LayerNorm(0))``. The [CLS] token must find a nucleus' mean signal among
+all patches; this hands it to SFA directly (docs/results.md, issue 14).
+
 DPT token sets (paper Fig. 3, L_FFA = 3): final DINOv2 layer + the three FFA global
 attentions ("global"), or the same with the last one taken from the final local attention
 ("local", paper default). For L_FFA > 3 the last three FFA layers are used; for L_FFA < 3 the
@@ -23,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mrn_engine.config import ModelConfig
@@ -93,6 +100,11 @@ class RES(nn.Module):
         self.dpt = (
             DPTHead(dim, tuple(cfg.dpt_channels), cfg.dpt_fusion) if full and cfg.use_dpt else None
         )
+        self.nuclei_proj = (
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+            if full and cfg.nuclei_pool
+            else None
+        )
         depth = self.patchnizer.depth
         if self.dpt is not None and self.ffa is None:
             self.backbone_layers = plain_dpt_layers(depth)
@@ -101,9 +113,24 @@ class RES(nn.Module):
         else:
             self.backbone_layers = []
 
-    def forward(self, x: torch.Tensor, roi: str, with_seg: bool = True) -> RESOutput:
-        """``x``: (B, S, H, W) in [0, 255] -> ROI token (and segmentation of ROI ``roi``)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        roi: str,
+        with_seg: bool = True,
+        masks: torch.Tensor | None = None,
+    ) -> RESOutput:
+        """``x``: (B, S, H, W) in [0, 255] -> ROI token (and segmentation of ROI ``roi``).
+
+        ``masks``: (B, S, H, W) merged nuclei classes, needed with ``nuclei_pool`` only.
+        """
         b, s, h, w = x.shape
+        if self.nuclei_proj is not None and (masks is None or masks.shape != x.shape):
+            got = "none" if masks is None else tuple(masks.shape)
+            raise InputDataError(
+                f"ROI {roi!r}: model.nuclei_pool needs nuclei masks shaped like the slices "
+                f"{tuple(x.shape)}, got {got}"
+            )
         if self.slice_pos is not None and s > self.slice_pos.shape[1]:
             raise InputDataError(
                 f"ROI {roi!r}: {s} slices but the model has {self.slice_pos.shape[1]} slice positions "
@@ -137,5 +164,20 @@ class RES(nn.Module):
             seg = self.dpt(token_sets, out.grid, (h, w), roi)  # (B*S, C, H, W)
             seg = seg.reshape(b, s, -1, h, w).transpose(1, 2)
         slice_tokens = tokens[:, :, 0]
+        if self.nuclei_proj is not None:
+            pooled = nuclei_mean(tokens[:, :, 1:], masks, out.grid)
+            slice_tokens = slice_tokens + self.nuclei_proj(pooled)
         roi_token = self.sfa(slice_tokens) if self.sfa is not None else slice_tokens.mean(dim=1)
         return RESOutput(roi_token, seg, slice_tokens)
+
+
+def nuclei_mean(
+    patch_tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """(B, S, D) mean of ``patch_tokens`` (B, S, N, D) weighted by each patch's share of
+    nucleus voxels in ``masks`` (B, S, H, W); 0 for a slice without nucleus voxels."""
+    b, s, n, d = patch_tokens.shape
+    inside = (masks > 0).to(patch_tokens.dtype).reshape(b * s, 1, *masks.shape[-2:])
+    share = F.adaptive_avg_pool2d(inside, grid).reshape(b, s, n, 1)
+    total = share.sum(dim=2)
+    return (patch_tokens * share).sum(dim=2) / total.clamp_min(1e-6)

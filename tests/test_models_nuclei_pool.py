@@ -1,0 +1,108 @@
+"""``model.nuclei_pool``: slice tokens + the projected mean of their patch tokens inside the
+nuclei masks (models/res.py); masks are then a model input, and per-slice evidence still
+equals a forward with the slice deleted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrn_engine.config import get_preset
+from mrn_engine.errors import InputDataError
+from mrn_engine.models import build_model
+from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
+from mrn_engine.models.res import nuclei_mean
+
+SLICES = {"nm_sn": 3, "qsm_bg": 4, "qsm_midbrain": 2, "qsm_dentate": 3}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(**model_overrides):
+    cfg = get_preset("cpu-tiny").replace(roi={"image_size": 28, "slices": dict(SLICES)})
+    cfg = cfg.replace(model={"allow_random_init": True, **model_overrides})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # LayerScale 0.01 at init: make FFA/SFA matter
+        for name, p in model.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                p.fill_(1.0)
+    return cfg, model
+
+
+def inputs(cfg, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.roi.image_size
+    rois = {n: torch.rand(batch, k, s, s, generator=g) * 255 for n, k in cfg.roi.slices.items()}
+    masks = {n: torch.zeros(batch, k, s, s, dtype=torch.long) for n, k in cfg.roi.slices.items()}
+    for m in masks.values():
+        m[:, :, 8:20, 4:14] = 1
+        m[:, :, 8:20, 14:24] = 2
+    return rois, masks
+
+
+def test_nuclei_mean_weights_patches_by_their_nucleus_share():
+    torch.manual_seed(1)
+    tokens = torch.randn(1, 2, 4, 3)  # B=1, S=2, 2 x 2 patch grid, D=3
+    masks = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    masks[0, 0, :2, :2] = 3  # slice 0: all of patch (0, 0), any class counts
+    masks[0, 0, 2, 2:] = 1  # and half of patch (1, 1)
+    out = nuclei_mean(tokens, masks, (2, 2))
+    expected = (tokens[0, 0, 0] * 1.0 + tokens[0, 0, 3] * 0.5) / 1.5
+    torch.testing.assert_close(out[0, 0], expected)
+    torch.testing.assert_close(out[0, 1], torch.zeros(3))  # slice 1 has no nucleus voxel
+
+
+def test_nuclei_pool_reads_the_masks_and_needs_them():
+    cfg, model = tiny_model(nuclei_pool=True)
+    assert model.needs_masks
+    rois, masks = inputs(cfg)
+    with torch.no_grad():
+        a = model(rois, masks).logits
+        moved = {n: torch.roll(m, shifts=6, dims=-1) for n, m in masks.items()}
+        b = model(rois, moved).logits
+    assert (a - b).abs().max() > 1e-4  # where the nuclei are changes the call
+    with pytest.raises(InputDataError, match="'nm_sn'.*nuclei_pool needs nuclei masks"):
+        model(rois)
+    _, plain = tiny_model()  # the paper's MRN ignores masks
+    assert not plain.needs_masks and plain.res.nuclei_proj is None
+    with torch.no_grad():
+        torch.testing.assert_close(plain(rois, masks).logits, plain(rois, moved).logits)
+
+
+def test_leave_one_slice_out_with_nuclei_pool_equals_deleting_the_slice():
+    cfg, model = tiny_model(nuclei_pool=True)
+    rois, masks = inputs(cfg)
+    with torch.no_grad(), capture_slice_tokens(model) as store:
+        out = model(rois, masks)
+    ev = slice_evidence(model, dict(store))
+    torch.testing.assert_close(ev.p_full, torch.softmax(out.logits, -1)[:, 1], atol=1e-6, rtol=0)
+    current = {"roi": None}
+
+    def res_pre(module, args, kwargs):
+        current["roi"] = args[1]
+
+    for roi, k in SLICES.items():
+        for s in range(k):
+
+            def drop(module, args, roi=roi, s=s):
+                x = args[0]
+                if current["roi"] != roi:
+                    return None
+                return (torch.cat([x[:, :s], x[:, s + 1 :]], 1),)
+
+            h1 = model.res.sfa.register_forward_pre_hook(drop)
+            h2 = model.res.register_forward_pre_hook(res_pre, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    ref = torch.softmax(model(rois, masks).logits, -1)[:, 1]
+            finally:
+                h1.remove()
+                h2.remove()
+            torch.testing.assert_close(ev.p_without[roi][:, s], ref, atol=1e-5, rtol=0)
