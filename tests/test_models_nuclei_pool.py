@@ -7,33 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrn_engine.config import get_preset
 from mrn_engine.errors import InputDataError
-from mrn_engine.models import build_model
 from mrn_engine.models.evidence import capture_slice_tokens, slice_evidence
 from mrn_engine.models.res import nuclei_mean
+from test_models_evidence import SLICES, tiny_model
 
-SLICES = {"nm_sn": 3, "qsm_bg": 4, "qsm_midbrain": 2, "qsm_dentate": 3}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(**model_overrides):
-    cfg = get_preset("cpu-tiny").replace(roi={"image_size": 28, "slices": dict(SLICES)})
-    cfg = cfg.replace(model={"allow_random_init": True, **model_overrides})
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # LayerScale 0.01 at init: make FFA/SFA matter
-        for name, p in model.named_parameters():
-            if name.endswith(("ls1.gamma", "ls2.gamma")):
-                p.fill_(1.0)
-    return cfg, model
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs(cfg, batch=2, seed=0):
