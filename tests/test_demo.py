@@ -45,6 +45,9 @@ def test_demo_quick_end_to_end(tmp_path, demo_cache, monkeypatch):
     assert "held-out accuracy" in r.output and "oracle ceiling" in r.output
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["sizes"]["folds"] == 2
+    assert summary["compute"]["torch_threads"] == 1  # --threads 1, said before it starts
+    assert "compute: 1 torch thread(s)" in r.output
+    assert summary["compute"]["cores"] >= 1 and summary["compute"]["load_1min"] >= 0
     assert summary["heldout"]["n"] == summary["sizes"]["heldout"] == 4
     assert summary["oof"]["n"] == summary["sizes"]["cases"] == 8
     # the fold agreement measured on 10 unlabelled cases (their label files removed) that the

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mrn_engine.analysis import write_report
 from mrn_engine.bundle import record_demo_bundle
 from mrn_engine.config import RunConfig, atomic_write_text, get_preset
@@ -35,6 +37,7 @@ from mrn_engine.errors import ConfigError, InputDataError
 from mrn_engine.phantom import generate_cohort
 from mrn_engine.pretraining.collapse import collapse_note, is_collapsed
 from mrn_engine.pretraining.loop import PretrainOptions, card_path, pretrained_weights
+from mrn_engine.threads import available_cores, busy_cores
 from mrn_engine.training.cv import train_bundle
 from mrn_engine.training.ensemble_calibration import MIN_CASES
 from mrn_engine.workflows.ensemble_calibration import calibrate_ensemble
@@ -167,7 +170,17 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-
+    compute = {
+        "torch_threads": torch.get_num_threads(),
+        "cores": available_cores(),
+        "load_1min": round(busy_cores(), 2),
+        "phantom_workers": workers,
+    }
+    log(
+        f"compute: {compute['torch_threads']} torch thread(s) on {compute['cores']} core(s) "
+        f"(1-minute load {compute['load_1min']:.1f}), {workers} phantom worker(s); "
+        "mrn demo --threads N sets the threads"
+    )
     log(
         f"[1/5] phantom cohort: {size.cases} labelled + {size.heldout} held-out"
         f" + {size.unlabeled * (2 if size.anatcl_epochs else 1)} unlabelled cases -> {out}"
@@ -268,6 +281,7 @@ def run_demo(
         },
         "chance": 0.5,
         "seconds": {k: round(v, 1) for k, v in times.items()},
+        "compute": compute,
     }
     atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2))
     log(
