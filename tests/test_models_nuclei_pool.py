@@ -85,3 +85,25 @@ def test_leave_one_slice_out_with_nuclei_pool_equals_deleting_the_slice():
                 h1.remove()
                 h2.remove()
             torch.testing.assert_close(ev.p_without[roi][:, s], ref, atol=1e-5, rtol=0)
+
+
+def test_predictor_feeds_the_case_masks_and_masks_rois_consistently(tmp_path):
+    """Through MRNPredictor (folds, TTA): the nuclei-pool model gets the case's masks, and an
+    ROI masked by head passes equals a full forward with that ROI's volume and masks zeroed."""
+    from mrn_engine.data import load_case
+    from mrn_engine.inference import MRNPredictor
+    from mrn_engine.models import build_model
+    from test_inference_predictor import write_case
+
+    cfg, _ = tiny_model(nuclei_pool=True)
+    states = {k: tiny_model(nuclei_pool=True)[1].state_dict() for k in (0, 1)}
+    for k, state in states.items():  # two different folds
+        state["res.nuclei_proj.1.bias"] = state["res.nuclei_proj.1.bias"] + k
+    predictor = MRNPredictor(build_model(cfg), states, cfg, device="cpu", tta=True)
+    case = load_case(write_case(tmp_path / "c", pd=1))
+    pred = predictor.predict_case(case)
+    assert 0.0 < pred.p_pd < 1.0
+    masked = predictor.masked_prediction(pred, {"nm_sn"}).p_pd
+    zeroed = predictor.predict_case(case, zero_rois={"nm_sn"}).p_pd
+    assert masked == pytest.approx(zeroed, abs=1e-5)
+    assert abs(masked - pred.p_pd) > 1e-5  # masking moved the call: the check can fail
