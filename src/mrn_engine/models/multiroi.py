@@ -28,7 +28,8 @@ class MultiRoiClassifier(nn.Module):
     Attributes
     ----------
     arch: ``"mrn"`` or ``"seres10"``.
-    needs_masks: whether ``forward`` needs nuclei masks as input (SERes10).
+    needs_masks: whether ``forward`` needs nuclei masks as input (SERes10; MRN with
+        ``model.nuclei_pool``).
     token_dim: ROI token width D.
     weights_provenance: where the pretrained weights came from (path, sha256) -- the
         trainer writes it into every checkpoint.
@@ -71,7 +72,8 @@ class MultiRoiClassifier(nn.Module):
         *,
         with_seg: bool = True,
     ) -> MRNOutput:
-        """``rois[name]``: (B, S, H, W) in [0, 255]; ``masks`` only for SERes10 (merged classes).
+        """``rois[name]``: (B, S, H, W) in [0, 255]; ``masks`` (merged classes) for models with
+        ``needs_masks`` (SERes10, MRN with ``nuclei_pool``).
 
         ``with_seg=False`` skips the DPT segmentation head (diagnosis only): the logits and ROI
         tokens are the same, ``seg_logits`` is None.
