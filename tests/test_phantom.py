@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from mrn_engine.errors import InputDataError
+from mrn_engine.phantom import case as phantom_case
 from mrn_engine.phantom import (
     generate_cohort,
     make_phantom_case,
@@ -219,20 +220,20 @@ def test_oracle_near_090_and_monte_carlo_agrees():
 
 
 def test_write_is_atomic(monkeypatch, tmp_path, pair):
-    real_save = nib.save
+    real_write = phantom_case.write_nifti
     calls = []
 
-    def failing_save(img, path):
+    def failing_write(img, path):
         calls.append(path)
         if len(calls) == 3:
             raise OSError("disk full")
-        real_save(img, path)
+        real_write(img, path)
 
-    monkeypatch.setattr(nib, "save", failing_save)
+    monkeypatch.setattr(phantom_case, "write_nifti", failing_write)
     with pytest.raises(OSError, match="disk full"):
         write_phantom_case(pair[0], tmp_path)
     assert list(tmp_path.iterdir()) == []  # no half-written case, no temp folder left
-    monkeypatch.setattr(nib, "save", real_save)
+    monkeypatch.setattr(phantom_case, "write_nifti", real_write)
     folder = write_phantom_case(pair[0], tmp_path)
     assert folder == tmp_path / "RJPD_900"
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{f}.nii.gz" for f in FILES)

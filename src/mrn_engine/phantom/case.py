@@ -18,6 +18,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from mrn_engine.data.labels import QSM_LABELS
+from mrn_engine.data.nifti import write_nifti
 from mrn_engine.fileio import make_temp_dir
 from mrn_engine.phantom.atlas import NM_BIT, load_atlas
 from mrn_engine.phantom.geometry import (
@@ -300,7 +301,7 @@ def write_phantom_case(case: PhantomCase, folder: Path) -> Path:
     try:
         for name, attr in CASE_FILES.items():
             img = _nifti(getattr(case, attr), case.affine, mask=name in MASK_FILES)
-            nib.save(img, tmp / name)
+            write_nifti(img, tmp / name)
         os.chmod(tmp, 0o755)
         if final.exists():
             shutil.rmtree(final)
