@@ -36,6 +36,7 @@ from mrn_engine.pretraining.loop import (
     pretrain,
     pretrained_weights,
 )
+from mrn_engine.rois.cache import RoiCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,6 +50,21 @@ def cohort(unlabelled_cases):
 
 def small_cfg(**model):
     return get_preset("cpu-tiny").replace(roi=dict(SMALL), model=model)
+
+
+def test_descriptor_pass_fills_the_roi_cache_with_the_same_crops(cohort, tmp_path):
+    """Each case is read once: its crops are cached while its descriptors are measured."""
+    roi = small_cfg().roi
+    cache = RoiCache(tmp_path / "cache")
+    pool = load_pretrain_cohort(cohort, roi, progress=False, roi_cache=cache)
+    assert cache.misses == len(pool.files) == 6 and cache.hits == 0
+    files = pool.files["RJPD_003"]
+    cached = cache.get_or_compute(files, roi)
+    assert cache.hits == 1 and cache.misses == 6  # no new read
+    fresh = RoiCache(tmp_path / "fresh").get_or_compute(files, roi)
+    for name, crop in fresh.items():
+        np.testing.assert_array_equal(cached[name].image, crop.image)
+        np.testing.assert_array_equal(cached[name].mask, crop.mask)
 
 
 # ---------------------------------------------------------------- descriptors

@@ -1,4 +1,4 @@
-"""``mrn bench model``: parameters, latency and peak memory of a preset's network."""
+"""``mrn bench model|seg|io``: a preset's network, the mask-free segmentation, phantom I/O."""
 
 from __future__ import annotations
 
@@ -177,11 +177,39 @@ def bench_seg_cmd(
         atomic_write_text(json_path, json.dumps(result, indent=2))
 
 
+@bench_group.command("io")
+@click.option("--cases", "n_cases", default=3, show_default=True, help="Phantom cases to time.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the phantom cases.")
+@click.option("--preset", default="cpu-tiny", show_default=True, help="Preset whose ROIs to crop.")
+@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU.")
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the figures as JSON.",
+)
+def bench_io_cmd(
+    n_cases: int, seed: int, preset: str, threads: int | None, json_path: Path | None
+) -> None:
+    """Seconds per phantom case to make, write (ISA-L vs zlib), read (ISA-L vs nibabel) and
+    crop into ROIs; checks both readers give the same voxels."""
+    from mrn_engine.config import atomic_write_text
+    from mrn_engine.workflows.io_bench import bench_io, format_io
+
+    set_threads(threads)
+    result = bench_io(n_cases, seed=seed, preset=preset, log=lambda m: click.echo(m, err=True))
+    click.echo(format_io(result))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+
+
 def register(group: click.Group) -> None:
-    """Add ``bench model`` / ``bench seg`` to the ``mrn`` group (``bench`` created if absent)."""
+    """Add ``bench model`` / ``seg`` / ``io`` to the ``mrn`` group (``bench`` created if absent)."""
     existing = group.commands.get("bench")
     if isinstance(existing, click.Group):
         existing.add_command(bench_model_cmd)
         existing.add_command(bench_seg_cmd)
+        existing.add_command(bench_io_cmd)
     else:
         group.add_command(bench_group)

@@ -22,7 +22,7 @@ from mrn_engine.data.cases import CaseFiles, discover_cases, load_case
 from mrn_engine.data.tables import read_csv
 from mrn_engine.errors import InputDataError, MRNWarning
 from mrn_engine.pretraining.descriptors import AGE, case_descriptors
-from mrn_engine.rois.cache import inputs_hash
+from mrn_engine.rois.cache import RoiCache, inputs_hash
 from mrn_engine.runtime import file_sha256
 
 #: the files whose bytes make the data hash (T1 is not used)
@@ -106,6 +106,7 @@ def load_pretrain_cohort(
     *,
     memo_file: str | os.PathLike | None = None,
     progress: bool = True,
+    roi_cache: RoiCache | None = None,
 ) -> PretrainCohort:
     """Discover cases under ``roots`` and compute their descriptors (labels are not read).
 
@@ -116,6 +117,8 @@ def load_pretrain_cohort(
     :class:`MRNWarning` naming it. ``InputDataError`` when fewer than 2 cases remain.
     ``memo_file`` (JSON) keeps each case's descriptors and file hashes, keyed by its inputs
     (path, size, mtime, as the ROI cache), so a resumed or repeated run does not reload them.
+    ``roi_cache``: a case loaded for its descriptors also gets its ROI crops cached there, so
+    that the first pretraining epoch does not read it again.
     """
     memo_path = Path(memo_file) if memo_file is not None else None
     memo = _read_memo(memo_path)
@@ -138,7 +141,10 @@ def load_pretrain_cohort(
         entry = memo.get(cid)
         if not (isinstance(entry, dict) and entry.get("inputs") == key):
             try:
-                desc = case_descriptors(load_case(f, None), cfg)
+                case = load_case(f, None)
+                desc = case_descriptors(case, cfg)
+                if roi_cache is not None:
+                    roi_cache.get_or_compute(f, cfg, case=case)
             except InputDataError as e:
                 skipped[cid] = str(e)
                 continue

@@ -155,7 +155,7 @@ def pretrain(
     cache = RoiCache(cache_dir or weights_out.parent / "roi_cache")
     memo = cache.root / f"descriptors_{config_hash(cfg.roi)}.json"
     cohort = cohort or load_pretrain_cohort(
-        cases_roots, cfg.roi, ages, memo_file=memo, progress=progress
+        cases_roots, cfg.roi, ages, memo_file=memo, progress=progress, roi_cache=cache
     )
     names = descriptor_names(with_age=ages is not None)
     std = standardise(cohort.descriptors, names)

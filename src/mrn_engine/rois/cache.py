@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mrn_engine.config import RoiConfig, RunConfig, cache_dir
-from mrn_engine.data.cases import CaseFiles, load_case
+from mrn_engine.data.cases import Case, CaseFiles, load_case
 from mrn_engine.errors import MRNWarning
 from mrn_engine.fileio import make_temp_file
 from mrn_engine.rois.boxes import CropBox
@@ -131,12 +131,17 @@ class RoiCache:
         return self.root / f"{files.case_id}_{inputs_hash(files)}_{config_hash(cfg)}.npz"
 
     def get_or_compute(
-        self, case_files: CaseFiles | str | os.PathLike, cfg: RoiConfig | RunConfig
+        self,
+        case_files: CaseFiles | str | os.PathLike,
+        cfg: RoiConfig | RunConfig,
+        *,
+        case: Case | None = None,
     ) -> dict[str, RoiCrop]:
         """Crops of a case from the cache, computing and storing them on a miss.
 
         Uses the case's own masks (ground truth); a corrupt cache file is recomputed with
-        an :class:`MRNWarning`.
+        an :class:`MRNWarning`. ``case``: these files already loaded (a miss then crops it
+        instead of reading the files again).
         """
         files = (
             case_files if isinstance(case_files, CaseFiles) else CaseFiles.from_folder(case_files)
@@ -163,7 +168,9 @@ class RoiCache:
                     stacklevel=2,
                 )
         self.misses += 1
-        crops = extract_rois(load_case(dataclasses.replace(files, t1=None)), cfg)  # T1 unused
+        if case is None:
+            case = load_case(dataclasses.replace(files, t1=None))  # T1 unused
+        crops = extract_rois(case, cfg)
         self._write(path, crops)
         return crops
 
