@@ -37,6 +37,7 @@ PACKAGES = (
     "nnunetv2",
     "numpy",
     "nibabel",
+    "isal",
     "napari",
     "magicgui",
     "qtpy",

@@ -251,7 +251,11 @@ def load_volume(path: str | os.PathLike, *, kind: str = "image", fast_gzip: bool
 def check_mask_labels(mask: Volume, allowed: Iterable[int], what: str = "mask") -> None:
     """Raise :class:`InputDataError` listing mask values outside ``allowed`` (0 always allowed)."""
     allowed_set = {0, *(int(v) for v in allowed)}
-    values = np.unique(mask.array)
+    arr = mask.array
+    if arr.dtype == np.uint8:  # masks as loaded: a histogram is ~10x faster than np.unique
+        values = np.flatnonzero(np.bincount(arr.ravel(order="K"), minlength=1))
+    else:
+        values = np.unique(arr)
     unknown = sorted(int(v) for v in values if int(v) not in allowed_set)
     if unknown:
         raise InputDataError(

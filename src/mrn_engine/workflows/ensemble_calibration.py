@@ -8,6 +8,7 @@ the common logit scale these cases measure (``calibration_pooled``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -105,7 +106,8 @@ def calibrate_ensemble(
         if digest in pretrained_on:
             skipped_pre += 1
             continue
-        rows.append(predictor.predict_case(load_case(files), nuclei=False).raw.p_pd_folds)
+        case = load_case(dataclasses.replace(files, t1=None))  # prediction never reads T1
+        rows.append(predictor.predict_case(case, nuclei=False).raw.p_pd_folds)
         if on_case is not None:
             on_case(files.case_id)
     left_out = [f"{skipped} training case(s)"] if skipped else []

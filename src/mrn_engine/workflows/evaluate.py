@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +86,8 @@ def score_folder(
     for files in discover_cases(cases_root):
         if files.case_id not in labels:
             continue
-        pred = predictor.predict_case(load_case(files), nuclei=False)
+        case = load_case(dataclasses.replace(files, t1=None))  # prediction never reads T1
+        pred = predictor.predict_case(case, nuclei=False)
         rows.append(
             {
                 "case_id": files.case_id,
