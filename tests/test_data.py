@@ -184,6 +184,7 @@ def test_fast_gzip_io_matches_nibabel(tmp_path):
     arrays = synthetic_arrays()
     vol = load_volume(write_nifti(tmp_path / "src.nii", arrays["NM"]))
     out = save_volume(vol, tmp_path / "NM.nii.gz")
+    assert out.read_bytes()[4:8] == b"\0\0\0\0"  # gzip time stamp 0: same image, same bytes
     raw = gzip.decompress(out.read_bytes())  # standard library reader
     img = nib.Nifti1Image.from_bytes(raw)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), arrays["NM"].astype(np.float32))

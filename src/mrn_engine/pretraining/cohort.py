@@ -114,7 +114,8 @@ def load_pretrain_cohort(
     With several folders, a case is named ``<folder name>/<case id>`` (two cohorts may both
     hold ``RJPD_000``); ``ages`` is keyed by the plain case id.
 
-    A case without both masks, or whose descriptors cannot be measured, is skipped with an
+    A case without both masks, or whose descriptors (or, with ``roi_cache``, ROI crops)
+    cannot be measured, is skipped with an
     :class:`MRNWarning` naming it. ``InputDataError`` when fewer than 2 cases remain.
     ``memo_file`` (JSON) keeps each case's descriptors and file hashes, keyed by its inputs
     (path, size, mtime, as the ROI cache), so a resumed or repeated run does not reload them.

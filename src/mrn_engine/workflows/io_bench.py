@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +16,7 @@ import numpy as np
 from mrn_engine.config import get_preset
 from mrn_engine.data import load_case, load_volume
 from mrn_engine.data.nifti import write_nifti
+from mrn_engine.inference.timing import timed
 from mrn_engine.phantom.case import MASK_FILES, make_phantom_case, write_phantom_case
 from mrn_engine.rois import extract_rois
 
@@ -25,40 +24,29 @@ from mrn_engine.rois import extract_rois
 READ_FILES = ("NM.nii.gz", "QSM.nii.gz", "NM_mask.nii.gz", "QSM_mask.nii.gz")
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def _write_both(folder: Path, other: Path) -> dict[str, float]:
-    """Seconds to write the case's five files with ISA-L and with nibabel's zlib, and sizes."""
-    isal_s = zlib_s = 0.0
-    isal_b = zlib_b = 0
+def _write_both(folder: Path, other: Path, t: dict[str, float]) -> None:
+    """Time writing the case's five files with ISA-L and with nibabel's zlib; add their MB."""
     for path in sorted(folder.glob("*.nii.gz")):
         src = nib.load(str(path))
         img = nib.Nifti1Image(np.asanyarray(src.dataobj), src.affine, src.header)
-        dt, _ = _timed(lambda img=img, p=other / f"isal_{path.name}": write_nifti(img, p))
-        isal_s += dt
-        dt, _ = _timed(lambda img=img, p=other / f"zlib_{path.name}": nib.save(img, str(p)))
-        zlib_s += dt
-        isal_b += (other / f"isal_{path.name}").stat().st_size
-        zlib_b += (other / f"zlib_{path.name}").stat().st_size
-    return {"isal_s": isal_s, "zlib_s": zlib_s, "isal_mb": isal_b / 1e6, "zlib_mb": zlib_b / 1e6}
+        for how, write in (("isal", write_nifti), ("zlib", nib.save)):
+            out = other / f"{how}_{path.name}"
+            with timed(t, f"{how}_s"):
+                write(img, str(out))
+            t[f"{how}_mb"] = t.get(f"{how}_mb", 0.0) + out.stat().st_size / 1e6
 
 
-def _read_both(folder: Path) -> dict[str, float | bool]:
-    """Seconds to read the four files a diagnosis needs, fast and through nibabel."""
-    fast_s = slow_s = 0.0
+def _read_both(folder: Path, t: dict[str, float]) -> bool:
+    """Time reading the four files a diagnosis needs, fast and through nibabel; same voxels?"""
     same = True
     for name in READ_FILES:
         kind = "mask" if name in MASK_FILES else "image"
-        dt, fast = _timed(lambda n=name, k=kind: load_volume(folder / n, kind=k))
-        fast_s += dt
-        dt, slow = _timed(lambda n=name, k=kind: load_volume(folder / n, kind=k, fast_gzip=False))
-        slow_s += dt
-        same &= bool(np.array_equal(fast.array, slow.array))  # type: ignore[union-attr]
-    return {"fast_s": fast_s, "nibabel_s": slow_s, "identical": same}
+        with timed(t, "fast_s"):
+            fast = load_volume(folder / name, kind=kind)
+        with timed(t, "nibabel_s"):
+            slow = load_volume(folder / name, kind=kind, fast_gzip=False)
+        same &= bool(np.array_equal(fast.array, slow.array))
+    return same
 
 
 def bench_io(
@@ -78,19 +66,20 @@ def bench_io(
         root, other = Path(tmp) / "cases", Path(tmp) / "other"
         other.mkdir()
         for i in range(n_cases):
-            make_s, case = _timed(
-                lambda i=i: make_phantom_case(i % 2, seed + 1 + i, f"RJPD_{i:03d}")
-            )
-            write_s, folder = _timed(lambda c=case: write_phantom_case(c, root))
-            both = _write_both(folder, other)  # type: ignore[arg-type]
-            reads = _read_both(folder)  # type: ignore[arg-type]
-            identical &= bool(reads.pop("identical"))
-            crop_s, _ = _timed(lambda f=folder: extract_rois(load_case(f), cfg))
-            rows.append(
-                {"make_s": make_s, "write_case_s": write_s, **both, **reads, "rois_s": crop_s}
-            )
+            t: dict[str, float] = {}
+            with timed(t, "make_s"):
+                case = make_phantom_case(i % 2, seed + 1 + i, f"RJPD_{i:03d}")
+            with timed(t, "write_case_s"):
+                folder = write_phantom_case(case, root)
+            _write_both(folder, other, t)
+            identical &= _read_both(folder, t)
+            with timed(t, "rois_s"):
+                extract_rois(load_case(folder), cfg)
+            rows.append(t)
             if log:
-                log(f"case {i + 1}/{n_cases}: make {make_s:.2f} s, write {write_s:.2f} s")
+                log(
+                    f"case {i + 1}/{n_cases}: make {t['make_s']:.2f} s, write {t['write_case_s']:.2f} s"
+                )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {
         "n_cases": n_cases,
