@@ -7,8 +7,28 @@ from pathlib import Path
 
 import click
 
+from mrn_engine.config import atomic_write_text
 from mrn_engine.segmentation.settings import BENCH_SETTINGS as DEFAULT_SEG_SETTINGS
 from mrn_engine.threads import set_threads
+
+#: ``--json PATH`` of every bench command
+json_option = click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the figures as JSON.",
+)
+#: ``--threads N`` of the bench commands that do not pick a default themselves
+threads_option = click.option(
+    "--threads", default=None, type=int, help="torch intra-op threads on CPU."
+)
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """Write a bench's figures to ``path`` (atomically) when one was given."""
+    if path:
+        atomic_write_text(path, json.dumps(result, indent=2))
 
 
 @click.group("bench")
@@ -46,13 +66,7 @@ def bench_group() -> None:
     show_default=True,
     help="Comma-separated measurements to run.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the figures as JSON.",
-)
+@json_option
 def bench_model_cmd(
     preset: str,
     config_path: Path | None,
@@ -69,7 +83,7 @@ def bench_model_cmd(
     MRN / bare-DINOv2 ratio, 16-subset masking / forward and explain (per-slice evidence) /
     forward ratios, on random weights."""
 
-    from mrn_engine.config import RunConfig, atomic_write_text, get_preset
+    from mrn_engine.config import RunConfig, get_preset
     from mrn_engine.models.bench import bench_model, format_result
 
     cfg = RunConfig.load(config_path) if config_path else get_preset(preset)
@@ -86,8 +100,7 @@ def bench_model_cmd(
         log=lambda m: click.echo(m, err=True),
     )
     click.echo(format_result(result))
-    if json_path:
-        atomic_write_text(json_path, json.dumps(result, indent=2))
+    write_json(json_path, result)
 
 
 @bench_group.command("seg")
@@ -121,14 +134,8 @@ def bench_model_cmd(
     help="MRN bundle: also time the mask-free diagnosis with the last setting.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU.")
-@click.option(
-    "--json",
-    "json_path",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the figures as JSON.",
-)
+@threads_option
+@json_option
 def bench_seg_cmd(
     cases_dir: Path,
     nnunet_dir: Path | None,
@@ -145,7 +152,6 @@ def bench_seg_cmd(
     diagnosis path) on the case folders of CASES_DIR (their mask files are not used)."""
     import tempfile
 
-    from mrn_engine.config import atomic_write_text
     from mrn_engine.errors import ConfigError
     from mrn_engine.segmentation.bench import bench_segmentation, format_result, random_nnunet
 
@@ -173,35 +179,26 @@ def bench_seg_cmd(
         )
     result["random_weights"] = random_preset
     click.echo(format_result(result))
-    if json_path:
-        atomic_write_text(json_path, json.dumps(result, indent=2))
+    write_json(json_path, result)
 
 
 @bench_group.command("io")
 @click.option("--cases", "n_cases", default=3, show_default=True, help="Phantom cases to time.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the phantom cases.")
 @click.option("--preset", default="cpu-tiny", show_default=True, help="Preset whose ROIs to crop.")
-@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU.")
-@click.option(
-    "--json",
-    "json_path",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the figures as JSON.",
-)
+@threads_option
+@json_option
 def bench_io_cmd(
     n_cases: int, seed: int, preset: str, threads: int | None, json_path: Path | None
 ) -> None:
     """Seconds per phantom case to make, write (ISA-L vs zlib), read (ISA-L vs nibabel) and
     crop into ROIs; checks both readers give the same voxels."""
-    from mrn_engine.config import atomic_write_text
     from mrn_engine.workflows.io_bench import bench_io, format_io
 
     set_threads(threads)
     result = bench_io(n_cases, seed=seed, preset=preset, log=lambda m: click.echo(m, err=True))
     click.echo(format_io(result))
-    if json_path:
-        atomic_write_text(json_path, json.dumps(result, indent=2))
+    write_json(json_path, result)
 
 
 def register(group: click.Group) -> None:
