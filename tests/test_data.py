@@ -196,6 +196,47 @@ def test_fast_gzip_io_matches_nibabel(tmp_path):
     np.testing.assert_array_equal(load_volume(padded).array, fast)
 
 
+def _scaled_int16(arr):
+    img = nib.Nifti1Image(arr.astype(np.int16), np.eye(4))
+    img.header.set_slope_inter(0.5, 10.0)  # as scanners write: int16 with a slope
+    return img
+
+
+def _big_endian(arr):
+    hdr = nib.Nifti1Header().as_byteswapped(">")
+    return nib.Nifti1Image(arr.astype(">f4"), np.eye(4), header=hdr)
+
+
+def _with_extension(arr):
+    img = nib.Nifti1Image(arr.astype(np.float32), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment"))
+    return img
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _scaled_int16,
+        _big_endian,
+        _with_extension,
+        lambda a: nib.Nifti2Image(a.astype(np.float32), np.eye(4)),
+    ],
+    ids=["int16-slope", "big-endian", "extension", "nifti2"],
+)
+def test_fast_gzip_read_of_other_writers_files(tmp_path, make):
+    """Files nibabel (zlib) wrote, in the forms scanners and tools produce: ISA-L reads them
+    itself (no fallback) and gets nibabel's voxels, scaling applied."""
+    from mrn_engine.data import nifti as nifti_io
+
+    arr = np.random.default_rng(0).integers(-2000, 3000, (20, 22, 9))
+    path = tmp_path / "x.nii.gz"
+    nib.save(make(arr), str(path))
+    assert nifti_io._read_gz_whole(path, nib.load(str(path))) is not None
+    expected = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    np.testing.assert_array_equal(load_volume(path).array, expected)
+    np.testing.assert_array_equal(load_volume(path, fast_gzip=False).array, expected)
+
+
 def test_non_3d_rejected(tmp_path):
     p = write_nifti(tmp_path / "QSM.nii.gz", np.zeros((10, 10, 4, 3), np.float32))
     with pytest.raises(InputDataError, match=r"QSM\.nii\.gz: expected a 3D volume, got 4D"):
