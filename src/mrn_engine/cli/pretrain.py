@@ -58,6 +58,14 @@ from mrn_engine.threads import set_threads
     help="Views: rotation + mild noise (keeps the contrasts the weak labels measure), or the "
     "full training augmentation (intensity and scanner transforms too).",
 )
+@click.option(
+    "--distill",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of a DINO self-distillation term beside AnatCL's loss (0: off; "
+    "docs/pretraining.md measures it).",
+)
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True)
@@ -90,6 +98,7 @@ def pretrain_cmd(
     sigma: float,
     temperature: float,
     augment: str,
+    distill: float,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -124,6 +133,7 @@ def pretrain_cmd(
         sigma=sigma,
         temperature=temperature,
         augment=augment,
+        distill=distill,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

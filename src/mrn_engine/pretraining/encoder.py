@@ -64,7 +64,10 @@ class _Projected(nn.Module):
 
     def forward(self, rois: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised projections: (B, proj_dim), or (R, B, proj_dim) per ROI."""
-        f = self.features(rois)
+        return self.project(self.features(rois))
+
+    def project(self, f: torch.Tensor) -> torch.Tensor:
+        """The projections of features ``f`` (B, R*F) (what :meth:`forward` returns)."""
         if not self.per_roi:
             return F.normalize(self.head(f), dim=1)
         parts = f.split(self.feature_dim // len(ROI_NAMES), dim=1)

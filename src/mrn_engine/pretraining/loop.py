@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from mrn_engine.config import RunConfig, atomic_write_text
+from mrn_engine.data.labels import ROI_NAMES
 from mrn_engine.errors import ConfigError, MRNWarning, WeightsError
 from mrn_engine.models.weights import load_backbone_weights
 from mrn_engine.models.yaware import VARIANTS, anatcl_floor, anatcl_loss
@@ -45,6 +46,7 @@ from mrn_engine.pretraining.descriptors import (
     roi_groups,
     standardise,
 )
+from mrn_engine.pretraining.distill import SelfDistillation
 from mrn_engine.pretraining.encoder import build_embedder
 from mrn_engine.rois.cache import RoiCache, config_hash
 from mrn_engine.runtime import file_sha256, resolve_device, seed_everything
@@ -83,6 +85,8 @@ class PretrainOptions:
     #: (the training augmentation without the mirror; docs/pretraining.md: the ViT collapsed)
     augment: str = "geometric"
     epochs: int = 30
+    #: weight of a DINO self-distillation term (:mod:`mrn_engine.pretraining.distill`); 0 = off
+    distill: float = 0.0
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 0.05
@@ -99,6 +103,8 @@ class PretrainOptions:
             raise ConfigError(f"--variant {self.variant!r}: choose one of {VARIANTS}")
         if self.augment not in AUGMENTS:
             raise ConfigError(f"--augment {self.augment!r}: choose one of {AUGMENTS}")
+        if self.distill < 0:
+            raise ConfigError("--distill must be >= 0")
         if not self.sigma > 0 or not self.temperature > 0:
             raise ConfigError("--sigma and --temperature must be > 0")
         if self.epochs < 1 or self.batch_size < 2:
@@ -172,8 +178,17 @@ def pretrain(
         )
     elif opts.arch == "vit" and cfg.train.random_init_layerscale > 0:
         reset_layerscale(model, cfg.train.random_init_layerscale)  # as mrn train from scratch
+    distill = (
+        SelfDistillation(model, model.feature_dim, len(ROI_NAMES) if per_roi else 1)
+        if opts.distill > 0
+        else None
+    )
     model.to(device)
-    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    params = list(model.parameters())
+    if distill is not None:
+        distill.to(device)
+        params += list(distill.student_heads.parameters())
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     dataset = TwoViewDataset(
         std.case_ids,
         roi_loader(cohort.files, cfg, cache),
@@ -193,7 +208,7 @@ def pretrain(
                 f"{ckpt}: checkpoints of a run with other options or data; remove the folder "
                 "or rerun with the same settings"
             )
-        model.load_state_dict(state)
+        _load_state(model, distill, state)
         optim.load_state_dict(opt_state)
         set_rng_states(info["rng"])
         curve = list(info.get("curve", []))
@@ -214,7 +229,7 @@ def pretrain(
             drop_last=len(dataset) > opts.batch_size,
         )
         model.train()
-        losses, floors = [], []
+        losses, floors, dinos = [], [], []
         bar = tqdm(
             loader,
             desc=f"pretrain {epoch + 1}/{opts.epochs}",
@@ -223,23 +238,32 @@ def pretrain(
             leave=False,
         )
         for batch in bar:
-            z = model({n: x.to(device) for n, x in _views(batch).items()})
+            views = {n: x.to(device) for n, x in _views(batch).items()}
+            f = model.features(views)
+            d = desc[batch["index"]].to(device)
             loss = anatcl_loss(
-                z,
-                desc[batch["index"]].to(device),
+                model.project(f),
+                d,
                 sigma=opts.sigma,
                 temperature=opts.temperature,
                 variant=opts.variant,
                 groups=groups,
             )
-            if not torch.isfinite(loss):
+            total = loss
+            if distill is not None:
+                dino = distill.loss(f, views)
+                total = total + opts.distill * dino
+                dinos.append(float(dino.detach()))
+            if not torch.isfinite(total):
                 raise WeightsError(
-                    f"{weights_out}: pretraining loss is {loss.item()} at epoch {epoch + 1} "
+                    f"{weights_out}: pretraining loss is {total.item()} at epoch {epoch + 1} "
                     "(diverged; lower --lr)"
                 )
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             optim.step()
+            if distill is not None:
+                distill.update_teacher(model)
             losses.append(float(loss.detach()))
             floors.append(
                 float(
@@ -261,6 +285,8 @@ def pretrain(
                 "lr": _lr(opts.lr, epoch, opts.epochs),
             }
         )
+        if dinos:
+            curve[-1]["distill_loss"] = float(np.mean(dinos))
         if progress:
             c = curve[-1]
             tqdm.write(
@@ -270,7 +296,7 @@ def pretrain(
         save_checkpoint(
             ckpt,
             epoch + 1,
-            model.state_dict(),
+            _state(model, distill),
             optim.state_dict(),
             {"options": _comparable(opts), "data_sha256": cohort.data_sha256, "curve": curve},
         )
@@ -322,9 +348,32 @@ def pretrained_weights(
     return weights_out
 
 
+def _state(model: torch.nn.Module, distill: SelfDistillation | None) -> dict[str, torch.Tensor]:
+    """The checkpointed tensors: the embedder's, and the self-distillation's under ``distill.``."""
+    state = dict(model.state_dict())
+    if distill is not None:
+        state.update({f"{_DISTILL}{k}": v for k, v in distill.state_dict().items()})
+    return state
+
+
+def _load_state(
+    model: torch.nn.Module, distill: SelfDistillation | None, state: dict[str, torch.Tensor]
+) -> None:
+    own = {k: v for k, v in state.items() if not k.startswith(_DISTILL)}
+    model.load_state_dict(own)
+    if distill is not None:
+        n = len(_DISTILL)
+        distill.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith(_DISTILL)})
+
+
+_DISTILL = "distill."
+
+
 def _comparable(opts: PretrainOptions) -> dict[str, Any]:
     d = asdict(opts)
     d.pop("device", None)  # a run may resume on another device
+    if not d.get("distill"):  # runs from before the option compare equal to the default
+        d.pop("distill", None)
     return d
 
 
@@ -355,7 +404,17 @@ def _card(
             "sigma": opts.sigma,
             "temperature": opts.temperature,
             "kernel": "rbf on standardised descriptors, squared distance averaged over dims",
-            "self_distillation": None,
+            "self_distillation": (
+                {
+                    "weight": opts.distill,
+                    "method": "DINO (EMA teacher, centred and sharpened prototypes)",
+                    "prototypes": 256,
+                    "teacher_momentum": 0.99,
+                    "temperatures": {"student": 0.1, "teacher": 0.04},
+                }
+                if opts.distill > 0
+                else None
+            ),
         },
         "augmentation": (
             "training augmentation without the left/right mirror, 2 views"
