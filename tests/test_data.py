@@ -391,6 +391,14 @@ def test_load_case_ok(tmp_path):
     assert case.t1 is not None and case.nm.path.name == "NM.nii.gz"
     case2 = load_case(CaseFiles.from_folder(folder))
     np.testing.assert_array_equal(case2.qsm.array, case.qsm.array)
+    (folder / "T1.nii.gz").write_bytes(b"not a NIfTI")  # with_t1=False never opens it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lean = load_case(folder, with_t1=False)
+    assert lean.t1 is None and lean.nm_mask is not None
+    np.testing.assert_array_equal(lean.nm.array, case.nm.array)
+    with pytest.warns(MRNWarning, match="T1"):
+        assert load_case(folder).t1 is None  # read, reported, dropped
 
 
 def test_nm_qsm_grid_shape_mismatch(tmp_path):

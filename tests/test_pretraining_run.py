@@ -352,6 +352,8 @@ def test_mrn_pretrain_cli(cohort, tmp_path):
     assert PretrainOptions(variant="local").variant == "local"
     bad = CliRunner().invoke(cli, ["pretrain", str(cohort), "--out", str(tmp_path / "w.pt")])
     assert bad.exit_code != 0 and ".safetensors" in bad.output
+    neg = CliRunner().invoke(cli, args[:4] + ["--distill", "-1", "--quiet"])
+    assert isinstance(neg.exception, ConfigError) and "--distill" in str(neg.exception)
 
 
 def test_self_distillation_learns_and_its_teacher_follows_the_student():

@@ -156,6 +156,38 @@ def test_parameter_groups_of_the_real_paper_vitb_model():
     check_paper_groups(cfg)
 
 
+def test_lr_fusion_moves_slice_positions_ffa_and_sfa_out_of_the_vit_group():
+    cfg = small_model_cfg("cpu-tiny", image=28)
+    cfg = cfg.replace(train={"lr_fusion": 2e-4})
+    obj = MRNObjective(cfg, pretrained=False)
+    groups = {g["name"]: g for g in build_optimizer(obj, cfg.train).param_groups}
+    assert set(groups) == {
+        "backbone",
+        "backbone_no_decay",
+        "fusion",
+        "fusion_no_decay",
+        "head",
+        "head_no_decay",
+    }
+    names = {id(p): n for n, p in obj.named_parameters()}
+    for kind in ("backbone", "backbone_no_decay"):
+        assert groups[kind]["lr"] == cfg.train.lr_backbone
+        assert all(".patchnizer." in names[id(p)] for p in groups[kind]["params"])
+    fused = [names[id(p)] for k in ("fusion", "fusion_no_decay") for p in groups[k]["params"]]
+    assert groups["fusion"]["lr"] == groups["fusion_no_decay"]["lr"] == 2e-4
+    assert groups["fusion"]["weight_decay"] == cfg.train.wd_backbone
+    for part in (".ffa.", ".sfa.", ".slice_pos"):
+        assert any(part in n for n in fused), part
+    assert not any(".patchnizer." in n or ".dpt." in n for n in fused)
+    # the same parameters as without it, only regrouped
+    plain = build_optimizer(
+        MRNObjective(small_model_cfg("cpu-tiny", image=28), pretrained=False), cfg.train
+    )
+    assert sum(len(g["params"]) for g in groups.values()) == sum(
+        len(g["params"]) for g in plain.param_groups
+    )
+
+
 def test_seres10_trains_every_parameter_at_the_head_rate():
     cfg = small_model_cfg(arch="seres10", use_moco=True)
     obj = MRNObjective(cfg, pretrained=False)

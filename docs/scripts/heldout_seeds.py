@@ -8,14 +8,14 @@ Used for docs/results.md "MRN from the AnatCL-pretrained ViT". Each bundle predi
 labelled case under ``CASES`` once (``MRNPredictor.predict_case``, no nuclei) and the rows are
 kept in ``CSV_DIR/<name>_big.csv`` (case_id, label, ensemble P(PD), raw and calibrated fold
 P(PD)); an existing file is read instead. The arm of ``NAME`` is the name without its
-``_s<seed>`` suffix. Paired difference: per seed, the accuracy of the arm minus that of the
-reference on the same cases; 95 % bootstrap interval over cases (4000 resamples) of the
-mean over the seeds the two arms share. The same for the AUC, on the first 1000 of those
-resamples. ``--calibration`` adds per bundle the binned ECE (with
-the noise floor of a perfectly calibrated model on the same P(PD)), Brier score, log loss and
-calibration slope (Firth fit of the label on logit P(PD)). ``--folds`` adds each fold model's
-AUC (raw P(PD)), the mean pairwise correlation of the fold logits, and with ``--calibration``
-each calibrated fold's slope. The labels are read only to score.
+``_s<seed>`` suffix; ``NAME=tta:BUNDLE`` predicts with mirror TTA. Paired difference: per
+seed, the accuracy of the arm minus that of the reference on the same cases; 95 % bootstrap
+interval over cases (4000 resamples) of the mean over the seeds the two arms share. The same
+for the AUC, on the first 1000 of those resamples. ``--calibration`` adds per bundle the
+binned ECE (with the noise floor of a perfectly calibrated model on the same P(PD)), Brier
+score, log loss and calibration slope (Firth fit of the label on logit P(PD)). ``--folds``
+adds each fold model's AUC (raw P(PD)), the mean pairwise correlation of the fold logits,
+and with ``--calibration`` each calibrated fold's slope. The labels are read only to score.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ from mrn_engine.training.calibration import (
 )
 
 
-def predictions(bundle: str, cases: str, out: Path) -> dict[str, tuple[int, float]]:
+def predictions(
+    bundle: str, cases: str, out: Path, tta: bool = False
+) -> dict[str, tuple[int, float]]:
     """case id -> (label, ensemble P(PD)); predicted once, then read from ``out``."""
     if not out.is_file():
-        pred = MRNPredictor.from_bundle(bundle, device="cpu")
+        pred = MRNPredictor.from_bundle(bundle, device="cpu", tta=tta)
         labels = find_labels(cases)
         rows = []
         for f in discover_cases(cases):
@@ -78,7 +80,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases")
     ap.add_argument("csv_dir", type=Path)
-    ap.add_argument("bundles", nargs="+", help="NAME=BUNDLE, NAME = ARM_s<seed>")
+    ap.add_argument(
+        "bundles", nargs="+", help="NAME=BUNDLE or NAME=tta:BUNDLE (mirror TTA), NAME = ARM_s<seed>"
+    )
     ap.add_argument("--reference", default="mrn")
     ap.add_argument("--calibration", action="store_true", help="ECE, Brier, log loss, slope")
     ap.add_argument("--folds", action="store_true", help="each fold model's AUC, fold agreement")
@@ -93,7 +97,9 @@ def main() -> None:
         name, bundle = item.split("=", 1)
         m = re.fullmatch(r"(.+)_s(\d+)", name)
         arm, seed = (m.group(1), int(m.group(2))) if m else (name, 0)
-        rows = predictions(bundle, args.cases, args.csv_dir / f"{name}_big.csv")
+        tta = bundle.startswith("tta:")
+        bundle = bundle.removeprefix("tta:")
+        rows = predictions(bundle, args.cases, args.csv_dir / f"{name}_big.csv", tta)
         ids = ids or sorted(rows)
         y = np.array([rows[i][0] for i in ids])
         p = np.array([rows[i][1] for i in ids])

@@ -143,6 +143,9 @@ class TrainConfig:
     wd_backbone: float = 0.1
     lr_head: float = 1e-4  #: DPT, classification and contrastive heads
     wd_head: float = 0.05
+    #: MRN's slice position embedding, FFA and SFA (randomly initialised even when the ViT is
+    #: pretrained): None = ``lr_backbone``, the paper's grouping
+    lr_fusion: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     folds: int = 5
     cv_seed: int = 1

@@ -83,6 +83,7 @@ RULES: dict[str, Rule] = {
     "train.batch_size": _positive,
     "train.lr_backbone": _non_negative,
     "train.wd_backbone": _non_negative,
+    "train.lr_fusion": lambda v: None if v is None or v >= 0 else "must be >= 0 or null",
     "train.lr_head": _positive,
     "train.wd_head": _non_negative,
     "train.betas": lambda v: None if all(0 <= b < 1 for b in v) else "must lie in [0, 1)",

@@ -289,8 +289,10 @@ def load_case(
     label: int | None = None,
     *,
     require_masks: bool = False,
+    with_t1: bool = True,
 ) -> Case:
-    """Read and validate one case.
+    """Read and validate one case (``with_t1=False``: leave an optional T1 unread, as
+    everything that only predicts or crops does).
 
     Checks: NM and QSM present, 3D, finite, real, plausible values, not (near-)constant
     (:mod:`mrn_engine.data.sanity`); NM and QSM on one grid; each mask on its image's grid
@@ -323,7 +325,7 @@ def load_case(
     check_image_content(qsm.name, qsm.array, "QSM")
     check_same_grid(nm, qsm, "NM and QSM must be co-registered on one grid")
     t1 = None
-    if files.t1 is not None:
+    if with_t1 and files.t1 is not None:
         try:  # optional: a bad T1 is reported and the case goes on without it
             t1 = load_volume(files.t1, kind="image")
             check_image_content(t1.name, t1.array, "T1")

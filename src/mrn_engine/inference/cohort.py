@@ -145,9 +145,7 @@ class CaseStream(Dataset):
         timings: dict[str, float] = {}
         try:
             with timed(timings, "read"):
-                case = load_case(
-                    dataclasses.replace(cf, t1=None), label=self.labels.get(cf.case_id)
-                )
+                case = load_case(cf, label=self.labels.get(cf.case_id), with_t1=False)
             own = not self.ignore_masks and case.nm_mask is not None and case.qsm_mask is not None
             prepared = None
             if own:  # no segmenter needed: crop here (in the worker)

@@ -6,7 +6,6 @@ discovered by folder, loaded with ``label=None``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -143,7 +142,7 @@ def load_pretrain_cohort(
         entry = memo.get(cid)
         if not (isinstance(entry, dict) and entry.get("inputs") == key):
             try:
-                case = load_case(dataclasses.replace(f, t1=None), None)  # T1 unused
+                case = load_case(f, None, with_t1=False)
                 desc = case_descriptors(case, cfg)
                 if roi_cache is not None:
                     roi_cache.get_or_compute(f, cfg, case=case)

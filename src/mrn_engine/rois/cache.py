@@ -9,7 +9,6 @@ recomputed with a warning.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -169,7 +168,7 @@ class RoiCache:
                 )
         self.misses += 1
         if case is None:
-            case = load_case(dataclasses.replace(files, t1=None))  # T1 unused
+            case = load_case(files, with_t1=False)
         crops = extract_rois(case, cfg)
         self._write(path, crops)
         return crops

@@ -2,6 +2,9 @@
 
 * MRN: DINOv2 backbone, slice position embedding, FFA, SFA: ``lr_backbone``, ``wd_backbone``.
 * MRN: DPT, classification head, contrastive projection head: ``lr_head``, ``wd_head``.
+* With ``lr_fusion`` set, the backbone group's parameters outside the ViT (slice position
+  embedding, FFA, SFA: new modules even on a pretrained ViT) train at ``lr_fusion`` instead
+  (groups ``fusion`` / ``fusion_no_decay``, weight decay ``wd_backbone``).
 * SERes10 (paper 4.2 baseline): *every* parameter (stems, SE-ResNet-10 trunk, head, projection
   head) is in the head group (``lr_head``, ``wd_head``; ``SERes10.lr_groups``). It has no
   pretrained backbone: the paper's low backbone rate exists to fine-tune pretrained DINOv2
@@ -38,6 +41,11 @@ def is_backbone_param(name: str, backbone_modules: Iterable[str] = BACKBONE_MODU
     return bool(parts & set(backbone_modules))
 
 
+def is_vit_param(name: str) -> bool:
+    """True for a parameter of the slice ViT itself (under MRN's ``patchnizer``)."""
+    return "patchnizer" in name.split(".")
+
+
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
     """Biases, norm scales, learned tokens (``*_token``) and embeddings: no weight decay."""
     return (
@@ -54,7 +62,8 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     The backbone/head split comes from ``model.lr_groups()`` when the model defines it (the
     models package's MRN, SERes10 and training wrappers do), otherwise from parameter names
     (:data:`BACKBONE_MODULES`); trainable parameters in neither group go to the head. Each
-    group carries a ``name`` (``backbone``, ``backbone_no_decay``, ``head``, ``head_no_decay``);
+    group carries a ``name`` (``backbone``, ``backbone_no_decay``, ``fusion``, ``fusion_no_decay``
+    with ``lr_fusion``, ``head``, ``head_no_decay``);
     empty groups are left out.
     """
     backbone_ids: set[int] | None = None
@@ -63,6 +72,8 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     buckets: dict[str, list[torch.nn.Parameter]] = {
         "backbone": [],
         "backbone_no_decay": [],
+        "fusion": [],
+        "fusion_no_decay": [],
         "head": [],
         "head_no_decay": [],
     }
@@ -71,12 +82,16 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             continue
         in_backbone = id(p) in backbone_ids if backbone_ids is not None else is_backbone_param(name)
         key = "backbone" if in_backbone else "head"
+        if in_backbone and cfg.lr_fusion is not None and not is_vit_param(name):
+            key = "fusion"
         if is_no_decay(name, p):
             key += "_no_decay"
         buckets[key].append(p)
     settings = {
         "backbone": (cfg.lr_backbone, cfg.wd_backbone),
         "backbone_no_decay": (cfg.lr_backbone, 0.0),
+        "fusion": (cfg.lr_fusion, cfg.wd_backbone),
+        "fusion_no_decay": (cfg.lr_fusion, 0.0),
         "head": (cfg.lr_head, cfg.wd_head),
         "head_no_decay": (cfg.lr_head, 0.0),
     }

@@ -8,7 +8,6 @@ the common logit scale these cases measure (``calibration_pooled``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
@@ -106,7 +105,7 @@ def calibrate_ensemble(
         if digest in pretrained_on:
             skipped_pre += 1
             continue
-        case = load_case(dataclasses.replace(files, t1=None))  # prediction never reads T1
+        case = load_case(files, with_t1=False)  # prediction never reads T1
         rows.append(predictor.predict_case(case, nuclei=False).raw.p_pd_folds)
         if on_case is not None:
             on_case(files.case_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -86,7 +85,7 @@ def score_folder(
     for files in discover_cases(cases_root):
         if files.case_id not in labels:
             continue
-        case = load_case(dataclasses.replace(files, t1=None))  # prediction never reads T1
+        case = load_case(files, with_t1=False)  # prediction never reads T1
         pred = predictor.predict_case(case, nuclei=False)
         rows.append(
             {
