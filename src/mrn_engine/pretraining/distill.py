@@ -21,6 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: DINO's settings here (recorded in the weights card): prototypes, EMA momentum of the
+#: teacher, student and teacher temperatures, centre momentum
+PROTOTYPES, MOMENTUM, T_STUDENT, T_TEACHER, CENTER_MOMENTUM = 256, 0.99, 0.1, 0.04, 0.9
+
+
+def card_entry(weight: float) -> dict:
+    """What the weights card records of a run with this term at ``weight``."""
+    return {
+        "weight": weight,
+        "method": "DINO (EMA teacher, centred and sharpened prototypes)",
+        "prototypes": PROTOTYPES,
+        "teacher_momentum": MOMENTUM,
+        "temperatures": {"student": T_STUDENT, "teacher": T_TEACHER},
+        "center_momentum": CENTER_MOMENTUM,
+    }
+
 
 def dino_head(in_dim: int, prototypes: int, hidden: int = 128, bottleneck: int = 64) -> nn.Module:
     """``BN -> Linear -> GELU -> Linear -> L2 norm -> weight-normalised Linear`` (DINO's head,
@@ -61,11 +77,11 @@ class SelfDistillation(nn.Module):
         feature_dim: int,
         parts: int,
         *,
-        prototypes: int = 256,
-        momentum: float = 0.99,
-        t_student: float = 0.1,
-        t_teacher: float = 0.04,
-        center_momentum: float = 0.9,
+        prototypes: int = PROTOTYPES,
+        momentum: float = MOMENTUM,
+        t_student: float = T_STUDENT,
+        t_teacher: float = T_TEACHER,
+        center_momentum: float = CENTER_MOMENTUM,
     ) -> None:
         super().__init__()
         self.parts = parts

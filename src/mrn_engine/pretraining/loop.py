@@ -46,7 +46,7 @@ from mrn_engine.pretraining.descriptors import (
     roi_groups,
     standardise,
 )
-from mrn_engine.pretraining.distill import SelfDistillation
+from mrn_engine.pretraining.distill import SelfDistillation, card_entry
 from mrn_engine.pretraining.encoder import build_embedder
 from mrn_engine.rois.cache import RoiCache, config_hash
 from mrn_engine.runtime import file_sha256, resolve_device, seed_everything
@@ -289,9 +289,10 @@ def pretrain(
             curve[-1]["distill_loss"] = float(np.mean(dinos))
         if progress:
             c = curve[-1]
+            dino = f", DINO {c['distill_loss']:.4f}" if "distill_loss" in c else ""
             tqdm.write(
                 f"epoch {epoch + 1}: loss {c['loss']:.4f} (floor {c['floor']:.4f}, "
-                f"collapsed {c['uniform']:.4f})"
+                f"collapsed {c['uniform']:.4f}){dino}"
             )
         save_checkpoint(
             ckpt,
@@ -404,17 +405,7 @@ def _card(
             "sigma": opts.sigma,
             "temperature": opts.temperature,
             "kernel": "rbf on standardised descriptors, squared distance averaged over dims",
-            "self_distillation": (
-                {
-                    "weight": opts.distill,
-                    "method": "DINO (EMA teacher, centred and sharpened prototypes)",
-                    "prototypes": 256,
-                    "teacher_momentum": 0.99,
-                    "temperatures": {"student": 0.1, "teacher": 0.04},
-                }
-                if opts.distill > 0
-                else None
-            ),
+            "self_distillation": card_entry(opts.distill) if opts.distill > 0 else None,
         },
         "augmentation": (
             "training augmentation without the left/right mirror, 2 views"
