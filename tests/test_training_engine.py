@@ -186,6 +186,13 @@ def test_lr_fusion_moves_slice_positions_ffa_and_sfa_out_of_the_vit_group():
     assert sum(len(g["params"]) for g in groups.values()) == sum(
         len(g["params"]) for g in plain.param_groups
     )
+    # a model without fusion modules keeps its groups: the 3D trunk stays at lr_backbone
+    cfg3d = small_model_cfg(arch="anatcl3d").replace(train={"lr_fusion": 2e-4})
+    names3d = {
+        g["name"]
+        for g in build_optimizer(MRNObjective(cfg3d, pretrained=False), cfg3d.train).param_groups
+    }
+    assert "backbone" in names3d and not names3d & {"fusion", "fusion_no_decay"}
 
 
 def test_seres10_trains_every_parameter_at_the_head_rate():

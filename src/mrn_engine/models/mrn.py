@@ -45,12 +45,17 @@ class MRN(MultiRoiClassifier):
         return tokens, (seg or None)
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:
-        """DINOv2, slice positions, FFA, SFA -> ``backbone``; DPT and classification head -> ``head``."""
+        """DINOv2, slice positions, FFA, SFA -> ``backbone``; DPT and classification head ->
+        ``head``; ``fusion``: the backbone's parameters outside the ViT (slice positions, FFA,
+        SFA), which ``train.lr_fusion`` may train at their own rate."""
         head_ids = {id(p) for p in self.head.parameters()}
         if self.res.dpt is not None:
             head_ids |= {id(p) for p in self.res.dpt.parameters()}
+        vit_ids = {id(p) for p in self.res.patchnizer.parameters()}
         params = [p for p in self.parameters() if p.requires_grad]
+        backbone = [p for p in params if id(p) not in head_ids]
         return {
-            "backbone": [p for p in params if id(p) not in head_ids],
+            "backbone": backbone,
+            "fusion": [p for p in backbone if id(p) not in vit_ids],
             "head": [p for p in params if id(p) in head_ids],
         }

@@ -2,9 +2,10 @@
 
 * MRN: DINOv2 backbone, slice position embedding, FFA, SFA: ``lr_backbone``, ``wd_backbone``.
 * MRN: DPT, classification head, contrastive projection head: ``lr_head``, ``wd_head``.
-* With ``lr_fusion`` set, the backbone group's parameters outside the ViT (slice position
-  embedding, FFA, SFA: new modules even on a pretrained ViT) train at ``lr_fusion`` instead
-  (groups ``fusion`` / ``fusion_no_decay``, weight decay ``wd_backbone``).
+* With ``lr_fusion`` set, the parameters a model's ``lr_groups()`` lists under ``fusion``
+  (MRN: slice position embedding, FFA, SFA: new modules even on a pretrained ViT) train at
+  ``lr_fusion`` instead (groups ``fusion`` / ``fusion_no_decay``, weight decay ``wd_backbone``);
+  without it they stay in the backbone group, the paper's grouping.
 * SERes10 (paper 4.2 baseline): *every* parameter (stems, SE-ResNet-10 trunk, head, projection
   head) is in the head group (``lr_head``, ``wd_head``; ``SERes10.lr_groups``). It has no
   pretrained backbone: the paper's low backbone rate exists to fine-tune pretrained DINOv2
@@ -41,11 +42,6 @@ def is_backbone_param(name: str, backbone_modules: Iterable[str] = BACKBONE_MODU
     return bool(parts & set(backbone_modules))
 
 
-def is_vit_param(name: str) -> bool:
-    """True for a parameter of the slice ViT itself (under MRN's ``patchnizer``)."""
-    return "patchnizer" in name.split(".")
-
-
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
     """Biases, norm scales, learned tokens (``*_token``) and embeddings: no weight decay."""
     return (
@@ -63,12 +59,15 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     models package's MRN, SERes10 and training wrappers do), otherwise from parameter names
     (:data:`BACKBONE_MODULES`); trainable parameters in neither group go to the head. Each
     group carries a ``name`` (``backbone``, ``backbone_no_decay``, ``fusion``, ``fusion_no_decay``
-    with ``lr_fusion``, ``head``, ``head_no_decay``);
-    empty groups are left out.
+    with ``lr_fusion``, ``head``, ``head_no_decay``); empty groups are left out.
     """
     backbone_ids: set[int] | None = None
+    fusion_ids: set[int] = set()
     if hasattr(model, "lr_groups"):
-        backbone_ids = {id(p) for p in model.lr_groups()["backbone"]}
+        groups = model.lr_groups()
+        backbone_ids = {id(p) for p in groups["backbone"]}
+        if cfg.lr_fusion is not None:
+            fusion_ids = {id(p) for p in groups.get("fusion", [])}
     buckets: dict[str, list[torch.nn.Parameter]] = {
         "backbone": [],
         "backbone_no_decay": [],
@@ -82,7 +81,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             continue
         in_backbone = id(p) in backbone_ids if backbone_ids is not None else is_backbone_param(name)
         key = "backbone" if in_backbone else "head"
-        if in_backbone and cfg.lr_fusion is not None and not is_vit_param(name):
+        if id(p) in fusion_ids:
             key = "fusion"
         if is_no_decay(name, p):
             key += "_no_decay"
