@@ -38,17 +38,14 @@ def card_entry(weight: float) -> dict:
     }
 
 
-def dino_head(in_dim: int, prototypes: int, hidden: int = 128, bottleneck: int = 64) -> nn.Module:
+class DinoHead(nn.Module):
     """``BN -> Linear -> GELU -> Linear -> L2 norm -> weight-normalised Linear`` (DINO's head,
     small). The input BatchNorm (batch statistics, no affine) is the projection head's reason
     (:func:`~mrn_engine.pretraining.encoder.projection_head`): a from-scratch ViT's pooled
     features differ across cases by ~2 %; without it every case maps to the same
     distribution, the centring flattens it and the loss sits at ``log(K)`` (measured)."""
-    return _DinoHead(in_dim, prototypes, hidden, bottleneck)
 
-
-class _DinoHead(nn.Module):
-    def __init__(self, in_dim: int, prototypes: int, hidden: int, bottleneck: int) -> None:
+    def __init__(self, in_dim: int, prototypes: int, hidden: int = 128, bottleneck: int = 64):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.BatchNorm1d(in_dim, affine=False, track_running_stats=False),
@@ -89,7 +86,7 @@ class SelfDistillation(nn.Module):
         self.t_student, self.t_teacher = t_student, t_teacher
         self.center_momentum = center_momentum
         per = feature_dim // parts
-        self.student_heads = nn.ModuleList(dino_head(per, prototypes) for _ in range(parts))
+        self.student_heads = nn.ModuleList(DinoHead(per, prototypes) for _ in range(parts))
         self.teacher = copy.deepcopy(embedder).requires_grad_(False)
         self.teacher_heads = copy.deepcopy(self.student_heads).requires_grad_(False)
         self.register_buffer("center", torch.zeros(parts, prototypes))

@@ -349,6 +349,10 @@ def pretrained_weights(
     return weights_out
 
 
+#: key prefix of the self-distillation's tensors in a pretraining checkpoint
+_DISTILL = "distill."
+
+
 def _state(model: torch.nn.Module, distill: SelfDistillation | None) -> dict[str, torch.Tensor]:
     """The checkpointed tensors: the embedder's, and the self-distillation's under ``distill.``."""
     state = dict(model.state_dict())
@@ -365,9 +369,6 @@ def _load_state(
     if distill is not None:
         n = len(_DISTILL)
         distill.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith(_DISTILL)})
-
-
-_DISTILL = "distill."
 
 
 def _comparable(opts: PretrainOptions) -> dict[str, Any]:
